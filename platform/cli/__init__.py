@@ -1,0 +1,3 @@
+"""Command-line entry point: `faceforge <command>`."""
+def main() -> None:
+    print("hi")
