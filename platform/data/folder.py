@@ -1,0 +1,66 @@
+"""The plainest training set: one sub-folder of images per identity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from faceforge.data.image import read_image
+from faceforge.data.transforms import item_rng
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"})
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name; hidden files are skipped."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """`root/<identity>/<image>`; labels are the index of the identity in sorted order.
+
+    Identity folders without images are left out of `classes`, so labels stay dense.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: dataset folder not found")
+        self.transform = transform
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ValueError(f"{self.root}: no identity sub-folders (expected root/<identity>/<image>)")
+        self.classes: list[str] = []
+        self.samples: list[tuple[str, int]] = []
+        for folder in folders:
+            images = list_images(folder)
+            if images:
+                self.samples += [(str(path), len(self.classes)) for path in images]
+                self.classes.append(folder.name)
+        if not self.samples:
+            extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise ValueError(f"{self.root}: {len(folders)} identity folders but no images ({extensions})")
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_image(self, index: int) -> np.ndarray:
+        return read_image(self.samples[index][0])
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
+        index, rng = item_rng(item)
+        img = self.read_image(index)
+        return (img if self.transform is None else self.transform(img, rng)), self.samples[index][1]

@@ -1,0 +1,165 @@
+"""InsightFace's RecordIO training-set layout: reading it as a Dataset and packing a folder into it.
+
+Record 0 is an image-less header whose label is (first identity key, end key). Keys 1 .. first-1
+are the images (label = identity id); keys first .. end-1 hold one record per identity whose label
+is that identity's image key range [start, stop). `property` holds `num_classes,height,width`.
+InsightFace's MXFaceDataset only needs record 0; the identity records let us build every label
+with one read per identity instead of one per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from faceforge.data.folder import ImageFolderDataset
+from faceforge.data.image import decode_image
+from faceforge.data.recordio import IndexedRecordReader, IRHeader, RecordWriter, pack_record, unpack_record
+from faceforge.data.transforms import item_rng
+
+# Identity spans and the header are float32 labels (the format's), exact only up to 2**24.
+FLOAT32_EXACT_INTS = 1 << 24
+
+
+def read_property(path: Path) -> tuple[int, int, int]:
+    """`num_classes,height,width` from an InsightFace property file."""
+    text = path.read_text().strip()
+    try:
+        num_classes, height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
+    return num_classes, height, width
+
+
+def _class_of(header: IRHeader) -> int:
+    """Image label; like MXFaceDataset, the first value when the label is an array."""
+    return int(header.label[0]) if header.flag > 0 else int(header.label)
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Face images from an InsightFace `train.rec` / `train.idx` / `property` directory."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: dataset directory not found")
+        self.transform = transform
+        self.reader = IndexedRecordReader(self.root / "train")
+        self.keys, self.labels = self._index()
+        if len(self.keys) == 0:
+            raise ValueError(f"{self.reader.rec_path}: holds no image records")
+        property_path = self.root / "property"
+        self.image_size: tuple[int, int] | None = None
+        if property_path.is_file():
+            self.num_classes, height, width = read_property(property_path)
+            self.image_size = (height, width)
+        else:
+            self.num_classes = int(self.labels.max()) + 1
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(
+                f"{self.root}: labels span {self.labels.min()}..{self.labels.max()}, "
+                f"outside the {self.num_classes} classes given by {property_path.name}"
+            )
+
+    def _record(self, key: int) -> tuple[IRHeader, bytes]:
+        try:
+            return unpack_record(self.reader.read(key))
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{self.reader.rec_path} record {key}: {err}") from None
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Image keys and their labels."""
+        header0, payload0 = self._record(0) if 0 in self.reader else (None, b"")
+        if header0 is None or header0.flag == 0 or payload0:  # no layout header: every record is an image
+            keys = np.array(self.reader.keys, dtype=np.int64)
+            return keys, self._scan_labels(keys)
+        first_identity = int(header0.label[0])
+        end = int(header0.label[1]) if header0.flag > 1 else first_identity
+        keys = np.arange(1, first_identity, dtype=np.int64)
+        missing = next((key for key in range(1, first_identity) if key not in self.reader), None)
+        if missing is not None:
+            raise ValueError(
+                f"{self.reader.idx_path}: image record {missing} (of 1..{first_identity - 1}) is missing"
+            )
+        headers = [self._record(key)[0] for key in range(first_identity, end)]
+        spans = [(int(h.label[0]), int(h.label[1])) for h in headers if h.flag >= 2]
+        starts, stops = [start for start, _ in spans], [stop for _, stop in spans]
+        tiled = len(spans) == len(headers) > 0 and starts[1:] == stops[:-1]
+        if not (tiled and starts[0] == 1 and stops[-1] == first_identity):
+            return keys, self._scan_labels(keys)
+        identity_labels = [_class_of(self._record(start)[0]) for start in starts]
+        return keys, np.repeat(np.array(identity_labels, dtype=np.int64), np.diff([1, *stops]))
+
+    def _scan_labels(self, keys: np.ndarray) -> np.ndarray:
+        return np.array([_class_of(self._record(int(key))[0]) for key in keys], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_image(self, index: int) -> np.ndarray:
+        key = int(self.keys[index])
+        return decode_image(self._record(key)[1], f"{self.reader.rec_path} record {key}")
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
+        index, rng = item_rng(item)
+        img = self.read_image(index)
+        return (img if self.transform is None else self.transform(img, rng)), int(self.labels[index])
+
+
+def pack_folder(
+    src_root: str | Path,
+    dst_root: str | Path,
+    quality: int = 95,
+    reencode: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Pack an identity-folder tree into InsightFace train.rec / train.idx / property.
+
+    Original file bytes are stored unless `reencode` (JPEG at `quality`); every image is decoded
+    once either way, so a corrupt file fails the pack rather than a training run.
+    """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    folder = ImageFolderDataset(src_root)
+    dst_root = Path(dst_root)
+    dst_root.mkdir(parents=True, exist_ok=True)
+    if (dst_root / "train.rec").exists() and not overwrite:
+        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pass overwrite=True to replace it)")
+    counts = np.bincount(folder.labels, minlength=folder.num_classes)
+    stops = 1 + np.cumsum(counts)
+    first_identity = len(folder) + 1
+    end = first_identity + folder.num_classes
+    if end > FLOAT32_EXACT_INTS:
+        raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
+    sizes: list[tuple[int, int]] = []
+    with RecordWriter(dst_root / "train") as writer:
+        writer.write(0, pack_record(IRHeader(2, np.array([first_identity, end]), 0), b""))
+        for key, (path, label) in enumerate(folder.samples, 1):
+            data = Path(path).read_bytes()
+            img = decode_image(data, path)
+            if reencode:
+                ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+                assert ok, f"OpenCV failed to JPEG-encode {path}"
+                data = buf.tobytes()
+            sizes.append(img.shape[:2])
+            writer.write(key, pack_record(IRHeader(0, float(label), key), data))
+        for label in range(folder.num_classes):
+            span = np.array([stops[label] - counts[label], stops[label]])
+            writer.write(first_identity + label, pack_record(IRHeader(2, span, first_identity + label), b""))
+    height, width = sizes[0]
+    (dst_root / "property").write_text(f"{folder.num_classes},{height},{width}")
+    return {
+        "dst": str(dst_root),
+        "identities": folder.num_classes,
+        "images": len(folder),
+        "records": end,
+        "rec_bytes": (dst_root / "train.rec").stat().st_size,
+        "image_size": (height, width),
+        "distinct_image_sizes": len(set(sizes)),
+        "reencoded": reencode,
+    }

@@ -1,0 +1,94 @@
+"""Images to L2-normalised embeddings with the evaluation preprocessing and flip test-time augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from faceforge.data.image import decode_image
+from faceforge.data.transforms import EvalTransform
+
+Embedder = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
+
+
+class _EvalImages(Dataset[torch.Tensor]):
+    """Decodes lazily so DataLoader workers share the JPEG work and memory holds one batch of pixels."""
+
+    def __init__(self, images: Sequence[bytes | np.ndarray], transform: EvalTransform) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.images[i]
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(
+                    f"image {i}: arrays must be RGB uint8 HxWx3, got {image.dtype} {image.shape}"
+                )
+        else:
+            image = decode_image(image, f"image {i}")
+        return self.transform(image)
+
+
+def _run(model: nn.Module | Embedder, batch: torch.Tensor) -> torch.Tensor:
+    embeddings = torch.as_tensor(model(batch)).float()
+    if embeddings.ndim != 2 or len(embeddings) != len(batch):
+        raise ValueError(
+            f"model must map {len(batch)} images to {len(batch)} x D, got shape {tuple(embeddings.shape)}"
+        )
+    return embeddings
+
+
+def embed_images(
+    model: nn.Module | Embedder,
+    images: Sequence[bytes | np.ndarray],
+    *,
+    input_size: int,
+    crop_fraction: float = 1.0,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embed encoded images or RGB uint8 arrays; returns float32 N x D with unit-norm rows.
+
+    With `flip`, each row is the normalised sum of the embeddings of the image and its mirror, the
+    usual LFW test-time augmentation. An nn.Module is moved to `device` and run in eval mode (its
+    train/eval mode is restored afterwards); any other callable gets the batch on `device`.
+    """
+    if len(images) == 0:
+        raise ValueError("no images to embed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    loader = DataLoader(
+        _EvalImages(images, EvalTransform(input_size, crop_fraction)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.to(device).eval()
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+                batch = batch.to(device)
+                if flip:
+                    both = _run(model, torch.cat([batch, batch.flip(-1)]))
+                    embeddings = both[: len(batch)] + both[len(batch) :]
+                else:
+                    embeddings = _run(model, batch)
+                chunks.append(nn.functional.normalize(embeddings, dim=1).cpu().numpy())
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return np.concatenate(chunks)

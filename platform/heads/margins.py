@@ -1,0 +1,84 @@
+"""The combined margin cos(m1·θ + m2) − m3 that covers SphereFace, ArcFace and CosFace.
+
+A margin only changes the target logit of each sample; the classifier that produces the cosines
+(and shards them across ranks) lives in `faceforge.parallel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Keeps acos differentiable: its derivative is infinite at ±1.
+_COS_CLAMP = 1.0 - 1e-7
+
+
+@dataclass(frozen=True)
+class MarginSpec:
+    """Target logit s·ψ(θ) with ψ(θ) = cos(m1·θ + m2) − m3 on L2-normalised features and class centres.
+
+    `normalized=False` is plain softmax: raw inner-product logits, no scale and no margin.
+    """
+
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    normalized: bool = True
+
+    def __post_init__(self) -> None:
+        if self.normalized and self.s <= 0:
+            raise ValueError(f"margin scale s must be positive, got {self.s}")
+        if self.m1 < 1.0 or self.m2 < 0.0 or self.m3 < 0.0:
+            raise ValueError(
+                f"margins need m1 >= 1, m2 >= 0, m3 >= 0; got m1={self.m1} m2={self.m2} m3={self.m3}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.s if self.normalized else 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.normalized or (self.m1 == 1.0 and self.m2 == 0.0 and self.m3 == 0.0)
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """ψ applied to the cosines of the target classes (unscaled).
+
+        Past m1·θ + m2 = π the cosine would turn back up and reward a worse angle, so ψ continues as
+        SphereFace's (−1)^k·cos(m1·θ + m2) − 2k, which is continuous and keeps decreasing down to θ = π.
+        """
+        if self.is_identity:
+            return cos_target
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cos_target - self.m3
+        theta = torch.acos(cos_target.clamp(-_COS_CLAMP, _COS_CLAMP))
+        angle = self.m1 * theta + self.m2
+        k = torch.floor(angle / math.pi).detach()
+        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+        return sign * torch.cos(angle) - 2.0 * k - self.m3
+
+
+MARGIN_PRESETS: dict[str, MarginSpec] = {
+    "arcface": MarginSpec(s=64.0, m1=1.0, m2=0.5, m3=0.0),
+    "cosface": MarginSpec(s=64.0, m1=1.0, m2=0.0, m3=0.4),
+    "sphereface": MarginSpec(s=64.0, m1=1.5, m2=0.0, m3=0.0),
+    "combined": MarginSpec(s=64.0, m1=1.0, m2=0.3, m3=0.2),
+    "normface": MarginSpec(s=30.0, m1=1.0, m2=0.0, m3=0.0),
+    "softmax": MarginSpec(s=1.0, m1=1.0, m2=0.0, m3=0.0, normalized=False),
+}
+
+
+def margin_spec(name: str, **overrides: float) -> MarginSpec:
+    """A preset by name, with any of s, m1, m2, m3 overridden."""
+    if name not in MARGIN_PRESETS:
+        raise ValueError(f"unknown margin head {name!r}; choose one of {sorted(MARGIN_PRESETS)}")
+    base = MARGIN_PRESETS[name]
+    fields = {"s": base.s, "m1": base.m1, "m2": base.m2, "m3": base.m3, "normalized": base.normalized}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown margin parameter(s) {sorted(unknown)}; use s, m1, m2, m3")
+    fields.update(overrides)
+    return MarginSpec(**fields)

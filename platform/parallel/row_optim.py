@@ -1,0 +1,112 @@
+"""Optimizer for the sharded classifier: SGD-momentum or AdamW on the rows that received a gradient.
+
+It follows torch.optim.SGD / AdamW update rules exactly, so r = 1 training matches plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from faceforge.parallel.dist import all_reduce_sum
+from faceforge.parallel.sharded_softmax import ShardedMarginSoftmax
+
+
+class HeadOptimizer:
+    """Row-sparse optimizer whose state is sharded exactly like the head's weight."""
+
+    def __init__(
+        self,
+        head: ShardedMarginSoftmax,
+        *,
+        kind: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if kind not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {kind!r}; use sgd or adamw")
+        self.head, self.kind = head, kind
+        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+        self.step_count = 0
+        names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+        self.state: dict[str, torch.Tensor] = {name: torch.zeros_like(head.weight) for name in names}
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        head = self.head
+        if not head.has_grad:
+            return
+        self.step_count += 1
+        rows = head.grad_rows()
+        if rows is None:
+            self._update(head.weight, head.grad, self.state, lr)
+        else:
+            weight, state = head.weight[rows], {name: t[rows] for name, t in self.state.items()}
+            self._update(weight, head.grad[rows], state, lr)
+            head.weight.index_copy_(0, rows, weight)
+            for name, tensor in state.items():
+                self.state[name].index_copy_(0, rows, tensor)
+        head.zero_grad()
+
+    def _update(
+        self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float
+    ) -> None:
+        """One in-place update of `weight` and `state` (dense or gathered rows)."""
+        if self.kind == "sgd":
+            if self.weight_decay:
+                grad.add_(weight, alpha=self.weight_decay)
+            buf = state["momentum_buffer"]
+            buf.mul_(self.momentum).add_(grad)
+            weight.add_(buf, alpha=-lr)
+            return
+        beta1, beta2 = self.betas
+        weight.mul_(1.0 - lr * self.weight_decay)
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1**self.step_count, 1.0 - beta2**self.step_count
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(self.eps)
+        weight.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "step_count": self.step_count, "state": dict(self.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(
+                f"checkpoint head optimizer is {state['kind']!r}, the config asks for {self.kind!r}"
+            )
+        self.step_count = int(state["step_count"])
+        for name, tensor in state["state"].items():
+            self.state[name].copy_(tensor)
+
+
+@torch.no_grad()
+def clip_grad_norm(
+    params: Iterable[torch.nn.Parameter],
+    head: ShardedMarginSoftmax,
+    max_norm: float,
+    group: dist.ProcessGroup | None = None,
+) -> float:
+    """Clip by the global norm over the (already reduced) backbone gradients and every head shard."""
+    grads = [p.grad for p in params if p.grad is not None]
+    backbone_sq = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+    head_sq = torch.zeros((), dtype=torch.float64)
+    rows = head.grad_rows() if head.has_grad else torch.empty(0, dtype=torch.long)
+    if head.has_grad:
+        head_grad = head.grad if rows is None else head.grad[rows]
+        head_sq = head_grad.double().pow(2).sum()
+    total = float((backbone_sq + all_reduce_sum(head_sq.to(head.weight.device), group).cpu()).sqrt())
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+        if head.has_grad:
+            if rows is None:
+                head.grad.mul_(scale)
+            else:
+                head.grad.index_copy_(0, rows, head.grad[rows] * scale)
+    return total

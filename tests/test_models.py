@@ -1,0 +1,131 @@
+"""Backbone registry: shapes at every supported input size, gradients, paper size, errors, rebuild, cards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faceforge import models
+from faceforge.models.card import cards_markdown, count_macs, count_params, model_card, write_model_cards
+
+ALL_MODELS = models.list()
+# shufflefacenet is only defined for widths 0.5-2.
+SMALL_WIDTH = {name: 0.5 if name == "shufflefacenet" else 0.25 for name in ALL_MODELS}
+
+
+def small(name: str, **kwargs: object) -> torch.nn.Module:
+    return models.create(name, width=SMALL_WIDTH[name], embedding_dim=32, **kwargs)
+
+
+def test_registry_lists_every_backbone() -> None:
+    expected = ["iresnet18", "iresnet50", "mobilefacenet", "mobilenet_v1", "mobilenet_v2", "shufflefacenet"]
+    assert models.list() == [*expected, "squeezenet", "xception"]
+    assert models.list("mobile*") == ["mobilefacenet", "mobilenet_v1", "mobilenet_v2"]
+
+
+@pytest.mark.parametrize("act", ["prelu", "relu"])
+@pytest.mark.parametrize("input_size", [112, 56, 64])
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_shape(name: str, input_size: int, act: str) -> None:
+    model = small(name, input_size=input_size, act=act)
+    assert (model.embedding_dim, model.input_size) == (32, input_size)
+    act_type = torch.nn.PReLU if act == "prelu" else torch.nn.ReLU
+    assert any(isinstance(m, act_type) for m in model.modules())
+    x = torch.rand(2, 3, input_size, input_size) * 2 - 1
+    out = model(x)
+    assert out.shape == (2, 32)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_backward_reaches_every_parameter(name: str) -> None:
+    model = small(name, input_size=56)
+    model(torch.rand(2, 3, 56, 56) * 2 - 1).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_mobilefacenet_matches_paper_size() -> None:
+    # Chen et al. 2018: 0.99M parameters and 221M MAdds at 112x112 with a 128-d embedding.
+    model = models.create("mobilefacenet", embedding_dim=128)
+    assert 0.99e6 <= count_params(model) <= 1.01e6
+    assert count_macs(model, 112) == pytest.approx(221e6, rel=0.02)
+
+
+def test_unknown_model_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'resnet9000'.*mobilefacenet"):
+        models.create("resnet9000")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"act": "gelu"}, "activation"),
+        ({"width": 0}, "width"),
+        ({"width": -0.5}, "width"),
+        ({"input_size": 16}, "input_size"),
+        ({"input_size": 112.0}, "input_size"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        models.create("mobilefacenet", **kwargs)
+
+
+def test_shufflefacenet_rejects_undefined_width() -> None:
+    with pytest.raises(ValueError, match="width must be one of"):
+        models.create("shufflefacenet", width=0.75)
+
+
+def test_wrong_input_size_raises() -> None:
+    model = small("mobilefacenet", input_size=64)
+    with pytest.raises(ValueError, match="expects 64x64"):
+        model(torch.zeros(2, 3, 56, 56))
+
+
+def test_duplicate_registration_is_refused() -> None:
+    def mobilefacenet(**kwargs: object) -> torch.nn.Module:
+        return torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="already registered"):
+        models.register(mobilefacenet)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_config_rebuilds_same_architecture(name: str) -> None:
+    model = small(name, input_size=64, act="relu")
+    assert model.config == {
+        "name": name,
+        "embedding_dim": 32,
+        "width": SMALL_WIDTH[name],
+        "input_size": 64,
+        "act": "relu",
+    }
+    rebuilt = models.create(**model.config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in rebuilt.state_dict().items()}
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
+
+
+def test_model_card_on_tiny_model() -> None:
+    threads = torch.get_num_threads()
+    card = model_card("mobilefacenet", input_size=56, embedding_dim=64, width=0.25, latency_runs=3)
+    assert torch.get_num_threads() == threads
+    model = models.create("mobilefacenet", input_size=56, embedding_dim=64, width=0.25)
+    assert (card.params, card.macs) == (count_params(model), count_macs(model, 56))
+    assert model.training  # counting MACs must not leave the caller's model in eval mode
+    assert card.latency_ms > 0
+    table = cards_markdown([card])
+    assert f"torch {torch.__version__}" in table
+    assert "| mobilefacenet | 56 | 64 | 0.25 |" in table
+
+
+def test_write_model_cards_has_a_row_per_model(tmp_path) -> None:
+    path = tmp_path / "docs" / "models.md"
+    cards = write_model_cards(path, input_size=56, embedding_dim=64, latency_runs=1)
+    assert [c.name for c in cards] == ALL_MODELS
+    text = path.read_text()
+    assert all(f"| {name} | 56 | 64 | 1 |" in text for name in ALL_MODELS)
