@@ -89,7 +89,7 @@ def all_gather_tensor(tensor: torch.Tensor, group: dist.ProcessGroup | None = No
     if size == 1:
         return tensor
     out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    dist.all_gather_single(out, tensor.contiguous(), group=group)
     return out
 
 

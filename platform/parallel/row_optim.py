@@ -87,24 +87,27 @@ class HeadOptimizer:
 @torch.no_grad()
 def clip_grad_norm(
     params: Iterable[torch.nn.Parameter],
-    head: ShardedMarginSoftmax,
+    head: ShardedMarginSoftmax | None,
     max_norm: float,
     group: dist.ProcessGroup | None = None,
 ) -> float:
     """Clip by the global norm over the (already reduced) backbone gradients and every head shard."""
+    head_has_grad = head is not None and head.has_grad
     grads = [p.grad for p in params if p.grad is not None]
     backbone_sq = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
     head_sq = torch.zeros((), dtype=torch.float64)
-    rows = head.grad_rows() if head.has_grad else torch.empty(0, dtype=torch.long)
-    if head.has_grad:
+    rows = head.grad_rows() if head_has_grad else None
+    if head_has_grad:
         head_grad = head.grad if rows is None else head.grad[rows]
-        head_sq = head_grad.double().pow(2).sum()
-    total = float((backbone_sq + all_reduce_sum(head_sq.to(head.weight.device), group).cpu()).sqrt())
+        head_sq = torch.linalg.vector_norm(head_grad, dtype=torch.float64).square().cpu()
+    if head is not None:
+        head_sq = all_reduce_sum(head_sq.to(head.weight.device), group).cpu()
+    total = float((backbone_sq + head_sq).sqrt())
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for g in grads:
             g.mul_(scale)
-        if head.has_grad:
+        if head_has_grad:
             if rows is None:
                 head.grad.mul_(scale)
             else:

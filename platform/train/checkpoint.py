@@ -1,0 +1,134 @@
+"""Logical, world-size-independent checkpoints that reshard the classifier on load.
+
+Layout of one checkpoint directory:
+    model.pt                 backbone weights, model + train config, backbone optimizer, step
+    head_<start>_<end>.pt    classifier rows [start, end) with their optimizer state (one file per writer rank)
+    meta.json                class count, shard files, head optimizer step
+
+Head files are named by global row ranges, not by rank, so a job with any W reads the rows it owns from
+whichever files overlap them (memory-mapped, so no rank loads more than its share). A checkpoint is
+written into a temporary directory and renamed into place, so a crash or a full disk leaves the previous
+one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from faceforge import models
+from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, barrier
+
+LATEST = "latest"
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    head: ShardedMarginSoftmax | None,
+    head_optimizer: HeadOptimizer | None,
+    train_config: dict[str, Any],
+    is_main: bool,
+) -> Path:
+    """Collective: every rank writes its head rows, rank 0 the rest, then rank 0 publishes it."""
+    final = directory / f"step_{step:08d}"
+    staging = directory / f".step_{step:08d}.tmp"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    if head is not None and head_optimizer is not None:
+        rows = {"weight": head.weight, **head_optimizer.state}
+        torch.save(rows, staging / f"head_{head.class_start}_{head.class_end}.pt")
+    barrier()
+    if is_main:
+        torch.save(
+            {
+                "step": step,
+                "model_config": model.config,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "train_config": train_config,
+            },
+            staging / "model.pt",
+        )
+        meta = {"step": step}
+        if head is not None and head_optimizer is not None:
+            meta |= {
+                "num_classes": head.num_classes,
+                "embedding_dim": head.embedding_dim,
+                "head_optimizer": head_optimizer.kind,
+                "head_optimizer_steps": head_optimizer.step_count,
+                "head_files": sorted(p.name for p in staging.glob("head_*.pt")),
+            }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _write_atomic(directory / LATEST, final.name)
+    barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the directory holding `latest`."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "model.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected model.pt or a 'latest' pointer)")
+    return path
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    head: ShardedMarginSoftmax | None,
+    head_optimizer: HeadOptimizer | None,
+) -> int:
+    """Restore into already-built objects; the head takes its own rows from any sharding. Returns the step."""
+    path = resolve_checkpoint(path)
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if head is not None and head_optimizer is not None:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("num_classes") != head.num_classes:
+            raise ValueError(
+                f"checkpoint {path} has {meta.get('num_classes')} classes, the dataset has {head.num_classes}"
+            )
+        tensors = {"weight": head.weight, **head_optimizer.state}
+        for name in meta["head_files"]:
+            start, end = (int(x) for x in name[len("head_") : -len(".pt")].split("_"))
+            lo, hi = max(start, head.class_start), min(end, head.class_end)
+            if lo >= hi:
+                continue
+            rows = torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            for key, target in tensors.items():
+                target[lo - head.class_start : hi - head.class_start] = rows[key][lo - start : hi - start]
+        head_optimizer.step_count = int(meta["head_optimizer_steps"])
+    return int(state["step"])
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Rebuild the backbone from a checkpoint alone (eval, export, embedding)."""
+    state = torch.load(resolve_checkpoint(Path(path)) / "model.pt", map_location="cpu", weights_only=True)
+    model = models.create(**state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.eval()

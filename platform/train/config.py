@@ -1,0 +1,224 @@
+"""Typed training configuration: the Hydra config is validated into these dataclasses once, at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from faceforge import models
+from faceforge.heads import MARGIN_PRESETS
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; reported as one line, never a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilefacenet"
+    embedding_dim: int = 512
+    width: float = 1.0
+    input_size: int = 112
+    act: str = "prelu"
+
+
+@dataclass
+class HeadConfig:
+    type: str = "margin"
+    preset: str = "arcface"
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    sample_rate: float = 1.0
+    margin: float = 0.3
+    p: int = 16
+    k: int = 4
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    lowres_prob: float = 0.2
+    lowres_min: float = 0.25
+    jitter: float = 0.2
+    grey_prob: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    batch_size: int = 128
+    crop_fraction: float = 1.0
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    power: float = 2.0
+
+
+@dataclass
+class TrainerConfig:
+    nproc: int = 1
+    steps: int = 1000
+    device: str = "auto"
+    threads: int = 1
+    amp: bool = False
+    channels_last: bool = False
+    grad_clip: float = 0.0
+    accumulate: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 500
+    resume: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    pairs: str | None = None
+    root: str | None = None
+    bin: str | None = None
+    crop_fraction: float = 1.0
+    batch_size: int = 64
+    disabled: bool = False
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "faceforge"
+    run_name: str | None = None
+    log_model: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    seed: int = 0
+    output_dir: str = "runs/train"
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.data.batch_size // self.trainer.nproc
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_rank_batch // self.trainer.accumulate
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in values.items():
+        nested = _NESTED.get((cls, name))
+        kwargs[name] = _build(nested, value or {}, f"{where}{name}.") if nested else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (TrainConfig, "model"): ModelConfig,
+    (TrainConfig, "head"): HeadConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "optim"): OptimConfig,
+    (TrainConfig, "schedule"): ScheduleConfig,
+    (TrainConfig, "trainer"): TrainerConfig,
+    (TrainConfig, "eval"): EvalConfig,
+    (TrainConfig, "mlflow"): MlflowConfig,
+    (DataConfig, "augment"): AugmentConfig,
+}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate; every mistake becomes one ConfigError line."""
+    values = {k: v for k, v in values.items() if k != "hydra"}
+    try:
+        cfg = _build(TrainConfig, values, "")
+    except TypeError as err:
+        raise ConfigError(f"bad config value: {err}") from None
+    cfg.optim.betas = tuple(cfg.optim.betas)  # YAML gives a list
+    validate(cfg)
+    return cfg
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no data on disk; `faceforge.train.launch` checks paths and class counts."""
+    known = models.list_models()
+    _require(
+        cfg.model.name in known, f"unknown backbone {cfg.model.name!r}; choose one of {', '.join(known)}"
+    )
+    _require(cfg.model.act in ("prelu", "relu"), f"model.act must be prelu or relu, got {cfg.model.act!r}")
+    _require(cfg.head.type in ("margin", "triplet", "contrastive"), f"unknown head.type {cfg.head.type!r}")
+    if cfg.head.type == "margin":
+        _require(cfg.head.preset in MARGIN_PRESETS, f"unknown head.preset {cfg.head.preset!r}")
+        _require(
+            0.0 < cfg.head.sample_rate <= 1.0,
+            f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}",
+        )
+    _require(cfg.optim.name in ("sgd", "adamw"), f"optim.name must be sgd or adamw, got {cfg.optim.name!r}")
+    _require(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
+    _require(
+        cfg.schedule.name in ("cosine", "poly"),
+        f"schedule.name must be cosine or poly, got {cfg.schedule.name!r}",
+    )
+    trainer = cfg.trainer
+    _require(trainer.nproc >= 1, f"trainer.nproc must be >= 1, got {trainer.nproc}")
+    _require(trainer.steps >= 1, f"trainer.steps must be >= 1, got {trainer.steps}")
+    _require(trainer.accumulate >= 1, f"trainer.accumulate must be >= 1, got {trainer.accumulate}")
+    _require(trainer.threads >= 1, f"trainer.threads must be >= 1, got {trainer.threads}")
+    batch, ways = cfg.data.batch_size, trainer.nproc * trainer.accumulate
+    _require(
+        batch > 0 and batch % ways == 0,
+        f"data.batch_size={batch} does not divide into trainer.nproc={trainer.nproc} x "
+        f"trainer.accumulate={trainer.accumulate} equal micro-batches",
+    )
+    if cfg.head.type != "margin":
+        _require(
+            cfg.per_rank_batch == cfg.head.p * cfg.head.k,
+            f"{cfg.head.type} loss needs data.batch_size = nproc x p x k = "
+            f"{trainer.nproc * cfg.head.p * cfg.head.k}, got {batch}",
+        )
+        _require(trainer.accumulate == 1, f"{cfg.head.type} loss does not support trainer.accumulate > 1")
+    _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
+    _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")

@@ -1,0 +1,255 @@
+"""One training process (one rank): build everything from the typed config and run the step loop.
+
+Launched in-process for a single rank, or by torchrun as `python -m faceforge.train.worker` for several.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from faceforge import models
+from faceforge.data import DistributedBatchSampler, PKBatchSampler, TrainTransform, open_dataset
+from faceforge.data.verification import VerificationSet, load_bin, load_pairs
+from faceforge.eval import embed_images, evaluate_verification, save_roc_plot
+from faceforge.eval.report import pair_scores
+from faceforge.heads import batch_hard_triplet_loss, contrastive_loss, margin_spec
+from faceforge.parallel import (
+    DistContext,
+    HeadOptimizer,
+    ShardedMarginSoftmax,
+    all_gather_tensor,
+    all_reduce_sum,
+    clip_grad_norm,
+    init_distributed,
+    shutdown_distributed,
+)
+from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.train.config import TrainConfig
+from faceforge.train.schedule import lr_at
+from faceforge.train.tracking import RunTracker
+
+
+class _StopSignal:
+    """SIGTERM asks for a checkpoint at the next step boundary instead of killing the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """Every rank must stop at the same step, so the flag is summed over ranks."""
+        return bool(all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def load_verification_set(cfg: TrainConfig) -> VerificationSet | None:
+    if cfg.eval.disabled:
+        return None
+    if cfg.eval.bin:
+        return load_bin(cfg.eval.bin)
+    if cfg.eval.pairs:
+        return load_pairs(cfg.eval.pairs, cfg.eval.root)
+    return None
+
+
+def evaluate(
+    model: nn.Module, vset: VerificationSet, cfg: TrainConfig, ctx: DistContext, roc_path: Path | None
+) -> dict[str, float]:
+    """Each rank embeds a contiguous slice of the images; rank 0 scores the gathered features."""
+    per_rank = math.ceil(len(vset.images) / ctx.world_size)
+    mine = vset.images[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+    feats = torch.zeros(per_rank, model.embedding_dim)
+    if mine:
+        feats[: len(mine)] = torch.from_numpy(
+            embed_images(
+                model,
+                mine,
+                input_size=cfg.model.input_size,
+                crop_fraction=cfg.eval.crop_fraction,
+                batch_size=cfg.eval.batch_size,
+                device=ctx.device,
+            )
+        )
+    features = all_gather_tensor(feats.to(ctx.device)).cpu().numpy()[: len(vset.images)]
+    metrics = evaluate_verification(features, vset)
+    if roc_path is not None and ctx.is_main:
+        save_roc_plot(pair_scores(features, vset), vset.issame, roc_path, f"{vset.name}: {cfg.model.name}")
+    return metrics
+
+
+def train(cfg: TrainConfig, run_id: str | None = None) -> dict[str, float]:
+    """Run (or resume) training for this rank; returns the final evaluation metrics on rank 0."""
+    torch.set_num_threads(cfg.trainer.threads)
+    ctx = init_distributed(cfg.trainer.device)
+    try:
+        return _train(cfg, ctx, run_id)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, float]:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    aug = cfg.data.augment
+    transform = TrainTransform(
+        cfg.model.input_size,
+        crop_fraction=cfg.data.crop_fraction,
+        flip=aug.flip,
+        lowres_prob=aug.lowres_prob,
+        lowres_min=aug.lowres_min,
+        jitter=aug.jitter,
+        grey_prob=aug.grey_prob,
+    )
+    dataset = open_dataset(cfg.data.root, transform)
+    model = models.create(**asdict(cfg.model)).to(ctx.device)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net: nn.Module = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    optimizer = build_optimizer(list(model.parameters()), cfg)
+
+    head, head_optimizer = None, None
+    if cfg.head.type == "margin":
+        margin = margin_spec(cfg.head.preset, s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
+        head = ShardedMarginSoftmax(
+            dataset.num_classes,
+            cfg.model.embedding_dim,
+            margin,
+            cfg.head.sample_rate,
+            seed=cfg.seed,
+            device=ctx.device,
+        )
+        head_optimizer = HeadOptimizer(
+            head,
+            kind=cfg.optim.name,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            betas=cfg.optim.betas,
+        )
+        loss_fn = head
+    else:
+        pair_loss = batch_hard_triplet_loss if cfg.head.type == "triplet" else contrastive_loss
+
+        def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return pair_loss(emb, labels, cfg.head.margin)
+
+    checkpoints = out / "checkpoints"
+    start_step = 0
+    if cfg.trainer.resume:
+        resume_from = checkpoints if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume)
+        start_step = load_checkpoint(
+            resume_from, model=model, optimizer=optimizer, head=head, head_optimizer=head_optimizer
+        )
+        if head is not None:
+            head.steps_sampled = start_step * cfg.trainer.accumulate
+
+    if cfg.head.type == "margin":
+        sampler = DistributedBatchSampler(
+            len(dataset), cfg.per_rank_batch, ctx.world_size, ctx.rank, cfg.seed, start_step=start_step
+        )
+    else:
+        sampler = PKBatchSampler(
+            dataset.labels, cfg.head.p, cfg.head.k, ctx.world_size, ctx.rank, cfg.seed, start_step=start_step
+        )
+    workers = cfg.data.num_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    batches = iter(loader)
+
+    vset = load_verification_set(cfg)
+    tracker = RunTracker(cfg.mlflow.tracking_uri, run_id) if ctx.is_main and run_id else None
+    stop = _StopSignal()
+    amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.trainer.amp else nullcontext()
+    steps, accumulate = cfg.trainer.steps, cfg.trainer.accumulate
+    progress = tqdm(
+        total=steps, initial=start_step, disable=not ctx.is_main, desc="train", dynamic_ncols=True
+    )
+    metrics: dict[str, float] = {}
+    tick, images_seen = time.perf_counter(), 0
+    step = start_step
+    while step < steps:
+        images, labels = next(batches)
+        images = images.to(ctx.device, memory_format=memory_format)
+        labels = labels.to(ctx.device)
+        lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro, (x, y) in enumerate(zip(images.chunk(accumulate), labels.chunk(accumulate), strict=True)):
+            last = micro == accumulate - 1
+            sync = nullcontext() if last or ctx.world_size == 1 else net.no_sync()
+            with sync:
+                with amp:
+                    emb = net(x)
+                loss = loss_fn(emb.float(), y) / accumulate
+                loss.backward()
+            loss_sum += loss.item()
+        if cfg.trainer.grad_clip > 0:
+            clip_grad_norm(model.parameters(), head, cfg.trainer.grad_clip)
+        optimizer.step()
+        if head_optimizer is not None:
+            head_optimizer.step(lr)
+        step += 1
+        images_seen += images.shape[0] * ctx.world_size
+        progress.update(1)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"loss became {loss_sum} at step {step}; lower optim.lr or enable grad_clip"
+            )
+
+        if tracker and (step % cfg.trainer.log_every == 0 or step == steps):
+            elapsed = time.perf_counter() - tick
+            rate = images_seen / elapsed
+            tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate}, step)
+            progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
+            tick, images_seen = time.perf_counter(), 0
+        stopping = stop.agreed(ctx.device)
+        if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
+            save_checkpoint(
+                checkpoints,
+                step,
+                model=model,
+                optimizer=optimizer,
+                head=head,
+                head_optimizer=head_optimizer,
+                train_config=cfg.to_dict(),
+                is_main=ctx.is_main,
+            )
+        if stopping:
+            progress.close()
+            raise SystemExit(f"stopped by SIGTERM at step {step}; resume with trainer.resume=auto")
+        eval_due = cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps
+        if vset is not None and (eval_due or step == steps):
+            roc = out / "roc.png" if step == steps else None
+            metrics = evaluate(model, vset, cfg, ctx, roc)
+            if tracker:
+                tracker.metrics({f"eval.{k}": v for k, v in metrics.items()}, step)
+    progress.close()
+
+    if tracker:
+        if (out / "roc.png").exists():
+            tracker.artifact(out / "roc.png")
+        tracker.artifact(out / "config.yaml")
+        if cfg.mlflow.log_model:
+            tracker.model(model.cpu(), cfg.model.input_size)
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}

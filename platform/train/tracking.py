@@ -1,0 +1,78 @@
+"""MLflow bookkeeping: the database and run are created by the launcher, rank 0 logs into the run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+for _noisy in ("mlflow", "alembic", "faiss.loader"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, Any]) -> str:
+    """Create the database, experiment and run from one process, before any rank writes to it.
+
+    A fresh SQLite database migrated by several processes at once breaks MLflow, hence this single
+    writer up front.
+    """
+    Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name)
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def finish_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+class RunTracker:
+    """Rank 0's handle on its MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.tracking_uri = tracking_uri
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def model(self, model: nn.Module, input_size: int) -> None:
+        """Log the backbone as an MLflow PyTorch model; a batch-2 example keeps the batch dimension free."""
+        example = np.zeros((2, 3, input_size, input_size), dtype=np.float32)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                model.eval(),
+                name="model",
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "faceforge"],
+            )
+
+    @property
+    def ui_hint(self) -> str:
+        store = self.tracking_uri
+        return f"mlflow ui --backend-store-uri {store}  (run {self.run_id})"

@@ -1,0 +1,29 @@
+"""torchrun entry point for one rank: `python -m faceforge.train.worker --config run/config.yaml`.
+
+The config file is the resolved, validated config the launcher wrote, so ranks never run Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from faceforge.train.config import TrainConfig
+from faceforge.train.loop import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--metrics-out", type=Path, default=None)
+    args = parser.parse_args()
+    metrics = train(TrainConfig.load(args.config), args.run_id)
+    if args.metrics_out and metrics:
+        args.metrics_out.write_text(yaml.safe_dump(metrics))
+
+
+if __name__ == "__main__":
+    main()
