@@ -19,9 +19,7 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -32,6 +30,4 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Run fn on `world_size` gloo ranks; an assertion failing on any rank fails the caller."""
-    mp.start_processes(
-        _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn"
-    )
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")

@@ -313,9 +313,7 @@ def test_bin_round_trip(face_tree: Path, tmp_path: Path) -> None:
 
 def test_bin_from_python2_era_pickles_with_numpy_bools(tmp_path: Path) -> None:
     bins = [b"img%d" % (i % 5) for i in range(20)]
-    (tmp_path / "old.bin").write_bytes(
-        pickle.dumps((bins, [np.bool_(i % 3 == 0) for i in range(10)]), protocol=2)
-    )
+    (tmp_path / "old.bin").write_bytes(pickle.dumps((bins, [np.bool_(i % 3 == 0) for i in range(10)]), protocol=2))
     loaded = load_bin(tmp_path / "old.bin")
     assert loaded.issame.tolist() == [i % 3 == 0 for i in range(10)] and len(loaded.images) == 5
 

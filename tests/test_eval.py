@@ -160,9 +160,7 @@ def test_identification_on_synthetic_clusters() -> None:
         5: 1.0,
     }
     loose = centres[labels] + 1.2 * rng.normal(size=(300, 64))
-    rates = identification_rank_k(
-        loose[gallery], labels[gallery], loose[probes], labels[probes], ks=(1, 5, 50)
-    )
+    rates = identification_rank_k(loose[gallery], labels[gallery], loose[probes], labels[probes], ks=(1, 5, 50))
     assert 0.0 < rates[1] < rates[5] < rates[50] == 1.0
 
 
@@ -171,9 +169,7 @@ def test_identification_ranks_by_cosine_not_raw_inner_product() -> None:
     # Probe "b" has inner product 6 with the long "a" vector but cosine 0.8 with "b"; probe "c" is
     # nearer "b" than "c", so it is found at rank 2 only.
     probes = np.array([[0.6, 0.8, 0.0], [0.0, 0.8, 0.6]])
-    result = identification_rank_k(
-        gallery, np.array(["a", "b", "c"]), probes, np.array(["b", "c"]), ks=(1, 2)
-    )
+    result = identification_rank_k(gallery, np.array(["a", "b", "c"]), probes, np.array(["b", "c"]), ks=(1, 2))
     assert result == {1: 0.5, 2: 1.0}
     with pytest.raises(ValueError, match="unique"):
         identification_rank_k(gallery, np.array(["a", "a", "c"]), probes, np.array(["a", "c"]))
@@ -214,14 +210,10 @@ def test_embeddings_are_unit_norm_and_flip_summed(lfw_bytes: list[bytes]) -> Non
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     # Arrays and encoded bytes go through the same preprocessing; eval mode makes batching irrelevant.
     np.testing.assert_allclose(embed_images(model, images, input_size=56, crop_fraction=0.6), emb, atol=1e-6)
-    np.testing.assert_allclose(
-        embed_images(model, images[:1], input_size=56, crop_fraction=0.6), emb[:1], atol=1e-6
-    )
+    np.testing.assert_allclose(embed_images(model, images[:1], input_size=56, crop_fraction=0.6), emb[:1], atol=1e-6)
     # Flip-summing makes an image and its mirror embed identically, which a single pass does not.
     mirrored = [np.ascontiguousarray(img[:, ::-1]) for img in images]
-    np.testing.assert_allclose(
-        embed_images(model, mirrored, input_size=56, crop_fraction=0.6), emb, atol=1e-5
-    )
+    np.testing.assert_allclose(embed_images(model, mirrored, input_size=56, crop_fraction=0.6), emb, atol=1e-5)
     single = embed_images(model, images, input_size=56, crop_fraction=0.6, flip=False)
     single_mirrored = embed_images(model, mirrored, input_size=56, crop_fraction=0.6, flip=False)
     assert np.abs(single - single_mirrored).max() > 1e-3

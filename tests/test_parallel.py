@@ -97,9 +97,7 @@ def check_partial_fc(rank: int, world_size: int, sample_rate: float) -> None:
     margin = margin_spec("arcface")
     features, weight, labels = make_problem(world_size, torch.float64, seed=1)
     start, end = shard_range(NUM_CLASSES, world_size, rank)
-    head = ShardedMarginSoftmax(
-        NUM_CLASSES, DIM, margin, sample_rate=sample_rate, dtype=torch.float64, seed=3
-    )
+    head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin, sample_rate=sample_rate, dtype=torch.float64, seed=3)
     head.weight.copy_(weight[start:end])
     rows, _ = head._sample(labels)
     head.steps_sampled = 0  # replay the same draw in forward
@@ -146,9 +144,7 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
     features, weight, labels = make_problem(1, torch.float64, seed=2)
     results = []
     for rate in (1.0, 0.9999):
-        head = ShardedMarginSoftmax(
-            NUM_CLASSES, DIM, margin_spec("cosface"), sample_rate=rate, dtype=torch.float64
-        )
+        head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec("cosface"), sample_rate=rate, dtype=torch.float64)
         head.weight.copy_(weight)
         optimizer = HeadOptimizer(head, kind="sgd", momentum=0.9, weight_decay=5e-4)
         feats = features.clone().requires_grad_()
@@ -165,9 +161,7 @@ class TinyNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=2), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 3 * 3, DIM)
-        )
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 3 * 3, DIM))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -30,9 +30,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, args.tracking_uri)
     input_size = args.input_size or model.input_size
-    embed = dict(
-        input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True
-    )
+    embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
     if args.bin or args.pairs:
         vset = load_bin(args.bin) if args.bin else load_pairs(args.pairs, args.root or args.pairs.parent)
         features = embed_images(model, vset.images, **embed)
@@ -46,9 +44,7 @@ def _eval(args: argparse.Namespace) -> None:
         gallery, probe = gallery_probe_split(folder.labels)
         paths = [path for path, _ in folder.samples]
         feats = embed_images(model, [Path(p).read_bytes() for p in paths], **embed)
-        ranks = identification_rank_k(
-            feats[gallery], folder.labels[gallery], feats[probe], folder.labels[probe]
-        )
+        ranks = identification_rank_k(feats[gallery], folder.labels[gallery], feats[probe], folder.labels[probe])
         print("  ".join(f"rank-{k}={v:.4f}" for k, v in ranks.items()))
 
 
@@ -83,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceforge", description="Train, evaluate and package face models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser(
-        "train", help="train a model (Hydra overrides, -m for sweeps)", add_help=False
-    )
+    train = commands.add_parser("train", help="train a model (Hydra overrides, -m for sweeps)", add_help=False)
     train.add_argument("overrides", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
 

@@ -25,9 +25,7 @@ def decode_image(data: bytes | bytearray | memoryview, source: str = "<bytes>") 
     if img is None:
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated or unsupported)")
     if img.shape[0] * img.shape[1] > MAX_PIXELS:
-        raise ImageDecodeError(
-            f"{source}: {img.shape[1]}x{img.shape[0]} exceeds the {MAX_PIXELS} pixel limit"
-        )
+        raise ImageDecodeError(f"{source}: {img.shape[1]}x{img.shape[0]} exceeds the {MAX_PIXELS} pixel limit")
     if img.dtype != np.uint8:
         img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
     if img.ndim == 2:

@@ -83,9 +83,7 @@ class RecordDataset(torch.utils.data.Dataset):
         keys = np.arange(1, first_identity, dtype=np.int64)
         missing = next((key for key in range(1, first_identity) if key not in self.reader), None)
         if missing is not None:
-            raise ValueError(
-                f"{self.reader.idx_path}: image record {missing} (of 1..{first_identity - 1}) is missing"
-            )
+            raise ValueError(f"{self.reader.idx_path}: image record {missing} (of 1..{first_identity - 1}) is missing")
         headers = [self._record(key)[0] for key in range(first_identity, end)]
         spans = [(int(h.label[0]), int(h.label[1])) for h in headers if h.flag >= 2]
         starts, stops = [start for start, _ in spans], [stop for _, stop in spans]

@@ -56,9 +56,7 @@ def unpack_record(record: bytes) -> tuple[IRHeader, bytes]:
         return IRHeader(0, label, rec_id, id2), record[IR_SIZE:]
     end = IR_SIZE + 4 * flag
     if end > len(record):
-        raise ValueError(
-            f"IRHeader flag {flag} announces {4 * flag} label bytes, the record has {len(record)}"
-        )
+        raise ValueError(f"IRHeader flag {flag} announces {4 * flag} label bytes, the record has {len(record)}")
     labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_SIZE).copy()
     return IRHeader(flag, labels, rec_id, id2), record[end:]
 
@@ -108,9 +106,7 @@ def read_framed(pread: Callable[[int, int], bytes], size: int, offset: int, name
             raise ValueError(f"{name}: unexpected continuation flag {cflag} at offset {pos}")
         padded = length + (-length % 4)
         if pos + 8 + padded > size:
-            raise ValueError(
-                f"{name}: record at offset {pos} claims {length} bytes but only {size - pos - 8} remain"
-            )
+            raise ValueError(f"{name}: record at offset {pos} claims {length} bytes but only {size - pos - 8} remain")
         parts.append(pread(length, pos + 8))
         pos += 8 + padded
         if cflag in (0, 3):
@@ -171,9 +167,7 @@ def _read_index(idx_path: Path, rec_size: int) -> dict[int, int]:
             if not fields:
                 continue
             if len(fields) != 2 or not all(v.lstrip("-").isdigit() for v in fields):
-                raise ValueError(
-                    f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()[:60]!r}"
-                )
+                raise ValueError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()[:60]!r}")
             key, offset = int(fields[0]), int(fields[1])
             if key in offsets:
                 raise ValueError(f"{idx_path}:{line_no}: duplicate key {key}")

@@ -46,9 +46,7 @@ class DistributedBatchSampler:
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = num_samples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one global batch of {batch_size} x {world_size} ranks"
-            )
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of {batch_size} x {world_size} ranks")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.rank = rank

@@ -155,9 +155,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: a .bin holds only bytes and bools"
-            )
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a .bin holds only bytes and bools")
         return _ALLOWED[module, name]
 
 
@@ -175,9 +173,7 @@ def load_bin(path: str | Path, name: str | None = None) -> VerificationSet:
     if not (isinstance(loaded, tuple | list) and len(loaded) == 2):
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair")
     bins, issame_list = loaded
-    if not all(isinstance(b, bytes) for b in bins) or not all(
-        type(s) in (bool, np.bool_) for s in issame_list
-    ):
+    if not all(isinstance(b, bytes) for b in bins) or not all(type(s) in (bool, np.bool_) for s in issame_list):
         raise ValueError(f"{path}: bins must be encoded image bytes and issame_list booleans")
     n = len(issame_list)
     if len(bins) != 2 * n:

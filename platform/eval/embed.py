@@ -30,9 +30,7 @@ class _EvalImages(Dataset[torch.Tensor]):
         image = self.images[i]
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(
-                    f"image {i}: arrays must be RGB uint8 HxWx3, got {image.dtype} {image.shape}"
-                )
+                raise ValueError(f"image {i}: arrays must be RGB uint8 HxWx3, got {image.dtype} {image.shape}")
         else:
             image = decode_image(image, f"image {i}")
         return self.transform(image)
@@ -41,9 +39,7 @@ class _EvalImages(Dataset[torch.Tensor]):
 def _run(model: nn.Module | Embedder, batch: torch.Tensor) -> torch.Tensor:
     embeddings = torch.as_tensor(model(batch)).float()
     if embeddings.ndim != 2 or len(embeddings) != len(batch):
-        raise ValueError(
-            f"model must map {len(batch)} images to {len(batch)} x D, got shape {tuple(embeddings.shape)}"
-        )
+        raise ValueError(f"model must map {len(batch)} images to {len(batch)} x D, got shape {tuple(embeddings.shape)}")
     return embeddings
 
 

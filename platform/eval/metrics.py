@@ -52,9 +52,7 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     return float(thresholds[best]), float(accuracy[best])
 
 
-def kfold_accuracy(
-    scores: np.ndarray, issame: np.ndarray, folds: np.ndarray
-) -> tuple[float, float, np.ndarray]:
+def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray) -> tuple[float, float, np.ndarray]:
     """LFW protocol: each fold is scored with the threshold fitted on all other folds.
 
     Returns the mean and (population) std of the per-fold accuracies and the per-fold thresholds.
@@ -74,9 +72,7 @@ def kfold_accuracy(
     return float(accuracies.mean()), float(accuracies.std()), thresholds
 
 
-def tar_at_far(
-    scores: np.ndarray, issame: np.ndarray, fars: Sequence[float] = DEFAULT_FARS
-) -> dict[float, float]:
+def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> dict[float, float]:
     """True-accept rate at the lowest threshold that lets at most `far` of the impostors through.
 
     FARs below 1/num_impostors cannot be measured and are left out. Tied impostor scores are all

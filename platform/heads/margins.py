@@ -32,9 +32,7 @@ class MarginSpec:
         if self.normalized and self.s <= 0:
             raise ValueError(f"margin scale s must be positive, got {self.s}")
         if self.m1 < 1.0 or self.m2 < 0.0 or self.m3 < 0.0:
-            raise ValueError(
-                f"margins need m1 >= 1, m2 >= 0, m3 >= 0; got m1={self.m1} m2={self.m2} m3={self.m3}"
-            )
+            raise ValueError(f"margins need m1 >= 1, m2 >= 0, m3 >= 0; got m1={self.m1} m2={self.m2} m3={self.m3}")
 
     @property
     def scale(self) -> float:

@@ -32,9 +32,7 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: flo
     return pos_term + neg_term
 
 
-def batch_hard_triplet_loss(
-    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.3
-) -> torch.Tensor:
+def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
     """For each anchor, its farthest positive against its nearest negative (Hermans et al., 2017)."""
     dist = _pairwise_distances(embeddings)
     same = labels[:, None] == labels[None, :]

@@ -35,9 +35,7 @@ class IBasicBlock(nn.Module):
         return self.layers(x) + self.shortcut(x)
 
 
-def _iresnet(
-    blocks: tuple[int, ...], *, embedding_dim: int, width: float, input_size: int, act: str
-) -> nn.Module:
+def _iresnet(blocks: tuple[int, ...], *, embedding_dim: int, width: float, input_size: int, act: str) -> nn.Module:
     in_ch = scale_channels(64, width)
     layers: list[nn.Module] = [ConvBNAct(3, in_ch, 3, 1, act=act)]
     for channels, repeats in zip(STAGE_CHANNELS, blocks, strict=True):

@@ -62,9 +62,7 @@ class DepthwiseSeparable(nn.Sequential):
     linear=True drops the last activation, for outputs that feed a residual sum.
     """
 
-    def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, act: str = "prelu", linear: bool = False
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, act: str = "prelu", linear: bool = False) -> None:
         super().__init__(
             ConvBNAct(in_ch, in_ch, 3, stride, groups=in_ch, act=act),
             ConvBNAct(in_ch, out_ch, 1, act=None if linear else act),
@@ -121,7 +119,5 @@ class EmbeddingNet(nn.Module):
         """x: B x 3 x input_size x input_size in [-1, 1] -> B x embedding_dim."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             # The GDC kernel is sized for input_size; any other size would silently break the head.
-            raise ValueError(
-                f"model expects {self.input_size}x{self.input_size} input, got {tuple(x.shape[-2:])}"
-            )
+            raise ValueError(f"model expects {self.input_size}x{self.input_size} input, got {tuple(x.shape[-2:])}")
         return self.head(self.body(x))

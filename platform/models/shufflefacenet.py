@@ -54,9 +54,7 @@ class ShuffleUnit(nn.Module):
 @register
 def shufflefacenet(*, embedding_dim: int, width: float, input_size: int, act: str) -> nn.Module:
     if width not in STAGE_CHANNELS:
-        raise ValueError(
-            f"shufflefacenet width must be one of {', '.join(map(str, STAGE_CHANNELS))}, got {width}"
-        )
+        raise ValueError(f"shufflefacenet width must be one of {', '.join(map(str, STAGE_CHANNELS))}, got {width}")
     *stage_channels, last = STAGE_CHANNELS[width]
     in_ch = 24
     layers: list[nn.Module] = [ConvBNAct(3, in_ch, 3, 2, act=act)]

@@ -52,9 +52,7 @@ class HeadOptimizer:
                 self.state[name].index_copy_(0, rows, tensor)
         head.zero_grad()
 
-    def _update(
-        self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float
-    ) -> None:
+    def _update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
         """One in-place update of `weight` and `state` (dense or gathered rows)."""
         if self.kind == "sgd":
             if self.weight_decay:
@@ -76,9 +74,7 @@ class HeadOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["kind"] != self.kind:
-            raise ValueError(
-                f"checkpoint head optimizer is {state['kind']!r}, the config asks for {self.kind!r}"
-            )
+            raise ValueError(f"checkpoint head optimizer is {state['kind']!r}, the config asks for {self.kind!r}")
         self.step_count = int(state["step_count"])
         for name, tensor in state["state"].items():
             self.state[name].copy_(tensor)

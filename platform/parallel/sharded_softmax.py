@@ -133,9 +133,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             grad.mul_(ctx.inv_weight_norm)
             grad_inputs = grad @ weight
             grad_weight = head.weight_grad_target(rows)
-            grad_weight = (
-                torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
-            )
+            grad_weight = torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
             radial = torch.bmm(weight.unsqueeze(1), grad_weight.unsqueeze(2)).view(-1)
             grad_weight.addcmul_(weight, (radial * ctx.inv_weight_norm.square())[:, None], value=-1.0)
             radial_inputs = (grad_inputs * inputs).sum(dim=1, keepdim=True)
@@ -143,9 +141,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         else:
             grad_features = grad @ weight
             grad_weight = head.weight_grad_target(rows)
-            grad_weight = (
-                torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
-            )
+            grad_weight = torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
         head.accumulate_weight_grad(rows, grad_weight)
         return grad_features, None, None, None
 
@@ -207,9 +203,7 @@ class ShardedMarginSoftmax(nn.Module):
             return None, torch.where(in_shard, local, -1)
         positives = torch.unique(local[in_shard])
         num_sample = max(math.ceil(self.sample_rate * self.num_local), len(positives))
-        generator = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.rank * 7919 + self.steps_sampled
-        )
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + self.steps_sampled)
         self.steps_sampled += 1
         priority = torch.rand(self.num_local, generator=generator).to(self.weight.device)
         priority[positives] = 2.0

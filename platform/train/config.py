@@ -185,9 +185,7 @@ def _require(condition: bool, message: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data on disk; `faceforge.train.launch` checks paths and class counts."""
     known = models.list_models()
-    _require(
-        cfg.model.name in known, f"unknown backbone {cfg.model.name!r}; choose one of {', '.join(known)}"
-    )
+    _require(cfg.model.name in known, f"unknown backbone {cfg.model.name!r}; choose one of {', '.join(known)}")
     _require(cfg.model.act in ("prelu", "relu"), f"model.act must be prelu or relu, got {cfg.model.act!r}")
     _require(cfg.head.type in ("margin", "triplet", "contrastive"), f"unknown head.type {cfg.head.type!r}")
     if cfg.head.type == "margin":

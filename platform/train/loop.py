@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,6 +99,28 @@ def evaluate(
     return metrics
 
 
+def forward_backward(
+    net: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    accumulate: int,
+    amp: AbstractContextManager,
+) -> float:
+    """Gradients of the mean loss over `accumulate` micro-batches; DDP all-reduces only on the last one."""
+    loss_sum = 0.0
+    for micro, (x, y) in enumerate(zip(images.chunk(accumulate), labels.chunk(accumulate), strict=True)):
+        last = micro == accumulate - 1
+        sync = net.no_sync() if isinstance(net, DistributedDataParallel) and not last else nullcontext()
+        with sync:
+            with amp:
+                emb = net(x)
+            loss = loss_fn(emb.float(), y) / accumulate
+            loss.backward()
+        loss_sum += loss.item()
+    return loss_sum
+
+
 def train(cfg: TrainConfig, run_id: str | None = None) -> dict[str, float]:
     """Run (or resume) training for this rank; returns the final evaluation metrics on rank 0."""
     torch.set_num_threads(cfg.trainer.threads)
@@ -180,9 +203,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     stop = _StopSignal()
     amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.trainer.amp else nullcontext()
     steps, accumulate = cfg.trainer.steps, cfg.trainer.accumulate
-    progress = tqdm(
-        total=steps, initial=start_step, disable=not ctx.is_main, desc="train", dynamic_ncols=True
-    )
+    progress = tqdm(total=steps, initial=start_step, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     tick, images_seen = time.perf_counter(), 0
     step = start_step
@@ -194,16 +215,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro, (x, y) in enumerate(zip(images.chunk(accumulate), labels.chunk(accumulate), strict=True)):
-            last = micro == accumulate - 1
-            sync = nullcontext() if last or ctx.world_size == 1 else net.no_sync()
-            with sync:
-                with amp:
-                    emb = net(x)
-                loss = loss_fn(emb.float(), y) / accumulate
-                loss.backward()
-            loss_sum += loss.item()
+        loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp)
         if cfg.trainer.grad_clip > 0:
             clip_grad_norm(model.parameters(), head, cfg.trainer.grad_clip)
         optimizer.step()
@@ -213,9 +225,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         images_seen += images.shape[0] * ctx.world_size
         progress.update(1)
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(
-                f"loss became {loss_sum} at step {step}; lower optim.lr or enable grad_clip"
-            )
+            raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower optim.lr or enable grad_clip")
 
         if tracker and (step % cfg.trainer.log_every == 0 or step == steps):
             elapsed = time.perf_counter() - tick
