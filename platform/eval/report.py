@@ -42,7 +42,7 @@ def evaluate_verification(features: np.ndarray, vset: VerificationSet) -> dict[s
         "best_threshold": float(thresholds.mean()),
     }
     for far, tar in tar_at_far(scores, vset.issame).items():
-        metrics[f"tar@far={far:.0e}"] = tar
+        metrics[f"tar_far_{far:.0e}"] = tar  # MLflow metric names allow no "@" or "="
     metrics["roc_auc"] = roc_auc(scores, vset.issame)
     metrics["eer"] = eer(scores, vset.issame)
     return metrics

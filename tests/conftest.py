@@ -1,0 +1,43 @@
+"""Shared fixtures: small real-face datasets cut from ../shared/data (CI always has it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_data() -> Path:
+    if not (SHARED / "celeba_ids").is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_train_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 real identities x 4 images in the image-folder layout."""
+    src = shared_data() / "celeba_ids"
+    dst = tmp_path_factory.mktemp("train")
+    for identity in sorted(p for p in src.iterdir() if p.is_dir())[:6]:
+        (dst / identity.name).mkdir()
+        for image in sorted(identity.glob("*.jpg"))[:4]:
+            shutil.copy(image, dst / identity.name / image.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An LFW-format pairs.txt with 10 folds of 2 matched + 2 mismatched pairs over ../shared/data/lfw."""
+    lines = (shared_data() / "lfw" / "pairs.txt").read_text().splitlines()
+    folds, per_fold = (int(x) for x in lines[0].split())
+    kept = []
+    for fold in range(folds):
+        block = lines[1 + fold * 2 * per_fold : 1 + (fold + 1) * 2 * per_fold]
+        kept += block[:2] + block[per_fold : per_fold + 2]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.txt"
+    path.write_text(f"{folds}\t2\n" + "\n".join(kept) + "\n")
+    return path

@@ -1,0 +1,243 @@
+"""The trainer end to end: config errors, MLflow logging, bit-identical resume, resharding, accumulation, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED
+from distributed import run_ranks
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from faceforge.heads import margin_spec
+from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
+from faceforge.train import from_dict
+from faceforge.train.checkpoint import load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
+from faceforge.train.config import ScheduleConfig, TrainConfig
+from faceforge.train.launch import launch
+from faceforge.train.loop import forward_backward
+from faceforge.train.schedule import lr_at
+
+PYTHON = sys.executable
+
+
+def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: object) -> TrainConfig:
+    values = {
+        "model": {"name": "mobilefacenet", "embedding_dim": 32, "width": 0.25, "input_size": 56, "act": "prelu"},
+        "head": {"type": "margin", "preset": "arcface", "s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0},
+        "data": {"root": str(train_root), "batch_size": 8, "crop_fraction": 0.8, "num_workers": 0},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "trainer": {"nproc": 1, "steps": 4, "checkpoint_every": 2, "log_every": 1, **trainer},
+        "eval": {"pairs": str(pairs), "root": str(SHARED / "lfw"), "crop_fraction": 0.5}
+        if pairs
+        else {"disabled": True},
+        "mlflow": {"tracking_uri": f"sqlite:///{out.parent}/mlflow.db", "experiment": "tests", "log_model": False},
+        "output_dir": str(out),
+    }
+    return from_dict(values)
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = resolve_checkpoint(path)
+    state = torch.load(path / "model.pt", weights_only=True)
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    for name in json.loads((path / "meta.json").read_text())["head_files"]:
+        tensors |= {f"{name}.{k}": v for k, v in torch.load(path / name, weights_only=True).items()}
+    return tensors
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "faceforge.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_platform_folder_never_shadows_the_stdlib() -> None:
+    assert not (REPO / "platform" / "__init__.py").exists(), "platform/__init__.py would shadow stdlib platform"
+    probe = subprocess.run(
+        [PYTHON, "-c", "import platform, torch; print(platform.system())"], cwd=REPO, capture_output=True, text=True
+    )
+    assert probe.returncode == 0 and probe.stdout.strip(), probe.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=resnet9000"], "unknown backbone 'resnet9000'"),
+        (["data.root=/nonexistent/faces", "eval=none"], "data.root /nonexistent/faces does not exist"),
+        (["data.batch_size=63", "trainer.nproc=2"], "does not divide"),
+        (["trainer.nproc=7", "data.batch_size=70", "eval=none"], "cannot be sharded over trainer.nproc=7"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_train_root: Path, tmp_path) -> None:
+    if not any(o.startswith("data.root") for o in overrides):
+        overrides = [*overrides, f"data.root={tiny_train_root}"]
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}", env={"FACEFORGE_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_learning_rate_schedule() -> None:
+    cosine = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 110, 1.0, cosine) == pytest.approx(0.1)
+    assert lr_at(9, 110, 1.0, cosine) == pytest.approx(1.0)
+    assert lr_at(60, 110, 1.0, cosine) == pytest.approx(0.55)
+    poly = ScheduleConfig(name="poly", warmup_steps=0, power=2.0)
+    assert lr_at(50, 100, 1.0, poly) == pytest.approx(0.25)
+
+
+def test_two_rank_training_logs_to_mlflow_and_resumes_bit_identically(
+    tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path
+) -> None:
+    full = tiny_config(tmp_path / "full", tiny_train_root, tiny_pairs, nproc=2)
+    metrics = launch(full)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+    client = MlflowClient(full.mlflow.tracking_uri)
+    run = client.get_run((tmp_path / "full" / "mlflow_run_id").read_text())
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "mobilefacenet" and run.data.params["trainer.nproc"] == "2"
+    assert {"loss", "lr", "img_per_s", "eval.accuracy", "eval.tar_far_1e-01"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"roc.png", "config.yaml"} <= artifacts
+
+    # Second half again from the step-2 checkpoint, in a fresh output directory.
+    half = tmp_path / "full" / "checkpoints" / "step_00000002"
+    resumed = tiny_config(tmp_path / "resumed", tiny_train_root, tiny_pairs, nproc=2, resume=str(half))
+    launch(resumed)
+    want = checkpoint_tensors(tmp_path / "full" / "checkpoints")
+    got = checkpoint_tensors(tmp_path / "resumed" / "checkpoints")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), f"{key} differs after resume"
+
+    # A different world size re-shards the classifier and keeps training.
+    one_rank = tiny_config(tmp_path / "one", tiny_train_root, None, nproc=1, steps=6, resume=str(half))
+    launch(one_rank)
+    final = resolve_checkpoint(tmp_path / "one" / "checkpoints")
+    assert final.name == "step_00000006"
+    assert json.loads((final / "meta.json").read_text())["head_files"] == ["head_0_6.pt"]
+    assert load_backbone(final)(torch.zeros(2, 3, 56, 56)).shape == (2, 32)
+
+
+def check_reshard(rank: int, world_size: int, saved_dir: str, num_classes: int) -> None:
+    head = ShardedMarginSoftmax(num_classes, 8, margin_spec("arcface"), dtype=torch.float64)
+    optimizer = HeadOptimizer(head, kind="adamw")
+    model = nn.Linear(2, 2)
+    model.config = {}
+    backbone_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    load_checkpoint(Path(saved_dir), model=model, optimizer=backbone_opt, head=head, head_optimizer=optimizer)
+    reference = torch.load(Path(saved_dir) / "reference.pt", weights_only=True)
+    start, end = shard_range(num_classes, world_size, rank)
+    assert torch.equal(head.weight, reference["weight"][start:end])
+    for name, tensor in optimizer.state.items():
+        assert torch.equal(tensor, reference[name][start:end])
+    assert optimizer.step_count == 7
+
+
+def save_sharded(rank: int, world_size: int, out_dir: str, num_classes: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    full = {name: torch.randn(num_classes, 8, generator=gen, dtype=torch.float64) for name in ("weight", "a", "b")}
+    head = ShardedMarginSoftmax(num_classes, 8, margin_spec("arcface"), dtype=torch.float64)
+    optimizer = HeadOptimizer(head, kind="adamw")
+    optimizer.step_count = 7
+    head.weight.copy_(full["weight"][head.class_start : head.class_end])
+    optimizer.state["exp_avg"].copy_(full["a"][head.class_start : head.class_end])
+    optimizer.state["exp_avg_sq"].copy_(full["b"][head.class_start : head.class_end])
+    model = nn.Linear(2, 2)
+    model.config = {}
+    backbone_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    final = save_checkpoint(
+        Path(out_dir),
+        3,
+        model=model,
+        optimizer=backbone_opt,
+        head=head,
+        head_optimizer=optimizer,
+        train_config={},
+        is_main=rank == 0,
+    )
+    if rank == 0:
+        torch.save({"weight": full["weight"], "exp_avg": full["a"], "exp_avg_sq": full["b"]}, final / "reference.pt")
+
+
+@pytest.mark.parametrize("load_world", [1, 3])
+def test_checkpoint_written_by_two_ranks_reshards_to_any_world_size(tmp_path: Path, load_world: int) -> None:
+    run_ranks(save_sharded, 2, str(tmp_path), 11)
+    saved = resolve_checkpoint(tmp_path)
+    assert sorted(p.name for p in saved.glob("head_*.pt")) == ["head_0_6.pt", "head_6_11.pt"]
+    run_ranks(check_reshard, load_world, str(saved), 11)
+
+
+def test_gradient_accumulation_averages_over_micro_batches() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8))  # BN-free: micro-batches change nothing but the sum
+    images, labels = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
+    grads = []
+    for accumulate in (1, 4):
+        head = ShardedMarginSoftmax(5, 8, margin_spec("cosface"), seed=1)
+        net.zero_grad()
+        loss = forward_backward(net, head, images, labels, accumulate, torch.autocast("cpu", enabled=False))
+        grads.append((loss, net[1].weight.grad.clone(), head.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_writes_a_resumable_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        f"data.root={tiny_train_root}",
+        "eval=none",
+        "model.width=0.25",
+        "model.input_size=56",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.steps=100000",
+        "trainer.checkpoint_every=100000",
+        "mlflow.log_model=false",
+        f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "faceforge.train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and "train:" not in (line := proc.stderr.readline()):
+        assert line or proc.poll() is None, "training exited early"
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in err
+    stopped = resolve_checkpoint(out / "checkpoints")
+    step = json.loads((stopped / "meta.json").read_text())["step"]
+    assert step > 0
+
+    result = run_cli(
+        *args[:-3],
+        f"trainer.steps={step + 2}",
+        "trainer.resume=auto",
+        "mlflow.log_model=false",
+        f"hydra.run.dir={out}",
+        env={"FACEFORGE_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert resolve_checkpoint(out / "checkpoints").name == f"step_{step + 2:08d}"
