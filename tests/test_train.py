@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED
-from distributed import run_ranks
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -25,6 +23,9 @@ from faceforge.train.config import ScheduleConfig, TrainConfig
 from faceforge.train.launch import launch
 from faceforge.train.loop import forward_backward
 from faceforge.train.schedule import lr_at
+
+from conftest import REPO, SHARED
+from distributed import run_ranks
 
 PYTHON = sys.executable
 
