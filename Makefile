@@ -1,0 +1,24 @@
+# Two entry points for a new user: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint
+
+$(BIN)/faceforge: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[dev]"
+	touch $(BIN)/faceforge
+
+setup: $(BIN)/faceforge
+
+demo: setup
+	$(BIN)/faceforge demo
+
+lint: setup
+	$(BIN)/ruff check platform tests bench
+	$(BIN)/ruff format --check platform tests bench
+
+test: lint
+	$(BIN)/pytest -q
