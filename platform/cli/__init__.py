@@ -72,7 +72,8 @@ def _data_inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from faceforge.train.app import main
 
-    main(["trainer=demo", *args.overrides])
+    # 64 px triples the steps that fit in the demo's 20 minutes on 2 CPU cores compared with 112 px.
+    main(["trainer=demo", "model=mobilefacenet", "model.input_size=64", *args.overrides])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,12 +109,13 @@ def build_sample(
     Training takes the `identities` with the most images, `images_per_identity` each, longest side `size`.
     """
     shared_root, dst = Path(shared_root), Path(dst)
+    if min(identities, images_per_identity, size, lfw_size) < 1 or not 0 <= quality <= 100:
+        raise ValueError("identities, images_per_identity, size and lfw_size must be >= 1, quality in 0..100")
     if not has_demo_data(shared_root):
         raise FileNotFoundError(f"{shared_root}: no celeba_ids/ and lfw/pairs.txt")
     for part in ("train", "lfw"):
         if (dst / part).exists():
             raise FileExistsError(f"{dst / part} already exists: remove it to rebuild the sample")
-    rng = random.Random(seed)
 
     folders = [p for p in (shared_root / "celeba_ids").iterdir() if p.is_dir()]
     images = {folder.name: list_images(folder) for folder in folders}
@@ -123,15 +124,18 @@ def build_sample(
         raise ValueError(
             f"{shared_root / 'celeba_ids'} has fewer than {identities} identities with {images_per_identity} images"
         )
-    for name in ranked:
-        for src in sorted(rng.sample(images[name], images_per_identity)):
-            write_resized(src, dst / "train" / name / src.name, size, quality)
-
-    folds, kept = sample_pairs(shared_root / "lfw" / "pairs.txt", pairs_per_fold, rng)
+    # One generator per part, so changing one part's settings leaves the other part as it was.
+    train_rng, pairs_rng = random.Random(seed), random.Random(seed)
+    chosen = {name: sorted(train_rng.sample(images[name], images_per_identity)) for name in ranked}
+    folds, kept = sample_pairs(shared_root / "lfw" / "pairs.txt", pairs_per_fold, pairs_rng)
     needed = set()
     for fields in kept:
         name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
         needed |= {(name_a, int(i)), (name_b, int(j))}
+
+    for name, files in chosen.items():
+        for src in files:
+            write_resized(src, dst / "train" / name / src.name, size, quality)
     for name, number in sorted(needed):
         file = f"{name}/{name}_{number:04d}.jpg"
         write_resized(shared_root / "lfw" / file, dst / "lfw" / file, lfw_size, quality)

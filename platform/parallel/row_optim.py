@@ -9,9 +9,10 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.optim.sgd import sgd
 
 from faceforge.parallel.dist import all_reduce_sum
-from faceforge.parallel.sharded_softmax import ShardedMarginSoftmax
+from faceforge.parallel.sharded_softmax import ShardedMarginSoftmax, row_blocks
 
 
 class HeadOptimizer:
@@ -45,21 +46,33 @@ class HeadOptimizer:
         if rows is None:
             self._update(head.weight, head.grad, self.state, lr)
         else:
-            weight, state = head.weight[rows], {name: t[rows] for name, t in self.state.items()}
-            self._update(weight, head.grad[rows], state, lr)
-            head.weight.index_copy_(0, rows, weight)
-            for name, tensor in state.items():
-                self.state[name].index_copy_(0, rows, tensor)
+            # Gather, update and write back a block of rows at a time so the copies stay small.
+            for block in row_blocks(len(rows)):
+                block_rows = rows[block]
+                weight = head.weight[block_rows]
+                state = {name: tensor[block_rows] for name, tensor in self.state.items()}
+                self._update(weight, head.grad[block_rows], state, lr)
+                head.weight.index_copy_(0, block_rows, weight)
+                for name, tensor in state.items():
+                    self.state[name].index_copy_(0, block_rows, tensor)
         head.zero_grad()
 
     def _update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
         """One in-place update of `weight` and `state` (dense or gathered rows)."""
         if self.kind == "sgd":
-            if self.weight_decay:
-                grad.add_(weight, alpha=self.weight_decay)
-            buf = state["momentum_buffer"]
-            buf.mul_(self.momentum).add_(grad)
-            weight.add_(buf, alpha=-lr)
+            # torch's fused kernel: one pass over weight, gradient and momentum instead of four.
+            sgd(
+                [weight],
+                [grad],
+                [state["momentum_buffer"]],
+                fused=True,
+                weight_decay=self.weight_decay,
+                momentum=self.momentum,
+                lr=lr,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+            )
             return
         beta1, beta2 = self.betas
         weight.mul_(1.0 - lr * self.weight_decay)

@@ -11,16 +11,19 @@ Usage, inside a torchrun job (one rank per device):
 
 One batch through it:
 1. The local features of every rank are all-gathered (`all_gather_with_grad`), so each rank scores the
-   whole global batch against its own class shard: logits are N × C/W, never N × C.
+   whole global batch against its own class shard: logits are C/W × N (class-major), never C × N.
 2. Partial FC keeps every positive class of the shard and a random share of the others, so a step
    touches about r·C/W rows.
-3. The cross-entropy is distributed: the row max is all-reduced with MAX, then the sum of exponentials
-   and the target logit with SUM. The shard's logit buffer is turned into softmax probabilities in place
-   and becomes the gradient buffer in backward.
+3. The cross-entropy is distributed: each sample's max logit is all-reduced with MAX, then the sum of
+   exponentials and the target logit with SUM. The shard's logit buffer is turned into softmax
+   probabilities in place, becomes the gradient buffer in backward, and is reused by the next step.
 4. Backward returns the feature gradient (summed over shards by the all-gather's backward) and writes
    the gradient of the sampled rows straight into the head's gradient buffer.
 
 Cosine logits are computed as (x/|x|)·w · 1/|w| so the C/W × D weight is never copied to normalise it.
+Both passes walk the used rows in blocks (`row_blocks`): a block of weight is read once per pass, and
+everything done to it (its norms, the matmuls, the radial projection of its gradient) runs while it is
+in cache. Under Partial FC only a block at a time is gathered.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from faceforge.heads.margins import MarginSpec
 from faceforge.parallel.dist import all_gather_tensor, all_reduce_max, all_reduce_sum, rank, world_size
 
 _NORM_EPS = 1e-12
+# Rows per block: a block of weight (16 MB at D = 512) and its logits stay in cache between their uses.
+_BLOCK_ROWS = 4
+
+
+def row_blocks(num_rows: int) -> list[slice]:
+    return [slice(start, min(start + _BLOCK_ROWS, num_rows)) for start in range(0, num_rows, _BLOCK_ROWS)]
 
 
 def shard_range(num_classes: int, num_shards: int, shard: int) -> tuple[int, int]:
@@ -82,68 +91,77 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
     ) -> torch.Tensor:
         margin, group = head.margin, head.group
-        weight = head.weight if rows is None else head.weight.index_select(0, rows)
         if margin.normalized:
             feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
             inputs = features / feature_norm
-            inv_weight_norm = weight.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
-            logits = (inputs @ weight.T).mul_(inv_weight_norm)
         else:
-            feature_norm, inputs, inv_weight_norm = None, features, None
-            logits = inputs @ weight.T
+            feature_norm, inputs = None, features
+        num_rows = head.num_local if rows is None else len(rows)
+        logits = head.take_logits_buffer(num_rows, len(inputs))
+        inv_weight_norm = logits.new_empty(num_rows) if margin.normalized else None
+        for block in row_blocks(num_rows):
+            weight = head.weight_block(rows, block)
+            block_logits = torch.mm(weight, inputs.T, out=logits[block])
+            if inv_weight_norm is not None:
+                inv_weight_norm[block] = weight.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
+                block_logits.mul_(inv_weight_norm[block, None])
 
-        target_rows = (targets >= 0).nonzero().squeeze(1)
-        target_cols = targets[target_rows]
-        cos_target = logits[target_rows, target_cols]
-        logits[target_rows, target_cols] = margin.target_logit(cos_target)
+        target_samples = (targets >= 0).nonzero().squeeze(1)
+        target_classes = targets[target_samples]
+        cos_target = logits[target_classes, target_samples]
+        logits[target_classes, target_samples] = margin.target_logit(cos_target)
         if margin.scale != 1.0:
             logits.mul_(margin.scale)
 
-        row_max = all_reduce_max(logits.amax(dim=1), group)
-        logits.sub_(row_max[:, None])
-        target_logit = torch.zeros_like(row_max)
-        target_logit[target_rows] = logits[target_rows, target_cols]
+        sample_max = all_reduce_max(logits.amax(dim=0), group)
+        logits.sub_(sample_max)
+        target_logit = torch.zeros_like(sample_max)
+        target_logit[target_samples] = logits[target_classes, target_samples]
         all_reduce_sum(target_logit, group)
         probs = logits.exp_()
-        sum_exp = all_reduce_sum(probs.sum(dim=1), group)
-        probs.div_(sum_exp[:, None])
+        sum_exp = all_reduce_sum(probs.sum(dim=0), group)
+        probs.div_(sum_exp)
 
-        ctx.head, ctx.rows, ctx.weight = head, rows, weight
-        ctx.save_for_backward(probs, inputs, target_rows, target_cols, cos_target)
+        ctx.head, ctx.rows = head, rows
+        ctx.save_for_backward(probs, inputs, target_classes, target_samples, cos_target)
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        head, rows, weight = ctx.head, ctx.rows, ctx.weight
+        head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        probs, inputs, target_rows, target_cols, cos_target = ctx.saved_tensors
+        probs, inputs, target_classes, target_samples, cos_target = ctx.saved_tensors
         # d loss / d logit = softmax − one-hot; then through the scale and, for targets, through ψ.
         grad = probs
-        grad[target_rows, target_cols] -= 1.0
-        grad.mul_(grad_loss * margin.scale / grad.shape[0])
-        if not margin.is_identity and len(target_rows):
+        grad[target_classes, target_samples] -= 1.0
+        grad.mul_(grad_loss * margin.scale / grad.shape[1])
+        if not margin.is_identity and len(target_samples):
             with torch.enable_grad():
                 cos = cos_target.detach().requires_grad_()
                 (dpsi,) = torch.autograd.grad(margin.target_logit(cos).sum(), cos)
-            grad[target_rows, target_cols] *= dpsi
+            grad[target_classes, target_samples] *= dpsi
+
+        grad_inputs = torch.zeros_like(inputs)
+        dense_grad = head.claim_dense_grad() if rows is None else None
+        for block in row_blocks(len(grad)):
+            weight, block_grad = head.weight_block(rows, block), grad[block]
+            if inv_weight_norm is not None:
+                # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
+                block_grad.mul_(inv_weight_norm[block, None])
+            grad_inputs.addmm_(block_grad.T, weight)
+            grad_weight = torch.mm(block_grad, inputs, out=None if dense_grad is None else dense_grad[block])
+            if inv_weight_norm is not None:
+                radial = torch.linalg.vecdot(weight, grad_weight) * inv_weight_norm[block].square()
+                grad_weight.addcmul_(weight, radial[:, None], value=-1.0)
+            if dense_grad is None:
+                head.accumulate_weight_grad(head.block_rows(rows, block), grad_weight)
+        head.keep_logits_buffer(grad)
 
         if margin.normalized:
-            # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove the radial parts.
-            grad.mul_(ctx.inv_weight_norm)
-            grad_inputs = grad @ weight
-            grad_weight = head.weight_grad_target(rows)
-            grad_weight = torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
-            radial = torch.bmm(weight.unsqueeze(1), grad_weight.unsqueeze(2)).view(-1)
-            grad_weight.addcmul_(weight, (radial * ctx.inv_weight_norm.square())[:, None], value=-1.0)
             radial_inputs = (grad_inputs * inputs).sum(dim=1, keepdim=True)
-            grad_features = (grad_inputs - radial_inputs * inputs) / ctx.feature_norm
-        else:
-            grad_features = grad @ weight
-            grad_weight = head.weight_grad_target(rows)
-            grad_weight = torch.mm(grad.T, inputs, out=grad_weight) if grad_weight is not None else grad.T @ inputs
-        head.accumulate_weight_grad(rows, grad_weight)
-        return grad_features, None, None, None
+            grad_inputs = (grad_inputs - radial_inputs * inputs) / ctx.feature_norm
+        return grad_inputs, None, None, None
 
 
 class ShardedMarginSoftmax(nn.Module):
@@ -181,6 +199,7 @@ class ShardedMarginSoftmax(nn.Module):
         self.register_buffer("weight", weight.to(device))
         self.grad: torch.Tensor | None = None
         self._has_grad = torch.zeros(num_local, dtype=torch.bool, device=device)
+        self._spare_logits: torch.Tensor | None = None
         self.steps_sampled = 0
 
     @property
@@ -211,25 +230,42 @@ class ShardedMarginSoftmax(nn.Module):
         targets = torch.where(in_shard, torch.searchsorted(rows, local.clamp(0, self.num_local - 1)), -1)
         return rows, targets
 
-    def weight_grad_target(self, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """The gradient buffer itself when a dense gradient can be written into it without a copy."""
-        if rows is not None or self._has_grad.any():
+    def weight_block(self, rows: torch.Tensor | None, block: slice) -> torch.Tensor:
+        """A block of the rows a step uses: a view of the weight, or a gathered copy under Partial FC."""
+        return self.weight[block] if rows is None else self.weight.index_select(0, rows[block])
+
+    def block_rows(self, rows: torch.Tensor | None, block: slice) -> torch.Tensor:
+        """Shard row indices of a block of the rows a step uses."""
+        if rows is None:
+            return torch.arange(block.start, block.stop, device=self.weight.device)
+        return rows[block]
+
+    def take_logits_buffer(self, num_rows: int, batch: int) -> torch.Tensor:
+        """The (rows × batch) logit buffer, reused across steps: touching hundreds of fresh MB every step
+        costs as much as a matmul. A step holds it until its backward, so two pending steps never share it.
+        """
+        buffer, self._spare_logits = self._spare_logits, None
+        if buffer is None or buffer.shape != (num_rows, batch):
+            buffer = torch.empty(num_rows, batch, dtype=self.weight.dtype, device=self.weight.device)
+        return buffer
+
+    def keep_logits_buffer(self, buffer: torch.Tensor) -> None:
+        self._spare_logits = buffer
+
+    def claim_dense_grad(self) -> torch.Tensor | None:
+        """The whole gradient buffer for a dense step to write into, if no row holds a gradient yet
+        (the step then owns every row); None when the step must accumulate instead."""
+        if self.has_grad:
             return None
         if self.grad is None:
             self.grad = torch.empty_like(self.weight)
+        self._has_grad.fill_(True)
         return self.grad
 
-    def accumulate_weight_grad(self, rows: torch.Tensor | None, grad: torch.Tensor) -> None:
-        """Add a step's row gradient; rows first touched since `zero_grad` are overwritten, not added."""
+    def accumulate_weight_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add a step's gradient for `rows`; rows first touched since `zero_grad` are overwritten, not added."""
         if self.grad is None:
             self.grad = torch.zeros_like(self.weight)
-        if rows is None:
-            if grad is not self.grad:
-                stale = (~self._has_grad).nonzero().squeeze(1)
-                self.grad.index_fill_(0, stale, 0.0)
-                self.grad.add_(grad)
-            self._has_grad.fill_(True)
-            return
         fresh = ~self._has_grad[rows]
         self.grad.index_copy_(0, rows[fresh], grad[fresh])
         self.grad.index_add_(0, rows[~fresh], grad[~fresh])

@@ -21,6 +21,7 @@ def resolve_data(cfg: TrainConfig) -> None:
     from faceforge.data.sample_data import demo_data_paths
 
     demo = demo_data_paths()
+    print(f"data: {demo.source}", flush=True)
     if cfg.data.root is None:
         cfg.data.root = str(demo.train_root)
     if not (cfg.eval.pairs or cfg.eval.bin or cfg.eval.disabled):
@@ -75,6 +76,8 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
         succeeded = True
     finally:
         finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
+    print(f"checkpoints: {out / 'checkpoints'}")
+    print(f"MLflow UI:   mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   (run {run_id})")
     return metrics
 
 
