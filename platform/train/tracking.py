@@ -71,8 +71,3 @@ class RunTracker:
                 input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "faceforge"],
             )
-
-    @property
-    def ui_hint(self) -> str:
-        store = self.tracking_uri
-        return f"mlflow ui --backend-store-uri {store}  (run {self.run_id})"
