@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from faceforge.train import TrainConfig, from_dict
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -41,3 +43,20 @@ def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pairs") / "pairs.txt"
     path.write_text(f"{folds}\t2\n" + "\n".join(kept) + "\n")
     return path
+
+
+def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: object) -> TrainConfig:
+    values = {
+        "model": {"name": "mobilefacenet", "embedding_dim": 32, "width": 0.25, "input_size": 56, "act": "prelu"},
+        "head": {"type": "margin", "preset": "arcface", "s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0},
+        "data": {"root": str(train_root), "batch_size": 8, "crop_fraction": 0.8, "num_workers": 0},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "trainer": {"nproc": 1, "steps": 4, "checkpoint_every": 2, "log_every": 1, **trainer},
+        "eval": {"pairs": str(pairs), "root": str(SHARED / "lfw"), "crop_fraction": 0.5}
+        if pairs
+        else {"disabled": True},
+        "mlflow": {"tracking_uri": f"sqlite:///{out.parent}/mlflow.db", "experiment": "tests", "log_model": False},
+        "output_dir": str(out),
+    }
+    return from_dict(values)

@@ -17,34 +17,16 @@ from torch import nn
 
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
-from faceforge.train import from_dict
 from faceforge.train.checkpoint import load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
-from faceforge.train.config import ScheduleConfig, TrainConfig
+from faceforge.train.config import ScheduleConfig
 from faceforge.train.launch import launch
 from faceforge.train.loop import forward_backward
 from faceforge.train.schedule import lr_at
 
-from conftest import REPO, SHARED
+from conftest import REPO, tiny_config
 from distributed import run_ranks
 
 PYTHON = sys.executable
-
-
-def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: object) -> TrainConfig:
-    values = {
-        "model": {"name": "mobilefacenet", "embedding_dim": 32, "width": 0.25, "input_size": 56, "act": "prelu"},
-        "head": {"type": "margin", "preset": "arcface", "s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0},
-        "data": {"root": str(train_root), "batch_size": 8, "crop_fraction": 0.8, "num_workers": 0},
-        "optim": {"name": "sgd", "lr": 0.05},
-        "schedule": {"name": "cosine", "warmup_steps": 1},
-        "trainer": {"nproc": 1, "steps": 4, "checkpoint_every": 2, "log_every": 1, **trainer},
-        "eval": {"pairs": str(pairs), "root": str(SHARED / "lfw"), "crop_fraction": 0.5}
-        if pairs
-        else {"disabled": True},
-        "mlflow": {"tracking_uri": f"sqlite:///{out.parent}/mlflow.db", "experiment": "tests", "log_model": False},
-        "output_dir": str(out),
-    }
-    return from_dict(values)
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -128,5 +128,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("faceforge eval: error: give --pairs, --bin or --gallery")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # user mistakes and unreadable or existing paths: one line
         sys.exit(f"faceforge {args.command}: error: {err}")

@@ -61,7 +61,11 @@ class RunTracker:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def model(self, model: nn.Module, input_size: int) -> None:
-        """Log the backbone as an MLflow PyTorch model; a batch-2 example keeps the batch dimension free."""
+        """Log the backbone as an MLflow PyTorch model that loads as a module accepting any batch size.
+
+        MLflow 3 defaults to torch.export's pt2 format, which fixes the batch to the example's; the pickle
+        format keeps the nn.Module (faceforge must be importable where it is loaded).
+        """
         example = np.zeros((2, 3, input_size, input_size), dtype=np.float32)
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=self.run_id):
@@ -69,5 +73,6 @@ class RunTracker:
                 model.eval(),
                 name="model",
                 input_example=example,
+                serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "faceforge"],
             )
