@@ -2,10 +2,11 @@
 
 Each configuration runs in fresh gloo ranks (one thread each), so peak RSS is that configuration's own.
 A step is head forward + backward + optimizer step (SGD, momentum 0.9, weight decay 5e-4) on random
-features that require grad. Run from the repo root:
+features that require grad. Another job on the machine skews the times, so each row also reports how
+many cores other processes kept busy while it was timed. Run from the repo root:
 
-    .venv/bin/python bench/bench_sharded_head.py            # the full table, a few minutes
-    .venv/bin/python bench/bench_sharded_head.py --classes 1e5 --rates 1 --naive-classes
+    .venv/bin/python bench/bench_sharded_head.py                    # the full table, a few minutes
+    .venv/bin/python bench/bench_sharded_head.py --classes 1e6 --naive-classes
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +49,30 @@ class Config:
     steps: int
 
 
-def status_kib(field: str) -> int:
-    """A memory field of /proc/self/status in KiB (VmRSS now, VmHWM peak)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
+@dataclass(frozen=True)
+class RankResult:
+    median_seconds: float
+    peak_bytes: int
+    increment_bytes: int  # peak RSS minus RSS just before the head was built
+    machine_cpu_seconds: float  # every process on the machine, over the timed window
+    own_cpu_seconds: float
+    window_seconds: float
+
+
+def proc_value(path: str, key: str) -> int:
+    """First number after `key:` in a /proc file (kB for memory fields)."""
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+    raise RuntimeError(f"{key} missing from {path}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time spent by every process on the machine since boot (from /proc/stat)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class ReplicatedArcFace(nn.Module):
@@ -71,28 +90,28 @@ class ReplicatedArcFace(nn.Module):
         return F.cross_entropy(cos.index_put((rows, labels), target) * self.margin.scale, labels)
 
 
-def build_step(config: Config):
-    """The head and a closure running one training step on a fresh random batch."""
+def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A closure running one training step of the configured head on a batch."""
     margin = margin_spec("arcface")
     if config.kind == "sharded":
         head = ShardedMarginSoftmax(config.classes, config.dim, margin, sample_rate=config.sample_rate)
         head_optimizer = HeadOptimizer(head, kind="sgd", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-        def step(features: torch.Tensor, labels: torch.Tensor) -> None:
+        def sharded_step(features: torch.Tensor, labels: torch.Tensor) -> None:
             head(features, labels).backward()
             head_optimizer.step(LR)
 
-        return head, step
+        return sharded_step
 
     model = DistributedDataParallel(ReplicatedArcFace(config.classes, config.dim, margin))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-    def step(features: torch.Tensor, labels: torch.Tensor) -> None:
+    def naive_step(features: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=False)
         model(features, labels).backward()
         optimizer.step()
 
-    return model, step
+    return naive_step
 
 
 def run_rank(rank: int, config: Config, port: int, results: mp.SimpleQueue) -> None:
@@ -101,19 +120,27 @@ def run_rank(rank: int, config: Config, port: int, results: mp.SimpleQueue) -> N
     dist.init_process_group("gloo", rank=rank, world_size=config.world_size)
     try:
         torch.manual_seed(rank)
-        rss_before_kib = status_kib("VmRSS")
-        _, step = build_step(config)
+        rss_before_kib = proc_value("/proc/self/status", "VmRSS")
+        step = build_step(config)
         times = []
         for i in range(config.warmup + config.steps):
             features = torch.randn(config.batch, config.dim, requires_grad=True)
             labels = torch.randint(0, config.classes, (config.batch,))
             dist.barrier()
+            if i == config.warmup:
+                window_start, machine_start, own_start = time.perf_counter(), busy_cpu_seconds(), time.process_time()
             start = time.perf_counter()
             step(features, labels)
             if i >= config.warmup:
                 times.append(time.perf_counter() - start)
-        peak_kib = status_kib("VmHWM")
-        results.put((rank, statistics.median(times), peak_kib * 1024, (peak_kib - rss_before_kib) * 1024))
+        dist.barrier()
+        window = time.perf_counter() - window_start
+        machine_cpu, own_cpu = busy_cpu_seconds() - machine_start, time.process_time() - own_start
+        peak_kib = proc_value("/proc/self/status", "VmHWM")
+        increment_kib = peak_kib - rss_before_kib
+        results.put(
+            RankResult(statistics.median(times), peak_kib * 1024, increment_kib * 1024, machine_cpu, own_cpu, window)
+        )
     finally:
         dist.destroy_process_group()
 
@@ -125,16 +152,17 @@ def free_port() -> int:
 
 
 def measure(config: Config) -> dict[str, float]:
-    """Median s/step (slowest rank) and peak / incremental RSS (largest rank) in fresh processes."""
+    """Median s/step (slowest rank), peak and incremental RSS (largest rank), and the cores other jobs
+    kept busy while the steps were timed (the machine's CPU time minus the ranks' own, per second)."""
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(
-        run_rank, args=(config, free_port(), results), nprocs=config.world_size, start_method="spawn"
-    )
-    per_rank = [results.get() for _ in range(config.world_size)]
+    mp.start_processes(run_rank, args=(config, free_port(), results), nprocs=config.world_size, start_method="spawn")
+    ranks: list[RankResult] = [results.get() for _ in range(config.world_size)]
+    others_cpu = max(r.machine_cpu_seconds for r in ranks) - sum(r.own_cpu_seconds for r in ranks)
     return {
-        "seconds": max(r[1] for r in per_rank),
-        "peak_bytes": max(r[2] for r in per_rank),
-        "increment_bytes": max(r[3] for r in per_rank),
+        "seconds": max(r.median_seconds for r in ranks),
+        "peak_bytes": max(r.peak_bytes for r in ranks),
+        "increment_bytes": max(r.increment_bytes for r in ranks),
+        "other_cores": max(0.0, others_cpu) / max(r.window_seconds for r in ranks),
     }
 
 
@@ -145,45 +173,29 @@ def state_bytes(config: Config) -> int:
 
 
 def traffic_bytes(config: Config) -> int:
-    """Collective payload per step, from tensor sizes (the received all-gather buffers, reduced tensors)."""
+    """Collective payload per step and rank, from tensor sizes (gathered buffers, reduced tensors)."""
     global_batch = config.world_size * config.batch
     if config.kind == "naive":
         return config.classes * config.dim * FLOAT_BYTES  # the gradient all-reduce
     gather = global_batch * (config.dim * FLOAT_BYTES + LABEL_BYTES)  # features + labels
-    softmax_reduces = 3 * global_batch * FLOAT_BYTES  # row max, target logit, sum of exponentials
-    feature_grad = global_batch * config.dim * FLOAT_BYTES  # backward of the all-gather
+    softmax_reduces = 3 * global_batch * FLOAT_BYTES  # max logit, target logit, sum of exponentials
+    feature_grad = global_batch * config.dim * FLOAT_BYTES  # the all-gather's backward
     return gather + softmax_reduces + feature_grad
 
 
 def machine_line() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    ram_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    ram_gib = proc_value("/proc/meminfo", "MemTotal") / 2**20
     return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, torch {torch.__version__}, "
-        f"1 thread per rank (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}), "
-        f"load average {os.getloadavg()[0]:.2f} at start"
+        f"{cpu or platform.processor()}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, "
+        f"torch {torch.__version__}, 1 thread per rank (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
     )
-
-
-def available_bytes() -> int:
-    kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    return kib * 1024
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f}"
-
-
-def mb(n: float) -> str:
-    return f"{n / 1e6:.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--classes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--classes", type=float, nargs="*", default=[1e4, 1e5, 1e6])
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--naive-classes", type=float, nargs="*", default=[1e5, 1e6])
     parser.add_argument("--world-size", type=int, default=2)
@@ -197,32 +209,34 @@ def main() -> None:
     print(f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5)")
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")
-    print("        formula = weight + grad + momentum per rank; ratio = increment / formula\n")
-    header = "| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) |"
-    print(header)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup)
-    runs = [("sharded", int(c), r) for c in args.classes for r in args.rates]
-    runs += [("naive", int(c), 1.0) for c in args.naive_classes]
-    naive_increment_per_class = None
-    for kind, classes, rate in runs:
-        config = Config(kind, classes, rate, steps=args.steps, **common)
-        if kind == "naive" and naive_increment_per_class is not None:
-            needed = naive_increment_per_class * classes * args.world_size
-            if needed > 0.75 * available_bytes():
+    print("        formula = weight + grad + momentum per rank; ratio = increment / formula")
+    print("comm: collective payload per step from tensor sizes; other: cores busy with other jobs meanwhile\n")
+    print("| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) | other |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
+    runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
+    runs += [Config("naive", int(c), 1.0, **common) for c in sorted(args.naive_classes)]
+    naive_bytes_per_class = None
+    for config in runs:
+        if config.kind == "naive" and naive_bytes_per_class is not None:
+            needed = naive_bytes_per_class * config.classes * config.world_size
+            available = proc_value("/proc/meminfo", "MemAvailable") * 1024
+            if needed > 0.75 * available:
                 print(
-                    f"| naive | {classes:.0e} | 1 | skipped: needs ~{gb(needed)} GB over {args.world_size}"
-                    f" ranks (scaled from the smaller run), {gb(available_bytes())} GB available | | | | | |"
+                    f"| naive | {config.classes:.0e} | 1 | skipped: needs ~{needed / 1e9:.1f} GB on "
+                    f"{config.world_size} ranks (scaled from the smaller run), {available / 1e9:.1f} GB free |"
+                    " | | | | | |"
                 )
                 continue
         result = measure(config)
-        if kind == "naive":
-            naive_increment_per_class = result["increment_bytes"] / classes
+        if config.kind == "naive":
+            naive_bytes_per_class = result["increment_bytes"] / config.classes
         formula = state_bytes(config)
         print(
-            f"| {kind} | {classes:.0e} | {rate:g} | {result['seconds']:.3f} | {gb(result['peak_bytes'])} | "
-            f"{gb(result['increment_bytes'])} | {gb(formula)} | {result['increment_bytes'] / formula:.2f} | "
-            f"{mb(traffic_bytes(config))} |",
+            f"| {config.kind} | {config.classes:.0e} | {config.sample_rate:g} | {result['seconds']:.3f} | "
+            f"{result['peak_bytes'] / 1e9:.2f} | {result['increment_bytes'] / 1e9:.2f} | {formula / 1e9:.2f} | "
+            f"{result['increment_bytes'] / formula:.2f} | {traffic_bytes(config) / 1e6:.2f} | "
+            f"{result['other_cores']:.2f} |",
             flush=True,
         )
 

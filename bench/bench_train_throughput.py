@@ -193,6 +193,7 @@ def measure(run: Run) -> dict[str, float]:
     return {
         "img_s": run.world_size * run.batch * run.steps / wall,
         "median_step": max(r["median_step"] for r in per_rank),
+        "cpu_step": statistics.mean(r["own_cpu"] for r in per_rank) / run.steps,
         "other": other_cores,
     }
 
@@ -242,8 +243,11 @@ def other_cell(result: dict[str, float]) -> str:
 
 
 def scaling_table(args: argparse.Namespace, base: Run) -> None:
-    print("| backbone | params (M) | 1 rank img/s | 2 ranks img/s | per rank | efficiency | s/step 1r / 2r | other |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| backbone | params (M) | 1 rank img/s | 2 ranks img/s | per rank | efficiency | s/step 1r / 2r "
+        "| CPU s/step/rank 1r / 2r | other |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
         warmup, steps = DEFAULT_STEPS.get(name, FAST_STEPS)
         run = replace(base, model=name, warmup=args.warmup or warmup, steps=args.steps or steps)
@@ -256,6 +260,7 @@ def scaling_table(args: argparse.Namespace, base: Run) -> None:
             f"{two['img_s'] / 2:.1f}" if two else "",
             f"{two['img_s'] / (2 * one['img_s']):.0%}" if one and two else "",
             " / ".join(f"{r['median_step']:.2f}" for r in results.values()),
+            " / ".join(f"{r['cpu_step']:.2f}" for r in results.values()),
             " / ".join(other_cell(r) for r in results.values()),
         ]
         print(f"| {name} | {params:.2f} | " + " | ".join(cells) + " |", flush=True)
@@ -267,19 +272,19 @@ def loader_table(args: argparse.Namespace, base: Run) -> None:
     warmup, steps = FAST_STEPS
     run = replace(base, model=args.loader_model, world_size=2, warmup=args.warmup or warmup, steps=args.steps or steps)
     print(f"\n{args.loader_model}, 2 ranks: in-memory tensors against DataLoader({args.data_root}, TrainTransform)")
-    print("| data | img/s | per rank | vs in-memory | s/step | other |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| data | img/s | per rank | vs in-memory | s/step | CPU s/step/rank | other |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     memory = measure_quietly(run, args)
     print(
         f"| in-memory | {memory['img_s']:.1f} | {memory['img_s'] / 2:.1f} | 100% | {memory['median_step']:.2f} | "
-        f"{other_cell(memory)} |",
+        f"{memory['cpu_step']:.2f} | {other_cell(memory)} |",
         flush=True,
     )
     for workers in args.loader:
         r = measure_quietly(replace(run, loader_workers=workers, data_root=args.data_root), args)
         print(
             f"| loader, num_workers={workers} | {r['img_s']:.1f} | {r['img_s'] / 2:.1f} | "
-            f"{r['img_s'] / memory['img_s']:.0%} | {r['median_step']:.2f} | {other_cell(r)} |",
+            f"{r['img_s'] / memory['img_s']:.0%} | {r['median_step']:.2f} | {r['cpu_step']:.2f} | {other_cell(r)} |",
             flush=True,
         )
 
@@ -326,7 +331,8 @@ def main() -> None:
     )
     print("step = forward + backward + backbone SGD + head step; img/s over the timed steps after warm-up;")
     print("images are in-memory random tensors (no data loading) unless marked loader; other = cores used by")
-    print("other jobs during the timed window\n")
+    print("other jobs during the timed window; CPU s/step/rank = the rank's CPU time (all threads, loader workers")
+    print("included) per step, which other jobs barely change\n")
     start = time.perf_counter()
     if args.models:
         scaling_table(args, base)

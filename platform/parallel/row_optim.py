@@ -49,9 +49,9 @@ class HeadOptimizer:
             # Gather, update and write back a block of rows at a time so the copies stay small.
             for block in row_blocks(len(rows)):
                 block_rows = rows[block]
-                weight = head.weight[block_rows]
-                state = {name: tensor[block_rows] for name, tensor in self.state.items()}
-                self._update(weight, head.grad[block_rows], state, lr)
+                weight = head.weight.index_select(0, block_rows)
+                state = {name: tensor.index_select(0, block_rows) for name, tensor in self.state.items()}
+                self._update(weight, head.grad.index_select(0, block_rows), state, lr)
                 head.weight.index_copy_(0, block_rows, weight)
                 for name, tensor in state.items():
                     self.state[name].index_copy_(0, block_rows, tensor)

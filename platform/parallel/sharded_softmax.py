@@ -15,8 +15,8 @@ One batch through it:
 2. Partial FC keeps every positive class of the shard and a random share of the others, so a step
    touches about r·C/W rows.
 3. The cross-entropy is distributed: each sample's max logit is all-reduced with MAX, then the sum of
-   exponentials and the target logit with SUM. The shard's logit buffer is turned into softmax
-   probabilities in place, becomes the gradient buffer in backward, and is reused by the next step.
+   exponentials and the target logit with SUM. The shard's logit buffer is turned into exponentials in
+   place, becomes the gradient buffer in backward, and is reused by the next step.
 4. Backward returns the feature gradient (summed over shards by the all-gather's backward) and writes
    the gradient of the sampled rows straight into the head's gradient buffer.
 
@@ -38,11 +38,12 @@ from faceforge.heads.margins import MarginSpec
 from faceforge.parallel.dist import all_gather_tensor, all_reduce_max, all_reduce_sum, rank, world_size
 
 _NORM_EPS = 1e-12
-# Rows per block: a block of weight (16 MB at D = 512) and its logits stay in cache between their uses.
-_BLOCK_ROWS = 4
+# Rows per block: a block of weight (4 MB at D = 512) and its logits stay in cache between their uses.
+_BLOCK_ROWS = 2048
 
 
 def row_blocks(num_rows: int) -> list[slice]:
+    """Consecutive slices of at most _BLOCK_ROWS rows covering [0, num_rows)."""
     return [slice(start, min(start + _BLOCK_ROWS, num_rows)) for start in range(0, num_rows, _BLOCK_ROWS)]
 
 
@@ -118,12 +119,11 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         target_logit = torch.zeros_like(sample_max)
         target_logit[target_samples] = logits[target_classes, target_samples]
         all_reduce_sum(target_logit, group)
-        probs = logits.exp_()
-        sum_exp = all_reduce_sum(probs.sum(dim=0), group)
-        probs.div_(sum_exp)
+        exps = logits.exp_()
+        sum_exp = all_reduce_sum(exps.sum(dim=0), group)
 
         ctx.head, ctx.rows = head, rows
-        ctx.save_for_backward(probs, inputs, target_classes, target_samples, cos_target)
+        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target)
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
@@ -131,11 +131,12 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        probs, inputs, target_classes, target_samples, cos_target = ctx.saved_tensors
-        # d loss / d logit = softmax − one-hot; then through the scale and, for targets, through ψ.
-        grad = probs
-        grad[target_classes, target_samples] -= 1.0
-        grad.mul_(grad_loss * margin.scale / grad.shape[1])
+        exps, sum_exp, inputs, target_classes, target_samples, cos_target = ctx.saved_tensors
+        # d loss / d logit = softmax − one-hot = (exp − S·one-hot) / S for a sample's sum of exponentials S;
+        # then through the scale and, for targets, through ψ. Per-sample factors wait for the block loop.
+        grad = exps
+        grad[target_classes, target_samples] -= sum_exp[target_samples]
+        sample_scale = grad_loss * margin.scale / (len(sum_exp) * sum_exp)
         if not margin.is_identity and len(target_samples):
             with torch.enable_grad():
                 cos = cos_target.detach().requires_grad_()
@@ -145,7 +146,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         grad_inputs = torch.zeros_like(inputs)
         dense_grad = head.claim_dense_grad() if rows is None else None
         for block in row_blocks(len(grad)):
-            weight, block_grad = head.weight_block(rows, block), grad[block]
+            weight = head.weight_block(rows, block)
+            block_grad = grad[block].mul_(sample_scale)
             if inv_weight_norm is not None:
                 # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
                 block_grad.mul_(inv_weight_norm[block, None])
@@ -215,7 +217,7 @@ class ShardedMarginSoftmax(nn.Module):
         return _ShardedMarginCrossEntropy.apply(all_features, self, rows, targets)
 
     def _sample(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The rows this step uses (None = all) and each sample's target column among them (−1: elsewhere)."""
+        """The rows this step uses (None = all) and each sample's target as an index into them (−1: elsewhere)."""
         local = labels - self.class_start
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sample_rate >= 1.0:
@@ -266,9 +268,8 @@ class ShardedMarginSoftmax(nn.Module):
         """Add a step's gradient for `rows`; rows first touched since `zero_grad` are overwritten, not added."""
         if self.grad is None:
             self.grad = torch.zeros_like(self.weight)
-        fresh = ~self._has_grad[rows]
-        self.grad.index_copy_(0, rows[fresh], grad[fresh])
-        self.grad.index_add_(0, rows[~fresh], grad[~fresh])
+        self.grad.index_fill_(0, rows[~self._has_grad[rows]], 0.0)
+        self.grad.index_add_(0, rows, grad)
         self._has_grad[rows] = True
 
     def grad_rows(self) -> torch.Tensor | None:
