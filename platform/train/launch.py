@@ -20,7 +20,10 @@ def resolve_data(cfg: TrainConfig) -> None:
         return
     from faceforge.data.sample_data import demo_data_paths
 
-    demo = demo_data_paths()
+    try:
+        demo = demo_data_paths()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     print(f"data: {demo.source}", flush=True)
     if cfg.data.root is None:
         cfg.data.root = str(demo.train_root)
