@@ -38,11 +38,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from faceforge import models
-from faceforge.data import DistributedBatchSampler, TrainTransform, open_dataset
+from faceforge.data import DistributedBatchSampler, open_dataset
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, init_distributed, shutdown_distributed
 from faceforge.train.config import TrainConfig
-from faceforge.train.loop import build_optimizer, forward_backward
+from faceforge.train.loop import build_optimizer, forward_backward, train_transform
 
 CELEBA_IDS = Path("/work/shared/data/celeba_ids")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -126,17 +126,7 @@ def time_steps(run: Run, rank: int, world_size: int) -> dict[str, float]:
         classes = run.classes
         batches = (pool[i % len(pool)] for i in range(run.warmup + run.steps))
     else:
-        aug = cfg.data.augment
-        transform = TrainTransform(
-            112,
-            crop_fraction=cfg.data.crop_fraction,
-            flip=aug.flip,
-            lowres_prob=aug.lowres_prob,
-            lowres_min=aug.lowres_min,
-            jitter=aug.jitter,
-            grey_prob=aug.grey_prob,
-        )
-        dataset = open_dataset(run.data_root, transform)
+        dataset = open_dataset(run.data_root, train_transform(cfg))
         classes = dataset.num_classes
         sampler = DistributedBatchSampler(len(dataset), run.batch, world_size, rank, cfg.seed)
         workers = run.loader_workers

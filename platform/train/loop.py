@@ -57,6 +57,19 @@ class _StopSignal:
         return bool(all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0)
 
 
+def train_transform(cfg: TrainConfig) -> TrainTransform:
+    aug = cfg.data.augment
+    return TrainTransform(
+        cfg.model.input_size,
+        crop_fraction=cfg.data.crop_fraction,
+        flip=aug.flip,
+        lowres_prob=aug.lowres_prob,
+        lowres_min=aug.lowres_min,
+        jitter=aug.jitter,
+        grey_prob=aug.grey_prob,
+    )
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -134,17 +147,7 @@ def train(cfg: TrainConfig, run_id: str | None = None) -> dict[str, float]:
 def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    aug = cfg.data.augment
-    transform = TrainTransform(
-        cfg.model.input_size,
-        crop_fraction=cfg.data.crop_fraction,
-        flip=aug.flip,
-        lowres_prob=aug.lowres_prob,
-        lowres_min=aug.lowres_min,
-        jitter=aug.jitter,
-        grey_prob=aug.grey_prob,
-    )
-    dataset = open_dataset(cfg.data.root, transform)
+    dataset = open_dataset(cfg.data.root, train_transform(cfg))
     model = models.create(**asdict(cfg.model)).to(ctx.device)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
