@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -106,6 +106,9 @@ class MlflowConfig:
     experiment: str = "faceforge"
     run_name: str | None = None
     log_model: bool = True
+    # Set by the job queue: tags that tie the run to its job and sweep (faceforge.job_id, faceforge.sweep_id).
+    job_id: str | None = None
+    sweep_id: str | None = None
 
 
 @dataclass
@@ -145,11 +148,28 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
+    hints = get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         nested = _NESTED.get((cls, name))
-        kwargs[name] = _build(nested, value or {}, f"{where}{name}.") if nested else value
+        if nested:
+            kwargs[name] = _build(nested, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _checked(value, hints[name], f"{where}{name}")
     return cls(**kwargs)
+
+
+def _checked(value: Any, hint: Any, key: str) -> Any:
+    """Refuse a value of the wrong scalar type (`optim.lr=abc`) with one line; ints pass for floats."""
+    allowed = [t for t in get_args(hint) or (hint,) if t in (bool, int, float, str, type(None))]
+    if not allowed or any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a path or name that YAML read as a number
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
 _NESTED = {

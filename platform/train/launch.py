@@ -61,7 +61,8 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
     if cfg.trainer.resume and run_id_file.exists():
         run_id = run_id_file.read_text().strip()
     else:
-        run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict())
+        tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
+        run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags)
         run_id_file.write_text(run_id)
     config_path = out / "config.yaml"
     cfg.save(config_path)

@@ -36,7 +36,7 @@ from faceforge.parallel import (
     init_distributed,
     shutdown_distributed,
 )
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
 from faceforge.train.tracking import RunTracker
@@ -181,7 +181,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
 
     checkpoints = out / "checkpoints"
     start_step = 0
-    if cfg.trainer.resume:
+    # "auto" resumes from this run's own checkpoints when there are any, which makes reruns idempotent.
+    auto_fresh = cfg.trainer.resume == "auto" and not (checkpoints / LATEST).is_file()
+    if cfg.trainer.resume and not auto_fresh:
         resume_from = checkpoints if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume)
         start_step = load_checkpoint(
             resume_from, model=model, optimizer=optimizer, head=head, head_optimizer=head_optimizer

@@ -26,7 +26,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def create_run(tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, Any]) -> str:
+def create_run(
+    tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str]
+) -> str:
     """Create the database, experiment and run from one process, before any rank writes to it.
 
     A fresh SQLite database migrated by several processes at once breaks MLflow, hence this single
@@ -36,7 +38,7 @@ def create_run(tracking_uri: str, experiment: str, run_name: str | None, params:
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id

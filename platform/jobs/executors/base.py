@@ -1,0 +1,37 @@
+"""What the scheduler needs from an executor: capacity, idempotent start, status, stop and logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from faceforge.jobs.store import Job
+
+
+@dataclass(frozen=True)
+class Status:
+    """An executor's view of a job: still running, or finished with a terminal state and exit code."""
+
+    state: str  # running, succeeded, failed, cancelled or lost (store constants)
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class Executor(Protocol):
+    name: str
+
+    def capacity(self) -> int:
+        """Slots this executor can run at once (cores here, cluster CPUs or GPUs for Ray)."""
+
+    def start(self, job: Job, job_dir: Path) -> str:
+        """Start the job, or find it already started under its id; returns the handle to store."""
+
+    def status(self, job: Job) -> Status:
+        """Where the job stands, from its stored handle."""
+
+    def stop(self, job: Job) -> None:
+        """Ask the job to stop (SIGTERM or its equivalent), then force it after a grace period."""
+
+    def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
+        """Log text from byte `offset` on, and the offset to continue from."""

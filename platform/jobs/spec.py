@@ -1,0 +1,108 @@
+"""From Hydra overrides to validated jobs: sweep expansion, config composition, the trainer's command line.
+
+Every submission path (CLI, web form, Hydra launcher) goes through `make_jobs`, so a bad override is
+refused with one clear line before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from faceforge.jobs.store import Job, new_id
+from faceforge.train.app import CONFIG_DIR
+from faceforge.train.config import ConfigError, TrainConfig, from_dict
+
+# Set per job by the executor, never by the user: the job's own directory and identity.
+RESERVED_KEYS = ("output_dir", "hydra.run.dir", "mlflow.job_id", "mlflow.sweep_id", "trainer.resume")
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's sweep grammar (`optim.lr=0.1,0.05`, `range(...)`, `choice(...)`) as the cartesian product."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"bad override: {err}") from None
+    axes = []
+    for override in parsed:
+        if override.key_or_group in RESERVED_KEYS or override.key_or_group.startswith("hydra."):
+            raise ConfigError(f"{override.key_or_group} is set by the queue for each job; leave it out")
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([override.input_line])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def compose_config(overrides: list[str], output_dir: str = "runs/train") -> TrainConfig:
+    """The resolved, validated config of one point; raises ConfigError with one line."""
+    try:
+        point = [*overrides, f"output_dir={output_dir}"]
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app, e.g. the queue launcher
+            config = compose("train", overrides=point)
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                config = compose("train", overrides=point)
+        values = OmegaConf.to_container(config, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    assert isinstance(values, dict)
+    return from_dict(values)
+
+
+def make_jobs(
+    overrides: list[str],
+    *,
+    name: str | None = None,
+    priority: int = 0,
+    slots: int | None = None,
+    executor: str = "local",
+    sweep_id: str | None = None,
+) -> list[Job]:
+    """One job per sweep point; more than one point share a sweep id. `slots` defaults to trainer.nproc."""
+    points = expand_sweep(overrides)
+    if len(points) > 1 and sweep_id is None:
+        sweep_id = new_id("sweep")
+    jobs = []
+    for index, point in enumerate(points):
+        cfg = compose_config(point)
+        job_slots = slots if slots is not None else cfg.trainer.nproc
+        if job_slots < cfg.trainer.nproc:
+            raise ConfigError(f"trainer.nproc={cfg.trainer.nproc} needs at least as many slots, got {job_slots}")
+        base = name or f"{cfg.model.name}-{cfg.head.preset if cfg.head.type == 'margin' else cfg.head.type}"
+        jobs.append(
+            Job(
+                id=new_id(),
+                name=f"{base}-{index}" if len(points) > 1 else base,
+                overrides=point,
+                config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                sweep_id=sweep_id,
+                priority=priority,
+                slots=job_slots,
+                executor=executor,
+            )
+        )
+    return jobs
+
+
+def train_command(job: Job, job_dir: Path) -> list[str]:
+    """The trainer's command line for a job; rerunning it in the same directory resumes, never duplicates."""
+    identity = [
+        f"output_dir={job_dir}",
+        f"hydra.run.dir={job_dir}",
+        f"mlflow.job_id={job.id}",
+        "trainer.resume=auto",
+    ]
+    if job.sweep_id:
+        identity.append(f"mlflow.sweep_id={job.sweep_id}")
+    return [sys.executable, "-m", "faceforge.train", *job.overrides, *identity]

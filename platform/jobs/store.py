@@ -1,0 +1,304 @@
+"""The job queue's source of truth: one SQLite file (WAL), safe for many processes, with no server.
+
+Claiming is one leased UPDATE inside an IMMEDIATE transaction, so two schedulers never take the same
+job, and the slots of running jobs never exceed an executor's capacity. A scheduler renews its lease by
+heartbeat; when it dies the lease expires and another scheduler reclaims the job. Delivery is therefore at
+least once: executors start a job idempotently, keyed by its id.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST = "queued", "running", "succeeded", "failed", "cancelled", "lost"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, LOST)
+EXECUTORS = ("local", "ray")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    overrides TEXT NOT NULL,
+    config_yaml TEXT NOT NULL,
+    sweep_id TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    slots INTEGER NOT NULL DEFAULT 1,
+    nodes INTEGER NOT NULL DEFAULT 1,
+    executor TEXT NOT NULL DEFAULT 'local',
+    state TEXT NOT NULL DEFAULT 'queued',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    cancelled_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 3,
+    lease_owner TEXT,
+    lease_expires REAL,
+    handle TEXT,
+    mlflow_run_id TEXT,
+    exit_code INTEGER,
+    log_path TEXT,
+    error TEXT,
+    metrics TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, executor, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_sweep ON jobs (sweep_id);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    overrides: list[str]
+    config_yaml: str
+    sweep_id: str | None = None
+    priority: int = 0
+    slots: int = 1
+    nodes: int = 1
+    executor: str = "local"
+    state: str = QUEUED
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancelled_at: float | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    max_attempts: int = 3
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    handle: str | None = None
+    mlflow_run_id: str | None = None
+    exit_code: int | None = None
+    log_path: str | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+_COLUMNS = [f.name for f in fields(Job)]
+
+
+def new_id(prefix: str = "job") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    values = dict(row)
+    values["overrides"] = json.loads(values["overrides"])
+    values["metrics"] = json.loads(values["metrics"] or "{}")
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return Job(**values)
+
+
+class JobStore:
+    """All reads and writes of the jobs table. Every method opens its own short transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+
+    @contextmanager
+    def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def submit(self, jobs: Iterable[Job]) -> list[Job]:
+        """Enqueue jobs in one transaction (a sweep is all or nothing)."""
+        now = time.time()
+        submitted = []
+        with self._connect(immediate=True) as db:
+            for job in jobs:
+                if job.executor not in EXECUTORS:
+                    raise ValueError(f"unknown executor {job.executor!r}; choose from {', '.join(EXECUTORS)}")
+                if job.slots < 1 or job.nodes < 1:
+                    raise ValueError(f"a job needs at least 1 slot and 1 node, got {job.slots} and {job.nodes}")
+                job.state, job.created_at = QUEUED, now
+                values = {key: getattr(job, key) for key in _COLUMNS if key not in ("seq", "overrides", "metrics")}
+                values |= {"overrides": json.dumps(job.overrides), "metrics": json.dumps(job.metrics)}
+                cursor = db.execute(
+                    f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                    list(values.values()),
+                )
+                job.seq = cursor.lastrowid or 0
+                submitted.append(job)
+        return submitted
+
+    def get(self, job_id: str) -> Job:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id!r}")
+        return _row_to_job(row)
+
+    def list(self, states: Iterable[str] | None = None, sweep_id: str | None = None, limit: int = 1000) -> list[Job]:
+        """Newest first."""
+        where, args = [], []
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += states
+        if sweep_id is not None:
+            where.append("sweep_id = ?")
+            args.append(sweep_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._connect() as db:
+            rows = db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", [*args, limit]).fetchall()
+        return [_row_to_job(row) for row in rows]
+
+    def positions(self) -> dict[str, int]:
+        """Queue position (1 = next) of every queued job, per executor: priority first, then FIFO."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, ROW_NUMBER() OVER (PARTITION BY executor ORDER BY priority DESC, seq) AS position "
+                "FROM jobs WHERE state = ?",
+                (QUEUED,),
+            ).fetchall()
+        return {row["id"]: row["position"] for row in rows}
+
+    def used_slots(self, executor: str) -> int:
+        with self._connect() as db:
+            return _used_slots(db, executor)
+
+    def claim(self, executor: str, owner: str, capacity: int, lease_seconds: float) -> Job | None:
+        """Lease the next queued job of `executor` if its slots fit in what `capacity` leaves free.
+
+        Strict priority/FIFO order: when the head of the queue does not fit, nothing behind it jumps ahead,
+        so a large job is never starved by a stream of small ones.
+        """
+        now = time.time()
+        with self._connect(immediate=True) as db:
+            head = db.execute(
+                "SELECT id, slots FROM jobs WHERE state = ? AND executor = ? ORDER BY priority DESC, seq LIMIT 1",
+                (QUEUED, executor),
+            ).fetchone()
+            if head is None or _used_slots(db, executor) + head["slots"] > capacity:
+                return None
+            row = db.execute(
+                "UPDATE jobs SET state = ?, lease_owner = ?, lease_expires = ?, started_at = ?, "
+                "attempts = attempts + 1 WHERE id = ? AND state = ? RETURNING *",
+                (RUNNING, owner, now + lease_seconds, now, head["id"], QUEUED),
+            ).fetchone()
+        return _row_to_job(row)
+
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Renew the lease; False when this owner lost it (expired and reclaimed, or the job ended)."""
+        with self._connect(immediate=True) as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ? AND state = ?",
+                (time.time() + lease_seconds, job_id, owner, RUNNING),
+            )
+        return cursor.rowcount == 1
+
+    def adopt_expired(self, executor: str, owner: str, lease_seconds: float) -> list[Job]:
+        """Take over running jobs whose scheduler stopped renewing their lease.
+
+        The job may still be running under its executor, so the new owner must look at its handle before
+        starting it again; that check is what keeps at-least-once delivery from becoming double runs.
+        """
+        now = time.time()
+        with self._connect(immediate=True) as db:
+            rows = db.execute(
+                "UPDATE jobs SET lease_owner = ?, lease_expires = ? "
+                "WHERE state = ? AND executor = ? AND lease_expires < ? RETURNING *",
+                (owner, now + lease_seconds, RUNNING, executor, now),
+            ).fetchall()
+        return [_row_to_job(row) for row in rows]
+
+    def update(self, job_id: str, owner: str | None = None, **values: object) -> bool:
+        """Set columns of a job; with `owner`, only while that owner holds the lease."""
+        unknown = set(values) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
+        encoded = {
+            key: json.dumps(value) if key in ("overrides", "metrics") else value for key, value in values.items()
+        }
+        assignments = ", ".join(f"{key} = ?" for key in encoded)
+        condition, args = "id = ?", [job_id]
+        if owner is not None:
+            condition += " AND lease_owner = ?"
+            args.append(owner)
+        with self._connect(immediate=True) as db:
+            cursor = db.execute(f"UPDATE jobs SET {assignments} WHERE {condition}", [*encoded.values(), *args])
+        return cursor.rowcount == 1
+
+    def requeue(self, job_id: str, owner: str, error: str) -> Job:
+        """Put a job whose run was lost back in the queue, or mark it lost after max_attempts."""
+        with self._connect(immediate=True) as db:
+            row = db.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts < max_attempts THEN ? ELSE ? END, "
+                "finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ? END, "
+                "lease_owner = NULL, lease_expires = NULL, handle = NULL, error = ? "
+                "WHERE id = ? AND lease_owner = ? RETURNING *",
+                (QUEUED, LOST, time.time(), error, job_id, owner),
+            ).fetchone()
+        if row is None:
+            raise KeyError(f"job {job_id!r} is not leased by {owner}")
+        return _row_to_job(row)
+
+    def finish(
+        self, job_id: str, owner: str, state: str, exit_code: int | None = None, error: str | None = None
+    ) -> bool:
+        if state not in TERMINAL:
+            raise ValueError(f"{state!r} is not a terminal state")
+        now = time.time()
+        with self._connect(immediate=True) as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, exit_code = ?, error = ?, finished_at = ?, "
+                "cancelled_at = CASE WHEN ? = 'cancelled' THEN ? ELSE cancelled_at END, "
+                "lease_owner = NULL, lease_expires = NULL WHERE id = ? AND lease_owner = ? AND state = ?",
+                (state, exit_code, error, now, state, now, job_id, owner, RUNNING),
+            )
+        return cursor.rowcount == 1
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once; ask the owning scheduler to stop a running one."""
+        now = time.time()
+        with self._connect(immediate=True) as db:
+            row = db.execute(
+                "UPDATE jobs SET cancel_requested = 1, "
+                "state = CASE WHEN state = ? THEN ? ELSE state END, "
+                "cancelled_at = CASE WHEN state = ? THEN ? ELSE cancelled_at END, "
+                "finished_at = CASE WHEN state = ? THEN ? ELSE finished_at END "
+                "WHERE id = ? RETURNING *",
+                (QUEUED, CANCELLED, QUEUED, now, QUEUED, now, job_id),
+            ).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id!r}")
+        return _row_to_job(row)
+
+
+def _used_slots(db: sqlite3.Connection, executor: str) -> int:
+    row = db.execute("SELECT COALESCE(SUM(slots), 0) FROM jobs WHERE state = ? AND executor = ?", (RUNNING, executor))
+    return int(row.fetchone()[0])
