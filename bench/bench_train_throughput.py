@@ -22,10 +22,12 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inherited) in every rank
 
 import argparse
+import itertools
 import platform
 import socket
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,8 +62,11 @@ class Run:
     steps: int
     classes: int
     threads: int = 1
-    loader_workers: int | None = None  # None: in-memory tensors
+    act: str = "prelu"
+    images: str = "random"  # random tensors or real decoded+augmented images, both in memory, or "loader"
+    loader_workers: int = 0
     data_root: str = str(CELEBA_IDS)
+    independent: bool = False  # world_size concurrent single-rank trainers: no DDP, no communication
     channels_last: bool = False
     bucket_cap_mb: float | None = None
     grad_as_bucket_view: bool = False
@@ -87,24 +92,39 @@ def own_cpu_seconds() -> float:
     return total
 
 
-def in_memory_batches(run: Run, rank: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(rank)
-    return [
-        (
-            torch.rand(run.batch, 3, 112, 112, generator=generator) * 2 - 1,
-            torch.randint(0, run.classes, (run.batch,), generator=generator),
-        )
-        for _ in range(count)
-    ]
+def batch_source(
+    run: Run, cfg: TrainConfig, rank: int, world_size: int, pool_size: int = 4
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Batches (cycled from a pool of `pool_size` unless loading is measured) and the class count."""
+    if run.images == "random":
+        generator = torch.Generator().manual_seed(rank)
+        pool = [
+            (
+                torch.rand(run.batch, 3, 112, 112, generator=generator) * 2 - 1,
+                torch.randint(0, run.classes, (run.batch,), generator=generator),
+            )
+            for _ in range(pool_size)
+        ]
+        return itertools.cycle(pool), run.classes
+    dataset = open_dataset(run.data_root, train_transform(cfg))
+    sampler = DistributedBatchSampler(len(dataset), run.batch, world_size, rank, cfg.seed)
+    workers = run.loader_workers if run.images == "loader" else 0
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0))
+    if run.images == "loader":
+        return loader, dataset.num_classes
+    return itertools.cycle([next(loader) for _ in range(pool_size)]), dataset.num_classes
 
 
 def run_rank(rank: int, run: Run, port: int, results: mp.SimpleQueue) -> None:
-    env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=run.world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    if run.independent:
+        env = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1)
+    else:
+        env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=run.world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({key: str(value) for key, value in env.items()})
     torch.set_num_threads(run.threads)
     ctx = init_distributed("cpu")
     try:
-        results.put(time_steps(run, ctx.rank, ctx.world_size))
+        results.put(time_steps(run, rank, ctx.world_size))
     finally:
         shutdown_distributed()
 
@@ -113,7 +133,9 @@ def time_steps(run: Run, rank: int, world_size: int) -> dict[str, float]:
     cfg = TrainConfig()
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-    model = models.create(run.model, embedding_dim=512, width=1.0, input_size=112).to(memory_format=memory_format)
+    model = models.create(run.model, embedding_dim=512, width=1.0, input_size=112, act=run.act).to(
+        memory_format=memory_format
+    )
     net: nn.Module = model
     if world_size > 1:
         ddp_options = {"bucket_cap_mb": run.bucket_cap_mb} if run.bucket_cap_mb else {}
@@ -121,17 +143,7 @@ def time_steps(run: Run, rank: int, world_size: int) -> dict[str, float]:
     optimizer = build_optimizer(list(model.parameters()), cfg)
     h = cfg.head
 
-    if run.loader_workers is None:
-        pool = in_memory_batches(run, rank)
-        classes = run.classes
-        batches = (pool[i % len(pool)] for i in range(run.warmup + run.steps))
-    else:
-        dataset = open_dataset(run.data_root, train_transform(cfg))
-        classes = dataset.num_classes
-        sampler = DistributedBatchSampler(len(dataset), run.batch, world_size, rank, cfg.seed)
-        workers = run.loader_workers
-        batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0))
-
+    batches, classes = batch_source(run, cfg, rank, world_size)
     margin = margin_spec(h.preset, s=h.s, m1=h.m1, m2=h.m2, m3=h.m3)
     head = ShardedMarginSoftmax(classes, 512, margin, h.sample_rate, seed=cfg.seed)
     o = cfg.optim
@@ -257,24 +269,33 @@ def scaling_table(args: argparse.Namespace, base: Run) -> None:
 
 
 def loader_table(args: argparse.Namespace, base: Run) -> None:
+    """Loader overhead: the same real images once kept in memory, once decoded and augmented every step."""
     if not Path(args.data_root).is_dir():
         raise FileNotFoundError(f"{args.data_root}: identity-folder tree for --loader not found")
     warmup, steps = FAST_STEPS
-    run = replace(base, model=args.loader_model, world_size=2, warmup=args.warmup or warmup, steps=args.steps or steps)
-    print(f"\n{args.loader_model}, 2 ranks: in-memory tensors against DataLoader({args.data_root}, TrainTransform)")
-    print("| data | img/s | per rank | vs in-memory | s/step | CPU s/step/rank | other |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    memory = measure_quietly(run, args)
-    print(
-        f"| in-memory | {memory['img_s']:.1f} | {memory['img_s'] / 2:.1f} | 100% | {memory['median_step']:.2f} | "
-        f"{memory['cpu_step']:.2f} | {other_cell(memory)} |",
-        flush=True,
+    run = replace(
+        base,
+        model=args.loader_model,
+        world_size=2,
+        independent=False,
+        data_root=args.data_root,
+        warmup=args.warmup or warmup,
+        steps=args.steps or steps,
     )
-    for workers in args.loader:
-        r = measure_quietly(replace(run, loader_workers=workers, data_root=args.data_root), args)
+    print(f"\n{args.loader_model}, 2 ranks: in-memory batches against DataLoader({args.data_root}, TrainTransform)")
+    print("| data | img/s | per rank | vs in-memory real | s/step | CPU s/step/rank | other |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = [("in-memory random tensors", replace(run, images="random"))]
+    rows += [("in-memory real images", replace(run, images="real"))]
+    rows += [(f"loader, num_workers={w}", replace(run, images="loader", loader_workers=w)) for w in args.loader]
+    baseline = None
+    for label, row_run in rows:
+        r = measure_quietly(row_run, args)
+        baseline = r["img_s"] if row_run.images == "real" else baseline
+        relative = f"{r['img_s'] / baseline:.0%}" if baseline else ""
         print(
-            f"| loader, num_workers={workers} | {r['img_s']:.1f} | {r['img_s'] / 2:.1f} | "
-            f"{r['img_s'] / memory['img_s']:.0%} | {r['median_step']:.2f} | {r['cpu_step']:.2f} | {other_cell(r)} |",
+            f"| {label} | {r['img_s']:.1f} | {r['img_s'] / 2:.1f} | {relative} | {r['median_step']:.2f} | "
+            f"{r['cpu_step']:.2f} | {other_cell(r)} |",
             flush=True,
         )
 
@@ -288,6 +309,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps; 0: per-model default")
     parser.add_argument("--classes", type=int, default=299, help="synthetic labels (celeba_ids has 299 identities)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--act", choices=["prelu", "relu"], default="prelu", help="backbone activation")
+    parser.add_argument("--images", choices=["random", "real"], default="random", help="in-memory batches")
+    parser.add_argument(
+        "--independent", action="store_true", help="2 ranks = 2 concurrent single-rank trainers (no DDP)"
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size (torch default 25)")
     parser.add_argument("--grad-as-bucket-view", action="store_true")
@@ -309,18 +335,24 @@ def main() -> None:
         steps=0,
         classes=args.classes,
         threads=args.threads,
+        act=args.act,
+        images=args.images,
+        independent=args.independent,
+        data_root=args.data_root,
         channels_last=args.channels_last,
         bucket_cap_mb=args.bucket_cap_mb,
         grad_as_bucket_view=args.grad_as_bucket_view,
     )
     print(f"machine: {machine_line()}")
+    classes = f"{args.classes} random labels" if args.images == "random" else "the identities of --data-root"
     print(
-        f"112 px, width 1, embedding 512, ArcFace over {args.classes} classes, batch {args.batch}/rank, gloo, "
+        f"112 px, width 1, embedding 512, {args.act}, ArcFace over {classes}, batch {args.batch}/rank, gloo, "
         f"{args.threads} thread(s)/rank, channels_last={args.channels_last}, bucket_cap_mb={args.bucket_cap_mb}, "
         f"gradient_as_bucket_view={args.grad_as_bucket_view}"
+        + (", 2 ranks = 2 independent single-rank trainers (no DDP)" if args.independent else "")
     )
     print("step = forward + backward + backbone SGD + head step; img/s over the timed steps after warm-up;")
-    print("images are in-memory random tensors (no data loading) unless marked loader; other = cores used by")
+    print(f"scaling table: in-memory {args.images} images, so data loading is not measured; other = cores used by")
     print("other jobs during the timed window; CPU s/step/rank = the rank's CPU time (all threads, loader workers")
     print("included) per step, which other jobs barely change\n")
     start = time.perf_counter()
