@@ -7,6 +7,7 @@ import torch
 
 from faceforge import models
 from faceforge.models.card import cards_markdown, count_macs, count_params, model_card, write_model_cards
+from faceforge.models.layers import PReLU
 
 ALL_MODELS = models.list()
 # shufflefacenet is only defined for widths 0.5-2.
@@ -129,3 +130,19 @@ def test_write_model_cards_has_a_row_per_model(tmp_path) -> None:
     assert [c.name for c in cards] == ALL_MODELS
     text = path.read_text()
     assert all(f"| {name} | 56 | 64 | 1 |" in text for name in ALL_MODELS)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 5)])
+def test_prelu_matches_torch_prelu_in_value_and_gradients(shape: tuple[int, ...]) -> None:
+    ours, reference = PReLU(5), torch.nn.PReLU(5)
+    ours.weight.data.uniform_(-1.0, 1.0)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(*shape, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    ours.double()(x_ours).mul(upstream).sum().backward()
+    out_ref = reference.double()(x_ref)
+    out_ref.mul(upstream).sum().backward()
+    torch.testing.assert_close(ours(x), out_ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)

