@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -161,7 +162,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def _checked(value: Any, hint: Any, key: str) -> Any:
     """Refuse a value of the wrong scalar type (`optim.lr=abc`) with one line; ints pass for floats."""
-    allowed = [t for t in get_args(hint) or (hint,) if t in (bool, int, float, str, type(None))]
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    allowed = [t for t in options if t in (bool, int, float, str, type(None))]
     if not allowed or any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
