@@ -1,0 +1,81 @@
+"""The deployment files, checked without a Docker engine: lint, structure, and commands that exist."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faceforge.cli import build_parser
+
+from conftest import REPO
+
+DOCKER = REPO / "docker"
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def faceforge_commands(service: dict) -> list[str]:
+    """The argv a service runs through the image's `faceforge` entry point, or [] if it runs something else."""
+    if "entrypoint" in service:
+        return []
+    command = service["command"]
+    return [arg for arg in command if not arg.startswith("${")]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
+    hadolint = shutil.which("hadolint") or str(REPO / ".venv" / "bin" / "hadolint")
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pins_its_base_and_runs_as_non_root(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    assert bases and all(":" in base and not base.endswith(":latest") for base in bases)
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert "-c .ci/constraints.txt" in text or "-c /tmp/constraints-cuda.txt" in text
+    for copied in re.findall(r"^COPY\s+(\S+)\s", text, re.MULTILINE):
+        assert (REPO / copied).exists(), f"{dockerfile.name} copies {copied}, which is not in the repository"
+
+
+def test_compose_has_the_platform_services_with_healthchecks_and_volumes() -> None:
+    spec = compose()
+    services = spec["services"]
+    assert {"mlflow", "scheduler", "web", "ray-head", "ray-worker"} <= set(services)
+    assert {"data", "datasets", "inbox"} <= set(spec["volumes"])
+    anchor = services["web"]
+    for name, service in services.items():
+        assert "healthcheck" in service and service["healthcheck"]["test"][0] == "CMD", name
+        assert service["user"].split(":")[0] not in ("0", "root"), name
+        assert any(volume.startswith("data:/data") for volume in service["volumes"]), name
+        assert service["image"] == anchor["image"], name
+    assert services["ray-head"]["profiles"] == ["ray"] and services["ray-worker"]["profiles"] == ["ray"]
+    for port in (p for service in services.values() for p in service.get("ports", [])):
+        assert port.startswith("127.0.0.1:"), f"{port} would listen on every interface of the host"
+
+
+@pytest.mark.parametrize("service", ["scheduler", "web"])
+def test_compose_runs_faceforge_commands_that_exist(service: str) -> None:
+    argv = faceforge_commands(compose()["services"][service])
+    assert argv, f"{service} does not run faceforge"
+    build_parser().parse_args(argv)  # an unknown command or flag exits with status 2
+
+
+def test_compose_healthcheck_commands_exist() -> None:
+    for name, service in compose()["services"].items():
+        test = service["healthcheck"]["test"]
+        if test[1] == "faceforge":
+            build_parser().parse_args(test[2:])
+        else:
+            assert test[1] in ("curl", "ray"), name
