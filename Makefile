@@ -9,6 +9,8 @@ $(BIN)/faceforge: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[dev]"
+	# Only for its MTCNN weight files: its own dependencies (torchvision) are never installed nor imported.
+	$(BIN)/pip install --quiet --no-deps -c .ci/constraints.txt facenet-pytorch
 	touch $(BIN)/faceforge
 
 setup: $(BIN)/faceforge

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # commands import what they need when they run, so `faceforge --help` stays fast
+    from faceforge.jobs import Job, JobStore
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -12,7 +17,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def _train(args: argparse.Namespace) -> None:
     from faceforge.train.app import main
 
-    main(args.overrides)
+    main(["--multirun", *args.overrides] if args.multirun else args.overrides)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -56,6 +61,40 @@ def _models(args: argparse.Namespace) -> None:
     print(f"written to {args.out}")
 
 
+def _config_reference(args: argparse.Namespace) -> None:
+    from faceforge.train.app import CONFIG_DIR
+    from faceforge.train.reference import configuration_reference
+
+    args.out.write_text(configuration_reference(CONFIG_DIR))
+    print(f"written to {args.out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from faceforge.eval.sources import load_model
+    from faceforge.export import export_artifact, open_calibration_images, training_data_of
+    from faceforge.jobs.paths import faceforge_home
+
+    model = load_model(args.model, args.tracking_uri)
+    calibration, crop_fraction = None, args.crop_fraction
+    if args.format != "onnx":
+        known = args.calibration and crop_fraction
+        train_root, train_crop = (None, None) if known else training_data_of(args.model, args.tracking_uri)
+        source, crop_fraction = args.calibration or train_root, crop_fraction or train_crop
+        print(f"calibration: up to {args.calibration_count} images from {source}, crop {crop_fraction:g}")
+        calibration = open_calibration_images(source)
+    out = args.out or faceforge_home() / "exports" / f"{model.config['name']}-{args.format}"
+    card = export_artifact(
+        model,
+        args.format,
+        out,
+        calibration=calibration,
+        crop_fraction=crop_fraction or 1.0,
+        calibration_count=args.calibration_count,
+    )
+    print(card.summary())
+    print(f"written to {out}")
+
+
 def _data_pack(args: argparse.Namespace) -> None:
     from faceforge.data import pack_folder
 
@@ -69,11 +108,235 @@ def _data_inspect(args: argparse.Namespace) -> None:
     print(format_summary(inspect_dataset(args.path, root=args.root)))
 
 
+def _data_align(args: argparse.Namespace) -> None:
+    from faceforge.data_pipeline import align_tree
+
+    counts = align_tree(
+        args.src, args.dst, args.detector, args.workers, args.size, args.all_faces, min_face_size=args.min_face_size
+    )
+    print("  ".join(f"{k}={v}" for k, v in counts.items()) + f"  manifest: {args.dst / 'manifest.jsonl'}")
+
+
+def _data_cluster_eval(args: argparse.Namespace) -> None:
+    from faceforge.data_pipeline.cluster_metrics import score_files
+
+    print(score_files(args.pred, args.labels).format())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from faceforge.train.app import main
 
     # 64 px triples the steps that fit in the demo's 20 minutes on 2 CPU cores compared with 112 px.
-    main(["trainer=demo", "model=mobilefacenet", "model.input_size=64", *args.overrides])
+    # CosFace at s=32 learns from scratch on ~6k images where ArcFace at s=64, m=0.5 stalls near chance.
+    recipe = ["trainer=demo", "model=mobilefacenet", "model.input_size=64", "head=cosface", "head.s=32", "head.m3=0.35"]
+    main([*recipe, *args.overrides])
+
+
+def _job_store() -> JobStore:
+    from faceforge.jobs import JobStore, store_path
+
+    return JobStore(store_path())
+
+
+def _stored_job(store: JobStore, job_id: str) -> Job:
+    try:
+        return store.get(job_id)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+
+
+def _enqueue(command: str, overrides: list[str], **options: Any) -> None:
+    """Validate every point first, so a bad override enqueues nothing; then print ids and queue positions."""
+    from faceforge.jobs import make_jobs
+    from faceforge.train.config import ConfigError
+
+    try:
+        jobs = make_jobs(overrides, **options)
+    except ConfigError as err:
+        print(f"faceforge queue {command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    store = _job_store()
+    store.submit(jobs)
+    positions = store.positions()
+    sweep = f" in sweep {jobs[0].sweep_id}" if jobs[0].sweep_id else ""
+    print(f"queued {len(jobs)} job(s){sweep} ({store.path})")
+    for job in jobs:
+        print(f"  {job.id}  position {positions.get(job.id, '-')}  {job.name}  {' '.join(job.overrides)}")
+
+
+def _queue_submit(args: argparse.Namespace) -> None:
+    options = dict(name=args.name, priority=args.priority or 0, slots=args.slots, executor=args.executor or "local")
+    _enqueue("submit", args.overrides, **options)
+
+
+def _queue_clone(args: argparse.Namespace) -> None:
+    from faceforge.jobs import merge_overrides
+    from faceforge.train.config import ConfigError
+
+    original = _stored_job(_job_store(), args.id)
+    try:
+        overrides = merge_overrides(original.overrides, args.overrides)
+    except ConfigError as err:
+        print(f"faceforge queue clone: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"clone of {original.id}: {' '.join(overrides)}")
+    _enqueue(
+        "clone",
+        overrides,
+        name=args.name,
+        priority=original.priority if args.priority is None else args.priority,
+        slots=args.slots or original.slots,
+        executor=args.executor or original.executor,
+    )
+
+
+def _when(timestamp: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _queue_list(args: argparse.Namespace) -> None:
+    store = _job_store()
+    jobs = store.list(states=[args.state] if args.state else None, sweep_id=args.sweep)
+    positions = store.positions()
+    rows = [("ID", "NAME", "STATE", "POS", "PRIO", "SLOTS", "EXECUTOR", "TRIES", "CREATED", "SWEEP")]
+    for job in jobs:
+        position, created = str(positions.get(job.id, "")), _when(job.created_at)
+        row = (job.id, job.name, job.state, position, str(job.priority), str(job.slots), job.executor)
+        rows.append((*row, str(job.attempts), created, job.sweep_id or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _queue_show(args: argparse.Namespace) -> None:
+    store = _job_store()
+    job = _stored_job(store, args.id)
+    fields = {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state + (f" (position {store.positions()[job.id]})" if job.state == "queued" else ""),
+        "sweep": job.sweep_id or "-",
+        "executor": f"{job.executor}, {job.slots} slot(s), {job.nodes} node(s), priority {job.priority}",
+        "attempts": f"{job.attempts} of {job.max_attempts}",
+        "created": _when(job.created_at),
+        "started": _when(job.started_at),
+        "finished": _when(job.finished_at),
+        "cancel requested": "yes" if job.cancel_requested else "no",
+        "lease": f"{job.lease_owner} until {_when(job.lease_expires)}" if job.lease_owner else "-",
+        "handle": job.handle or "-",
+        "exit code": "-" if job.exit_code is None else str(job.exit_code),
+        "mlflow run": job.mlflow_run_id or "-",
+        "log": job.log_path or "-",
+        "error": job.error or "-",
+        "overrides": " ".join(job.overrides),
+    }
+    for key, value in fields.items():
+        print(f"{key + ':':18}{value}")
+    for key, value in sorted(job.metrics.items()):
+        print(f"{'  ' + key + ':':18}{value:.6g}")
+
+
+def _queue_logs(args: argparse.Namespace) -> None:
+    import time
+
+    from faceforge.jobs.executors import get_executor
+
+    store = _job_store()
+    job = _stored_job(store, args.id)
+    executor = get_executor(job.executor, **({"address": args.ray_address} if job.executor == "ray" else {}))
+    if job.state == "queued" and not args.follow:
+        print(f"{job.id} is queued; it has no log yet (--follow waits for it)", file=sys.stderr)
+    offset = 0
+    while True:
+        finished = job.terminal  # known before the read, so the last read sees all the job wrote
+        text, offset = executor.read_log(job, offset)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if not args.follow or (finished and not text):
+            return
+        if not text:
+            time.sleep(0.5)
+        job = store.get(job.id)
+
+
+def _queue_cancel(args: argparse.Namespace) -> None:
+    store = _job_store()
+    job = _stored_job(store, args.id)
+    if job.terminal:
+        raise ValueError(f"{job.id} already {job.state}")
+    job = store.cancel(job.id)
+    if job.terminal:
+        print(f"{job.id} cancelled")
+    else:
+        print(
+            f"{job.id} cancel requested: its scheduler sends SIGTERM (the trainer checkpoints), SIGKILL after a grace"
+        )
+
+
+def _scheduler(args: argparse.Namespace) -> None:
+    import logging
+    import signal
+    import threading
+
+    from faceforge.jobs import JobStore, faceforge_home, store_path
+    from faceforge.jobs.executors import get_executor
+    from faceforge.jobs.scheduler import Scheduler
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("faceforge").setLevel(logging.INFO)
+    executors = {"local": get_executor("local", slots=args.slots, grace_seconds=args.grace_seconds)}
+    if args.ray_address:
+        executors["ray"] = get_executor("ray", address=args.ray_address)
+    store = JobStore(store_path())
+    scheduler = Scheduler(store, executors, faceforge_home(), args.lease_seconds, args.poll_seconds)
+    if args.once:
+        scheduler.run_once()
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # running jobs carry on; another scheduler adopts them
+        signal.signal(sig, lambda signum, frame: stop.set())
+    print(f"scheduler {scheduler.owner} on {store.path}; Ctrl-C stops it, running jobs carry on", flush=True)
+    scheduler.run_forever(stop)
+
+
+def _registry_champion(args: argparse.Namespace) -> None:
+    from faceforge.registry import champion, default_tracking_uri
+
+    print(champion(args.tracking_uri or default_tracking_uri(), args.name).describe())
+
+
+def _registry_select(args: argparse.Namespace) -> None:
+    from faceforge.registry import Policy, default_tracking_uri, select_and_register
+
+    policy = Policy(args.metric, args.max_latency_ms, args.max_params)
+    _, version = select_and_register(args.tracking_uri or default_tracking_uri(), args.sweep_id, policy, args.name)
+    print(version.describe())
+
+
+def _mlflow_ui(args: argparse.Namespace) -> None:
+    from faceforge.registry import default_tracking_uri
+    from faceforge.registry.database import database_path
+
+    uri = args.tracking_uri or default_tracking_uri()
+    if not database_path(uri).is_file():
+        raise FileNotFoundError(f"no MLflow database at {database_path(uri)}; train or queue a job first")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
+    command += ["--port", str(args.port), "--workers", str(args.workers)]
+    print(" ".join(command), flush=True)
+    os.execv(sys.executable, command)  # an argument list, never a shell
+
+
+def _web(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from faceforge.jobs.paths import faceforge_home
+    from faceforge.web import create_app
+
+    app = create_app(faceforge_home())
+    print(f"faceforge web: http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (Hydra overrides, -m for sweeps)", add_help=False)
+    # A leading option is not part of a REMAINDER, so Hydra's -m is declared here and passed on.
+    train.add_argument("-m", "--multirun", action="store_true", help="one run per sweep point (Hydra multirun)")
     train.add_argument("overrides", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
 
@@ -107,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--embedding-dim", type=int, default=512)
     mdl.set_defaults(func=_models)
 
+    reference = commands.add_parser("config-reference", help="write the configuration reference from configs/")
+    reference.add_argument("--out", type=Path, default=DOCS / "configuration.md")
+    reference.set_defaults(func=_config_reference)
+
+    export = commands.add_parser("export", help="ONNX, int8 ONNX or a C array for firmware, with a model card")
+    export.add_argument("model", help="checkpoint directory or MLflow model URI (models:/name@champion)")
+    export.add_argument("--format", choices=("onnx", "onnx-int8", "c-array"), default="onnx")
+    export.add_argument("--out", type=Path, default=None, help="default: $FACEFORGE_HOME/exports/<model>-<format>")
+    export.add_argument(
+        "--calibration", type=Path, help="int8 calibration faces: a folder or a .txt list (default: training data)"
+    )
+    export.add_argument("--calibration-count", type=int, default=256, help="images drawn evenly from the set")
+    export.add_argument("--crop-fraction", type=float, default=None, help="default: the crop the model trained with")
+    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ sources")
+    export.set_defaults(func=_export)
+
     data = commands.add_parser("data", help="dataset tools")
     data_cmds = data.add_subparsers(dest="data_command", required=True)
     pack = data_cmds.add_parser("pack", help="image folder -> InsightFace RecordIO (train.rec/.idx/property)")
@@ -119,6 +400,91 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("path", type=Path)
     insp.add_argument("--root", type=Path, default=None, help="image root for a pairs.txt")
     insp.set_defaults(func=_data_inspect)
+    align = data_cmds.add_parser("align", help="detect faces, align them to the ArcFace template, write crops")
+    align.add_argument("src", type=Path, help="raw photos or an identity-folder tree")
+    align.add_argument("dst", type=Path, help="the same folders, aligned JPEG crops and manifest.jsonl; reruns resume")
+    align.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    align.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    align.add_argument("--size", type=int, default=112, help="crop side in pixels")
+    align.add_argument("--min-face-size", type=int, default=20, help="smallest face searched for, in pixels")
+    align.add_argument(
+        "--all-faces", action="store_true", help="every face as <stem>_<k>.jpg, not the largest, most central one"
+    )
+    align.set_defaults(func=_data_align)
+    cluster_eval = data_cmds.add_parser(
+        "cluster-eval", help="score a clustering against true labels: pairwise and BCubed P/R/F, NMI, counts"
+    )
+    files_help = "a .csv with a path,label header row, or a .json object {path: label}; both list the same faces"
+    cluster_eval.add_argument("pred", type=Path, help=f"predicted clusters: {files_help}")
+    cluster_eval.add_argument("labels", type=Path, help="true identities, same format")
+    cluster_eval.set_defaults(func=_data_cluster_eval)
+
+    queue = commands.add_parser("queue", help="the job queue ($FACEFORGE_HOME/jobs.db): submit, watch, cancel")
+    queue_cmds = queue.add_subparsers(dest="queue_command", required=True)
+    submit = queue_cmds.add_parser(
+        "submit", help="enqueue a training job; sweep grammar (lr=0.1,0.05) makes one per point"
+    )
+    clone = queue_cmds.add_parser("clone", help="enqueue a copy of a job; overrides replace those of the same key")
+    clone.add_argument("id")
+    for command, required in ((submit, "+"), (clone, "*")):
+        command.add_argument("overrides", nargs=required, help="Hydra overrides, as for `faceforge train`")
+        command.add_argument(
+            "--priority", type=int, default=None, help="higher runs first (default 0 / the original's)"
+        )
+        command.add_argument("--slots", type=int, default=None, help="cores (GPUs) it takes (default trainer.nproc)")
+        command.add_argument("--executor", choices=("local", "ray"), default=None)
+        command.add_argument("--name", default=None, help="default: <backbone>-<head>")
+    submit.set_defaults(func=_queue_submit)
+    clone.set_defaults(func=_queue_clone)
+    listing = queue_cmds.add_parser("list", help="jobs, newest first, with their queue positions")
+    listing.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled", "lost"))
+    listing.add_argument("--sweep", default=None, help="only the jobs of this sweep id")
+    listing.set_defaults(func=_queue_list)
+    show = queue_cmds.add_parser("show", help="every field of a job")
+    show.add_argument("id")
+    show.set_defaults(func=_queue_show)
+    logs = queue_cmds.add_parser("logs", help="a job's log")
+    logs.add_argument("id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--ray-address", default="http://127.0.0.1:8265", help="the Ray dashboard of ray jobs")
+    logs.set_defaults(func=_queue_logs)
+    cancel = queue_cmds.add_parser("cancel", help="cancel a queued job, or stop a running one")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=_queue_cancel)
+
+    sched = commands.add_parser("scheduler", help="run the loop that claims queued jobs and drives executors")
+    sched.add_argument("--slots", type=int, default=None, help="local slots (default: this machine's cores)")
+    sched.add_argument("--ray-address", default=None, help="also drive ray jobs on this cluster (dashboard URL)")
+    sched.add_argument("--once", action="store_true", help="one pass (claim, start, record), then exit")
+    sched.add_argument("--lease-seconds", type=float, default=30.0, help="how soon another scheduler adopts jobs")
+    sched.add_argument("--poll-seconds", type=float, default=1.0)
+    sched.add_argument("--grace-seconds", type=float, default=30.0, help="SIGTERM to SIGKILL on cancel")
+    sched.set_defaults(func=_scheduler)
+
+    registry = commands.add_parser("registry", help="the MLflow model registry: champion and sweep selection")
+    registry.add_argument("--tracking-uri", default=None, help="default: sqlite:///$FACEFORGE_HOME/mlflow.db")
+    registry.add_argument("--name", default="faceforge", help="registered model name")
+    registry_cmds = registry.add_subparsers(dest="registry_command", required=True)
+    champ = registry_cmds.add_parser("champion", help="print the champion version, its run, metric and card")
+    champ.set_defaults(func=_registry_champion)
+    select = registry_cmds.add_parser("select", help="rerun a sweep's selection and register its winner")
+    select.add_argument("sweep_id")
+    select.add_argument("--metric", default="accuracy", help="accuracy, tar_far_1e-03, roc_auc, eer (lowest wins)...")
+    select.add_argument("--max-latency-ms", type=float, default=None, help="CPU latency limit (1 thread, batch 1)")
+    select.add_argument("--max-params", type=int, default=None, help="parameter count limit")
+    select.set_defaults(func=_registry_select)
+
+    ui = commands.add_parser("mlflow-ui", help="serve the MLflow UI on the platform's tracking database")
+    ui.add_argument("--tracking-uri", default=None, help="default: sqlite:///$FACEFORGE_HOME/mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, help="server processes (MLflow's default of 4 is for teams)")
+    ui.set_defaults(func=_mlflow_ui)
+
+    web = commands.add_parser("web", help="the web UI: submit jobs and sweeps, follow them, compare, pick models")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8000)
+    web.set_defaults(func=_web)
     return parser
 
 

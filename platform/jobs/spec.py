@@ -26,12 +26,17 @@ from faceforge.train.config import ConfigError, TrainConfig, from_dict
 RESERVED_KEYS = ("output_dir", "hydra.run.dir", "mlflow.job_id", "mlflow.sweep_id", "trainer.resume")
 
 
+def _one_line(err: HydraException) -> str:
+    """Hydra's parse errors span lines and end with a link to the grammar; keep what went wrong, on one line."""
+    return ": ".join(line for line in str(err).splitlines() if line and not line.startswith("See https://"))
+
+
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Hydra's sweep grammar (`optim.lr=0.1,0.05`, `range(...)`, `choice(...)`) as the cartesian product."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise ConfigError(f"bad override: {err}") from None
+        raise ConfigError(f"bad override: {_one_line(err)}") from None
     axes = []
     for override in parsed:
         if override.key_or_group in RESERVED_KEYS or override.key_or_group.startswith("hydra."):
@@ -42,6 +47,17 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         else:
             axes.append([override.input_line])
     return [list(point) for point in itertools.product(*axes)]
+
+
+def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
+    """`base` with every key that `changes` sets replaced by its new value: a clone with edits."""
+    parser = OverridesParser.create()
+    try:
+        changed = {(o.key_or_group, o.package) for o in parser.parse_overrides(changes)}
+        kept = [o.input_line for o in parser.parse_overrides(base) if (o.key_or_group, o.package) not in changed]
+    except HydraException as err:
+        raise ConfigError(f"bad override: {_one_line(err)}") from None
+    return [*kept, *changes]
 
 
 def compose_config(overrides: list[str], output_dir: str = "runs/train") -> TrainConfig:

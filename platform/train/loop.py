@@ -26,6 +26,7 @@ from faceforge.data.verification import VerificationSet, load_bin, load_pairs
 from faceforge.eval import embed_images, evaluate_verification, save_roc_plot
 from faceforge.eval.report import pair_scores
 from faceforge.heads import batch_hard_triplet_loss, contrastive_loss, margin_spec
+from faceforge.models.card import count_macs, count_params, measure_latency_ms
 from faceforge.parallel import (
     DistContext,
     HeadOptimizer,
@@ -40,6 +41,8 @@ from faceforge.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
 from faceforge.train.tracking import RunTracker
+
+CARD_LATENCY_RUNS = 20
 
 
 class _StopSignal:
@@ -262,9 +265,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     progress.close()
 
     if tracker:
+        # The trained backbone's model card; sweep selection reads it for latency and size limits.
+        cpu_model = model.cpu()
+        card = {
+            "model.params": count_params(cpu_model),
+            "model.macs": count_macs(cpu_model, cfg.model.input_size),
+            "model.latency_ms": measure_latency_ms(cpu_model, cfg.model.input_size, CARD_LATENCY_RUNS),
+        }
+        tracker.metrics(card, step)
         if (out / "roc.png").exists():
             tracker.artifact(out / "roc.png")
         tracker.artifact(out / "config.yaml")
         if cfg.mlflow.log_model:
-            tracker.model(model.cpu(), cfg.model.input_size)
+            tracker.model(cpu_model, cfg.model.input_size)
     return {k: float(np.asarray(v)) for k, v in metrics.items()}

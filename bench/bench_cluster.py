@@ -1,0 +1,212 @@
+"""kNN graph at scale, clustering quality on real faces, and the 3-album merge.
+
+1. kNN graph (`knn_graph`, k = 30, D = 512) at N = 100k and 1M: wall time of index build + search of every row,
+   peak resident memory of the process (features included: 1M x 512 float32 is 2 GiB), and recall@k against
+   exact search on a random sample of rows. Each (N, method) runs in a fresh process so the peaks do not mix.
+   Data: synthetic face-like embeddings. N / 20 identities (so ~20 faces each, Poisson sizes); identity centres
+   are Gaussian with a power-law spectrum (variance of the j-th of 512 random orthogonal directions ∝ 1/(j+1)),
+   so, as in real embeddings, some people look alike and the cloud is not a uniform sphere; a face is its
+   identity's unit centre plus isotropic noise of norm `--noise` (0.9: genuine cosine ~0.55, impostor ~0.05 ±
+   0.15), then L2-normalised. 30 neighbours are then ~19 of the same person plus look-alikes.
+2. Clustering of dlib's LFW embeddings (../shared/data/lfw_dlib128_features.npz, identities with >= 2 images,
+   exact 30-NN graph) with each method over a threshold sweep: pairwise and BCubed P/R/F, NMI, clusters,
+   singletons; then, per method, the best pairwise F whose pairwise precision is >= 0.95.
+3. Album merge: the LFW embeddings split at random into 3 albums (clusters = true identities within an album),
+   merged back at thresholds calibrated at FMR 1e-3 and 1e-4 on a disjoint quarter of the people.
+
+Run from the repo root:
+
+    .venv/bin/python bench/bench_cluster.py                          # 100k and 1M: about half an hour
+    .venv/bin/python bench/bench_cluster.py --sizes 100000 --methods ivf hnsw
+    .venv/bin/python bench/bench_cluster.py --skip-knn               # only the LFW parts, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from faceforge.data_pipeline import (
+    CLUSTERERS,
+    calibrate_threshold,
+    cluster_scores,
+    knn_graph,
+    knn_recall,
+    l2_normalise,
+    merge_albums,
+    pair_scores,
+)
+from faceforge.data_pipeline.knn import ivf_cells
+
+FEATURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dlib128_features.npz"
+
+
+def machine_line() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
+    ram_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, faiss {faiss.__version__} with "
+        f"{faiss.omp_get_max_threads()} threads, numpy {np.__version__}, load average {os.getloadavg()[0]:.2f} at start"
+    )
+
+
+def synthetic_faces(n: int, dim: int, noise: float, seed: int = 0) -> np.ndarray:
+    """Face-like unit embeddings (see the module docstring), generated in chunks to stay near N x D x 4 bytes."""
+    rng = np.random.default_rng(seed)
+    people = max(1, n // 20)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    spectrum = 1 / np.sqrt(np.arange(1, dim + 1))
+    centres = l2_normalise((rng.standard_normal((people, dim)) * spectrum) @ basis.T)
+    labels = rng.integers(people, size=n)
+    features = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 65536):
+        rows = slice(start, min(n, start + 65536))
+        jitter = rng.standard_normal((rows.stop - start, dim), dtype=np.float32) * (noise / math.sqrt(dim))
+        features[rows] = l2_normalise(centres[labels[rows]] + jitter)
+    return features
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def knn_case(n: int, dim: int, k: int, method: str, noise: float, queries: int, options: dict) -> dict:
+    """One (N, method) measurement, run in its own process."""
+    features = synthetic_faces(n, dim, noise)
+    data_gib = peak_rss_gib()
+    start = time.perf_counter()
+    indices, _ = knn_graph(features, k, method, **options)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_gib()  # before the exact search below adds its own copy of the vectors
+    sample = np.random.default_rng(1).choice(n, min(n, queries), replace=False)
+    exact, _ = knn_graph(features, k, "exact", query_rows=sample)
+    return {"seconds": seconds, "data_gib": data_gib, "peak_gib": peak, "recall": knn_recall(indices[sample], exact)}
+
+
+def bench_knn(args: argparse.Namespace) -> None:
+    print(f"\n## kNN graph: k = {args.k}, D = {args.dim}, recall on {args.queries} random rows against exact\n")
+    print("| N | method | parameters | build + search (s) | peak RSS (GiB) | of which data (GiB) | recall@k |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    options = {"nprobe": args.nprobe, "ef_search": args.ef_search, "hnsw_m": args.hnsw_m}
+    context = multiprocessing.get_context("spawn")
+    for n in args.sizes:
+        for method in args.methods:
+            params = {
+                "ivf": f"nlist {ivf_cells(n)}, nprobe {args.nprobe}",
+                "hnsw": f"M {args.hnsw_m}, efSearch {args.ef_search}",
+                "exact": "flat inner product",
+            }[method]
+            with context.Pool(1) as pool:
+                result = pool.apply(knn_case, (n, args.dim, args.k, method, args.noise, args.queries, options))
+            print(
+                f"| {n:,} | {method} | {params} | {result['seconds']:.1f} | {result['peak_gib']:.2f} | "
+                f"{result['data_gib']:.2f} | {result['recall']:.4f} |",
+                flush=True,
+            )
+
+
+def bench_lfw_clustering(thresholds: list[float]) -> None:
+    data = np.load(FEATURES)
+    names = data["names"]
+    _, inverse, counts = np.unique(names, return_inverse=True, return_counts=True)
+    rows = np.flatnonzero(counts[inverse] >= 2)
+    features, names = l2_normalise(data["feats"][rows]), names[rows]
+    indices, sims = knn_graph(features, 30)
+    print(f"\n## Clustering dlib LFW embeddings: {len(rows)} faces of {len(np.unique(names))} identities (>= 2 each)\n")
+    print("| method | threshold | pairwise P | pairwise R | pairwise F | BCubed P | BCubed R | BCubed F | NMI | "
+          "clusters | singletons | seconds |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    best: dict[str, tuple[float, str]] = {}
+    for method, cluster in CLUSTERERS.items():
+        if method == "infomap" and importlib.util.find_spec("infomap") is None:
+            print("| infomap | - | not installed (pip install infomap) | | | | | | | | | |")
+            continue
+        for threshold in thresholds:
+            start = time.perf_counter()
+            labels = cluster(indices, sims, threshold)
+            seconds = time.perf_counter() - start
+            s = cluster_scores(labels, names)
+            row = (
+                f"| {method} | {threshold:.2f} | {s.pairwise_precision:.4f} | {s.pairwise_recall:.4f} | "
+                f"{s.pairwise_f:.4f} | {s.bcubed_precision:.4f} | {s.bcubed_recall:.4f} | {s.bcubed_f:.4f} | "
+                f"{s.nmi:.4f} | {s.clusters} | {s.singletons} | {seconds:.2f} |"
+            )
+            print(row, flush=True)
+            if s.pairwise_precision >= 0.95 and s.pairwise_f > best.get(method, (-1.0, ""))[0]:
+                best[method] = (s.pairwise_f, row)
+    print("\nBest pairwise F at pairwise precision >= 0.95, per method:\n")
+    for _, row in best.values():
+        print(row)
+
+
+def bench_album_merge() -> None:
+    data = np.load(FEATURES)
+    features, names = l2_normalise(data["feats"]), data["names"]
+    people = np.unique(names)
+    calibration_people = np.isin(names, people[1::4])
+    genuine, impostor = pair_scores(features[calibration_people], names[calibration_people])
+    features, names = features[~calibration_people], names[~calibration_people]
+    albums = np.random.default_rng(0).integers(3, size=len(names))
+    keys = sorted({(int(a), str(n)) for a, n in zip(albums, names, strict=True)})
+    _, per_person = np.unique([n for _, n in keys], return_counts=True)
+    split_pairs = sum(math.comb(int(c), 2) for c in per_person)
+    print(f"\n## Album merge: {len(names)} LFW faces in 3 random albums, {len(keys)} album clusters, "
+          f"{split_pairs} same-person cluster pairs to join\n")  # fmt: skip
+    print("| FMR | threshold | image-pair FNMR | merges | wrong merges | split pairs joined | pairwise P | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for fmr in (1e-3, 1e-4):
+        calibration = calibrate_threshold(genuine, impostor, fmr)
+        start = time.perf_counter()
+        labels, decisions = merge_albums(features, albums, names, calibration.threshold)
+        seconds = time.perf_counter() - start
+        label_of = {(int(a), str(n)): int(g) for a, n, g in zip(albums, names, labels, strict=True)}
+        joined = sum(label_of[x] == label_of[y] for i, x in enumerate(keys) for y in keys[i + 1 :] if x[1] == y[1])
+        wrong = sum(d.subject.split("/", 1)[1] != d.target.split("/", 1)[1] for d in decisions)
+        precision = cluster_scores(labels, names).pairwise_precision
+        print(
+            f"| {fmr:g} | {calibration.threshold:.4f} | {calibration.fnmr:.4f} | {len(decisions)} | "
+            f"{wrong} ({wrong / max(len(decisions), 1):.2%}) | {joined / split_pairs:.4f} | {precision:.4f} | "
+            f"{seconds:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="N of the kNN runs")
+    parser.add_argument("--methods", nargs="+", choices=("ivf", "hnsw", "exact"), default=["ivf", "hnsw"])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=30)
+    parser.add_argument("--noise", type=float, default=0.9, help="norm of a face's offset from its identity centre")
+    parser.add_argument("--queries", type=int, default=2000, help="rows whose recall is checked by exact search")
+    parser.add_argument("--nprobe", type=int, default=48)
+    parser.add_argument("--ef-search", type=int, default=128)
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8])
+    parser.add_argument("--skip-knn", action="store_true")
+    parser.add_argument("--skip-lfw", action="store_true")
+    args = parser.parse_args()
+    print(machine_line())
+    if not args.skip_lfw:
+        if not FEATURES.is_file():
+            raise SystemExit(f"{FEATURES} not found (use --skip-lfw)")
+        bench_lfw_clustering(args.thresholds)
+        bench_album_merge()
+    if not args.skip_knn:
+        bench_knn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Face detection and alignment: recall, false positives per image, 5-point landmark error, and faces/s.
+
+Accuracy is measured on ../shared/data/detection: dlib's hand-checked faces in PASCAL VOC photos (testing.xml and
+training.xml, 9 photos of about 500 px, 43 faces, many of them small). A detection matches the unmatched true
+box it overlaps most at IoU >= 0.3, best score first; the rest are false positives. The landmark error compares
+the 5 detected points with points derived from the 68-point annotation (eye centres = mean of each eye's
+contour, nose tip 30, mouth corners 48 and 54), in pixels and over the inter-ocular distance (NME).
+
+Throughput runs `align_tree` (decode, detect, align, JPEG-encode, write) over copies of the 12 detection photos,
+every face of each (--all-faces): once in this process on one thread (steady state, no start-up), once end to end
+with --workers processes (start-up of the spawned workers included). Run from the repo root:
+
+    .venv/bin/python bench/bench_detect.py                  # about a minute
+    .venv/bin/python bench/bench_detect.py --copies 40 --onet-thresholds 0.7 0.9 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from faceforge.data import read_image
+from faceforge.data_pipeline import MTCNN, get_detector
+from faceforge.data_pipeline.align import AlignSettings, align_sources, align_tree
+from faceforge.data_pipeline.detection_eval import DetectionScore, read_imglab
+
+DETECTION = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection"
+SPLITS = ("testing", "training")
+
+
+def machine_line() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
+    ram_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
+
+
+def accuracy_row(name: str, detector: object, split: str) -> str:
+    truth = read_imglab(DETECTION / f"{split}_with_face_landmarks.xml")
+    found = detector.detect([read_image(DETECTION / image.file) for image in truth])
+    score = DetectionScore()
+    for image, faces in zip(truth, found, strict=True):
+        score.add(image, faces)
+    px, nme = np.mean(score.landmark_px), np.mean(score.landmark_nme)
+    return (
+        f"| {name} | {split} | {score.images} | {score.faces} | {score.recall:.3f} | "
+        f"{score.false_positives_per_image:.2f} | {px:.2f} | {nme:.3f} |"
+    )
+
+
+def accuracy_table(args: argparse.Namespace) -> None:
+    print("| detector | split | photos | faces | recall@IoU0.3 | FP/photo | landmark px | landmark NME |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.detectors:
+        for split in SPLITS:
+            print(accuracy_row(name, get_detector(name), split), flush=True)
+    for threshold in args.onet_thresholds:
+        detector = MTCNN(thresholds=(0.6, 0.7, threshold))
+        for split in SPLITS:
+            print(accuracy_row(f"mtcnn, O-Net > {threshold}", detector, split), flush=True)
+
+
+def photo_tree(root: Path, copies: int) -> Path:
+    src = root / "photos"
+    for copy in range(copies):
+        (src / f"{copy:03d}").mkdir(parents=True)
+        for photo in sorted(DETECTION.glob("*.jpg")):
+            shutil.copy(photo, src / f"{copy:03d}" / photo.name)
+    return src
+
+
+def throughput_table(args: argparse.Namespace) -> None:
+    print("\n| detector | run | photos | faces | seconds | photos/s | faces/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.detectors:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = photo_tree(Path(tmp), args.copies)
+            sources = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.jpg"))
+            settings = AlignSettings(src, Path(tmp) / "one", 112, True, name)
+            torch.set_num_threads(1)
+            detector = get_detector(name)
+            align_sources(settings, sources[:12], detector)  # warm-up
+            start = time.perf_counter()
+            records = [
+                r for i in range(0, len(sources), 8) for r in align_sources(settings, sources[i : i + 8], detector)
+            ]
+            faces = sum(record["status"] == "aligned" for record in records)
+            seconds = time.perf_counter() - start
+            print(
+                f"| {name} | 1 process, 1 thread | {len(sources)} | {faces} | {seconds:.1f} | "
+                f"{len(sources) / seconds:.1f} | {faces / seconds:.1f} |",
+                flush=True,
+            )
+            start = time.perf_counter()
+            counts = align_tree(src, Path(tmp) / "all", name, args.workers, all_faces=True, progress=False)
+            seconds = time.perf_counter() - start
+            print(
+                f"| {name} | align_tree, {args.workers} workers, start-up included | {counts['images']} | "
+                f"{counts['aligned']} | {seconds:.1f} | {counts['images'] / seconds:.1f} | "
+                f"{counts['aligned'] / seconds:.1f} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", nargs="+", default=["mtcnn", "haar"], choices=["mtcnn", "haar"])
+    parser.add_argument("--onet-thresholds", nargs="*", type=float, default=[0.9, 0.95], help="extra MTCNN rows")
+    parser.add_argument("--copies", type=int, default=20, help="copies of the 12 photos for the throughput runs")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if not DETECTION.is_dir():
+        raise SystemExit(f"{DETECTION}: detection data not found")
+    print(machine_line(), flush=True)
+    accuracy_table(args)
+    throughput_table(args)
+
+
+if __name__ == "__main__":
+    main()

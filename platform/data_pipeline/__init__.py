@@ -1,0 +1,54 @@
+"""Raw photos to labelled identities: face detection, 5-point alignment and aligned-crop datasets."""
+
+from faceforge.data_pipeline.align import ARCFACE_TEMPLATE, align_face, align_tree, template_transform
+from faceforge.data_pipeline.cluster import CLUSTERERS, chinese_whispers, infomap_clusters, threshold_components
+from faceforge.data_pipeline.cluster_metrics import ClusterScores, cluster_scores, score_files
+from faceforge.data_pipeline.dedup import (
+    Calibration,
+    Decision,
+    calibrate_threshold,
+    cluster_centroids,
+    drop_evaluation_identities,
+    exact_duplicates,
+    match_known_identities,
+    merge_albums,
+    near_duplicates,
+    pair_scores,
+)
+from faceforge.data_pipeline.detect import DETECTORS, Detector, HaarDetector, get_detector
+from faceforge.data_pipeline.knn import knn_graph, knn_recall, l2_normalise
+from faceforge.data_pipeline.mtcnn import MTCNN, Detections, load_mtcnn_nets
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "CLUSTERERS",
+    "DETECTORS",
+    "MTCNN",
+    "Calibration",
+    "ClusterScores",
+    "Decision",
+    "Detections",
+    "Detector",
+    "HaarDetector",
+    "align_face",
+    "align_tree",
+    "calibrate_threshold",
+    "chinese_whispers",
+    "cluster_centroids",
+    "cluster_scores",
+    "drop_evaluation_identities",
+    "exact_duplicates",
+    "get_detector",
+    "infomap_clusters",
+    "knn_graph",
+    "knn_recall",
+    "l2_normalise",
+    "load_mtcnn_nets",
+    "match_known_identities",
+    "merge_albums",
+    "near_duplicates",
+    "pair_scores",
+    "score_files",
+    "template_transform",
+    "threshold_components",
+]

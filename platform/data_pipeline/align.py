@@ -1,0 +1,257 @@
+"""5-point similarity alignment to the ArcFace template, and whole trees of photos turned into aligned crops."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from faceforge.data.folder import IMAGE_EXTENSIONS
+from faceforge.data.image import read_image
+from faceforge.data_pipeline.detect import DETECTORS, Detector, get_detector
+from faceforge.data_pipeline.mtcnn import Detections
+
+# Where ArcFace's 112x112 training crops put the left eye, right eye, nose tip, left and right mouth corners
+# (x, y; left and right as seen), as released with insightface. Other sizes scale it by size / 112.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+MANIFEST = "manifest.jsonl"
+
+
+def template_transform(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The 2x3 similarity (rotation, uniform scale, shift) that best maps the 5 landmarks onto the template.
+
+    Least squares over all five points, as insightface's alignment: the RANSAC threshold admits every point.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    if landmarks.shape != (5, 2):
+        raise ValueError(f"expected 5 (x, y) landmarks, got an array of shape {landmarks.shape}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    template = ARCFACE_TEMPLATE * (size / 112)
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks, template, method=cv2.RANSAC, ransacReprojThreshold=1e9)
+    if matrix is None:
+        raise ValueError(f"degenerate landmarks (no similarity maps them onto the template): {landmarks.tolist()}")
+    return matrix
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The size x size crop whose five landmarks sit on the ArcFace template; outside the photo is black."""
+    matrix = template_transform(landmarks, size)
+    scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
+    if scale < 0.5:  # bilinear sampling far below the source resolution aliases: area-average the photo first
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        # cv2.resize maps pixel centres as p_small = (p + 0.5) * scale - 0.5; fold its inverse into the matrix.
+        shift = matrix[:, :2] @ np.full(2, 0.5 / scale - 0.5)
+        matrix = np.hstack([matrix[:, :2] / scale, matrix[:, 2:] + shift[:, None]])
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def central_face(found: Detections, height: int, width: int) -> int:
+    """The largest, most central face: box area minus twice the squared distance of its centre from the photo's."""
+    boxes = found.boxes
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 - np.array([width, height]) / 2
+    return int(np.argmax(area - 2 * (centre**2).sum(1)))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers (and a resumed run) see the whole file or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    src: Path
+    dst: Path
+    size: int
+    all_faces: bool
+    detector: str
+    detector_options: dict = field(default_factory=dict)
+
+
+def _face_records(settings: AlignSettings, source: str, image: np.ndarray, found: Detections) -> list[dict]:
+    """Write the aligned crop(s) of one photo; its manifest records."""
+    if not len(found):
+        return [{"source": source, "status": "no_face", "detector": settings.detector}]
+    picks = range(len(found)) if settings.all_faces else [central_face(found, *image.shape[:2])]
+    records = []
+    for k in picks:
+        output = Path(source).with_suffix(".jpg")
+        if settings.all_faces:
+            output = output.with_name(f"{output.stem}_{k}.jpg")
+        crop = cv2.cvtColor(align_face(image, found.landmarks[k], settings.size), cv2.COLOR_RGB2BGR)
+        encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+        write_atomic(settings.dst / output, encoded.tobytes())
+        records.append(
+            {
+                "source": source,
+                "status": "aligned",
+                "output": output.as_posix(),
+                "box": [round(float(v), 1) for v in found.boxes[k]],
+                "score": round(float(found.scores[k]), 4),
+                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in found.landmarks[k]],
+                "detector": settings.detector,
+            }
+        )
+    return records
+
+
+def align_sources(settings: AlignSettings, sources: list[str], detector: Detector) -> list[dict]:
+    """Decode, detect (one batch) and align a chunk of photos; an unreadable photo becomes an error record."""
+    records, decoded = [], []
+    for source in sources:
+        try:
+            decoded.append((source, read_image(settings.src / source)))
+        except (OSError, ValueError) as err:
+            records.append({"source": source, "status": "error", "error": str(err), "detector": settings.detector})
+    found = detector.detect([image for _, image in decoded]) if decoded else []
+    for (source, image), faces in zip(decoded, found, strict=True):
+        records += _face_records(settings, source, image, faces)
+    return records
+
+
+_worker_detector: Detector | None = None
+
+
+def _start_worker(settings: AlignSettings, threads: int) -> None:
+    global _worker_detector
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(1)
+    _worker_detector = get_detector(settings.detector, **settings.detector_options)
+
+
+def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
+    assert _worker_detector is not None, "worker started without _start_worker"
+    return align_sources(settings, sources, _worker_detector)
+
+
+def list_sources(src: Path, exclude: Path) -> list[str]:
+    """Image files under src (relative, sorted), hidden ones and anything inside `exclude` left out."""
+    exclude = exclude.resolve()
+    return sorted(
+        path.relative_to(src).as_posix()
+        for path in src.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(src).parts)
+        and path.is_file()
+        and exclude not in path.resolve().parents
+    )
+
+
+def read_manifest(dst: Path) -> dict[str, list[dict]]:
+    """Records per source already handled; the manifest is rewritten without a torn last line (crash mid-write)
+    and without the sources whose crop has gone, so those run again."""
+    path = dst / MANIFEST
+    if not path.is_file():
+        return {}
+    by_source: dict[str, list[dict]] = {}
+    lines = path.read_text().splitlines()
+    parsed = 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        by_source.setdefault(record["source"], []).append(record)
+        parsed += 1
+    gone = {
+        source
+        for source, records in by_source.items()
+        if any(r["status"] == "aligned" and not (dst / r["output"]).is_file() for r in records)
+    }
+    for source in gone:
+        del by_source[source]
+    if gone or parsed < len(lines):
+        kept = "".join(json.dumps(r) + "\n" for records in by_source.values() for r in records)
+        write_atomic(path, kept.encode())
+    return by_source
+
+
+def name_clashes(sources: list[str]) -> list[dict]:
+    """Error records for sources whose crop would overwrite an earlier one's (a.png next to a.jpg)."""
+    first: dict[str, str] = {}
+    clashes = []
+    for source in sources:
+        stem = Path(source).with_suffix("").as_posix()
+        if stem in first:
+            error = f"{source}: its crop name clashes with that of {first[stem]}; rename one of them"
+            clashes.append({"source": source, "status": "error", "error": error})
+        else:
+            first[stem] = source
+    return clashes
+
+
+def align_tree(
+    src: str | Path,
+    dst: str | Path,
+    detector: str = "mtcnn",
+    workers: int | None = None,
+    size: int = 112,
+    all_faces: bool = False,
+    chunk_size: int = 8,
+    progress: bool = True,
+    **detector_options: object,
+) -> dict[str, int]:
+    """Align every photo under src into dst, mirroring its folders as JPEG crops; returns counts of this run.
+
+    One face per photo, the largest and most central (identity folders), or every face (`all_faces`, raw albums:
+    `<stem>_<k>.jpg`). Each photo gets records in dst/manifest.jsonl: aligned (box, score, landmarks), no_face or
+    error (why it could not be read). A photo with records is done, so a rerun resumes where a run stopped.
+    `workers` processes (default: one per core) each detect `chunk_size` photos per batch; 1 runs in this process.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: source folder not found")
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(sorted(DETECTORS))}")
+    if size < 16 or chunk_size < 1:
+        raise ValueError(f"need size >= 16 and chunk_size >= 1, got {size} and {chunk_size}")
+    workers = workers or os.cpu_count() or 1
+    sources = list_sources(src, exclude=dst)
+    if not sources:
+        raise ValueError(f"{src}: no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
+    dst.mkdir(parents=True, exist_ok=True)
+    done = read_manifest(dst)
+    clashes = [record for record in name_clashes(sources) if record["source"] not in done]
+    clashing = {record["source"] for record in clashes}
+    todo = [source for source in sources if source not in done and source not in clashing]
+    settings = AlignSettings(src, dst, size, all_faces, detector, dict(detector_options))
+    chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
+    counts = Counter(images=len(sources), skipped=len(done))
+    with (dst / MANIFEST).open("a") as manifest, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
+
+        def log(records: list[dict], photos: int) -> None:
+            manifest.writelines(json.dumps(record) + "\n" for record in records)
+            manifest.flush()
+            counts.update(record["status"] for record in records)
+            bar.update(photos)
+
+        log(clashes, 0)
+        if workers == 1:
+            found = get_detector(detector, **detector_options)
+            for chunk in chunks:
+                log(align_sources(settings, chunk, found), len(chunk))
+        elif chunks:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
+            with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(settings, threads)) as pool:
+                futures = {pool.submit(_align_in_worker, settings, chunk): len(chunk) for chunk in chunks}
+                for future in as_completed(futures):
+                    log(future.result(), futures[future])
+    return {key: counts[key] for key in ("images", "skipped", "aligned", "no_face", "error")}

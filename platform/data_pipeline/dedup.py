@@ -1,0 +1,250 @@
+"""De-duplication of auto-labelled faces: exact copies, near copies, one person split across albums, people the
+training set already has, and people of the verification sets (dropped, so the benchmarks stay clean).
+
+Every function returns `Decision` records, one per merge or drop, with the evidence; the dataset's log and stats
+(rejects by reason) are built from them. Features are face embeddings; they are L2-normalised here, so cosine
+similarity is an inner product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from faceforge.data_pipeline.cluster import first_seen_labels
+from faceforge.data_pipeline.knn import knn_graph, l2_normalise
+
+ALBUM_NEIGHBOURS = 30  # centroids searched per cluster for its best match in each other album
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One merge or drop. `reason` is a fixed code for counting; `detail` is the sentence for a person."""
+
+    action: str  # "drop" or "merge"
+    subject: int | str  # the image (index or path) or cluster dropped or merged
+    target: int | str  # what it duplicates, is merged into or matched
+    reason: str  # exact_duplicate, near_duplicate, album_merge, known_identity, evaluation_identity
+    similarity: float | None  # the cosine behind it; None for a byte-for-byte match
+    detail: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A similarity threshold and the error rates it gives on the scores it was picked from."""
+
+    threshold: float
+    fmr: float  # impostor pairs at or above the threshold
+    fnmr: float  # genuine pairs below it
+
+
+def sha256_file(path: str | Path) -> str:
+    with Path(path).open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def exact_duplicates(paths: Sequence[str | Path]) -> list[Decision]:
+    """Files whose bytes equal an earlier file's; the first copy in `paths` is kept."""
+    first_with: dict[str, str | Path] = {}
+    decisions = []
+    for path in paths:
+        digest = sha256_file(path)
+        if digest in first_with:
+            original = first_with[digest]
+            decisions.append(
+                Decision("drop", str(path), str(original), "exact_duplicate", None, f"same bytes as {original}")
+            )
+        else:
+            first_with[digest] = path
+    return decisions
+
+
+def _groups(labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of each label's members, in input order within a group."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return np.split(np.argsort(inverse.ravel(), kind="stable"), np.cumsum(counts)[:-1])
+
+
+def near_duplicates(
+    features: np.ndarray, quality: np.ndarray, identities: np.ndarray, threshold: float
+) -> list[Decision]:
+    """Within each identity, images whose embedding is within `threshold` cosine of a better-quality kept image:
+    re-encodes, resizes, burst shots. Best quality first, each image is kept unless it matches one already kept,
+    so the kept set has no pair above the threshold and every drop names the better copy it duplicates."""
+    if not len(features) == len(quality) == len(identities):
+        raise ValueError(
+            f"features, quality and identities differ in length: {len(features)}, {len(quality)}, {len(identities)}"
+        )
+    features, quality = l2_normalise(features), np.asarray(quality, dtype=np.float64)
+    decisions = []
+    for members in _groups(np.asarray(identities)):
+        order = members[np.argsort(-quality[members], kind="stable")]
+        sims = features[order] @ features[order].T
+        kept: list[int] = []
+        for pos, image in enumerate(order.tolist()):
+            match = kept[int(np.argmax(sims[pos, kept]))] if kept else None
+            if match is None or sims[pos, match] < threshold:
+                kept.append(pos)
+                continue
+            original, similarity = int(order[match]), float(sims[pos, match])
+            detail = (
+                f"cosine {similarity:.3f} >= {threshold:.3f} to image {original}, whose quality "
+                f"{quality[original]:.3f} >= {quality[image]:.3f}"
+            )
+            decisions.append(Decision("drop", image, original, "near_duplicate", similarity, detail))
+    return decisions
+
+
+def cluster_centroids(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique labels, their L2-normalised mean embeddings)."""
+    keys, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    starts = np.searchsorted(inverse.ravel()[order], np.arange(len(keys)))
+    return keys, l2_normalise(np.add.reduceat(l2_normalise(features)[order], starts, axis=0))
+
+
+def calibrate_threshold(genuine: np.ndarray, impostor: np.ndarray, fmr: float) -> Calibration:
+    """The lowest threshold at which at most a fraction `fmr` of impostor scores reach it (score >= threshold)."""
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64))[::-1]
+    genuine = np.asarray(genuine, dtype=np.float64)
+    if not 0 < fmr < 1:
+        raise ValueError(f"fmr must be between 0 and 1, got {fmr}")
+    if len(genuine) == 0 or fmr * len(impostor) < 1:
+        raise ValueError(
+            f"an FMR of {fmr:g} needs at least {int(np.ceil(1 / fmr))} impostor scores and some genuine ones; "
+            f"got {len(impostor)} impostor, {len(genuine)} genuine"
+        )
+    allowed = int(np.floor(fmr * len(impostor)))  # impostors that may reach the threshold
+    threshold = float(np.nextafter(impostor[allowed], np.inf))
+    return Calibration(threshold, float((impostor >= threshold).mean()), float((genuine < threshold).mean()))
+
+
+def pair_scores(
+    features: np.ndarray, identities: np.ndarray, max_impostors: int = 1_000_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of every same-identity pair (genuine) and of every different-identity pair (impostor), or of about
+    `max_impostors` random pairs when there are more: the scores `calibrate_threshold` picks a threshold from."""
+    features, identities = l2_normalise(features), np.asarray(identities)
+    n = len(features)
+    genuine = [(features[m] @ features[m].T)[np.triu_indices(len(m), 1)] for m in _groups(identities)]
+    if n * (n - 1) // 2 <= max_impostors:
+        a, b = np.triu_indices(n, 1)
+    else:
+        a, b = np.random.default_rng(seed).integers(n, size=(2, max_impostors))
+    different = identities[a] != identities[b]
+    a, b = a[different], b[different]
+    chunks = range(0, len(a), 65536)  # bounded memory: 65536 pairs of rows at a time
+    impostor = [np.einsum("ij,ij->i", features[a[i : i + 65536]], features[b[i : i + 65536]]) for i in chunks]
+    return np.concatenate(genuine).astype(np.float64), np.concatenate([np.zeros(0), *impostor])
+
+
+def merge_albums(
+    features: np.ndarray, albums: np.ndarray, clusters: np.ndarray, threshold: float, margin: float = 0.0
+) -> tuple[np.ndarray, list[Decision]]:
+    """Join clusters of different albums whose centroids are mutual nearest neighbours (each is the other's most
+    similar cluster in the other's album) with cosine >= threshold. Returns one global identity label per face
+    (0..C-1, first seen first) and a decision per merge. A person in several albums is joined pairwise, so
+    transitively; the threshold (see `calibrate_threshold`) keeps distinct look-alikes apart."""
+    albums, clusters = np.asarray(albums), np.asarray(clusters)
+    if not len(features) == len(albums) == len(clusters):
+        raise ValueError(
+            f"features, albums and clusters differ in length: {len(features)}, {len(albums)}, {len(clusters)}"
+        )
+    album_names, album_of = np.unique(albums, return_inverse=True)
+    cluster_names, cluster_of = np.unique(clusters, return_inverse=True)
+    codes, face_key = np.unique(album_of.ravel() * len(cluster_names) + cluster_of.ravel(), return_inverse=True)
+    face_key = face_key.ravel()
+    key_album, key_cluster = codes // len(cluster_names), codes % len(cluster_names)
+    _, centroids = cluster_centroids(features, face_key)
+    a, b, sims = _mutual_across_albums(centroids, key_album, threshold, margin)
+    n_keys = len(codes)
+    _, component = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n_keys, n_keys)), directed=False)
+    name = [f"{album_names[i]}/{cluster_names[j]}" for i, j in zip(key_album, key_cluster, strict=True)]
+    decisions = []
+    for i, j, sim in zip(a.tolist(), b.tolist(), sims.tolist(), strict=True):
+        detail = f"centroids are mutual nearest neighbours across albums, cosine {sim:.3f} >= {threshold:.3f}"
+        decisions.append(Decision("merge", name[j], name[i], "album_merge", sim, detail))
+    return first_seen_labels(component[face_key]), decisions
+
+
+def _mutual_across_albums(
+    centroids: np.ndarray, album: np.ndarray, threshold: float, margin: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j, cosine) of clusters in different albums, each the other's best match in its album, at
+    cosine >= threshold and ahead of the runner-up in that album by >= margin, both ways."""
+    n = len(centroids)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+    neighbours, sims = knn_graph(centroids, ALBUM_NEIGHBOURS)
+    source = np.repeat(np.arange(n), neighbours.shape[1])
+    other, sim = neighbours.ravel(), sims.ravel().astype(np.float64)
+    across = other >= 0
+    across[across] = album[source[across]] != album[other[across]]
+    source, other, sim = source[across], other[across], sim[across]
+    # Neighbours come most similar first, so within each (cluster, other album) group, in input order, the first
+    # hit is the best match there and the second the runner-up (none: it ranks below the searched neighbours).
+    group = source * (album.max() + 1) + album[other]
+    order = np.argsort(group, kind="stable")
+    _, start, count = np.unique(group[order], return_index=True, return_counts=True)
+    best = order[start]
+    runner_up = np.where(count > 1, sim[order[np.minimum(start + 1, len(order) - 1)]], -np.inf)
+    source, other, sim, lead = source[best], other[best], sim[best], sim[best] - runner_up
+    # Each best match's code source * n + other, sorted, so a pair's reverse direction is found by binary search.
+    codes = source * n + other
+    by_code = np.argsort(codes)
+    reverse = by_code[np.minimum(np.searchsorted(codes[by_code], other * n + source), len(codes) - 1)]
+    mutual = (codes[reverse] == other * n + source) & (source < other) & (sim >= threshold)
+    mutual &= (lead >= margin) & (lead[reverse] >= margin)
+    return source[mutual], other[mutual], sim[mutual]
+
+
+def _match_centres(
+    action: str,
+    reason: str,
+    cluster_ids: Sequence[int | str],
+    centroids: np.ndarray,
+    centres: np.ndarray,
+    names: Sequence[str],
+    threshold: float,
+) -> list[Decision]:
+    """A decision for each cluster whose best-matching centre reaches cosine >= threshold."""
+    index = faiss.IndexFlatIP(centres.shape[1])
+    index.add(l2_normalise(centres))
+    sims, rows = index.search(l2_normalise(centroids), 1)
+    kind = "training" if reason == "known_identity" else "verification"
+    decisions = []
+    for i, (sim, row) in enumerate(zip(sims[:, 0].tolist(), rows[:, 0].tolist(), strict=True)):
+        if sim >= threshold:
+            detail = f"matches {kind} identity {names[row]}: cosine {sim:.3f} >= {threshold:.3f}"
+            decisions.append(Decision(action, cluster_ids[i], names[row], reason, sim, detail))
+    return decisions
+
+
+def match_known_identities(
+    cluster_ids: Sequence[int | str],
+    centroids: np.ndarray,
+    known_centres: np.ndarray,
+    known_names: Sequence[str],
+    threshold: float,
+) -> list[Decision]:
+    """New clusters that are people the training set already has: merge each into the identity whose centre
+    (a classifier weight row, or the class centroid) it matches best at cosine >= threshold."""
+    return _match_centres("merge", "known_identity", cluster_ids, centroids, known_centres, known_names, threshold)
+
+
+def drop_evaluation_identities(
+    cluster_ids: Sequence[int | str],
+    centroids: np.ndarray,
+    eval_centres: np.ndarray,
+    eval_names: Sequence[str],
+    threshold: float,
+) -> list[Decision]:
+    """New clusters that are people of a verification set: drop them, or training on them would leak the test."""
+    return _match_centres("drop", "evaluation_identity", cluster_ids, centroids, eval_centres, eval_names, threshold)

@@ -1,0 +1,69 @@
+"""The card of an exported artifact: what a deployment target budget is checked against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from faceforge.export.c_array import Activation, largest_activation
+from faceforge.export.runtime import LATENCY_RUNS, onnx_latency_ms
+from faceforge.models.card import count_macs, count_params
+
+
+@dataclass
+class ArtifactCard:
+    format: str
+    model: dict[str, Any]
+    params: int
+    macs: int
+    fp32_bytes: int
+    fp32_latency_ms: float
+    int8_bytes: int | None
+    int8_latency_ms: float | None
+    # Of the deployed graph: the int8 one when there is one.
+    largest_activation: Activation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few aligned lines for the terminal."""
+        act = self.largest_activation
+        rows = {
+            "model": " ".join(f"{k}={v}" for k, v in self.model.items()),
+            "params": f"{self.params:,}",
+            "MACs": f"{self.macs / 1e6:.1f} M",
+            "fp32": f"{self.fp32_bytes / 1024:.1f} KiB, {self.fp32_latency_ms:.2f} ms",
+        }
+        if self.int8_bytes is not None and self.int8_latency_ms is not None:
+            speedup = self.fp32_latency_ms / self.int8_latency_ms
+            rows["int8"] = f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x)"
+        shape = "x".join(str(d) for d in act.shape)
+        rows["largest activation"] = f"{act.bytes / 1024:.1f} KiB ({act.name}, {shape})"
+        return "\n".join(f"{key:<19}{value}" for key, value in rows.items())
+
+
+def artifact_card(
+    model: nn.Module,
+    fmt: str,
+    fp32_path: Path,
+    int8_path: Path | None = None,
+    latency_runs: int = LATENCY_RUNS,
+) -> ArtifactCard:
+    """Latencies are onnxruntime's at batch 1 on one thread (median of `latency_runs`)."""
+    input_size = model.input_size
+    deployed = int8_path or fp32_path
+    return ArtifactCard(
+        format=fmt,
+        model=dict(getattr(model, "config", {})),
+        params=count_params(model),
+        macs=count_macs(model, input_size),
+        fp32_bytes=fp32_path.stat().st_size,
+        fp32_latency_ms=onnx_latency_ms(fp32_path, input_size, latency_runs),
+        int8_bytes=int8_path.stat().st_size if int8_path else None,
+        int8_latency_ms=onnx_latency_ms(int8_path, input_size, latency_runs) if int8_path else None,
+        largest_activation=largest_activation(deployed),
+    )

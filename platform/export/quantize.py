@@ -1,0 +1,133 @@
+"""Static int8 quantisation (onnxruntime QDQ, per-channel weights) calibrated on real aligned faces."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from faceforge.data import EvalTransform, open_dataset, read_image
+from faceforge.data.folder import list_images
+from faceforge.eval.sources import MLFLOW_SCHEMES
+from faceforge.export.onnx_export import INPUT_NAME
+
+CALIBRATION_COUNT = 256
+CALIBRATION_BATCH = 16
+
+
+class CalibrationImages(Protocol):
+    """What the reader draws from: a training dataset (folder tree, RecordIO) or an ImageList."""
+
+    def __len__(self) -> int: ...
+
+    def read_image(self, index: int) -> np.ndarray: ...
+
+
+class ImageList:
+    """Loose image files: a flat folder, or a text file naming one image per line (relative to that file)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        if not paths:
+            raise ValueError("the calibration image list is empty")
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_image(self, index: int) -> np.ndarray:
+        return read_image(self.paths[index])
+
+
+def open_calibration_images(source: str | Path) -> CalibrationImages:
+    """A training-set directory (identity folders or train.rec), a flat folder of images, or a .txt list."""
+    path = Path(source)
+    if path.is_file():
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return ImageList([path.parent / line for line in lines if line and not line.startswith("#")])
+    if not path.is_dir():
+        raise FileNotFoundError(f"calibration set {path} not found (expected a folder or a .txt list of images)")
+    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()) or (path / "train.rec").is_file():
+        return open_dataset(path)
+    return ImageList(list_images(path))
+
+
+def training_data_of(source: str, tracking_uri: str | None = None) -> tuple[Path, float]:
+    """The training set and crop fraction a checkpoint or MLflow model recorded: the default calibration set."""
+    if source.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        run_id = mlflow.models.get_model_info(source).run_id
+        params = mlflow.MlflowClient().get_run(run_id).data.params if run_id else {}
+        root, crop = params.get("data.root"), params.get("data.crop_fraction")
+    else:
+        from faceforge.train.checkpoint import resolve_checkpoint
+
+        state = torch.load(resolve_checkpoint(Path(source)) / "model.pt", map_location="cpu", weights_only=True)
+        data = state.get("train_config", {}).get("data", {})
+        root, crop = data.get("root"), data.get("crop_fraction")
+    if not root:
+        raise ValueError(f"{source} does not record its training data; give the calibration set and crop")
+    return Path(root), float(crop or 1.0)
+
+
+class FaceCalibrationReader(CalibrationDataReader):
+    """`count` images spread evenly over the set (so over its identities), preprocessed exactly as in evaluation."""
+
+    def __init__(
+        self,
+        images: CalibrationImages,
+        *,
+        input_size: int,
+        crop_fraction: float,
+        count: int = CALIBRATION_COUNT,
+        batch_size: int = CALIBRATION_BATCH,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"calibration count must be >= 1, got {count}")
+        self.images = images
+        self.transform = EvalTransform(input_size, crop_fraction)
+        indices = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int))
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.position = 0
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position == len(self.batches):
+            return None
+        batch = self.batches[self.position]
+        self.position += 1
+        tensors = [self.transform(self.images.read_image(int(i))) for i in batch]
+        return {INPUT_NAME: torch.stack(tensors).numpy()}
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: FaceCalibrationReader) -> Path:
+    """Shape inference and graph optimisation first (onnxruntime's advice), then static QDQ quantisation.
+
+    Signed int8 activations and weights (onnxruntime's balanced default for QDQ on CPU); weights per
+    output channel, which depthwise convolutions need: their channels' ranges differ by orders of magnitude.
+    """
+    int8_path = Path(int8_path)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="faceforge-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    return int8_path

@@ -1,0 +1,30 @@
+"""The launcher's options, registered as `hydra/launcher=faceforge_queue` (set them as `hydra.launcher.<name>=`).
+
+No `from __future__ import annotations` here: Hydra's plugin scanner runs this module before it is in
+sys.modules, where dataclasses cannot resolve string annotations.
+"""
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class QueueLauncherConf:
+    _target_: str = "hydra_plugins.faceforge_queue.queue_launcher.QueueLauncher"
+    priority: int = 0
+    executor: str = "local"
+    slots: int | None = None  # per job; trainer.nproc when unset
+    # Block until every job is terminal, return their metrics and register the champion.
+    wait: bool = False
+    poll_seconds: float = 2.0
+    # What each job returns when waiting, and what the champion is chosen by, within optional limits.
+    metric: str = "accuracy"
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+    registered_model: str = "faceforge"
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="faceforge_queue", node=QueueLauncherConf, provider="faceforge"
+)

@@ -1,0 +1,30 @@
+"""Model selection over a sweep's MLflow runs and the MLflow model registry (the `champion` alias)."""
+
+from faceforge.registry.champion import (
+    CHAMPION_ALIAS,
+    REGISTERED_MODEL,
+    Version,
+    champion,
+    register,
+    select_and_register,
+    versions,
+)
+from faceforge.registry.database import default_tracking_uri, prepare_tracking
+from faceforge.registry.selection import Candidate, Policy, Selection, select, sweep_candidates
+
+__all__ = [
+    "CHAMPION_ALIAS",
+    "REGISTERED_MODEL",
+    "Candidate",
+    "Policy",
+    "Selection",
+    "Version",
+    "champion",
+    "default_tracking_uri",
+    "prepare_tracking",
+    "register",
+    "select",
+    "select_and_register",
+    "sweep_candidates",
+    "versions",
+]

@@ -1,0 +1,148 @@
+"""Registering a sweep's winner as a model version with the alias `champion`, and reading it back.
+
+Registration is keyed by (sweep id, run id): rerunning it for the same sweep finds the version it made
+before instead of adding another, so a launcher and a scheduler may both finish a sweep safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from faceforge.registry.selection import (
+    LATENCY,
+    MACS,
+    PARAMS,
+    SWEEP_TAG,
+    Policy,
+    Selection,
+    check_id,
+    select,
+    sweep_candidates,
+)
+
+REGISTERED_MODEL = "faceforge"
+CHAMPION_ALIAS = "champion"
+METRIC_TAG, VALUE_TAG, REASON_TAG = "faceforge.metric", "faceforge.metric_value", "faceforge.reason"
+
+
+@dataclass(frozen=True)
+class Version:
+    """A registered model version with what selection recorded on it and its model card."""
+
+    name: str
+    version: str
+    run_id: str
+    aliases: list[str]
+    sweep_id: str | None
+    metric: str | None
+    value: float | None
+    reason: str | None
+    card: dict[str, float] = field(default_factory=dict)  # params, macs, latency_ms of the trained backbone
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def describe(self) -> str:
+        card = self.card
+        lines = [
+            f"model:   {self.name} v{self.version}"
+            + (f"  aliases: {', '.join(self.aliases)}" if self.aliases else "")
+            + f"  ({self.uri})",
+            f"run:     {self.run_id}" + (f"  sweep {self.sweep_id}" if self.sweep_id else ""),
+        ]
+        if self.metric is not None and self.value is not None:
+            lines.append(f"metric:  {self.metric} = {self.value:.4f}")
+        if card.keys() == {"params", "macs", "latency_ms"}:
+            lines.append(
+                f"card:    params {card['params'] / 1e6:.3f} M  MACs {card['macs'] / 1e6:.1f} M  "
+                f"latency {card['latency_ms']:.2f} ms (1 thread, batch 1)"
+            )
+        if self.reason:
+            lines.append(f"reason:  {self.reason}")
+        return "\n".join(lines)
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def _version(client: MlflowClient, mv: ModelVersion) -> Version:
+    tags = mv.tags or {}
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    keys = {"params": PARAMS, "macs": MACS, "latency_ms": LATENCY}
+    return Version(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        aliases=list(mv.aliases or []),
+        sweep_id=tags.get(SWEEP_TAG),
+        metric=tags.get(METRIC_TAG),
+        value=float(tags[VALUE_TAG]) if VALUE_TAG in tags else None,
+        reason=tags.get(REASON_TAG),
+        card={short: metrics[key] for short, key in keys.items() if key in metrics},
+    )
+
+
+def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MODEL) -> Version:
+    """Register the winner's logged model (once per sweep), tag it with the selection and make it champion."""
+    winner = selection.winner
+    if winner is None:
+        raise ValueError(f"sweep {selection.sweep_id}: {selection.reason}")
+    assert winner.model_id is not None, "selection only lets runs with a logged model win"
+    check_id(name, "registered model name")
+    client = _client(tracking_uri)
+    try:
+        client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    tags = {
+        SWEEP_TAG: selection.sweep_id,
+        METRIC_TAG: selection.policy.metric,
+        VALUE_TAG: f"{selection.value:.6g}",
+        REASON_TAG: selection.reason,
+    }
+    existing = client.search_model_versions(f"name = '{name}' AND run_id = '{winner.run_id}'")
+    mv = next((v for v in existing if (v.tags or {}).get(SWEEP_TAG) == selection.sweep_id), None)
+    if mv is None:
+        # The artifact location, not models:/<id>: MLflow resolves that through the global tracking URI.
+        source = client.get_logged_model(winner.model_id).artifact_location
+        mv = client.create_model_version(name, source, run_id=winner.run_id, tags=tags, model_id=winner.model_id)
+    else:  # the same sweep again: refresh what a changed policy may have changed
+        for key, value in tags.items():
+            client.set_model_version_tag(name, mv.version, key, value)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
+    return _version(client, client.get_model_version(name, mv.version))
+
+
+def select_and_register(
+    tracking_uri: str, sweep_id: str, policy: Policy | None = None, name: str = REGISTERED_MODEL
+) -> tuple[Selection, Version]:
+    """Select over the sweep's runs and register the winner; ValueError when no run qualifies."""
+    selection = select(sweep_candidates(tracking_uri, sweep_id), policy or Policy(), sweep_id)
+    return selection, register(tracking_uri, selection, name)
+
+
+def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> Version:
+    client = _client(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        raise ValueError(f"no {CHAMPION_ALIAS} of model {name!r} in {tracking_uri} yet") from None
+    return _version(client, mv)
+
+
+def versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list[Version]:
+    """Every version of the registered model, newest first, with aliases (search results omit them)."""
+    client = _client(tracking_uri)
+    check_id(name, "registered model name")
+    found = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
+    return [_version(client, client.get_model_version(name, mv.version)) for mv in found]

@@ -1,0 +1,42 @@
+"""The MLflow database: where it lives by default, and creating it once before concurrent jobs use it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+
+def default_tracking_uri() -> str:
+    """The trainer's default (configs/train.yaml: mlflow.tracking_uri)."""
+    return f"sqlite:///{os.environ.get('FACEFORGE_HOME', 'runs')}/mlflow.db"
+
+
+def database_path(tracking_uri: str) -> Path:
+    if not tracking_uri.startswith("sqlite:///"):
+        raise ValueError(f"tracking URI must be sqlite:///<path>, got {tracking_uri!r}")
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:
+    """Create the database, its tables and the experiment from this one process; returns the experiment id.
+
+    MLflow migrates an empty SQLite database on first use without any lock, so jobs that start together on a
+    fresh database break each other's migrations. Call this before enqueueing or starting them. Artifacts go
+    next to the database rather than into ./mlruns of whichever directory a job happens to run in.
+    """
+    path = database_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=(path.parent / "artifacts").resolve().as_uri())
+    except MlflowException as err:  # another process created it meanwhile
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id

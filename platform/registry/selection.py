@@ -1,0 +1,194 @@
+"""Which run of a sweep wins: the best metric among finished runs that meet the policy's limits, and why.
+
+A sweep's runs are the MLflow runs tagged `faceforge.sweep_id`. The trainer logs evaluation metrics as
+`eval.<name>` and the trained backbone's model card as `model.params`, `model.macs` and `model.latency_ms`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+SWEEP_TAG, JOB_TAG = "faceforge.sweep_id", "faceforge.job_id"
+LATENCY, PARAMS, MACS = "model.latency_ms", "model.params", "model.macs"
+LOWER_IS_BETTER = frozenset({"eer", "accuracy_std"})
+TIE_BREAK = "accuracy"
+LISTED_EXCLUSIONS = 10  # a reason stays readable (and within MLflow's tag limits) for large sweeps
+_SAFE_ID = re.compile(r"^[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The metric to optimise (maximised, or minimised for error rates) and optional limits on the model."""
+
+    metric: str = "accuracy"
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_latency_ms", "max_params"):
+            limit = getattr(self, name)
+            if limit is not None and not limit > 0:
+                raise ValueError(f"{name} must be positive, got {limit}")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+    def describe(self) -> str:
+        limits = [f"latency <= {self.max_latency_ms:g} ms"] if self.max_latency_ms is not None else []
+        limits += [f"params <= {self.max_params:,}"] if self.max_params is not None else []
+        goal = "lowest" if self.lower_is_better else "best"
+        return f"{goal} {self.metric}" + (f" with {', '.join(limits)}" if limits else "")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One run of a sweep as selection sees it."""
+
+    run_id: str
+    run_name: str
+    job_id: str | None
+    backbone: str | None
+    status: str
+    start_time: int
+    metrics: dict[str, float]
+    model_id: str | None  # the run's logged MLflow model; without one there is nothing to register
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_name} ({self.backbone})" if self.backbone else self.run_name
+
+    def metric(self, name: str) -> float | None:
+        """An evaluation metric by its short name (`accuracy`, `tar_far_1e-03`) or any logged metric by key."""
+        return self.metrics.get(f"eval.{name}", self.metrics.get(name))
+
+
+@dataclass(frozen=True)
+class Selection:
+    sweep_id: str
+    policy: Policy
+    winner: Candidate | None
+    reason: str
+    excluded: dict[str, str]  # run label -> why it could not win
+
+    @property
+    def value(self) -> float | None:
+        return self.winner.metric(self.policy.metric) if self.winner else None
+
+
+def check_id(value: str, what: str) -> str:
+    """Ids end up in MLflow filter strings, so only word characters, dots and dashes are accepted."""
+    if not _SAFE_ID.match(value):
+        raise ValueError(f"bad {what} {value!r}: use letters, digits, '_', '-' and '.' only")
+    return value
+
+
+def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
+    """Every run tagged with the sweep id in any experiment, oldest first, with its logged model if any."""
+    client = MlflowClient(tracking_uri)
+    check_id(sweep_id, "sweep id")
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'",
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
+    return [
+        Candidate(
+            run_id=run.info.run_id,
+            run_name=run.info.run_name or run.info.run_id,
+            job_id=run.data.tags.get(JOB_TAG),
+            backbone=run.data.params.get("model.name"),
+            status=run.info.status,
+            start_time=run.info.start_time or 0,
+            metrics=dict(run.data.metrics),
+            model_id=_logged_model(run),
+        )
+        for run in runs
+    ]
+
+
+def _logged_model(run: Run) -> str | None:
+    """The id of the run's logged model; the latest step's when a resumed run logged more than one."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return max(outputs, key=lambda output: output.step).model_id if outputs else None
+
+
+def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
+    if candidate.status != "FINISHED":
+        return f"run {candidate.status.lower()}"
+    value = candidate.metric(policy.metric)
+    if value is None or not math.isfinite(value):
+        return f"no {policy.metric} logged"
+    if policy.max_latency_ms is not None:
+        latency = candidate.metrics.get(LATENCY)
+        if latency is None:
+            return "no latency logged"
+        if latency > policy.max_latency_ms:
+            return f"latency {latency:.2f} ms > {policy.max_latency_ms:g} ms"
+    if policy.max_params is not None:
+        params = candidate.metrics.get(PARAMS)
+        if params is None:
+            return "no params logged"
+        if params > policy.max_params:
+            return f"params {int(params):,} > {policy.max_params:,}"
+    if candidate.model_id is None:
+        return "no logged model to register"
+    return None
+
+
+def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Selection:
+    """The best eligible run; ties go to higher accuracy, then to the earlier run."""
+    excluded, eligible = {}, []
+    for candidate in candidates:
+        why = _exclusion(candidate, policy)
+        if why is None:
+            eligible.append(candidate)
+        else:
+            excluded[candidate.label] = why
+    sign = -1.0 if policy.lower_is_better else 1.0
+
+    def rank(candidate: Candidate) -> tuple[float, float, int]:
+        tie_break = candidate.metric(TIE_BREAK)
+        return (
+            sign * candidate.metric(policy.metric),
+            tie_break if tie_break is not None else -math.inf,
+            -candidate.start_time,
+        )
+
+    ranked = sorted(eligible, key=rank, reverse=True)
+    winner = ranked[0] if ranked else None
+    return Selection(sweep_id, policy, winner, _reason(ranked, excluded, policy, len(candidates)), excluded)
+
+
+def _reason(ranked: list[Candidate], excluded: dict[str, str], policy: Policy, total: int) -> str:
+    metric = policy.metric
+    if not ranked:
+        head = f"no run qualifies for {policy.describe()} among {total} run(s)"
+    else:
+        winner = ranked[0]
+        head = f"{winner.label} has the {policy.describe()} ({winner.metric(metric):.4f}) of {len(ranked)} eligible"
+        if len(ranked) > 1:
+            runner_up = ranked[1]
+            head += f"; runner-up {runner_up.label} {runner_up.metric(metric):.4f}"
+            if runner_up.metric(metric) == winner.metric(metric):
+                head += f" (tie broken by {TIE_BREAK}, then by start time)"
+    if excluded:
+        listed = [f"{label}: {why}" for label, why in list(excluded.items())[:LISTED_EXCLUSIONS]]
+        more = len(excluded) - len(listed)
+        head += f"; excluded {', '.join(listed)}" + (f" and {more} more" if more else "")
+    return head

@@ -1,0 +1,368 @@
+"""The web UI: server-rendered pages over the job store and MLflow, with htmx swapping in the parts that change.
+
+Reads are open (the server listens on 127.0.0.1 by default); every post needs the access token (see
+security.py). Nothing here runs a command: jobs go into the store and the scheduler starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from mlflow.exceptions import MlflowException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
+from faceforge.jobs.store import EXECUTORS
+from faceforge.models import list_models
+from faceforge.registry import Policy, select, select_and_register, sweep_candidates, versions
+from faceforge.train.app import CONFIG_DIR
+from faceforge.web import runs
+from faceforge.web.datasets import data_roots, describe, list_datasets
+from faceforge.web.forms import JobForm, tokens
+from faceforge.web.plots import line_chart
+from faceforge.web.security import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    check_csrf,
+    check_origin,
+    new_csrf,
+    require_token,
+    resolve_token,
+    same,
+    session_value,
+)
+
+HERE = Path(__file__).resolve().parent
+PAGE_SIZE = 50
+POLL_SECONDS = 0.5  # how often a log stream looks for new bytes
+LOG_CHUNK = 64 * 1024
+MLFLOW_UI_ENV = "FACEFORGE_MLFLOW_UI"
+# Hydra's global state is per process: two requests composing configs at once would trip over each other.
+HYDRA_LOCK = threading.Lock()
+REGISTRY_LOCK = threading.Lock()
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else ""
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if not start:
+        return ""
+    seconds = (end or time.time()) - start
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def read_log(path: str | None, offset: int, final: bool) -> tuple[str, int]:
+    """Log text from byte `offset`, cut after the last line break unless the job has ended (no half lines)."""
+    if not path or not Path(path).is_file():
+        return "", offset
+    with open(path, "rb") as file:
+        file.seek(offset)
+        data = file.read(LOG_CHUNK)
+    if not final and len(data) < LOG_CHUNK:
+        data = data[: max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
+    return data.decode("utf-8", errors="replace"), offset + len(data)
+
+
+def sse_event(text: str, offset: int) -> str:
+    """One server-sent event; its id is the byte offset a reconnecting client resumes from (Last-Event-ID)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
+    return f"id: {offset}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
+
+
+def compose_jobs(overrides: list[str], **options: Any) -> list[Job]:
+    with HYDRA_LOCK:
+        return make_jobs(overrides, **options)
+
+
+def register_champion(tracking_uri: str, sweep_id: str, policy: Policy) -> None:
+    """Select and register a sweep's winner.
+
+    MLflow resolves the `models:/<id>` source of a new model version through its process-wide tracking URI,
+    not the client's, so that URI must point at the sweep's database while registering.
+    """
+    with REGISTRY_LOCK:
+        mlflow.set_tracking_uri(tracking_uri)
+        select_and_register(tracking_uri, sweep_id, policy)
+
+
+def create_app(home: Path, token: str | None = None, roots: list[Path] | None = None) -> FastAPI:
+    """The app over the job store of `home`; `token` defaults to $FACEFORGE_TOKEN or home/web_token (created once)."""
+    home = Path(home)
+    store = JobStore(store_path(home))
+    roots = data_roots() if roots is None else [Path(r) for r in roots]
+    app = FastAPI(title="FaceForge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.token = token or resolve_token(home)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters |= {"when": _when}
+    templates.env.globals |= {"duration": _duration, "states": STATES}
+    heads = sorted(path.stem for path in (CONFIG_DIR / "head").glob("*.yaml"))
+    mlflow_ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
+    home_uri = f"sqlite:///{home}/mlflow.db"
+
+    def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        context |= {"csrf": request.state.csrf, "logged_in": _logged_in(request)}
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def _logged_in(request: Request) -> bool:
+        return same(request.cookies.get(SESSION_COOKIE, ""), session_value(app.state.token))
+
+    def get_job(job_id: str) -> Job:
+        try:
+            return store.get(job_id)
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id}") from None
+
+    @app.middleware("http")
+    async def csrf_cookie_and_headers(request: Request, call_next: Any) -> Response:
+        known = request.cookies.get(CSRF_COOKIE)
+        request.state.csrf = known or new_csrf()
+        response = await call_next(request)
+        if not known:
+            response.set_cookie(CSRF_COOKIE, request.state.csrf, httponly=True, samesite="strict")
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def error_page(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
+        return render(request, "error.html", exc.status_code, message=exc.detail)
+
+    @app.get("/")
+    def index() -> RedirectResponse:
+        return RedirectResponse("/queue", 303)
+
+    @app.get("/login")
+    def login_form(request: Request, next: str = "/queue") -> HTMLResponse:
+        return render(request, "login.html", next=next, error=None)
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        check_origin(request)
+        form = await request.form()
+        check_csrf(request, str(form.get("csrf", "")))
+        target = str(form.get("next", "/queue"))
+        target = target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/queue"
+        if not same(str(form.get("token", "")).strip(), app.state.token):
+            return render(request, "login.html", 401, next=target, error="wrong access token")
+        response = RedirectResponse(target, 303)
+        response.set_cookie(SESSION_COOKIE, session_value(app.state.token), httponly=True, samesite="strict")
+        return response
+
+    @app.post("/logout", dependencies=[Depends(require_token)])
+    def logout() -> RedirectResponse:
+        response = RedirectResponse("/queue", 303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    def queue_context(state: str | None, page: int) -> dict[str, Any]:
+        if state is not None and state not in STATES:
+            raise HTTPException(400, f"unknown state {state!r}; choose from {', '.join(STATES)}")
+        page = max(page, 1)
+        found = store.list(states=[state] if state else None, limit=page * PAGE_SIZE + 1)
+        return {
+            "jobs": found[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
+            "positions": store.positions(),
+            "state": state,
+            "page": page,
+            "has_next": len(found) > page * PAGE_SIZE,
+            "page_size": PAGE_SIZE,
+        }
+
+    @app.get("/queue")
+    def queue(request: Request, state: str | None = None, page: int = 1) -> HTMLResponse:
+        return render(request, "queue.html", **queue_context(state, page))
+
+    @app.get("/queue/table")
+    def queue_table(request: Request, state: str | None = None, page: int = 1) -> HTMLResponse:
+        return render(request, "_queue_table.html", **queue_context(state, page))
+
+    def form_page(request: Request, form: JobForm, error: str | None, clone_of: str | None = None) -> HTMLResponse:
+        return render(
+            request,
+            "job_form.html",
+            400 if error else 200,
+            form=form,
+            error=error,
+            clone_of=clone_of,
+            datasets=list_datasets(roots),
+            backbones=list_models(),
+            heads=heads,
+            executors=EXECUTORS,
+        )
+
+    @app.get("/jobs/new")
+    def new_job(request: Request, clone: str | None = None) -> HTMLResponse:
+        form = JobForm.from_job(get_job(clone)) if clone else JobForm()
+        return form_page(request, form, None, clone)
+
+    @app.get("/jobs/preview")
+    def preview(overrides: str = "", sweep: str = "") -> HTMLResponse:
+        """How many jobs the sweep grammar expands to, before anything is submitted."""
+        try:
+            count = len(expand_sweep([*tokens(overrides, "overrides"), *tokens(sweep, "sweep")]))
+        except ValueError as err:
+            return HTMLResponse(f'<span class="error">{escape(str(err))}</span>')
+        return HTMLResponse(f"{count} point{'s' if count != 1 else ''}")
+
+    @app.post("/jobs", dependencies=[Depends(require_token)])
+    async def submit(request: Request) -> Response:
+        form = JobForm.from_form(await request.form())
+        try:
+            if form.executor not in EXECUTORS:
+                raise ValueError(f"unknown executor {form.executor!r}")
+            overrides = form.overrides_list(roots)
+            priority, slots = form.number("priority", 0), form.number("slots", None)
+            assert priority is not None
+            jobs = await asyncio.to_thread(
+                compose_jobs, overrides, name=form.name or None, priority=priority, slots=slots, executor=form.executor
+            )
+            store.submit(jobs)
+        except ValueError as err:
+            return form_page(request, form, str(err))
+        target = f"/sweeps/{jobs[0].sweep_id}" if len(jobs) > 1 else f"/jobs/{jobs[0].id}"
+        return RedirectResponse(target, 303)
+
+    @app.get("/jobs/{job_id}")
+    def job_page(request: Request, job_id: str, diff: str | None = None) -> HTMLResponse:
+        job = get_job(job_id)
+        diff_lines = None
+        if diff:
+            other = get_job(diff)
+            diff_lines = list(
+                difflib.unified_diff(
+                    other.config_yaml.splitlines(), job.config_yaml.splitlines(), other.id, job.id, lineterm=""
+                )
+            )
+        recent = [j.id for j in store.list(limit=50) if j.id != job.id]
+        return render(request, "job.html", job=job, diff=diff, diff_lines=diff_lines, recent=recent)
+
+    @app.get("/jobs/{job_id}/status")
+    def job_status(request: Request, job_id: str) -> HTMLResponse:
+        return render(request, "_job_status.html", job=get_job(job_id))
+
+    @app.get("/jobs/{job_id}/metrics")
+    def job_metrics(request: Request, job_id: str) -> HTMLResponse:
+        job = get_job(job_id)
+        run = runs.job_run(job)
+        charts, values, link = [], {}, None
+        if run is not None:
+            for key, points in runs.curves(runs.tracking_uri(job), run).items():
+                if len({step for step, _ in points}) > 1:
+                    charts.append(line_chart(key, points))
+                else:
+                    values[key] = points[-1][1]
+            link = f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        return render(request, "_job_metrics.html", job=job, run=run, charts=charts, values=values, link=link)
+
+    @app.get("/jobs/{job_id}/logs")
+    async def job_logs(request: Request, job_id: str, offset: int = 0) -> StreamingResponse:
+        """Server-sent log lines; a reconnecting EventSource resumes after the last byte it got."""
+        get_job(job_id)
+        last_id = request.headers.get("last-event-id", "")
+        start = int(last_id) if last_id.isdigit() else max(offset, 0)
+
+        async def events() -> AsyncIterator[str]:
+            position = start
+            yield "retry: 1000\n\n"
+            while not await request.is_disconnected():
+                job = await asyncio.to_thread(store.get, job_id)
+                text, position_after = await asyncio.to_thread(read_log, job.log_path, position, job.terminal)
+                if text:
+                    position = position_after
+                    yield sse_event(text, position)
+                elif job.terminal:
+                    yield f"id: {position}\nevent: end\ndata: {job.state}\n\n"
+                    return
+                else:
+                    await asyncio.sleep(POLL_SECONDS)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_token)])
+    def cancel(job_id: str) -> RedirectResponse:
+        get_job(job_id)
+        store.cancel(job_id)
+        return RedirectResponse(f"/jobs/{job_id}", 303)
+
+    def sweep_context(sweep_id: str, metric: str | None) -> dict[str, Any]:
+        jobs = list(reversed(store.list(sweep_id=sweep_id, limit=100_000)))
+        if not jobs:
+            raise HTTPException(404, f"no sweep {sweep_id}")
+        uri = runs.tracking_uri(jobs[0])
+        candidates = sweep_candidates(uri, sweep_id) if runs.database_ready(uri) else []
+        by_job = {c.job_id: c for c in candidates}  # oldest first: a job's latest attempt wins
+        policy = Policy(metric=metric or Policy().metric)
+        selection = select(candidates, policy, sweep_id) if candidates else None
+        registered = [v for v in versions(uri) if v.sweep_id == sweep_id] if runs.database_ready(uri) else []
+        settings = {job.id: dict(o.partition("=")[::2] for o in job.overrides) for job in jobs}
+        points = list(settings.values())
+        varying = sorted({key for point in points for key in point if len({p.get(key) for p in points}) > 1})
+        columns = sorted({key for c in candidates for key in c.metrics if key.startswith("eval.") or key == "loss"})
+        return {
+            "sweep_id": sweep_id,
+            "jobs": jobs,
+            "by_job": by_job,
+            "varying": varying,
+            "settings": settings,
+            "columns": columns,
+            "selection": selection,
+            "registered": registered,
+            "done": all(job.terminal for job in jobs),
+            "metric": policy.metric,
+            "error": None,
+        }
+
+    @app.get("/sweeps/{sweep_id}")
+    def sweep_page(request: Request, sweep_id: str, metric: str | None = None) -> HTMLResponse:
+        return render(request, "sweep.html", **sweep_context(sweep_id, metric))
+
+    @app.get("/sweeps/{sweep_id}/body")
+    def sweep_body(request: Request, sweep_id: str, metric: str | None = None) -> HTMLResponse:
+        return render(request, "_sweep_body.html", **sweep_context(sweep_id, metric))
+
+    @app.post("/sweeps/{sweep_id}/register", dependencies=[Depends(require_token)])
+    async def register(request: Request, sweep_id: str) -> Response:
+        metric = str((await request.form()).get("metric", "")) or None
+        context = sweep_context(sweep_id, metric)
+        try:
+            await asyncio.to_thread(
+                register_champion, runs.tracking_uri(context["jobs"][0]), sweep_id, Policy(metric=context["metric"])
+            )
+        except (ValueError, MlflowException) as err:
+            return render(request, "sweep.html", 400, **(context | {"error": str(err).splitlines()[0]}))
+        return RedirectResponse(f"/sweeps/{sweep_id}", 303)
+
+    @app.get("/models")
+    def models_page(request: Request) -> HTMLResponse:
+        found = versions(home_uri) if runs.database_ready(home_uri) else []
+        return render(request, "models.html", versions=found, uri=home_uri)
+
+    @app.get("/datasets")
+    def datasets_page(request: Request) -> HTMLResponse:
+        rows = []
+        for dataset in list_datasets(roots):
+            try:
+                rows.append((dataset, describe(dataset), None))
+            except (ValueError, OSError) as err:
+                rows.append((dataset, {}, str(err)))
+        return render(request, "datasets.html", rows=rows, roots=roots)
+
+    return app

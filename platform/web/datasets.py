@@ -1,0 +1,106 @@
+"""The datasets the platform knows (the demo data and the folders under the configured data roots).
+
+Every path a user hands the platform goes through `confine`, so a form field or an override can never point
+a job at a file outside those roots, not through `..` nor through a symlink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from faceforge.data.folder import IMAGE_EXTENSIONS
+from faceforge.data.inspect import inspect_dataset
+from faceforge.data.sample_data import demo_data_paths, find_shared_data
+
+DATA_ROOTS_ENV = "FACEFORGE_DATA_ROOTS"
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A training set: `overrides` select it in a job (`data=demo`, or `data=folder data.root=...`)."""
+
+    name: str
+    path: Path
+    source: str
+    overrides: tuple[str, ...]
+
+
+def data_roots() -> list[Path]:
+    """$FACEFORGE_DATA_ROOTS (os.pathsep-separated), else the shared data folder when this machine has one."""
+    if value := os.environ.get(DATA_ROOTS_ENV):
+        return [Path(part).expanduser() for part in value.split(os.pathsep) if part]
+    shared = find_shared_data()
+    return [shared] if shared is not None else []
+
+
+def confine(path: str | Path, roots: list[Path]) -> Path:
+    """`path` with symlinks resolved, if it lies inside one of `roots`; relative paths are taken from each root."""
+    candidates = [Path(path)] if Path(path).is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if any(resolved.is_relative_to(root.resolve()) for root in roots):
+            return resolved
+    raise ValueError(f"{path}: outside the configured data roots ({', '.join(str(r) for r in roots) or 'none'})")
+
+
+def _is_training_set(folder: Path) -> bool:
+    """A RecordIO directory, or a tree whose first identity folder holds an image."""
+    if (folder / "train.rec").is_file():
+        return True
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            return any(f.suffix.lower() in IMAGE_EXTENSIONS for f in child.iterdir())
+    return False
+
+
+def _source(folder: Path) -> str:
+    readme = next((folder / name for name in ("README.md", "README") if (folder / name).is_file()), None)
+    if readme is not None:
+        for line in readme.read_text(errors="replace").splitlines():
+            if line.strip():
+                return line.strip().lstrip("# ")
+    return str(folder)
+
+
+def list_datasets(roots: list[Path]) -> list[Dataset]:
+    """The demo set, then every training set that is a data root or a folder directly inside one."""
+    demo = demo_data_paths()
+    found = [Dataset(DEMO, demo.train_root, demo.source, ("data=demo",))]
+    for root in roots:
+        if not root.is_dir():
+            continue
+        folders = [root] if _is_training_set(root) else sorted(p for p in root.iterdir() if p.is_dir())
+        for folder in folders:
+            if folder.name.startswith(".") or not _is_training_set(folder):
+                continue
+            resolved = folder.resolve()
+            found.append(Dataset(folder.name, resolved, _source(folder), ("data=folder", f"data.root={resolved}")))
+    return found
+
+
+def _fingerprint(folder: Path) -> str:
+    """A content version: a hash of every file's relative path and size, stable while the data is unchanged."""
+    digest = hashlib.sha256()
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        for name in sorted(files):
+            path = Path(directory, name)
+            digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+@cache
+def _summary(path: Path, mtime_ns: int) -> dict[str, Any]:
+    summary = inspect_dataset(path)
+    return {"identities": summary["identities"], "images": summary["images"], "version": _fingerprint(path)}
+
+
+def describe(dataset: Dataset) -> dict[str, Any]:
+    """Identities, images and content version; cached until the folder's own listing changes."""
+    return _summary(dataset.path, dataset.path.stat().st_mtime_ns)

@@ -1,0 +1,120 @@
+"""The job form as Hydra overrides, and back (for clone-with-edits).
+
+Later overrides replace earlier ones with the same key: the form's fields, then the free overrides, then the
+sweep grammar. Paths in overrides are confined to the data roots before anything is composed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from starlette.datastructures import FormData
+
+from faceforge.jobs import Job, expand_sweep
+from faceforge.web.datasets import DEMO, confine
+
+# Form field -> config key; blank means the config's default.
+HYPERPARAMETERS = {
+    "lr": "optim.lr",
+    "steps": "trainer.steps",
+    "batch_size": "data.batch_size",
+    "width": "model.width",
+    "input_size": "model.input_size",
+}
+PATH_KEYS = ("data.root", "eval.pairs", "eval.root", "eval.bin")
+
+
+@dataclass
+class JobForm:
+    dataset: str = DEMO
+    model: str = "mobilefacenet"
+    head: str = "arcface"
+    lr: str = ""
+    steps: str = ""
+    batch_size: str = ""
+    width: str = ""
+    input_size: str = ""
+    overrides: str = ""
+    sweep: str = ""
+    name: str = ""
+    slots: str = ""
+    priority: str = "0"
+    executor: str = "local"
+
+    @classmethod
+    def from_form(cls, form: FormData) -> JobForm:
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: str(value).strip() for key, value in form.items() if key in names})
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobForm:
+        """Pre-fill from a job's overrides: known keys into their fields, the rest into the free overrides."""
+        form, rest = cls(name=f"{job.name}-clone", priority=str(job.priority), executor=job.executor), []
+        by_key = {value: name for name, value in HYPERPARAMETERS.items()}
+        for override in job.overrides:
+            key, _, value = override.partition("=")
+            if key in ("model", "head"):
+                setattr(form, key, value)
+            elif key in by_key:
+                setattr(form, by_key[key], value)
+            elif key == "data.root":
+                form.dataset = value
+            elif override not in ("data=folder", "data=demo"):
+                rest.append(override)
+        form.overrides = "\n".join(rest)
+        form.slots = str(job.slots)
+        return form
+
+    def overrides_list(self, roots: list[Path]) -> list[str]:
+        """All overrides for make_jobs; ValueError with one line for a bad field or a path outside the roots."""
+        chosen: dict[str, str] = {}
+
+        def put(override: str) -> None:
+            chosen[override_key(override)] = override
+
+        if self.dataset == DEMO:
+            put("data=demo")
+        else:
+            root = confine(self.dataset, roots)
+            if not root.is_dir():
+                raise ValueError(f"dataset {self.dataset}: not a directory")
+            put("data=folder")
+            put(f"data.root={root}")
+        put(f"model={self.model}")
+        put(f"head={self.head}")
+        for name, key in HYPERPARAMETERS.items():
+            if value := getattr(self, name):
+                put(f"{key}={value}")
+        for override in [*tokens(self.overrides, "overrides"), *tokens(self.sweep, "sweep")]:
+            put(override)
+        overrides = list(chosen.values())
+        for point in expand_sweep(overrides):
+            for override in point:
+                key, _, value = override.partition("=")
+                path = value.strip("'\"")
+                if override_key(key) in PATH_KEYS and path not in ("", "null") and not confine(path, roots).exists():
+                    raise ValueError(f"{override}: no such file or directory")
+        return overrides
+
+    def number(self, name: str, default: int | None) -> int | None:
+        value = getattr(self, name)
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+
+
+def tokens(text: str, what: str) -> list[str]:
+    """Overrides separated by spaces or newlines; quotes are kept for Hydra's own parser."""
+    try:
+        return shlex.split(text, posix=False)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")

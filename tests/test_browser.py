@@ -1,0 +1,206 @@
+"""The web UI in a real browser: Debian's chromium driven by Playwright, against `faceforge web` and a real
+`faceforge scheduler` training tiny models on real faces."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from playwright.sync_api import Page, expect, sync_playwright
+
+from faceforge.jobs import TERMINAL, JobStore, store_path
+
+from conftest import shared_data
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
+]
+TOKEN = "browser-test-token"
+TIMEOUT_MS = 150_000  # a tiny job: a fresh interpreter, torch, MLflow and a few steps on a shared 2-core machine
+TINY = "model.embedding_dim=32 trainer.nproc=1 data.num_workers=0 trainer.log_every=1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, tiny_train_root: Path, tiny_pairs: Path) -> Iterator[str]:
+    """`faceforge web` and `faceforge scheduler` (2 slots) sharing one FACEFORGE_HOME; the web server's URL."""
+    home = tmp_path_factory.mktemp("home")
+    roots = [tiny_train_root, tiny_pairs.parent, shared_data() / "lfw"]
+    env = os.environ | {
+        "FACEFORGE_HOME": str(home),
+        "FACEFORGE_TOKEN": TOKEN,
+        "FACEFORGE_DATA_ROOTS": os.pathsep.join(str(root) for root in roots),
+    }
+    port = _free_port()
+    cli = [str(Path(sys.executable).with_name("faceforge"))]  # the installed console script
+    logs = {name: (home / f"{name}.log").open("wb") for name in ("web", "scheduler")}
+    web = subprocess.Popen([*cli, "web", "--port", str(port)], env=env, stdout=logs["web"], stderr=subprocess.STDOUT)
+    scheduler = subprocess.Popen(
+        [*cli, "scheduler", "--slots", "2", "--poll-seconds", "0.5"],
+        env=env,
+        stdout=logs["scheduler"],
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(url + "/queue", timeout=5).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert web.poll() is None and time.monotonic() < deadline, (home / "web.log").read_text()
+        time.sleep(0.2)
+    yield url
+    store = JobStore(store_path(home))  # jobs outlive their scheduler by design: cancel them before it stops
+    for job in store.list(limit=100_000):
+        if not job.terminal:
+            store.cancel(job.id)
+    deadline = time.monotonic() + 60
+    while any(job.state not in TERMINAL for job in store.list(limit=100_000)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _stop(scheduler)
+    _stop(web)
+    for file in logs.values():
+        file.close()
+
+
+@pytest.fixture(scope="module")
+def page(site: str) -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(f"{site}/login?next=/jobs/new")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{site}/jobs/new")
+        yield page
+        browser.close()
+
+
+def fill_tiny_job(page: Page, site: str, train_root: Path, steps: int, overrides: str) -> None:
+    page.goto(f"{site}/jobs/new")
+    page.select_option("select[name=dataset]", str(train_root.resolve()))
+    page.select_option("select[name=model]", "mobilefacenet")
+    page.fill("input[name=lr]", "0.05")
+    page.fill("input[name=steps]", str(steps))
+    page.fill("input[name=batch_size]", "8")
+    page.fill("input[name=width]", "0.25")
+    page.fill("input[name=input_size]", "56")
+    page.fill("textarea[name=overrides]", f"{TINY} {overrides}")
+    page.fill("input[name=sweep]", "")
+
+
+def job_id(page: Page) -> str:
+    return page.url.rsplit("/", 1)[-1]
+
+
+def test_bad_form_is_rejected_with_its_message(page: Page, site: str, tiny_train_root: Path) -> None:
+    fill_tiny_job(page, site, tiny_train_root, steps=3, overrides="eval=none")
+    page.fill("input[name=lr]", "-1")
+    page.click("#submit")
+    expect(page.locator("#form-error")).to_contain_text("optim.lr must be positive")
+    expect(page.locator("input[name=lr]")).to_have_value("-1")  # kept for fixing
+    page.goto(f"{site}/queue")
+    expect(page.locator("#queue-table")).to_contain_text("No jobs")
+
+
+def test_submit_watch_state_logs_and_loss_plot(page: Page, site: str, tiny_train_root: Path, shared: dict) -> None:
+    fill_tiny_job(page, site, tiny_train_root, steps=6, overrides="eval=none mlflow.log_model=false")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/job-\w+$"))
+    shared["job"] = job_id(page)
+    state = page.locator("#job-state")
+    expect(state).to_have_text(re.compile("queued|running"))
+    expect(state).to_have_text("running", timeout=TIMEOUT_MS)
+    expect(page.locator("#log")).to_contain_text("mlflow:", timeout=TIMEOUT_MS)
+    expect(state).to_have_text("succeeded", timeout=TIMEOUT_MS)
+    expect(page.locator("#log-state")).to_contain_text("log complete")
+    expect(page.locator("#log")).to_contain_text("train: 100%")
+    expect(page.locator("svg.chart[aria-label=loss] polyline")).to_be_visible()
+    expect(page.locator("svg.chart[aria-label=img_per_s]")).to_be_visible()
+    expect(page.locator("#job-metrics a[href*='/runs/']")).to_be_visible()
+
+
+def test_clone_with_an_edit(page: Page, site: str, shared: dict) -> None:
+    original = shared["job"]
+    page.goto(f"{site}/jobs/{original}")
+    page.click("#clone")
+    expect(page.locator("input[name=steps]")).to_have_value("6")
+    page.fill("input[name=steps]", "4")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/job-\w+$"))
+    assert job_id(page) != original
+    expect(page.locator("main")).to_contain_text("trainer.steps=4")
+    page.fill("input[name=diff]", original)
+    page.click("#diff-button")
+    expect(page.locator("#diff")).to_contain_text("-  steps: 6")
+    expect(page.locator("#diff")).to_contain_text("+  steps: 4")
+    page.click("#cancel")  # the clone itself need not train: cancelled while queued or just started
+    expect(page.locator("#job-state")).to_have_text("cancelled", timeout=TIMEOUT_MS)
+
+
+def test_cancel_a_running_job(page: Page, site: str, tiny_train_root: Path) -> None:
+    fill_tiny_job(page, site, tiny_train_root, steps=100_000, overrides="eval=none mlflow.log_model=false")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/job-\w+$"))
+    expect(page.locator("#job-state")).to_have_text("running", timeout=TIMEOUT_MS)
+    expect(page.locator("#log")).to_contain_text("faceforge runner", timeout=TIMEOUT_MS)
+    page.click("#cancel")
+    expect(page.locator("#job-state")).to_have_text("cancelled", timeout=TIMEOUT_MS)
+    expect(page.locator(".timeline")).to_contain_text(re.compile(r"cancelled \d{4}-\d\d-\d\d \d\d:\d\d"))
+    expect(page.locator("#cancel")).to_have_count(0)
+
+
+def test_four_point_sweep_reaches_a_champion(page: Page, site: str, tiny_train_root: Path, tiny_pairs: Path) -> None:
+    lfw = shared_data() / "lfw"
+    evaluation = f"eval=pairs eval.pairs={tiny_pairs} eval.root={lfw} eval.crop_fraction=0.5"
+    fill_tiny_job(page, site, tiny_train_root, steps=4, overrides=evaluation)
+    page.fill("input[name=sweep]", "optim.lr=0.05,0.02 model.width=0.25,0.5")
+    expect(page.locator("#sweep-count")).to_have_text("4 points")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/sweeps/sweep-\w+$"))
+    expect(page.locator("#sweep-points tbody tr")).to_have_count(4)
+    expect(page.locator("#sweep-body")).to_contain_text("4 of 4 points finished", timeout=4 * TIMEOUT_MS)
+    expect(page.locator("#sweep-points .state.succeeded")).to_have_count(4)
+    expect(page.locator("#champion .winner")).to_be_visible(timeout=TIMEOUT_MS)
+    if page.locator("#register").count():  # no scheduler-side registration: the engineer confirms it here
+        page.click("#register")
+    expect(page.locator("#champion")).to_contain_text("current champion", timeout=TIMEOUT_MS)
+    expect(page.locator("#champion .reason")).to_contain_text("best accuracy")
+    expect(page.locator("#sweep-points tr.champion")).to_have_count(1)
+    page.goto(f"{site}/models")
+    expect(page.locator("#versions tr.champion")).to_contain_text("champion")
+    expect(page.locator("#versions tr.champion")).to_contain_text(" M")  # the model card: params and MACs
+
+
+@pytest.fixture(scope="module")
+def shared() -> dict:
+    """Ids handed from one step of the story to the next (submit, then clone it)."""
+    return {}

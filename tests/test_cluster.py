@@ -1,0 +1,374 @@
+"""Clustering, its metrics and de-duplication: hand-computed metric values, kNN recall, real LFW faces (dlib
+embeddings and re-encoded images), a 3-album split merged back, threshold calibration at a fixed FMR."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from faceforge.cli import main as faceforge
+from faceforge.data import center_crop_resize, read_image
+from faceforge.data_pipeline import (
+    CLUSTERERS,
+    calibrate_threshold,
+    chinese_whispers,
+    cluster_centroids,
+    cluster_scores,
+    drop_evaluation_identities,
+    exact_duplicates,
+    infomap_clusters,
+    knn_graph,
+    knn_recall,
+    l2_normalise,
+    match_known_identities,
+    merge_albums,
+    near_duplicates,
+    pair_scores,
+    threshold_components,
+)
+
+from conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def lfw_dlib() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dlib's 128-d embeddings of the LFW images, normalised: (features, identity names, file names)."""
+    path = SHARED / "lfw_dlib128_features.npz"
+    if not path.is_file():
+        pytest.skip("../shared/data/lfw_dlib128_features.npz is not present")
+    data = np.load(path)
+    return l2_normalise(data["feats"]), data["names"], data["files"]
+
+
+def recurring(names: np.ndarray) -> np.ndarray:
+    """Rows of identities with at least 2 images."""
+    _, inverse, counts = np.unique(names, return_inverse=True, return_counts=True)
+    return np.flatnonzero(counts[inverse] >= 2)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+
+def test_metrics_on_a_hand_computed_case() -> None:
+    # Predicted clusters {0,1,2}, {3,4}, {5} against identities a={0,1}, b={2,3,4}, c={5}:
+    # n_ij = (0,a)=2, (0,b)=1, (1,b)=2, (2,c)=1; cluster sizes 3,2,1; identity sizes 2,3,1; N = 6.
+    scores = cluster_scores([7, 7, 7, 3, 3, 9], ["a", "a", "b", "b", "b", "c"])
+    # Pairwise: TP = 4+1+4+1-6 = 4; predicted pairs 9+4+1-6 = 8; true pairs 4+9+1-6 = 8.
+    assert scores.pairwise_precision == pytest.approx(0.5) and scores.pairwise_recall == pytest.approx(0.5)
+    assert scores.pairwise_f == pytest.approx(0.5)
+    # BCubed: precision (4/3 + 1/3 + 4/2 + 1/1) / 6, recall (4/2 + 1/3 + 4/3 + 1/1) / 6, both 14/18.
+    assert scores.bcubed_precision == pytest.approx(7 / 9) and scores.bcubed_recall == pytest.approx(7 / 9)
+    assert scores.bcubed_f == pytest.approx(7 / 9)
+    # NMI: both label sets have sizes (3, 2, 1), so H = H(1/2, 1/3, 1/6) for each, and
+    # I = 2/6 ln(2*6/(3*2)) + 1/6 ln(1*6/(3*3)) + 2/6 ln(2*6/(2*3)) + 1/6 ln(1*6/(1*1)).
+    entropy = -(0.5 * math.log(0.5) + math.log(1 / 3) / 3 + math.log(1 / 6) / 6)
+    mutual = math.log(2) / 3 + math.log(2 / 3) / 6 + math.log(2) / 3 + math.log(6) / 6
+    assert scores.nmi == pytest.approx(mutual / entropy)
+    assert (scores.clusters, scores.singletons, scores.identities, scores.faces) == (3, 1, 3, 6)
+
+
+def test_metrics_of_an_unequal_case() -> None:
+    # Clusters {0,1,2,3}, {4}; identities {0,1,2}, {3,4}: n_ij = 3, 1, 1; sizes 4,1 and 3,2; N = 5.
+    scores = cluster_scores([0, 0, 0, 0, 1], [5, 5, 5, 6, 6])
+    assert scores.pairwise_precision == pytest.approx((9 + 1 + 1 - 5) / (16 + 1 - 5))  # 6/12
+    assert scores.pairwise_recall == pytest.approx((9 + 1 + 1 - 5) / (9 + 4 - 5))  # 6/8
+    assert scores.pairwise_f == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+    assert scores.bcubed_precision == pytest.approx((9 / 4 + 1 / 4 + 1 / 1) / 5)
+    assert scores.bcubed_recall == pytest.approx((9 / 3 + 1 / 2 + 1 / 2) / 5)
+    assert (scores.clusters, scores.singletons) == (2, 1)
+
+
+def test_perfect_all_in_one_and_all_singleton_clusterings() -> None:
+    truth = np.repeat(np.arange(4), [5, 3, 1, 2])  # 11 faces, pairs 20+6+0+2 = 28 ordered same-identity
+    perfect = cluster_scores(truth + 100, truth)
+    assert perfect.pairwise_f == perfect.bcubed_f == perfect.nmi == 1.0
+    assert (perfect.clusters, perfect.singletons) == (4, 1)
+
+    one = cluster_scores(np.zeros(11), truth)
+    assert one.pairwise_recall == one.bcubed_recall == 1.0
+    assert one.pairwise_precision == pytest.approx(28 / (11 * 10))
+    assert one.bcubed_precision == pytest.approx((25 + 9 + 1 + 4) / 11 / 11)
+    assert one.nmi == 0.0 and one.clusters == 1
+
+    alone = cluster_scores(np.arange(11), truth)
+    assert alone.pairwise_precision == alone.bcubed_precision == 1.0
+    assert alone.pairwise_recall == 0.0 and alone.bcubed_recall == pytest.approx(4 / 11)
+    assert alone.singletons == alone.clusters == 11
+
+
+def test_nmi_matches_sklearn() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    for clusters, identities in [(7, 5), (40, 40), (2, 30)]:
+        predicted, truth = rng.integers(clusters, size=500), rng.integers(identities, size=500)
+        truth[:250] = predicted[:250]  # half agree, so the NMI is far from 0
+        expected = sklearn_metrics.normalized_mutual_info_score(truth, predicted)
+        assert cluster_scores(predicted, truth).nmi == pytest.approx(expected, abs=1e-12)
+
+
+def test_metrics_reject_mismatched_labels() -> None:
+    with pytest.raises(ValueError, match="equal-length"):
+        cluster_scores([0, 1], [0, 1, 2])
+
+
+def write_assignments(path: Path, assignments: dict[str, object]) -> Path:
+    if path.suffix == ".json":
+        path.write_text(json.dumps(assignments))
+    else:
+        with path.open("w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["path", "label"])
+            writer.writerows(assignments.items())
+    return path
+
+
+def test_cluster_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    faces = [f"album/{i}.jpg" for i in range(6)]
+    pred = write_assignments(tmp_path / "pred.csv", dict(zip(faces, [7, 7, 7, 3, 3, 9], strict=True)))
+    truth = write_assignments(tmp_path / "truth.json", dict(zip(faces, "aabbbc", strict=True)))
+    faceforge(["data", "cluster-eval", str(pred), str(truth)])
+    printed = capsys.readouterr().out
+    assert "pairwise_precision=0.5000" in printed and "bcubed_f=0.7778" in printed and "singletons=1" in printed
+
+    partial = write_assignments(tmp_path / "partial.csv", dict(zip(faces[:5], [7, 7, 7, 3, 3], strict=True)))
+    with pytest.raises(SystemExit, match=r"different faces: 0 only in .*, 1 only in .*album/5\.jpg"):
+        faceforge(["data", "cluster-eval", str(partial), str(truth)])
+    (tmp_path / "bad.csv").write_text("file,id\nx,1\n")
+    with pytest.raises(SystemExit, match="header row with the columns path,label"):
+        faceforge(["data", "cluster-eval", str(tmp_path / "bad.csv"), str(truth)])
+
+
+# --- kNN graph -------------------------------------------------------------------------------------------------
+
+
+def clustered(n: int, dim: int, people: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(people, size=n)
+    centres = rng.standard_normal((people, dim))
+    return l2_normalise(centres[labels] + noise * rng.standard_normal((n, dim))), labels
+
+
+def test_exact_knn_matches_brute_force() -> None:
+    features, _ = clustered(600, 32, 40, 0.8)
+    indices, sims = knn_graph(features, 8, "exact")
+    all_sims = features @ features.T
+    np.fill_diagonal(all_sims, -np.inf)
+    expected = np.argsort(-all_sims, axis=1)[:, :8]
+    assert knn_recall(indices, expected) == 1.0
+    assert np.allclose(sims, np.take_along_axis(all_sims, indices, axis=1), atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)  # most similar first
+    rows = np.array([5, 0, 599])
+    subset, _ = knn_graph(features, 8, "exact", query_rows=rows)
+    assert np.array_equal(subset, indices[rows])
+
+
+def test_approximate_knn_recall_against_exact() -> None:
+    features, _ = clustered(8000, 64, 400, 0.9)
+    exact, _ = knn_graph(features, 10, "exact")
+    for method in ("ivf", "hnsw"):
+        approx, _ = knn_graph(features, 10, method)
+        assert (approx != np.arange(len(features))[:, None]).all()  # no face is its own neighbour
+        assert knn_recall(approx, exact) >= 0.9, method
+    assert knn_recall(exact[:, ::-1], exact) == 1.0 and knn_recall(np.roll(exact, 1, axis=0), exact) < 0.05
+
+
+def test_knn_graph_rejects_bad_input_and_caps_k() -> None:
+    features, _ = clustered(5, 8, 2, 0.5)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        knn_graph(features * 2, 3)
+    with pytest.raises(ValueError, match="unknown kNN method"):
+        knn_graph(features, 3, "lsh")
+    assert knn_graph(features, 30)[0].shape == (5, 4)
+
+
+# --- clustering ------------------------------------------------------------------------------------------------
+
+
+def graph_of(edges: list[tuple[int, int, float]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A kNN-style (indices, sims) holding the given undirected edges, padded with -1."""
+    neighbours: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    for a, b, s in edges:
+        neighbours[a].append((b, s))
+        neighbours[b].append((a, s))
+    k = max(len(row) for row in neighbours)
+    indices, sims = np.full((n, k), -1), np.full((n, k), -np.inf)
+    for node, row in enumerate(neighbours):
+        for slot, (other, s) in enumerate(sorted(row, key=lambda e: -e[1])):
+            indices[node, slot], sims[node, slot] = other, s
+    return indices, sims
+
+
+def test_chinese_whispers_outvotes_a_bridge_that_chains_components() -> None:
+    clique_a = [(a, b, 0.9) for a in range(5) for b in range(a + 1, 5)]
+    clique_b = [(a, b, 0.9) for a in range(5, 10) for b in range(a + 1, 10)]
+    indices, sims = graph_of([*clique_a, *clique_b, (4, 5, 0.6), (10, 11, 0.3)], 13)
+    truth = [0] * 5 + [1] * 5 + [2, 3, 4]
+    assert threshold_components(indices, sims, 0.5).tolist() == [0] * 10 + [1, 2, 3]  # the bridge joins a and b
+    for seed in range(5):
+        assert cluster_scores(chinese_whispers(indices, sims, 0.5, seed=seed), truth).pairwise_f == 1.0
+    # Below the threshold the weak edge is no edge: faces 10 and 11 stay singletons, with labels of their own.
+    assert threshold_components(indices, sims, 0.2).tolist() == [0] * 10 + [1, 1, 2]
+
+
+def test_clusters_of_lfw_dlib_features(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    features, names, _ = lfw_dlib
+    rows = recurring(names)
+    indices, sims = knn_graph(features[rows], 30)
+    thresholds = {"components": 0.72, "chinese_whispers": 0.55}
+    if importlib.util.find_spec("infomap"):
+        thresholds["infomap"] = 0.55
+    for method, threshold in thresholds.items():
+        scores = cluster_scores(CLUSTERERS[method](indices, sims, threshold), names[rows])
+        assert scores.pairwise_precision >= 0.95, (method, scores.format())
+        assert scores.pairwise_recall >= 0.5 and scores.bcubed_f >= 0.85 and scores.nmi >= 0.9, (method, scores)
+
+
+def test_infomap_separates_two_cliques() -> None:
+    pytest.importorskip("infomap")
+    clique_a = [(a, b, 0.9) for a in range(6) for b in range(a + 1, 6)]
+    clique_b = [(a, b, 0.9) for a in range(6, 12) for b in range(a + 1, 12)]
+    indices, sims = graph_of([*clique_a, *clique_b, (5, 6, 0.6)], 13)
+    assert infomap_clusters(indices, sims, 0.5).tolist() == [0] * 6 + [1] * 6 + [2]
+
+
+# --- de-duplication --------------------------------------------------------------------------------------------
+
+
+def tiny_image_embedding(image: np.ndarray) -> np.ndarray:
+    """A stand-in face embedding that any re-encode or resize of the same photo barely moves: the central face
+    region at 24 x 24 grey levels, mean removed."""
+    grey = cv2.cvtColor(center_crop_resize(image, 24, 0.6), cv2.COLOR_RGB2GRAY).astype(np.float32).ravel()
+    return grey - grey.mean()
+
+
+def sharpness(image: np.ndarray) -> float:
+    """Laplacian variance at a common 112 px: re-encoding and down-scaling lose detail, so copies score lower."""
+    grey = cv2.cvtColor(center_crop_resize(image, 112, 0.6), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def test_exact_and_re_encoded_duplicates_of_real_faces(tmp_path: Path) -> None:
+    lfw = SHARED / "lfw"
+    if not lfw.is_dir():
+        pytest.skip("../shared/data/lfw is not present")
+    people = sorted(p for p in lfw.iterdir() if p.is_dir() and len(list(p.glob("*.jpg"))) >= 4)[:6]
+    files, identities, injected = [], [], {}
+    for person in people:
+        originals = sorted(person.glob("*.jpg"))[:4]
+        for source in originals:
+            files.append(tmp_path / f"{source.stem}.jpg")
+            shutil.copy(source, files[-1])
+        image = cv2.imread(str(originals[0]))
+        copy = tmp_path / f"{person.name}_copy.jpg"  # same bytes, new name
+        shutil.copy(originals[0], copy)
+        small = tmp_path / f"{person.name}_small.jpg"  # down-scaled and re-encoded
+        cv2.imwrite(
+            str(small), cv2.resize(image, (160, 160), interpolation=cv2.INTER_AREA), [cv2.IMWRITE_JPEG_QUALITY, 70]
+        )
+        grainy = tmp_path / f"{person.name}_q40.jpg"  # re-encoded at low quality
+        cv2.imwrite(str(grainy), image, [cv2.IMWRITE_JPEG_QUALITY, 40])
+        files += [copy, small, grainy]
+        identities += [person.name] * 7
+        injected.update({copy: files[-7], small: files[-7], grainy: files[-7]})
+
+    exact = exact_duplicates(files)
+    assert {Path(d.subject) for d in exact} == {f for f in injected if f.name.endswith("_copy.jpg")}
+    for decision in exact:
+        assert decision.action == "drop" and decision.reason == "exact_duplicate"
+        assert Path(decision.target) == injected[Path(decision.subject)]
+
+    dropped_by_hash = {Path(d.subject) for d in exact}
+    remaining = [f for f in files if f not in dropped_by_hash]
+    remaining_identities = np.array([i for f, i in zip(files, identities, strict=True) if f not in dropped_by_hash])
+    images = [read_image(f) for f in remaining]
+    features = np.stack([tiny_image_embedding(image) for image in images])
+    quality = np.array([sharpness(image) for image in images])
+    near = near_duplicates(features, quality, remaining_identities, threshold=0.95)
+    dropped = {remaining[d.subject] for d in near}
+    assert dropped == {f for f in injected if not f.name.endswith("_copy.jpg")}  # every copy, and only copies
+    for decision in near:
+        assert decision.reason == "near_duplicate" and decision.similarity >= 0.95
+        assert remaining[decision.target] == injected[remaining[decision.subject]]  # the original is kept
+        assert "quality" in decision.detail
+
+
+def test_calibrate_threshold_at_a_fixed_fmr() -> None:
+    impostor = np.arange(1000) / 1000  # 0.000 .. 0.999
+    genuine = np.array([0.5, 0.95, 0.99, 0.995, 1.0])
+    calibration = calibrate_threshold(genuine, impostor, fmr=0.01)
+    # 10 impostor scores (0.990 .. 0.999) may reach the threshold: it sits just above the 11th highest, 0.989.
+    assert 0.989 < calibration.threshold <= 0.990
+    assert calibration.fmr == pytest.approx(0.01) and calibration.fnmr == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="needs at least 10000 impostor scores"):
+        calibrate_threshold(genuine, impostor, fmr=1e-4)
+
+
+def test_calibrated_threshold_holds_on_unseen_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    features, names, _ = lfw_dlib
+    people = np.unique(names)
+    first_half = np.isin(names, people[::2])
+    calibration = calibrate_threshold(*pair_scores(features[first_half], names[first_half]), fmr=1e-3)
+    genuine, impostor = pair_scores(features[~first_half], names[~first_half], seed=1)
+    held_out_fmr = (impostor >= calibration.threshold).mean()
+    assert 0.3e-3 <= held_out_fmr <= 3e-3, held_out_fmr
+    assert abs((genuine < calibration.threshold).mean() - calibration.fnmr) < 0.05
+
+
+def test_album_merge_of_a_three_album_split(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Every LFW image goes to one of 3 albums at random; clusters within an album are its true identities, so
+    this measures the merge alone. Identities with one image are distractors that must not be merged."""
+    features, names, _ = lfw_dlib
+    people = np.unique(names)
+    calibration_people = np.isin(names, people[1::4])  # a quarter of the people pick the threshold
+    calibration = calibrate_threshold(*pair_scores(features[calibration_people], names[calibration_people]), 1e-4)
+    features, names = features[~calibration_people], names[~calibration_people]
+    albums = np.random.default_rng(0).integers(3, size=len(names))
+    labels, decisions = merge_albums(features, albums, names, calibration.threshold)
+
+    keys = sorted({(int(a), str(n)) for a, n in zip(albums, names, strict=True)})
+    split_pairs = sum(math.comb(count, 2) for count in np.unique([n for _, n in keys], return_counts=True)[1])
+    label_of = {(int(a), str(n)): int(g) for a, n, g in zip(albums, names, labels, strict=True)}
+    joined = sum(label_of[x] == label_of[y] for i, x in enumerate(keys) for y in keys[i + 1 :] if x[1] == y[1])
+    wrong = [d for d in decisions if d.subject.split("/", 1)[1] != d.target.split("/", 1)[1]]
+    assert split_pairs > 500
+    assert joined / split_pairs >= 0.95, joined / split_pairs
+    assert len(wrong) <= 0.005 * len(decisions), [d.detail for d in wrong]
+    assert all(d.reason == "album_merge" and d.action == "merge" for d in decisions)
+    assert cluster_scores(labels, names).pairwise_precision >= 0.99
+
+
+def test_matching_known_and_evaluation_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    features, names, _ = lfw_dlib
+    rows = recurring(names)
+    features, names = features[rows], names[rows]
+    people = np.unique(names)
+    known = np.isin(names, people[::2])
+    # Known identities are centred on their even-numbered images; new clusters are made of the odd ones, plus the
+    # people the training set does not have.
+    position = np.zeros(len(names), dtype=int)
+    for person in people:
+        members = np.flatnonzero(names == person)
+        position[members] = np.arange(len(members))
+    centred = known & (position % 2 == 0)
+    centre_names, centres = cluster_centroids(features[centred], names[centred])
+    new = ~known | (position % 2 == 1)
+    cluster_ids, centroids = cluster_centroids(features[new], names[new])
+    threshold = 0.7
+    merges = match_known_identities(cluster_ids.tolist(), centroids, centres, centre_names.tolist(), threshold)
+    drops = drop_evaluation_identities(cluster_ids.tolist(), centroids, centres, centre_names.tolist(), threshold)
+    assert [(d.subject, d.target) for d in merges] == [(d.subject, d.target) for d in drops]
+    assert {d.reason for d in merges} == {"known_identity"} and {d.action for d in drops} == {"drop"}
+    matched = {d.subject: d.target for d in merges}
+    returning = set(centre_names.tolist())
+    correct = sum(matched.get(person) == person for person in returning)
+    false_matches = [person for person in matched if person not in returning or matched[person] != person]
+    assert correct >= 0.95 * len(returning), correct / len(returning)
+    assert len(false_matches) <= 0.01 * len(cluster_ids), false_matches

@@ -1,0 +1,180 @@
+"""Face detection (MTCNN; Haar cascade + O-Net), 5-point alignment and `faceforge data align` on real photos."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faceforge.cli import main as cli
+from faceforge.data import read_image
+from faceforge.data_pipeline import (
+    ARCFACE_TEMPLATE,
+    MTCNN,
+    Detections,
+    HaarDetector,
+    align_face,
+    align_tree,
+    template_transform,
+)
+from faceforge.data_pipeline.detection_eval import AnnotatedImage, DetectionScore, read_imglab
+from faceforge.data_pipeline.mtcnn import area_crops, load_mtcnn_nets, nms, summed_area_table, weights_dir
+
+from conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def mtcnn() -> MTCNN:
+    return MTCNN()
+
+
+def detection_dir() -> Path:
+    folder = shared_data() / "detection"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/detection is not present")
+    return folder
+
+
+def lfw_images(count: int) -> list[Path]:
+    """The first image of the first `count` LFW identities."""
+    folders = sorted(p for p in (shared_data() / "lfw").iterdir() if p.is_dir())[:count]
+    return [sorted(folder.glob("*.jpg"))[0] for folder in folders]
+
+
+def test_weights_load_strictly_without_importing_facenet_pytorch() -> None:
+    for net, name in zip(load_mtcnn_nets(), ("pnet", "rnet", "onet"), strict=True):
+        shipped = torch.load(weights_dir() / f"{name}.pt", weights_only=True)
+        ours = net.state_dict()
+        assert ours.keys() == shipped.keys()
+        assert all(torch.equal(ours[key], shipped[key]) for key in ours)
+    assert "facenet_pytorch" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def testing_set(mtcnn: MTCNN) -> tuple[list[AnnotatedImage], list[Detections]]:
+    """dlib's hand-checked PASCAL VOC faces, many of them small (37 px), and what MTCNN finds: one call, mixed sizes."""
+    truth = read_imglab(detection_dir() / "testing_with_face_landmarks.xml")
+    return truth, mtcnn.detect([read_image(detection_dir() / image.file) for image in truth])
+
+
+def test_detection_recall_and_false_positives(testing_set: tuple[list[AnnotatedImage], list[Detections]]) -> None:
+    truth, found = testing_set
+    score = DetectionScore()
+    for image, faces in zip(truth, found, strict=True):
+        score.add(image, faces)
+    assert score.faces == 25
+    assert score.recall >= 0.9, score
+    assert score.false_positives_per_image <= 0.4, score
+    # Landmarks against points derived from the 68-point annotation, over the inter-ocular distance.
+    assert np.mean(score.landmark_nme) < 0.15, score
+
+
+def test_landmarks_lie_inside_their_boxes_eyes_above_mouth(
+    testing_set: tuple[list[AnnotatedImage], list[Detections]],
+) -> None:
+    for faces in testing_set[1]:
+        assert len(faces) and np.all(np.diff(faces.scores) <= 0)
+        x, y = faces.landmarks[..., 0], faces.landmarks[..., 1]
+        boxes = faces.boxes[:, None, :]
+        assert np.all((x >= boxes[..., 0]) & (x <= boxes[..., 2]) & (y >= boxes[..., 1]) & (y <= boxes[..., 3]))
+        assert np.all(np.maximum(y[:, 0], y[:, 1]) < np.minimum(y[:, 3], y[:, 4]))  # eyes above the mouth
+        assert np.all((x[:, 0] < x[:, 1]) & (x[:, 3] < x[:, 4]))  # left before right, as seen
+
+
+def test_batched_crops_equal_per_crop_area_resize() -> None:
+    """All crops at once from the summed-area table equal F.interpolate(area) of each zero-padded crop."""
+    image = read_image(detection_dir() / "2008_002470.jpg")
+    height, width = image.shape[:2]
+    rng = np.random.default_rng(0)
+    x1, y1 = rng.integers(-40, width, 60), rng.integers(-40, height, 60)
+    side = rng.integers(3, 180, 60)  # tiny crops are upsampled, large ones averaged down
+    boxes = torch.as_tensor(np.stack([x1, y1, x1 + side, y1 + side], 1))
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    batched = area_crops(summed_area_table(batch), torch.zeros(60, dtype=torch.long), boxes, 24)
+    padded = F.pad(batch, (200, 200, 200, 200))
+    for crop, (left, top, right, bottom) in zip(batched, boxes.tolist(), strict=True):
+        one = padded[:, :, top + 200 : bottom + 200, left + 200 : right + 200]
+        torch.testing.assert_close(crop, F.interpolate(one, size=(24, 24), mode="area")[0], atol=1e-3, rtol=0)
+
+
+def test_nms_within_each_image() -> None:
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [2, 2, 6, 6]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    images = torch.tensor([0, 0, 1, 0])
+    assert nms(boxes, scores, images, 0.5).tolist() == [0, 2, 3]  # box 1 overlaps box 0; box 2 is another image's
+    assert nms(boxes, scores, images, 0.5, mode="min").tolist() == [0, 2]  # box 3 lies inside box 0
+
+
+def test_alignment_puts_the_landmarks_on_the_template(mtcnn: MTCNN) -> None:
+    image = read_image(lfw_images(1)[0])
+    landmarks = mtcnn.detect([image])[0].landmarks[0]
+    matrix = template_transform(landmarks)
+    mapped = landmarks @ matrix[:, :2].T + matrix[:, 2]
+    residuals = np.linalg.norm(mapped - ARCFACE_TEMPLATE, axis=1)
+    assert residuals.mean() < 3.0 and residuals.max() < 6.0  # a similarity cannot fit every face's proportions
+    # Detected again on the aligned crop (with a black margin so the face is whole), the landmarks are there.
+    crop = align_face(image, landmarks)
+    again = mtcnn.detect([cv2.copyMakeBorder(crop, 40, 40, 40, 40, cv2.BORDER_CONSTANT, value=0)])[0]
+    assert np.linalg.norm(again.landmarks[0] - 40 - mapped, axis=1).max() < 3.0
+
+
+def test_alignment_of_a_large_face_averages_before_warping(mtcnn: MTCNN) -> None:
+    """A 4x larger photo (the area pre-shrink path) gives the same crop as the original one."""
+    image = read_image(lfw_images(1)[0])
+    landmarks = mtcnn.detect([image])[0].landmarks[0]
+    large = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    small_crop, large_crop = align_face(image, landmarks), align_face(large, (landmarks + 0.5) * 4 - 0.5)
+    assert np.abs(small_crop.astype(np.float32) - large_crop).mean() < 4.0
+
+
+def test_haar_fallback_finds_the_faces_of_lfw() -> None:
+    paths = lfw_images(10)
+    found = HaarDetector().detect([read_image(path) for path in paths])
+    hits = 0
+    for faces in found:
+        central = np.abs((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2 - 125).max(1) < 30
+        eyes_above_mouth = faces.landmarks[:, :2, 1].max(1) < faces.landmarks[:, 3:, 1].min(1)
+        hits += bool(np.any(central & (faces.scores > 0.5) & eyes_above_mouth))
+    assert hits >= 9
+
+
+def test_align_tree_records_every_photo_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for path in lfw_images(2):
+        (src / path.parent.name).mkdir(parents=True)
+        (src / path.parent.name / path.name).write_bytes(path.read_bytes())
+    odd = src / "odd"
+    odd.mkdir()
+    (odd / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    (odd / "empty.png").write_bytes(b"")
+    cv2.imwrite(str(odd / "wall.png"), np.full((120, 160, 3), 128, np.uint8))  # a photo without a face
+
+    cli(["data", "align", str(src), str(dst), "--workers", "2"])
+    first = capsys.readouterr().out
+    assert "images=5  skipped=0  aligned=2  no_face=1  error=2" in first
+    records = {r["source"]: r for r in map(json.loads, (dst / "manifest.jsonl").read_text().splitlines())}
+    assert records["odd/corrupt.jpg"]["status"] == "error"
+    assert "not a decodable image" in records["odd/corrupt.jpg"]["error"]
+    assert records["odd/empty.png"]["status"] == "error"
+    assert "empty file" in records["odd/empty.png"]["error"]
+    assert records["odd/wall.png"]["status"] == "no_face"
+    aligned = [r for r in records.values() if r["status"] == "aligned"]
+    for record in aligned:
+        assert read_image(dst / record["output"]).shape == (112, 112, 3)
+        assert record["score"] > 0.9 and len(record["landmarks"]) == 5 and record["detector"] == "mtcnn"
+
+    manifest = (dst / "manifest.jsonl").read_bytes()
+    assert align_tree(src, dst, workers=1, progress=False) == dict(images=5, skipped=5, aligned=0, no_face=0, error=0)
+    assert (dst / "manifest.jsonl").read_bytes() == manifest
+
+    (dst / aligned[0]["output"]).unlink()  # a lost crop is made again, and only it
+    counts = align_tree(src, dst, workers=1, progress=False)
+    assert counts == dict(images=5, skipped=4, aligned=1, no_face=0, error=0)
+    assert (dst / aligned[0]["output"]).is_file()
+    assert len((dst / "manifest.jsonl").read_text().splitlines()) == 5

@@ -1,0 +1,206 @@
+"""Export: BatchNorm folding, ONNX export checked against PyTorch, int8 fidelity on real faces, C arrays, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from faceforge import models
+from faceforge.cli import main as faceforge
+from faceforge.data import load_pairs
+from faceforge.eval import embed_images, evaluate_verification
+from faceforge.export import (
+    FaceCalibrationReader,
+    OnnxEmbedder,
+    export_onnx,
+    fold_batchnorm,
+    largest_activation,
+    open_calibration_images,
+    output_gap,
+    write_c_array,
+)
+from faceforge.jobs.spec import compose_config
+from faceforge.train.launch import launch
+
+from conftest import shared_data, tiny_config
+
+LFW_CROP = 0.5  # configs/eval/demo.yaml: LFW's 250 px images hold the face in their central half
+
+
+def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """Fresh BatchNorms are the identity in eval mode; random statistics make folding do real work."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_batchnorm_keeps_eval_outputs() -> None:
+    x = torch.rand(4, 3, 56, 56) * 2 - 1
+    mobile = _random_batchnorm_statistics(models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32))
+    mobile.train()
+    folded = fold_batchnorm(mobile)
+    assert mobile.training and _batchnorms(mobile) > 0, "the original model is left as it was"
+    assert _batchnorms(folded) == 0
+    with torch.no_grad():
+        expected, actual = mobile.eval()(x), folded(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    # IResNet's pre-activation BatchNorms precede a zero-padded conv: they stay, the rest fold.
+    iresnet = _random_batchnorm_statistics(models.create("iresnet18", width=0.25, input_size=56, embedding_dim=32))
+    folded = fold_batchnorm(iresnet)
+    blocks = sum(isinstance(m, models.iresnet.IBasicBlock) for m in iresnet.modules())
+    assert _batchnorms(folded) == blocks + 1  # one per block, and the one closing the body
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), iresnet(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_checks_and_matches_pytorch(tmp_path: Path) -> None:
+    model = _random_batchnorm_statistics(models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32))
+    path = export_onnx(model, 56, tmp_path / "model.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param, "the batch dimension is dynamic"
+    ops = {node.op_type for node in graph.node}
+    assert "BatchNormalization" not in ops
+    assert "PRelu" not in ops and {"Relu", "Mul", "Sub"} <= ops, "PReLU is exported as relu(x) - a*relu(-x)"
+    for batch in (1, 8):
+        assert output_gap(model, path, 56, batch, seed=batch) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The micro config trained briefly on 40 real identities: BatchNorm statistics and weights of real faces."""
+    src = shared_data() / "celeba_ids"
+    root = tmp_path_factory.mktemp("celeba40")
+    for identity in sorted(p for p in src.iterdir() if p.is_dir())[:40]:
+        (root / identity.name).mkdir()
+        for image in sorted(identity.glob("*.jpg"))[:6]:
+            shutil.copy(image, root / identity.name / image.name)
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = tiny_config(out, root, None, steps=60, checkpoint_every=60)
+    cfg.model = compose_config(["model=mobilefacenet_micro"]).model
+    cfg.data.batch_size = 16
+    cfg.schedule.warmup_steps = 5
+    launch(cfg)
+    return out / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def c_array_export(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`faceforge export --format c-array`, calibrated on the checkpoint's own training data by default."""
+    out = tmp_path_factory.mktemp("export")
+    faceforge(["export", str(trained), "--format", "c-array", "--out", str(out)])
+    return out
+
+
+def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Path) -> None:
+    names = {p.name for p in c_array_export.iterdir()}
+    assert {"model.onnx", "model_int8.onnx", "faceforge_model.c", "faceforge_model.h", "card.json"} <= names
+    card = json.loads((c_array_export / "card.json").read_text())
+    assert card["format"] == "c-array" and card["model"]["name"] == "mobilefacenet" and card["params"] > 0
+    assert card["int8_bytes"] == (c_array_export / "model_int8.onnx").stat().st_size
+    assert card["fp32_bytes"] > 3 * card["int8_bytes"], "int8 weights take a quarter of the float ones"
+    assert card["fp32_latency_ms"] > 0 and card["int8_latency_ms"] > 0
+    # The stem (16 channels at stride 2) is MobileFaceNet's largest map: 16 x 56 x 56 at 112 px.
+    assert card["largest_activation"]["bytes"] == 16 * 56 * 56, "int8: one byte per value"
+    assert largest_activation(c_array_export / "model.onnx").bytes == 4 * 16 * 56 * 56
+
+    with pytest.raises(SystemExit, match=r"faceforge export: error: .*neither an existing checkpoint"):
+        faceforge(["export", "/nonexistent/checkpoint"])
+    with pytest.raises(SystemExit, match=r"faceforge export: error: calibration set .* not found"):
+        faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
+
+
+def test_micro_config_fits_250_kb_as_int8(c_array_export: Path) -> None:
+    card = json.loads((c_array_export / "card.json").read_text())
+    assert card["model"]["width"] == 0.25, "the fixture exported configs/model/mobilefacenet_micro.yaml"
+    assert card["int8_bytes"] <= 250_000
+
+
+def test_int8_matches_fp32_on_lfw(c_array_export: Path, tmp_path: Path) -> None:
+    """Over 500+ real faces: embeddings keep their direction, and verification accuracy holds."""
+    lines = (shared_data() / "lfw" / "pairs.txt").read_text().splitlines()
+    folds, per_fold = (int(x) for x in lines[0].split())
+    kept = []
+    for fold in range(folds):  # 30 matched and 30 mismatched pairs from each fold
+        block = lines[1 + fold * 2 * per_fold : 1 + (fold + 1) * 2 * per_fold]
+        kept += block[:30] + block[per_fold : per_fold + 30]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{folds}\t30\n" + "\n".join(kept) + "\n")
+    vset = load_pairs(pairs, shared_data() / "lfw")
+    assert len(vset.images) >= 500
+
+    embed = dict(input_size=112, crop_fraction=LFW_CROP, batch_size=64)
+    fp32 = embed_images(OnnxEmbedder(c_array_export / "model.onnx"), vset.images, **embed)
+    int8 = embed_images(OnnxEmbedder(c_array_export / "model_int8.onnx"), vset.images, **embed)
+    cosine = (fp32 * int8).sum(axis=1)
+    assert cosine.mean() >= 0.99 and np.percentile(cosine, 1) >= 0.97, (cosine.mean(), np.percentile(cosine, 1))
+    drop = evaluate_verification(fp32, vset)["accuracy"] - evaluate_verification(int8, vset)["accuracy"]
+    assert drop <= 0.005
+
+
+def test_c_array_holds_the_model_bytes(c_array_export: Path, tmp_path: Path) -> None:
+    data = (c_array_export / "model_int8.onnx").read_bytes()
+    header = (c_array_export / "faceforge_model.h").read_text()
+    assert f"#define FACEFORGE_MODEL_LEN {len(data)}u" in header
+    assert f"#define FACEFORGE_MODEL_LARGEST_ACTIVATION_BYTES {16 * 56 * 56}u" in header
+    with pytest.raises(ValueError, match="C symbol"):
+        write_c_array(c_array_export / "model_int8.onnx", tmp_path, symbol="2fast")
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    # The array must equal the file byte for byte, at a 16-byte aligned address.
+    (tmp_path / "check.c").write_text(
+        '#include <stdint.h>\n#include <stdio.h>\n#include "faceforge_model.h"\n'
+        "int main(int argc, char **argv) {\n"
+        '  FILE *f = fopen(argv[1], "rb");\n'
+        "  unsigned int n = 0; int c;\n"
+        "  if (argc != 2 || !f || (uintptr_t)faceforge_model % 16) return 2;\n"
+        "  while ((c = fgetc(f)) != EOF) { if (n >= FACEFORGE_MODEL_LEN || faceforge_model[n] != c) return 3; n++; }\n"
+        "  return !(n == faceforge_model_len && sizeof faceforge_model == FACEFORGE_MODEL_LEN);\n"
+        "}\n"
+    )
+    binary = tmp_path / "check"
+    sources = [str(tmp_path / "check.c"), str(c_array_export / "faceforge_model.c")]
+    subprocess.run(
+        [cc, "-std=c11", "-Wall", "-Werror", "-I", str(c_array_export), *sources, "-o", str(binary)], check=True
+    )
+    assert subprocess.run([str(binary), str(c_array_export / "model_int8.onnx")]).returncode == 0
+
+
+def test_calibration_sets(tmp_path: Path) -> None:
+    lfw = shared_data() / "lfw"
+    files = sorted(lfw.glob("A*/*.jpg"))[:5]
+    listing = tmp_path / "faces.txt"
+    listing.write_text("# aligned faces\n" + "\n".join(str(p) for p in files) + "\n")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in files:
+        shutil.copy(path, flat / path.name)
+    for source in (listing, flat):
+        reader = FaceCalibrationReader(open_calibration_images(source), input_size=56, crop_fraction=0.5, count=3)
+        batch = reader.get_next()["input"]
+        assert batch.shape == (3, 3, 56, 56) and batch.min() >= -1 and batch.max() <= 1
+        assert reader.get_next() is None
+    with pytest.raises(FileNotFoundError, match="calibration set"):
+        open_calibration_images(tmp_path / "missing")
+    with pytest.raises(ValueError, match="count"):
+        FaceCalibrationReader(open_calibration_images(flat), input_size=56, crop_fraction=0.5, count=0)

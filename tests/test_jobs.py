@@ -1,0 +1,191 @@
+"""The job store (atomic leased claims within capacity, priorities, leases, requeues, cancel) and job specs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from faceforge.jobs import (
+    CANCELLED,
+    LOST,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobStore,
+    expand_sweep,
+    make_jobs,
+    merge_overrides,
+)
+from faceforge.jobs.store import new_id
+from faceforge.train.config import ConfigError
+
+TINY = ["model.width=0.25", "model.input_size=56", "model.embedding_dim=32", "trainer.steps=3", "eval=none"]
+
+
+@pytest.fixture(scope="module")
+def template() -> Job:
+    """One composed job; the store tests copy it under new ids, since composing a config takes a while."""
+    (job,) = make_jobs(TINY)
+    return job
+
+
+def copies(template: Job, count: int, **changes: object) -> list[Job]:
+    return [replace(template, id=new_id(), name=f"job{i}", metrics={}, **changes) for i in range(count)]
+
+
+def _claim_until_done(path: Path, owner: str, capacity: int, results: multiprocessing.Queue) -> None:
+    """One scheduler's worth of claims: take what fits, note the slots in use while holding it, finish it."""
+    store = JobStore(path)
+    claimed, busiest = [], 0
+    while True:
+        job = store.claim("local", owner, capacity, lease_seconds=60)
+        if job is None:
+            if not store.list(states=[QUEUED], limit=1):
+                break
+            time.sleep(0.001)  # the queue's head does not fit until another claimer finishes
+            continue
+        claimed.append(job.id)
+        busiest = max(busiest, store.used_slots("local"))
+        time.sleep(0.002)
+        assert store.finish(job.id, owner, SUCCEEDED, exit_code=0)
+    results.put((claimed, busiest))
+
+
+def test_concurrent_claimers_take_each_job_once_within_capacity(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    jobs = store.submit(copies(template, 20, slots=1) + copies(template, 20, slots=2))
+    context = multiprocessing.get_context("fork")  # the claimers only use sqlite3; fork starts them in ms
+    results = context.Queue()
+    claimers = [
+        context.Process(target=_claim_until_done, args=(store.path, f"claimer{i}", 3, results)) for i in range(4)
+    ]
+    for claimer in claimers:
+        claimer.start()
+    outcomes = [results.get(timeout=120) for _ in claimers]
+    for claimer in claimers:
+        claimer.join(timeout=30)
+        assert claimer.exitcode == 0
+    claimed = [job_id for ids, _ in outcomes for job_id in ids]
+    assert sorted(claimed) == sorted(job.id for job in jobs)  # every job, none twice
+    assert max(busiest for _, busiest in outcomes) <= 3
+    assert sum(1 for ids, _ in outcomes if ids) > 1  # the claimers really competed
+    assert {(job.state, job.attempts) for job in store.list()} == {(SUCCEEDED, 1)}
+
+
+def test_priority_then_fifo_positions_and_a_head_that_does_not_fit(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    low1, high1, low2, high2 = store.submit(
+        [replace(job, priority=priority) for job, priority in zip(copies(template, 4), (0, 5, 0, 5), strict=True)]
+    )
+    assert store.positions() == {high1.id: 1, high2.id: 2, low1.id: 3, low2.id: 4}
+    assert [store.claim("local", "me", 10, 30).id for _ in range(2)] == [high1.id, high2.id]
+    assert store.positions() == {low1.id: 1, low2.id: 2}
+    assert store.claim("ray", "me", 10, 30) is None  # queues are per executor
+
+    # A 2-slot job at the head blocks the 1-slot job behind it rather than being starved by it.
+    big, small = store.submit([*copies(template, 1, slots=2, priority=9), *copies(template, 1, priority=9)])
+    assert store.claim("local", "me", 3, 30) is None  # 2 slots used, 1 free: big does not fit
+    assert store.finish(high1.id, "me", SUCCEEDED, exit_code=0)
+    assert store.claim("local", "me", 3, 30).id == big.id
+    assert store.claim("local", "me", 4, 30).id == small.id
+    assert store.used_slots("local") == 4
+
+
+def test_lease_expiry_lets_another_scheduler_adopt(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    (job,) = store.submit(copies(template, 1))
+    assert store.claim("local", "first", 4, lease_seconds=0.3).id == job.id
+    assert store.adopt_expired("local", "second", 30) == []  # still leased
+    assert store.heartbeat(job.id, "first", 0.3)
+    time.sleep(0.4)
+    (adopted,) = store.adopt_expired("local", "second", 30)
+    assert (adopted.id, adopted.state, adopted.lease_owner, adopted.attempts) == (job.id, RUNNING, "second", 1)
+    assert not store.heartbeat(job.id, "first", 30)  # the first scheduler learns it lost the job
+    assert not store.finish(job.id, "first", SUCCEEDED, exit_code=0)
+    assert store.finish(job.id, "second", SUCCEEDED, exit_code=0)
+    assert store.get(job.id).state == SUCCEEDED
+
+
+def test_requeue_until_max_attempts_then_lost(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    (job,) = store.submit(copies(template, 1, max_attempts=2))
+    store.claim("local", "me", 4, 30)
+    again = store.requeue(job.id, "me", "attempt 1 lost")
+    assert (again.state, again.attempts, again.handle, again.error) == (QUEUED, 1, None, "attempt 1 lost")
+    assert store.claim("local", "me", 4, 30).attempts == 2
+    final = store.requeue(job.id, "me", "attempt 2 lost")
+    assert (final.state, final.attempts, final.error) == (LOST, 2, "attempt 2 lost") and final.finished_at
+    assert store.claim("local", "me", 4, 30) is None
+    with pytest.raises(KeyError):
+        store.requeue(job.id, "someone else", "not theirs")
+
+
+def test_cancel_queued_at_once_and_running_on_request(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    running, queued = store.submit(copies(template, 2))
+    store.claim("local", "me", 1, 30)
+    cancelled = store.cancel(queued.id)
+    assert (cancelled.state, cancelled.cancel_requested) == (CANCELLED, True)
+    assert cancelled.cancelled_at and cancelled.finished_at
+    asked = store.cancel(running.id)
+    assert (asked.state, asked.cancel_requested, asked.cancelled_at) == (RUNNING, True, None)
+    assert store.finish(running.id, "me", CANCELLED, exit_code=1)
+    assert store.get(running.id).cancelled_at
+    assert store.claim("local", "me", 1, 30) is None
+    with pytest.raises(KeyError):
+        store.cancel("job-missing")
+
+
+def test_a_thousand_jobs_in_one_submit(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    jobs = store.submit(copies(template, 1000))
+    assert len(store.list(limit=5000)) == 1000
+    positions = store.positions()
+    assert [positions[job.id] for job in jobs] == list(range(1, 1001))
+
+
+def test_sweep_expands_to_one_job_per_point_under_one_sweep_id() -> None:
+    points = expand_sweep(["model=mobilefacenet", "optim.lr=0.1,0.05", "head=arcface,cosface"])
+    assert points == [
+        ["model=mobilefacenet", "optim.lr=0.1", "head=arcface"],
+        ["model=mobilefacenet", "optim.lr=0.1", "head=cosface"],
+        ["model=mobilefacenet", "optim.lr=0.05", "head=arcface"],
+        ["model=mobilefacenet", "optim.lr=0.05", "head=cosface"],
+    ]
+    assert len(expand_sweep(["optim.lr=choice(0.1,0.2,0.3)", "trainer.steps=range(1,3)"])) == 6
+    jobs = make_jobs([*TINY, "optim.lr=0.1,0.05"], priority=3)
+    assert len(jobs) == 2 and len({job.sweep_id for job in jobs}) == 1 and jobs[0].sweep_id.startswith("sweep-")
+    assert [job.name for job in jobs] == ["mobilefacenet-arcface-0", "mobilefacenet-arcface-1"]
+    assert ["lr: 0.1" in jobs[0].config_yaml, "lr: 0.05" in jobs[1].config_yaml] == [True, True]
+    assert {(job.priority, job.slots) for job in jobs} == {(3, 1)}
+    (single,) = make_jobs(TINY)
+    assert single.sweep_id is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "slots", "message"),
+    [
+        (["model=nonexistent"], None, "nonexistent"),
+        (["optim.lr=0.1,-1"], None, "optim.lr must be positive"),
+        (["optim.lr=((("], None, "bad override"),
+        (["output_dir=/tmp/elsewhere"], None, "set by the queue"),
+        (["trainer.nproc=2"], 1, "needs at least as many slots"),
+    ],
+)
+def test_bad_overrides_raise_one_line(overrides: list[str], slots: int | None, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        make_jobs([*TINY, *overrides], slots=slots)
+    assert "\n" not in str(raised.value)
+
+
+def test_merge_overrides_replaces_the_same_keys() -> None:
+    base = ["model=mobilefacenet", "optim.lr=0.1", "trainer.steps=3", "+tag=a"]
+    merged = merge_overrides(base, ["optim.lr=0.05", "model=iresnet18", "+extra=1"])
+    assert merged == ["trainer.steps=3", "+tag=a", "optim.lr=0.05", "model=iresnet18", "+extra=1"]
+    with pytest.raises(ConfigError, match="bad override"):
+        merge_overrides(base, ["optim.lr=((("])

@@ -1,0 +1,144 @@
+"""`hydra/launcher=faceforge_queue`: sweeps enqueue at once; waiting sweeps return metrics and crown a champion."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from faceforge.jobs import QUEUED, SUCCEEDED, JobStore
+from faceforge.registry import champion, sweep_candidates
+
+from conftest import REPO, SHARED
+
+CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
+QUEUE = ["hydra/launcher=faceforge_queue"]
+WAIT = [*QUEUE, "hydra.launcher.wait=true", "hydra.launcher.poll_seconds=0.5"]
+
+
+def tiny(home: Path, train_root: Path, pairs: Path | None = None) -> list[str]:
+    """Overrides of a job that trains for seconds, evaluating on a few LFW pairs when given."""
+    evaluation = (
+        ["eval=pairs", f"eval.pairs={pairs}", f"eval.root={SHARED / 'lfw'}", "eval.crop_fraction=0.5"]
+        if pairs
+        else ["eval=none"]
+    )
+    return [
+        "model.width=0.5", "model.input_size=56", "model.embedding_dim=32", "trainer.steps=3", "trainer.nproc=1",
+        "trainer.log_every=1", "schedule.warmup_steps=1", f"data.root={train_root}", "data.batch_size=8",
+        "data.num_workers=0", "data.crop_fraction=0.8", f"mlflow.tracking_uri=sqlite:///{home}/mlflow.db",
+        "mlflow.log_model=false", *evaluation,
+    ]  # fmt: skip
+
+
+def train_multirun(home: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, "train", "-m", f"hydra.sweep.dir={home}/sweeps/{len(list(home.glob('sweeps/*')))}", *overrides],
+        env={**os.environ, "FACEFORGE_HOME": str(home)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def sweep_id_of(result: subprocess.CompletedProcess) -> str:
+    found = re.search(r"sweep (sweep-\w+): \d+ job\(s\) queued", result.stdout)
+    assert found, result.stdout + result.stderr
+    return found.group(1)
+
+
+def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, tmp_path: Path) -> None:
+    result = train_multirun(tmp_path, *QUEUE, "model=mobilefacenet,shufflefacenet", *tiny(tmp_path, tiny_train_root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = JobStore(tmp_path / "jobs.db").list()
+    # No scheduler runs here, so the launcher returned without waiting for any job.
+    assert len(jobs) == 2 and all(job.state == QUEUED for job in jobs)
+    assert {job.sweep_id for job in jobs} == {sweep_id_of(result)}
+    assert sorted(o for job in jobs for o in job.overrides if o.startswith("model=")) == [
+        "model=mobilefacenet",
+        "model=shufflefacenet",
+    ]
+    # The MLflow database and experiment exist before any job could start on them.
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("faceforge") is not None
+
+    bad = train_multirun(tmp_path, *QUEUE, "optim.lr=0.1,-1", *tiny(tmp_path, tiny_train_root))
+    assert bad.returncode == 2 and "optim.lr must be positive" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(JobStore(tmp_path / "jobs.db").list()) == 2  # nothing of the bad sweep was enqueued
+
+
+@pytest.fixture(scope="module")
+def queue_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A FACEFORGE_HOME with `faceforge scheduler` running two single-slot jobs at a time."""
+    home = tmp_path_factory.mktemp("home")
+    log = (home / "scheduler.log").open("w")
+    scheduler = subprocess.Popen(
+        [*CLI, "scheduler", "--slots", "2"],
+        env={**os.environ, "FACEFORGE_HOME": str(home)},
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield home
+    finally:
+        os.killpg(scheduler.pid, signal.SIGTERM)
+        scheduler.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_waiting_sweep_returns_metrics_and_registers_champion(
+    queue_home: Path, tiny_train_root: Path, tiny_pairs: Path
+) -> None:
+    result = train_multirun(
+        queue_home,
+        *WAIT,
+        "model=mobilefacenet,shufflefacenet",
+        "optim.lr=0.1,0.05",
+        *tiny(queue_home, tiny_train_root, tiny_pairs),
+        "mlflow.log_model=true",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep_id = sweep_id_of(result)
+    jobs = JobStore(queue_home / "jobs.db").list(sweep_id=sweep_id)
+    assert len(jobs) == 4 and all(job.state == SUCCEEDED for job in jobs), [(j.state, j.error) for j in jobs]
+
+    uri = f"sqlite:///{queue_home}/mlflow.db"
+    runs = sweep_candidates(uri, sweep_id)
+    assert {run.job_id for run in runs} == {job.id for job in jobs}
+    best = champion(uri)
+    assert best.sweep_id == sweep_id and best.run_id in {run.run_id for run in runs}
+    assert best.value == pytest.approx(max(run.metric("accuracy") for run in runs))
+    assert set(best.card) == {"params", "macs", "latency_ms"}
+    assert f"champion faceforge v{best.version}" in result.stdout
+
+
+@pytest.mark.slow
+def test_optuna_searches_through_the_queue(queue_home: Path, tiny_train_root: Path, tiny_pairs: Path) -> None:
+    optuna = [
+        "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0", "optim.lr=interval(0.01,0.1)",
+    ]  # fmt: skip
+    result = train_multirun(queue_home, *WAIT, *optuna, *tiny(queue_home, tiny_train_root, tiny_pairs))
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep_id = sweep_id_of(result)
+    jobs = JobStore(queue_home / "jobs.db").list(sweep_id=sweep_id)
+    assert len(jobs) == 2 and all(job.state == SUCCEEDED for job in jobs)
+    lrs = [float(o.split("=")[1]) for job in jobs for o in job.overrides if o.startswith("optim.lr=")]
+    assert len(lrs) == 2 and all(0.01 <= lr <= 0.1 for lr in lrs)
+
+    (results_file,) = queue_home.glob("sweeps/*/optimization_results.yaml")
+    results = yaml.safe_load(results_file.read_text())
+    accuracies = [run.metric("accuracy") for run in sweep_candidates(f"sqlite:///{queue_home}/mlflow.db", sweep_id)]
+    assert results["best_value"] == pytest.approx(max(accuracies))
+    assert "no champion" in result.stdout and "no logged model to register" in result.stdout

@@ -1,0 +1,277 @@
+"""faceforge.registry: sweep selection with limits, champion registration, the CLI, and concurrent MLflow writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from faceforge import models
+from faceforge.models.card import count_params
+from faceforge.registry import (
+    CHAMPION_ALIAS,
+    Policy,
+    champion,
+    prepare_tracking,
+    select,
+    select_and_register,
+    sweep_candidates,
+    versions,
+)
+from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
+from faceforge.train.launch import launch
+from faceforge.train.tracking import RunTracker
+
+from conftest import REPO, tiny_config
+
+SWEEP = "sweep-test1"
+TINY = {"embedding_dim": 32, "width": 0.5, "input_size": 56}  # shufflefacenet is 0.5 wide at least
+
+
+def faceforge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from faceforge.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def add_run(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    backbone: str,
+    metrics: dict[str, float],
+    status: str = "FINISHED",
+    with_model: bool = True,
+    sweep_id: str = SWEEP,
+) -> str:
+    """A run as the trainer leaves it: tagged with its sweep and job, metrics, optionally a logged backbone."""
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: sweep_id, JOB_TAG: f"job-{name}"})
+    run_id = run_id.info.run_id
+    client.log_param(run_id, "model.name", backbone)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    if with_model:
+        RunTracker(uri, run_id).model(models.create(backbone, **TINY), TINY["input_size"])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """One database for the module (creating one takes seconds): five runs of one sweep and one of another.
+
+    Only `fast` and `big` can win outright.
+    """
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    experiment_id = prepare_tracking(uri, "tests")
+    card = {"model.macs": 1e6}
+    runs = {
+        "fast": add_run(
+            uri, experiment_id, "fast", "mobilefacenet",
+            {"eval.accuracy": 0.90, "eval.tar_far_1e-03": 0.60, "model.latency_ms": 5.0, "model.params": 1e6, **card},
+        ),
+        "big": add_run(
+            uri, experiment_id, "big", "shufflefacenet",
+            {"eval.accuracy": 0.95, "eval.tar_far_1e-03": 0.50, "model.latency_ms": 20.0, "model.params": 2e6, **card},
+        ),
+        "crashed": add_run(
+            uri, experiment_id, "crashed", "mobilefacenet", {"eval.accuracy": 0.99}, status="FAILED", with_model=False
+        ),
+        "unlogged": add_run(
+            uri, experiment_id, "unlogged", "mobilefacenet",
+            {"eval.accuracy": 0.97, "model.latency_ms": 1.0, "model.params": 1e5}, with_model=False,
+        ),
+        "no-eval": add_run(uri, experiment_id, "no-eval", "mobilefacenet", {"loss": 1.0}, with_model=False),
+        "other": add_run(
+            uri, experiment_id, "other", "mobilefacenet", {"eval.accuracy": 1.0}, with_model=False, sweep_id="sweep-x"
+        ),
+    }  # fmt: skip
+    return uri, runs
+
+
+def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) -> None:
+    uri, runs = sweep
+    candidates = sweep_candidates(uri, SWEEP)
+    assert {c.run_id for c in candidates} == {runs[k] for k in ("fast", "big", "crashed", "unlogged", "no-eval")}
+    assert {c.job_id for c in candidates} == {"job-fast", "job-big", "job-crashed", "job-unlogged", "job-no-eval"}
+
+    best = select(candidates, Policy(), SWEEP)
+    assert best.winner is not None and best.winner.run_id == runs["big"] and best.value == pytest.approx(0.95)
+    assert "big (shufflefacenet)" in best.reason and "runner-up fast (mobilefacenet) 0.9000" in best.reason
+    assert best.excluded == {
+        "crashed (mobilefacenet)": "run failed",
+        "unlogged (mobilefacenet)": "no logged model to register",
+        "no-eval (mobilefacenet)": "no accuracy logged",
+    }
+
+    fast = select(candidates, Policy(max_latency_ms=10), SWEEP)
+    assert fast.winner is not None and fast.winner.run_id == runs["fast"]
+    assert fast.excluded["big (shufflefacenet)"] == "latency 20.00 ms > 10 ms"
+    assert "latency <= 10 ms" in fast.reason
+    small = select(candidates, Policy(max_params=1_500_000), SWEEP)
+    assert small.winner is not None and small.winner.run_id == runs["fast"]
+    assert small.excluded["big (shufflefacenet)"] == "params 2,000,000 > 1,500,000"
+    by_tar = select(candidates, Policy(metric="tar_far_1e-03"), SWEEP)
+    assert by_tar.winner is not None and by_tar.winner.run_id == runs["fast"]
+
+    nothing = select(candidates, Policy(max_latency_ms=10, max_params=10), SWEEP)
+    assert nothing.winner is None and nothing.reason.startswith("no run qualifies")
+    with pytest.raises(ValueError, match="no run qualifies"):
+        select_and_register(uri, SWEEP, Policy(max_params=10))
+    with pytest.raises(ValueError, match="max_latency_ms must be positive"):
+        Policy(max_latency_ms=0)
+    with pytest.raises(ValueError, match="bad sweep id"):
+        sweep_candidates(uri, "x' OR '1'='1")
+
+
+def test_ties_go_to_accuracy(sweep: tuple[str, dict[str, str]]) -> None:
+    uri, experiment_id = sweep[0], prepare_tracking(sweep[0], "tests")
+    metrics = {"eval.roc_auc": 0.8, "eval.accuracy": 0.7}
+    add_run(uri, experiment_id, "first", "mobilefacenet", metrics, sweep_id="sweep-tie")
+    second = add_run(
+        uri, experiment_id, "second", "mobilefacenet", metrics | {"eval.accuracy": 0.75}, sweep_id="sweep-tie"
+    )
+    tie = select(sweep_candidates(uri, "sweep-tie"), Policy(metric="roc_auc"), "sweep-tie")
+    assert tie.winner is not None and tie.winner.run_id == second and "tie broken by accuracy" in tie.reason
+
+
+def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:
+    uri, runs = sweep
+    selection, first = select_and_register(uri, SWEEP, name="reg")
+    assert first.run_id == runs["big"] and CHAMPION_ALIAS in first.aliases
+    assert (first.sweep_id, first.metric, first.value) == (SWEEP, "accuracy", pytest.approx(0.95))
+    assert first.reason == selection.reason and first.card == {"params": 2e6, "macs": 1e6, "latency_ms": 20.0}
+
+    _, again = select_and_register(uri, SWEEP, name="reg")
+    assert again.version == first.version and len(versions(uri, "reg")) == 1
+
+    _, limited = select_and_register(uri, SWEEP, Policy(max_latency_ms=10), "reg")  # a new policy picks a new winner
+    assert limited.run_id == runs["fast"] and limited.version != first.version
+    assert champion(uri, "reg").version == limited.version
+    _, back = select_and_register(uri, SWEEP, name="reg")
+    assert back.version == first.version and len(versions(uri, "reg")) == 2
+    assert [v.aliases for v in versions(uri, "reg")] == [[], [CHAMPION_ALIAS]]
+
+    # The registered source is the run's logged model and loads for any batch size.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model(f"models:/reg@{CHAMPION_ALIAS}", map_location="cpu").eval()
+    with torch.no_grad():
+        assert loaded(torch.zeros(3, 3, 56, 56)).shape == (3, TINY["embedding_dim"])
+
+
+def test_trained_run_logs_its_card_and_registers(
+    sweep: tuple[str, dict[str, str]], tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path
+) -> None:
+    uri = sweep[0]
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, tiny_pairs, steps=2)
+    cfg.mlflow.tracking_uri, cfg.mlflow.experiment = uri, "tests"
+    cfg.mlflow.log_model, cfg.mlflow.sweep_id = True, "sweep-trained"
+    launch(cfg)
+    (candidate,) = sweep_candidates(uri, "sweep-trained")
+    assert candidate.metrics["model.params"] == count_params(models.create("mobilefacenet", **TINY | {"width": 0.25}))
+    assert candidate.metrics["model.macs"] > 0 and candidate.metrics["model.latency_ms"] > 0
+    assert 0.0 <= candidate.metric("accuracy") <= 1.0 and candidate.model_id is not None
+    _, version = select_and_register(uri, "sweep-trained", name="trained")
+    assert version.run_id == candidate.run_id and set(version.card) == {"params", "macs", "latency_ms"}
+    # Artifacts live next to the database, not in ./mlruns of whichever directory the job ran in.
+    artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+    assert any(artifacts.rglob("config.yaml")) and any(artifacts.rglob("MLmodel"))
+
+
+def test_cli_champion_select_and_mlflow_ui(sweep: tuple[str, dict[str, str]]) -> None:
+    uri, runs = sweep
+    uri_args = ("--tracking-uri", uri)
+    selected = faceforge("registry", *uri_args, "select", SWEEP, "--max-latency-ms", "10")
+    assert selected.returncode == 0, selected.stderr
+    assert runs["fast"] in selected.stdout and "latency 20.00 ms > 10 ms" in selected.stdout
+    shown = faceforge("registry", *uri_args, "champion")
+    assert shown.returncode == 0, shown.stderr
+    assert runs["fast"] in shown.stdout and "aliases: champion" in shown.stdout and "latency 5.00 ms" in shown.stdout
+
+    for args in (
+        ("registry", *uri_args, "--name", "nothing", "champion"),
+        ("mlflow-ui", "--tracking-uri", f"{uri}.gone"),
+    ):
+        failed = faceforge(*args)
+        assert failed.returncode != 0 and "error:" in failed.stderr and "Traceback" not in failed.stderr
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from faceforge.cli import main; main()", "mlflow-ui", *uri_args, "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # one worker starts in seconds, or a minute on a busy 2-core machine
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tests"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    served = json.load(response)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+                time.sleep(1)
+        assert served["experiment"]["name"] == "tests"  # the UI serves this very database
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+WRITER = """
+import sys, time
+from faceforge.train.config import TrainConfig
+from faceforge.train.tracking import RunTracker, create_run, finish_run
+uri, start_at, index = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+time.sleep(max(0.0, start_at - time.time()))
+run_id = create_run(uri, "faceforge", f"writer-{index}", TrainConfig().to_dict(), {"faceforge.sweep_id": "sweep-w"})
+tracker = RunTracker(uri, run_id)
+for step in range(1, 21):
+    tracker.metrics({"loss": 1.0 / step, "lr": 0.1, "img_per_s": 100.0}, step)
+finish_run(uri, run_id, True)
+"""
+
+
+@pytest.mark.slow
+def test_eight_concurrent_writers_on_one_database(tmp_path: Path) -> None:
+    """Like 8 jobs starting together on a database the scheduler created: no lock or migration errors."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare_tracking(uri)
+    start_at = time.time() + 8.0  # after every interpreter has imported mlflow
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, uri, str(start_at), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for i in range(8)
+    ]
+    outputs = [writer.communicate(timeout=300) for writer in writers]
+    for writer, (_, stderr) in zip(writers, outputs, strict=True):
+        text = stderr.decode()
+        assert writer.returncode == 0, text
+        assert "database is locked" not in text and "alembic" not in text.lower(), text
+    runs = sweep_candidates(uri, "sweep-w")
+    assert len(runs) == 8 and all(run.status == "FINISHED" for run in runs)
+    assert all(run.metrics["loss"] == pytest.approx(1 / 20) for run in runs)
+    history = MlflowClient(uri).get_metric_history(runs[0].run_id, "loss")
+    assert np.allclose(sorted(m.value for m in history), sorted(1.0 / s for s in range(1, 21)))

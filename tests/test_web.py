@@ -1,0 +1,298 @@
+"""The web UI over HTTP: a real uvicorn server on 127.0.0.1 in a thread, driven with requests."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+import uvicorn
+from mlflow.tracking import MlflowClient
+
+from faceforge.jobs import CANCELLED, QUEUED, JobStore, make_jobs
+from faceforge.registry import prepare_tracking
+from faceforge.web import confine, create_app
+from faceforge.web.security import resolve_token
+
+from conftest import shared_data
+
+TOKEN = "test-token-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Server:
+    """The app served on a socket this process bound itself, so no other process can take its port."""
+
+    def __init__(self, home: Path, roots: list[Path]) -> None:
+        self.home, self.store = home, JobStore(home / "jobs.db")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(home, TOKEN, roots), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def count(self) -> int:
+        return len(self.store.list(limit=100_000))
+
+    def get(self, path: str, **kwargs: object) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs: object) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, allow_redirects=False, **kwargs)
+
+    def login(self) -> requests.Session:
+        """A browser-like session: CSRF cookie from a page, then the token through the login form."""
+        session = requests.Session()
+        session.get(self.url + "/login", timeout=30)
+        csrf = session.cookies["ff_csrf"]
+        reply = session.post(
+            self.url + "/login", data={"token": TOKEN, "csrf": csrf, "next": "/queue"}, allow_redirects=False
+        )
+        assert reply.status_code == 303, reply.text
+        return session
+
+
+@pytest.fixture(scope="module")
+def roots(tiny_train_root: Path, tiny_pairs: Path) -> list[Path]:
+    return [tiny_train_root, tiny_pairs.parent, shared_data() / "lfw"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, roots: list[Path]) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("FACEFORGE_HOME")
+    os.environ["FACEFORGE_HOME"] = str(home)
+    served = Server(home, roots)
+    yield served
+    served.stop()
+    if old is None:
+        del os.environ["FACEFORGE_HOME"]
+    else:
+        os.environ["FACEFORGE_HOME"] = old
+
+
+def job_form(train_root: Path, **fields: str) -> dict[str, str]:
+    """A tiny, valid job as the form posts it."""
+    values = {
+        "dataset": str(train_root),
+        "model": "mobilefacenet",
+        "head": "arcface",
+        "lr": "0.05",
+        "steps": "3",
+        "batch_size": "8",
+        "width": "0.25",
+        "input_size": "56",
+        "overrides": "model.embedding_dim=32 trainer.nproc=1 data.num_workers=0 eval=none mlflow.log_model=false",
+        "sweep": "",
+        "priority": "0",
+        "executor": "local",
+    }
+    return values | fields
+
+
+def test_token_file_is_private_and_printed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("FACEFORGE_TOKEN", raising=False)
+    token = resolve_token(tmp_path)
+    assert token in capsys.readouterr().out
+    assert stat.S_IMODE((tmp_path / "web_token").stat().st_mode) == 0o600
+    assert resolve_token(tmp_path) == token
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("FACEFORGE_TOKEN", "from-env")
+    assert resolve_token(tmp_path) == "from-env"
+
+
+def test_mutations_need_the_token(server: Server, tiny_train_root: Path) -> None:
+    before = server.count()
+    assert server.post("/jobs", data=job_form(tiny_train_root)).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert server.post("/jobs", data=job_form(tiny_train_root), headers=wrong).status_code == 401
+    assert server.count() == before
+    reply = server.post("/jobs", data=job_form(tiny_train_root, name="by-token"), headers=BEARER)
+    assert reply.status_code == 303, reply.text
+    job = server.store.get(reply.headers["location"].removeprefix("/jobs/"))
+    assert job.name == "by-token" and job.state == QUEUED
+    assert f"data.root={tiny_train_root.resolve()}" in job.overrides and "optim.lr=0.05" in job.overrides
+
+
+def test_cross_site_posts_are_refused(server: Server, tiny_train_root: Path) -> None:
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
+    session = server.login()
+    csrf = session.cookies["ff_csrf"]
+    cancel = f"{server.url}/jobs/{job.id}/cancel"
+    assert session.post(cancel, data={}, allow_redirects=False).status_code == 403
+    assert session.post(cancel, data={"csrf": "forged"}, allow_redirects=False).status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    assert session.post(cancel, data={"csrf": csrf}, headers=evil, allow_redirects=False).status_code == 403
+    assert server.store.get(job.id).state == QUEUED
+    reply = session.post(cancel, data={"csrf": csrf}, headers={"Origin": server.url}, allow_redirects=False)
+    assert reply.status_code == 303
+    assert server.store.get(job.id).state == CANCELLED
+
+
+def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_train_root: Path) -> None:
+    before = server.count()
+    for fields, message in [
+        ({"lr": "-1"}, "optim.lr must be positive"),
+        ({"steps": "many"}, "trainer.steps must be int"),
+        ({"model": "resnet9000"}, "resnet9000"),
+        ({"sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
+        ({"priority": "high"}, "priority must be a whole number"),
+        ({"executor": "slurm"}, "unknown executor"),
+    ]:
+        reply = server.post("/jobs", data=job_form(tiny_train_root, **fields), headers=BEARER)
+        assert reply.status_code == 400, fields
+        error = re.search(r'id="form-error"[^>]*>(.*?)</p>', reply.text, re.S)
+        assert error and message in error.group(1), (fields, error and error.group(1))
+        assert 'name="lr"' in reply.text  # the form is shown again to be fixed
+    assert server.count() == before
+
+
+def test_sweep_preview_counts_points_and_submits_them(server: Server, tiny_train_root: Path) -> None:
+    params = {"sweep": "optim.lr=0.1,0.05 model.width=0.25,0.5", "overrides": "trainer.steps=2,3"}
+    assert server.get("/jobs/preview", params=params).text == "8 points"
+    assert server.get("/jobs/preview", params={"sweep": "optim.lr=0.1"}).text == "1 point"
+    assert "error" in server.get("/jobs/preview", params={"sweep": "optim.lr=0.1,,"}).text
+    form = job_form(tiny_train_root, sweep="optim.lr=0.1,0.05")
+    reply = server.post("/jobs", data=form, headers=BEARER)
+    assert reply.status_code == 303 and reply.headers["location"].startswith("/sweeps/sweep-")
+    sweep_id = reply.headers["location"].removeprefix("/sweeps/")
+    jobs = server.store.list(sweep_id=sweep_id)
+    assert sorted(next(o for o in j.overrides if o.startswith("optim.lr=")) for j in jobs) == [
+        "optim.lr=0.05",
+        "optim.lr=0.1",
+    ]
+    page = server.get(f"/sweeps/{sweep_id}").text
+    assert all(job.id in page for job in jobs) and "<th>optim.lr</th>" in page
+
+
+def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Path], tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "person").mkdir(parents=True)
+    link = roots[1] / "sneaky"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        before = server.count()
+        for fields in [
+            {"dataset": str(roots[0] / ".." / ".." / "etc")},
+            {"dataset": "../../../../etc"},
+            {"dataset": str(link)},
+            {"overrides": "data.root=/etc"},
+            {"overrides": f"eval=pairs eval.pairs={roots[1]}/../../../etc/passwd eval.root={roots[2]}"},
+        ]:
+            reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
+            assert reply.status_code == 400, fields
+            assert "outside the configured data roots" in reply.text, fields
+        assert server.count() == before
+    finally:
+        link.unlink()
+    assert confine(roots[0] / ".." / roots[0].name, [roots[0]]) == confine(".", [roots[0]]) == roots[0].resolve()
+
+
+def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: Path) -> None:
+    [template] = make_jobs(["data=folder", f"data.root={tiny_train_root}"], name="bulk")
+    server.store.submit([replace(template, id=f"job-bulk{i:05d}") for i in range(1000)])
+    page = server.get("/queue")
+    assert page.status_code == 200
+    assert page.text.count('<span class="state ') == 50
+    assert "job-bulk00999" in page.text and "job-bulk00950" in page.text and "job-bulk00949" not in page.text
+    assert "older" in page.text and re.search(r"\b10\d\d queued in all", page.text)
+    assert "job-bulk00000" in server.get("/queue/table", params={"page": 20}).text
+    queued = server.get("/queue/table", params={"page": 2, "state": "queued"}).text
+    assert queued.count('<span class="state queued">') == 50 and "job-bulk00949" in queued
+    assert server.get("/queue", params={"state": "bogus"}).status_code == 400
+
+
+def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_root: Path, tmp_path: Path) -> None:
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], priority=99))
+    log = tmp_path / "job.log"
+    log.write_bytes(b"first line\nsecond line\nhalf")
+    owner = "test-owner"
+    assert server.store.claim("local", owner, capacity=1000, lease_seconds=60).id == job.id
+    server.store.update(job.id, log_path=str(log))
+
+    def events(headers: dict[str, str], until_end: bool) -> list[tuple[str, str, str]]:
+        found: list[tuple[str, str, str]] = []
+        with requests.get(f"{server.url}/jobs/{job.id}/logs", headers=headers, stream=True, timeout=30) as reply:
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            event = {"id": "", "event": "message", "data": []}
+            for line in reply.iter_lines(decode_unicode=True):
+                if line:
+                    key, _, value = line.partition(": ")
+                    event[key] = event[key] + [value] if key == "data" else value
+                    continue
+                if event["data"]:
+                    found.append((event["id"], event["event"], "\n".join(event["data"])))
+                    if event["event"] == "end" or not until_end:
+                        break
+                event = {"id": "", "event": "message", "data": []}
+        return found
+
+    [(first_id, _, text)] = events({}, until_end=False)
+    assert text == "first line\nsecond line" and int(first_id) == len(b"first line\nsecond line\n")
+    resume = len(b"first line\n")
+    [(_, _, text)] = events({"Last-Event-ID": str(resume)}, until_end=False)
+    assert text == "second line"
+    with log.open("ab") as file:
+        file.write(b" done\r12%|##\rlast\n")
+    server.store.finish(job.id, owner, "succeeded", exit_code=0)
+    rest = events({"Last-Event-ID": first_id}, until_end=True)
+    assert rest[0][2] == "half done\n12%|##\nlast" and int(rest[0][0]) == log.stat().st_size
+    assert rest[-1][1:] == ("end", "succeeded")
+
+
+def test_job_page_plots_metrics_links_mlflow_and_diffs(server: Server, tiny_train_root: Path) -> None:
+    uri = f"sqlite:///{server.home}/mlflow.db"
+    prepare_tracking(uri)
+    base = ["data=folder", f"data.root={tiny_train_root}", f"mlflow.tracking_uri={uri}", "model.width=0.25"]
+    [first] = server.store.submit(make_jobs([*base, "trainer.steps=5"], name="plotted"))
+    [second] = server.store.submit(make_jobs([*base, "trainer.steps=7"], name="other"))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faceforge").experiment_id
+    run = client.create_run(experiment, tags={"faceforge.job_id": first.id})
+    for step in range(1, 6):
+        client.log_metric(run.info.run_id, "loss", 10.0 / step, step=step)
+        client.log_metric(run.info.run_id, "lr", 0.1 * (1 - step / 5), step=step)
+    client.log_metric(run.info.run_id, "eval.accuracy", 0.625, step=5)
+
+    metrics = server.get(f"/jobs/{first.id}/metrics").text
+    assert 'aria-label="loss"' in metrics and 'aria-label="lr"' in metrics and "<polyline" in metrics
+    assert "eval.accuracy" in metrics and "0.625" in metrics
+    assert f"/#/experiments/{experiment}/runs/{run.info.run_id}" in metrics
+    assert "No MLflow run yet" in server.get(f"/jobs/{second.id}/metrics").text
+
+    page = server.get(f"/jobs/{second.id}", params={"diff": first.id}).text
+    assert '<span class="del">-  steps: 5</span>' in page and '<span class="add">+  steps: 7</span>' in page
+    assert "created" in page and 'id="cancel"' in page
+    clone = server.get("/jobs/new", params={"clone": second.id}).text
+    assert 'name="steps" value="7"' in clone and 'name="width" value="0.25"' in clone
+    assert f'<option value="{tiny_train_root.resolve()}" selected>' in clone
+    assert f"mlflow.tracking_uri={uri}" in clone
+    assert server.get("/jobs/job-missing").status_code == 404
+
+
+def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> None:
+    models = server.get("/models")
+    assert models.status_code == 200 and 'id="versions"' in models.text
+    datasets = server.get("/datasets").text
+    row = re.search(rf"<td>{tiny_train_root.name}</td>\s*<td>(\d+)</td><td>(\d+)</td><td><code>(\w+)</code>", datasets)
+    assert row and row.groups()[:2] == ("6", "24")
+    assert "demo" in datasets
