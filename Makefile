@@ -19,8 +19,8 @@ demo: setup
 	$(BIN)/faceforge demo
 
 lint: setup
-	$(BIN)/ruff check platform tests bench
-	$(BIN)/ruff format --check platform tests bench
+	$(BIN)/ruff check platform data_pipeline web tests bench docs
+	$(BIN)/ruff format --check platform data_pipeline web tests bench docs
 
 test: lint
 	$(BIN)/pytest -q

@@ -162,7 +162,13 @@ class JobStore:
             raise KeyError(f"no job {job_id!r}")
         return _row_to_job(row)
 
-    def list(self, states: Iterable[str] | None = None, sweep_id: str | None = None, limit: int = 1000) -> list[Job]:
+    def list(
+        self,
+        states: Iterable[str] | None = None,
+        sweep_id: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[Job]:
         """Newest first."""
         where, args = [], []
         if states is not None:
@@ -174,7 +180,9 @@ class JobStore:
             args.append(sweep_id)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._connect() as db:
-            rows = db.execute(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", [*args, limit]).fetchall()
+            rows = db.execute(
+                f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+            ).fetchall()
         return [_row_to_job(row) for row in rows]
 
     def positions(self) -> dict[str, int]:

@@ -175,13 +175,13 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         if state is not None and state not in STATES:
             raise HTTPException(400, f"unknown state {state!r}; choose from {', '.join(STATES)}")
         page = max(page, 1)
-        found = store.list(states=[state] if state else None, limit=page * PAGE_SIZE + 1)
+        found = store.list(states=[state] if state else None, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
         return {
-            "jobs": found[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
+            "jobs": found[:PAGE_SIZE],
             "positions": store.positions(),
             "state": state,
             "page": page,
-            "has_next": len(found) > page * PAGE_SIZE,
+            "has_next": len(found) > PAGE_SIZE,
             "page_size": PAGE_SIZE,
         }
 
@@ -228,8 +228,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             if form.executor not in EXECUTORS:
                 raise ValueError(f"unknown executor {form.executor!r}")
             overrides = form.overrides_list(roots)
-            priority, slots = form.number("priority", 0), form.number("slots", None)
-            assert priority is not None
+            priority, slots = form.number("priority") or 0, form.number("slots")
             jobs = await asyncio.to_thread(
                 compose_jobs, overrides, name=form.name or None, priority=priority, slots=slots, executor=form.executor
             )
@@ -343,6 +342,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         metric = str((await request.form()).get("metric", "")) or None
         context = sweep_context(sweep_id, metric)
         try:
+            if not context["done"]:
+                raise ValueError("the sweep is still running: register its champion when every point has ended")
             await asyncio.to_thread(
                 register_champion, runs.tracking_uri(context["jobs"][0]), sweep_id, Policy(metric=context["metric"])
             )

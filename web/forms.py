@@ -98,10 +98,11 @@ class JobForm:
                     raise ValueError(f"{override}: no such file or directory")
         return overrides
 
-    def number(self, name: str, default: int | None) -> int | None:
+    def number(self, name: str) -> int | None:
+        """A whole-number field; None when left blank."""
         value = getattr(self, name)
         if not value:
-            return default
+            return None
         try:
             return int(value)
         except ValueError:
