@@ -20,8 +20,9 @@ from faceforge.jobs import CANCELLED, RUNNING, SUCCEEDED, Job, JobStore, make_jo
 from faceforge.jobs.executors.local import LocalExecutor, job_environment
 from faceforge.jobs.executors.local_runner import process_start_time
 from faceforge.jobs.scheduler import Scheduler
+from faceforge.registry import champion
 
-from conftest import REPO
+from conftest import REPO, SHARED
 
 CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
 pytestmark = pytest.mark.slow
@@ -224,3 +225,30 @@ def test_queue_cli_submit_list_show_clone_cancel_and_logs(home: Path, tiny_train
     assert "stopped by SIGTERM" in followed.stdout and "exit code 1" in followed.stdout
     assert (home / "jobs" / first / "checkpoints" / "latest").exists()
     assert re.search(r"state: +cancelled", shown) and f"mlflow run:       {stopped.mlflow_run_id}" in shown
+
+
+def test_a_finished_sweep_registers_its_best_run_as_champion(
+    home: Path, tiny_train_root: Path, tiny_pairs: Path
+) -> None:
+    evaluated = [o for o in tiny(home, tiny_train_root) if o not in ("eval=none", "mlflow.log_model=false")]
+    evaluated += ["eval=pairs", f"eval.pairs={tiny_pairs}", f"eval.root={SHARED / 'lfw'}", "eval.crop_fraction=0.5"]
+    store = JobStore(store_path())
+    jobs = store.submit(make_jobs([*evaluated, "optim.lr=0.05,0.02"]))
+    scheduler = Scheduler(store, {"local": LocalExecutor(slots=2)}, home, poll_seconds=0.2)
+    drive(scheduler, all_terminal(store, jobs), timeout=300)
+    finished = [store.get(job.id) for job in jobs]
+    assert {job.state for job in finished} == {SUCCEEDED}, [(job.id, job.error) for job in finished]
+    version = champion(f"sqlite:///{home}/mlflow.db")
+    best = max(finished, key=lambda job: job.metrics["eval.accuracy"])
+    assert version.run_id == best.mlflow_run_id
+    assert version.sweep_id == jobs[0].sweep_id and "champion" in version.aliases
+
+
+def test_a_job_larger_than_the_executor_fails_instead_of_blocking_the_queue(home: Path, tiny_train_root: Path) -> None:
+    store = JobStore(store_path())
+    (big,) = store.submit(make_jobs(tiny(home, tiny_train_root), slots=3))
+    (small,) = store.submit(make_jobs(tiny(home, tiny_train_root)))
+    scheduler = Scheduler(store, {"local": LocalExecutor(slots=2)}, home, poll_seconds=0.2)
+    drive(scheduler, all_terminal(store, [big, small]), timeout=120)
+    assert store.get(big.id).state == "failed" and store.get(big.id).error == "needs 3 slots; the local executor has 2"
+    assert store.get(small.id).state == SUCCEEDED

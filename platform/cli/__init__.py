@@ -112,7 +112,15 @@ def _data_align(args: argparse.Namespace) -> None:
     from faceforge.data_pipeline import align_tree
 
     counts = align_tree(
-        args.src, args.dst, args.detector, args.workers, args.size, args.all_faces, min_face_size=args.min_face_size
+        args.src,
+        args.dst,
+        args.detector,
+        args.workers,
+        args.size,
+        all_faces=args.all_faces,
+        fallbacks=args.fallback or (),
+        redo=args.redo or (),
+        min_face_size=args.min_face_size,
     )
     print("  ".join(f"{k}={v}" for k, v in counts.items()) + f"  manifest: {args.dst / 'manifest.jsonl'}")
 
@@ -404,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("src", type=Path, help="raw photos or an identity-folder tree")
     align.add_argument("dst", type=Path, help="the same folders, aligned JPEG crops and manifest.jsonl; reruns resume")
     align.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    align.add_argument(
+        "--fallback",
+        action="append",
+        choices=("haar", "center"),
+        help="for photos without a face found, in the order given; center (O-Net in the middle) crops every photo",
+    )
+    align.add_argument(
+        "--redo", action="append", choices=("no_face", "error"), help="run the photos so recorded again (resume skips)"
+    )
     align.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     align.add_argument("--size", type=int, default=112, help="crop side in pixels")
     align.add_argument("--min-face-size", type=int, default=20, help="smallest face searched for, in pixels")
@@ -454,7 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sched = commands.add_parser("scheduler", help="run the loop that claims queued jobs and drives executors")
     sched.add_argument("--slots", type=int, default=None, help="local slots (default: this machine's cores)")
-    sched.add_argument("--ray-address", default=None, help="also drive ray jobs on this cluster (dashboard URL)")
+    sched.add_argument(
+        "--ray-address",
+        default=os.environ.get("FACEFORGE_RAY_ADDRESS") or None,
+        help="also drive ray jobs on this cluster (dashboard URL; default $FACEFORGE_RAY_ADDRESS)",
+    )
     sched.add_argument("--once", action="store_true", help="one pass (claim, start, record), then exit")
     sched.add_argument("--lease-seconds", type=float, default=30.0, help="how soon another scheduler adopts jobs")
     sched.add_argument("--poll-seconds", type=float, default=1.0)

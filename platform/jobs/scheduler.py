@@ -62,6 +62,9 @@ class Scheduler:
             self._poll(job)
         for name, executor in self.executors.items():
             capacity = executor.capacity()
+            if capacity > 0:  # 0: the cluster is unreachable, so nothing can be judged too big
+                for job in self.store.fail_oversized(name, capacity):
+                    log.error("%s failed: %s", job.id, job.error)
             while (job := self.store.claim(name, self.owner, capacity, self.lease_seconds)) is not None:
                 self._start(job, executor)
 
@@ -122,6 +125,8 @@ class Scheduler:
         # An earlier attempt's loss stays in `error`, so a job that succeeded on a second start shows why.
         self.store.finish(job.id, self.owner, state, status.exit_code, status.error or job.error)
         log.info("%s %s (exit code %s)", job.id, state, status.exit_code)
+        if job.sweep_id and all(j.terminal for j in self.store.list(sweep_id=job.sweep_id, limit=1_000_000)):
+            select_champion(job)
 
     def _prepare_tracking(self, job: Job) -> None:
         """Create the MLflow database and experiment here, once, before jobs use them concurrently."""
@@ -133,6 +138,26 @@ class Scheduler:
 
         prepare_tracking(*target)
         self._tracking_ready.add(target)
+
+
+def select_champion(job: Job) -> None:
+    """When the last job of a sweep ends, register its best run as the champion (default policy: accuracy).
+
+    A Hydra sweep run with `hydra.launcher.wait=true` selects again afterwards with its own policy, which then wins.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from faceforge.registry import select_and_register
+
+    tracking_uri = yaml.safe_load(job.config_yaml)["mlflow"]["tracking_uri"]
+    try:
+        selection, version = select_and_register(tracking_uri, job.sweep_id or "")
+    except ValueError as err:  # no run qualified: failed runs, or none logged a model
+        log.warning("sweep %s ended without a champion: %s", job.sweep_id, err)
+    except MlflowException as err:
+        log.warning("sweep %s: could not register its champion: %s", job.sweep_id, err)
+    else:
+        log.info("sweep %s: champion %s v%s: %s", job.sweep_id, version.name, version.version, selection.reason)
 
 
 def mlflow_result(job: Job) -> tuple[str | None, dict[str, float]]:

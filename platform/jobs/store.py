@@ -220,6 +220,17 @@ class JobStore:
             ).fetchone()
         return _row_to_job(row)
 
+    def fail_oversized(self, executor: str, capacity: int) -> list[Job]:
+        """Fail queued jobs that ask for more slots than the executor has: they would block the queue forever."""
+        with self._connect(immediate=True) as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, "
+                "error = 'needs ' || slots || ' slots; the ' || executor || ' executor has ' || ? "
+                "WHERE state = ? AND executor = ? AND slots > ? RETURNING *",
+                (FAILED, time.time(), capacity, QUEUED, executor, capacity),
+            ).fetchall()
+        return [_row_to_job(row) for row in rows]
+
     def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Renew the lease; False when this owner lost it (expired and reclaimed, or the job ended)."""
         with self._connect(immediate=True) as db:

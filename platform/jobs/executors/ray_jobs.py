@@ -105,6 +105,7 @@ class RayExecutor:
             "FACEFORGE_HOME": str(faceforge_home().resolve()),
             # One thread per rank per slot: more would oversubscribe the CPUs Ray reserved for the job.
             "OMP_NUM_THREADS": str(max(1, job.slots // nproc)),
+            "PYTHONUNBUFFERED": "1",  # so read_log follows training as it happens
             **{key: os.environ[key] for key in PASSED_ENV if key in os.environ},
         }
         try:
