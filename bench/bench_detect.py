@@ -7,8 +7,9 @@ the 5 detected points with points derived from the 68-point annotation (eye cent
 contour, nose tip 30, mouth corners 48 and 54), in pixels and over the inter-ocular distance (NME).
 
 Throughput runs `align_tree` (decode, detect, align, JPEG-encode, write) over copies of the 12 detection photos,
-every face of each (--all-faces): once in this process on one thread (steady state, no start-up), once end to end
-with --workers processes (start-up of the spawned workers included). Run from the repo root:
+those above 500 px resized to 500 px, every face of each (--all-faces): once in this process on one thread
+(steady state, no start-up), once end to end with --workers processes (spawning them included). Run from the
+repo root:
 
     .venv/bin/python bench/bench_detect.py                  # about a minute
     .venv/bin/python bench/bench_detect.py --copies 40 --onet-thresholds 0.7 0.9 0.95
@@ -19,16 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from faceforge.data import read_image
-from faceforge.data_pipeline import MTCNN, get_detector
+from faceforge.data_pipeline import MTCNN, Detector, get_detector
 from faceforge.data_pipeline.align import AlignSettings, align_sources, align_tree
 from faceforge.data_pipeline.detection_eval import DetectionScore, read_imglab
 
@@ -48,7 +49,7 @@ def machine_line() -> str:
     )
 
 
-def accuracy_row(name: str, detector: object, split: str) -> str:
+def accuracy_row(name: str, detector: Detector, split: str) -> str:
     truth = read_imglab(DETECTION / f"{split}_with_face_landmarks.xml")
     found = detector.detect([read_image(DETECTION / image.file) for image in truth])
     score = DetectionScore()
@@ -73,12 +74,16 @@ def accuracy_table(args: argparse.Namespace) -> None:
             print(accuracy_row(f"mtcnn, O-Net > {threshold}", detector, split), flush=True)
 
 
-def photo_tree(root: Path, copies: int) -> Path:
+def photo_tree(root: Path, copies: int, longest_side: int) -> Path:
+    """Copies of the 12 detection photos, the larger ones (up to 1986 px) area-resized to `longest_side`."""
     src = root / "photos"
-    for copy in range(copies):
-        (src / f"{copy:03d}").mkdir(parents=True)
-        for photo in sorted(DETECTION.glob("*.jpg")):
-            shutil.copy(photo, src / f"{copy:03d}" / photo.name)
+    for photo in sorted(DETECTION.glob("*.jpg")):
+        image = cv2.imread(str(photo))
+        scale = min(1.0, longest_side / max(image.shape[:2]))
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
+        for copy in range(copies):
+            (src / f"{copy:03d}").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(src / f"{copy:03d}" / photo.name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return src
 
 
@@ -87,15 +92,15 @@ def throughput_table(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.detectors:
         with tempfile.TemporaryDirectory() as tmp:
-            src = photo_tree(Path(tmp), args.copies)
+            src = photo_tree(Path(tmp), args.copies, args.longest_side)
             sources = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.jpg"))
             settings = AlignSettings(src, Path(tmp) / "one", 112, True, name)
             torch.set_num_threads(1)
-            detector = get_detector(name)
-            align_sources(settings, sources[:12], detector)  # warm-up
+            detectors = settings.detectors()
+            align_sources(settings, sources[:12], detectors)  # warm-up
             start = time.perf_counter()
             records = [
-                r for i in range(0, len(sources), 8) for r in align_sources(settings, sources[i : i + 8], detector)
+                r for i in range(0, len(sources), 8) for r in align_sources(settings, sources[i : i + 8], detectors)
             ]
             faces = sum(record["status"] == "aligned" for record in records)
             seconds = time.perf_counter() - start
@@ -118,15 +123,17 @@ def throughput_table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=["mtcnn", "haar"], choices=["mtcnn", "haar"])
-    parser.add_argument("--onet-thresholds", nargs="*", type=float, default=[0.9, 0.95], help="extra MTCNN rows")
+    parser.add_argument("--onet-thresholds", nargs="*", type=float, default=[], help="extra MTCNN rows")
     parser.add_argument("--copies", type=int, default=20, help="copies of the 12 photos for the throughput runs")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--longest-side", type=int, default=500, help="throughput photos are at most this large")
     args = parser.parse_args()
     if not DETECTION.is_dir():
         raise SystemExit(f"{DETECTION}: detection data not found")
     print(machine_line(), flush=True)
     accuracy_table(args)
     throughput_table(args)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end (other jobs on the 2 cores slow every figure)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Job queue overheads with the local executor: submit-to-running latency, enqueueing 1,000 jobs, sweep overhead.
 
 - latency: one tiny job at a time is submitted to an idle `faceforge scheduler` (a subprocess, polling every
-  --poll-seconds). "claimed" is submit to the job's state turning running (the scheduler's leased claim);
-  "spawned" is submit to its runner process existing (from /proc). Each job is cancelled once it runs, and
-  the next one is submitted once it has ended, so every submission meets an idle scheduler. A first job,
-  not counted, warms the scheduler up (its first start imports torch).
+  --poll-seconds) at a random moment of its cycle. "claimed" is submit to the job's state turning running
+  (the scheduler's leased claim); "started" is submit to its handle being stored, i.e. its runner process
+  spawned (seen by polling every 10 ms). Each job is cancelled once it runs and the next is submitted once it
+  has ended, so every submission meets an idle scheduler. A first job, not counted, warms the scheduler up
+  (its first start imports torch).
 - enqueue: one JobStore.submit of 1,000 already composed jobs into a fresh store; composing (Hydra and
   config validation) is timed apart, per point.
 - sweep overhead: a sweep of --points tiny jobs (3 steps, evaluation on 40 LFW pairs, model logged) runs
@@ -21,9 +22,9 @@ Run from the repo root on a quiet machine (a few minutes):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -42,7 +43,6 @@ from faceforge.registry import Policy, select_and_register
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def machine_line() -> str:
@@ -96,30 +96,25 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.01)
 
 
-def boot_time() -> float:
-    return next(
-        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
-    )
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_latency(store: JobStore, template: Job, count: int) -> None:
-    claimed, spawned = [], []
+def bench_latency(store: JobStore, template: Job, count: int, poll_seconds: float) -> None:
+    claimed, started = [], []
     for index in range(count + 1):  # the first one warms the scheduler up
+        time.sleep(random.uniform(0, poll_seconds))  # submissions come at any moment of the scheduler's cycle
         (job,) = store.submit([replace(template, id=new_id(), name=f"latency-{index}")])
         wait_until(lambda job=job: store.get(job.id).handle is not None, 120, f"start of {job.id}")
-        started = store.get(job.id)
-        runner_started = boot_time() + json.loads(started.handle)["start_time"] / CLOCK_TICKS
+        seen = time.time()
+        running = store.get(job.id)
         store.cancel(job.id)
         wait_until(lambda job=job: store.get(job.id).terminal, 120, f"end of {job.id}")
         if index:
-            claimed.append(started.started_at - started.created_at)
-            spawned.append(runner_started - started.created_at)
-    for name, values in (("claimed (queued -> running)", claimed), ("spawned (queued -> runner alive)", spawned)):
+            claimed.append(running.started_at - running.created_at)
+            started.append(seen - running.created_at)
+    for name, values in (("claimed (queued -> running)", claimed), ("started (queued -> runner spawned)", started)):
         print(
             f"  {name}: p50 {statistics.median(values):.2f} s, p95 {percentile(values, 0.95):.2f} s, "
             f"max {max(values):.2f} s over {len(values)} jobs"
@@ -173,6 +168,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=os.cpu_count(), help="the scheduler's local slots")
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="the scheduler's poll interval")
     args = parser.parse_args()
+    if args.points < 2:
+        parser.error("a sweep needs at least 2 points")
     if not (SHARED / "celeba_ids").is_dir():
         sys.exit(f"bench_queue: error: {SHARED} is missing")
     print(machine_line())
@@ -195,7 +192,7 @@ def main() -> None:
             )
         try:
             print("submit to running:")
-            bench_latency(store, template, args.latency_jobs)
+            bench_latency(store, template, args.latency_jobs, args.poll_seconds)
             print("sweep overhead:")
             bench_sweep(store, home, train, pairs, args.points, args.slots)
         finally:

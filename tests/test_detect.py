@@ -87,6 +87,18 @@ def test_landmarks_lie_inside_their_boxes_eyes_above_mouth(
         assert np.all((x[:, 0] < x[:, 1]) & (x[:, 3] < x[:, 4]))  # left before right, as seen
 
 
+def test_an_images_faces_do_not_depend_on_its_batch(mtcnn: MTCNN) -> None:
+    """P-Net's grid gives boxes whose IoU is exactly the NMS threshold: other images must not tip the balance."""
+    names = ["Bill_Clinton_0012", "Bill_Clinton_0024", "Franz_Muentefering_0003", "Haydar_Aliyev_0001"]
+    names.append("Herb_Dhaliwal_0001")
+    images = [read_image(shared_data() / "lfw" / name[:-5] / f"{name}.jpg") for name in names]
+    for image, together in zip(images, mtcnn.detect(images), strict=True):
+        alone = mtcnn.detect([image])[0]
+        assert len(alone) == len(together)
+        np.testing.assert_allclose(alone.boxes, together.boxes, atol=0.01)
+        np.testing.assert_allclose(alone.landmarks, together.landmarks, atol=0.01)
+
+
 def test_batched_crops_equal_per_crop_area_resize() -> None:
     """All crops at once from the summed-area table equal F.interpolate(area) of each zero-padded crop."""
     image = read_image(detection_dir() / "2008_002470.jpg")
@@ -124,8 +136,8 @@ def test_alignment_puts_the_landmarks_on_the_template(mtcnn: MTCNN) -> None:
     assert np.linalg.norm(again.landmarks[0] - 40 - mapped, axis=1).max() < 3.0
 
 
-def test_alignment_of_a_large_face_averages_before_warping(mtcnn: MTCNN) -> None:
-    """A 4x larger photo (the area pre-shrink path) gives the same crop as the original one."""
+def test_a_large_face_aligns_like_the_small_one(mtcnn: MTCNN) -> None:
+    """A 4x larger photo (area-shrunk around the face before warping) gives the crop of the original one."""
     image = read_image(lfw_images(1)[0])
     landmarks = mtcnn.detect([image])[0].landmarks[0]
     large = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
@@ -178,3 +190,9 @@ def test_align_tree_records_every_photo_and_resumes(tmp_path: Path, capsys: pyte
     assert counts == dict(images=5, skipped=4, aligned=1, no_face=0, error=0)
     assert (dst / aligned[0]["output"]).is_file()
     assert len((dst / "manifest.jsonl").read_text().splitlines()) == 5
+
+    # The faceless photo again, with the last-resort fallback that crops the middle of every photo.
+    counts = align_tree(src, dst, workers=1, fallbacks=["haar", "center"], redo=["no_face"], progress=False)
+    assert counts == dict(images=5, skipped=4, aligned=1, no_face=0, error=0)
+    wall = json.loads((dst / "manifest.jsonl").read_text().splitlines()[-1])
+    assert wall["source"] == "odd/wall.png" and wall["detector"] == "center" and wall["score"] < 0.5

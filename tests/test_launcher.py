@@ -24,7 +24,7 @@ QUEUE = ["hydra/launcher=faceforge_queue"]
 WAIT = [*QUEUE, "hydra.launcher.wait=true", "hydra.launcher.poll_seconds=0.5"]
 
 
-def tiny(home: Path, train_root: Path, pairs: Path | None = None) -> list[str]:
+def tiny(home: Path, train_root: Path, pairs: Path | None = None, width: float = 0.25) -> list[str]:
     """Overrides of a job that trains for seconds, evaluating on a few LFW pairs when given."""
     evaluation = (
         ["eval=pairs", f"eval.pairs={pairs}", f"eval.root={SHARED / 'lfw'}", "eval.crop_fraction=0.5"]
@@ -32,7 +32,7 @@ def tiny(home: Path, train_root: Path, pairs: Path | None = None) -> list[str]:
         else ["eval=none"]
     )
     return [
-        "model.width=0.5", "model.input_size=56", "model.embedding_dim=32", "trainer.steps=3", "trainer.nproc=1",
+        f"model.width={width}", "model.input_size=56", "model.embedding_dim=32", "trainer.steps=3", "trainer.nproc=1",
         "trainer.log_every=1", "schedule.warmup_steps=1", f"data.root={train_root}", "data.batch_size=8",
         "data.num_workers=0", "data.crop_fraction=0.8", f"mlflow.tracking_uri=sqlite:///{home}/mlflow.db",
         "mlflow.log_model=false", *evaluation,
@@ -57,7 +57,8 @@ def sweep_id_of(result: subprocess.CompletedProcess) -> str:
 
 
 def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, tmp_path: Path) -> None:
-    result = train_multirun(tmp_path, *QUEUE, "model=mobilefacenet,shufflefacenet", *tiny(tmp_path, tiny_train_root))
+    points = ("model=mobilefacenet,shufflefacenet", *tiny(tmp_path, tiny_train_root, width=0.5))
+    result = train_multirun(tmp_path, *QUEUE, *points)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = JobStore(tmp_path / "jobs.db").list()
     # No scheduler runs here, so the launcher returned without waiting for any job.
@@ -103,8 +104,8 @@ def test_waiting_sweep_returns_metrics_and_registers_champion(
     result = train_multirun(
         queue_home,
         *WAIT,
-        "model=mobilefacenet,shufflefacenet",
-        "optim.lr=0.1,0.05",
+        "head=arcface,cosface",
+        "optim.lr=0.05,0.02",
         *tiny(queue_home, tiny_train_root, tiny_pairs),
         "mlflow.log_model=true",
     )

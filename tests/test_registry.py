@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from faceforge.registry import (
     Policy,
     champion,
     prepare_tracking,
+    save_policy,
+    saved_policy,
     select,
     select_and_register,
     sweep_candidates,
@@ -79,28 +82,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
     """
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
     experiment_id = prepare_tracking(uri, "tests")
-    card = {"model.macs": 1e6}
+    tied = {"eval.roc_auc": 0.8, "model.macs": 1e6}  # the same AUC, so accuracy breaks the tie
+    fast = {"eval.accuracy": 0.90, "eval.tar_far_1e-03": 0.60, "eval.eer": 0.1, "model.latency_ms": 5.0}
+    big = {"eval.accuracy": 0.95, "eval.tar_far_1e-03": 0.50, "eval.eer": 0.2, "model.latency_ms": 20.0}
+    unlogged = {"eval.accuracy": 0.97, "model.latency_ms": 1.0, "model.params": 1e5}
     runs = {
-        "fast": add_run(
-            uri, experiment_id, "fast", "mobilefacenet",
-            {"eval.accuracy": 0.90, "eval.tar_far_1e-03": 0.60, "model.latency_ms": 5.0, "model.params": 1e6, **card},
-        ),
-        "big": add_run(
-            uri, experiment_id, "big", "shufflefacenet",
-            {"eval.accuracy": 0.95, "eval.tar_far_1e-03": 0.50, "model.latency_ms": 20.0, "model.params": 2e6, **card},
-        ),
+        "fast": add_run(uri, experiment_id, "fast", "mobilefacenet", fast | tied | {"model.params": 1e6}),
+        "big": add_run(uri, experiment_id, "big", "shufflefacenet", big | tied | {"model.params": 2e6}),
         "crashed": add_run(
             uri, experiment_id, "crashed", "mobilefacenet", {"eval.accuracy": 0.99}, status="FAILED", with_model=False
         ),
-        "unlogged": add_run(
-            uri, experiment_id, "unlogged", "mobilefacenet",
-            {"eval.accuracy": 0.97, "model.latency_ms": 1.0, "model.params": 1e5}, with_model=False,
-        ),
+        "unlogged": add_run(uri, experiment_id, "unlogged", "mobilefacenet", unlogged, with_model=False),
         "no-eval": add_run(uri, experiment_id, "no-eval", "mobilefacenet", {"loss": 1.0}, with_model=False),
         "other": add_run(
             uri, experiment_id, "other", "mobilefacenet", {"eval.accuracy": 1.0}, with_model=False, sweep_id="sweep-x"
         ),
-    }  # fmt: skip
+    }
     return uri, runs
 
 
@@ -128,6 +125,10 @@ def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) ->
     assert small.excluded["big (shufflefacenet)"] == "params 2,000,000 > 1,500,000"
     by_tar = select(candidates, Policy(metric="tar_far_1e-03"), SWEEP)
     assert by_tar.winner is not None and by_tar.winner.run_id == runs["fast"]
+    tie = select(candidates, Policy(metric="roc_auc"), SWEEP)
+    assert tie.winner is not None and tie.winner.run_id == runs["big"] and "tie broken by accuracy" in tie.reason
+    by_eer = select(candidates, Policy(metric="eer"), SWEEP)  # an error rate: the lowest wins
+    assert by_eer.winner is not None and by_eer.winner.run_id == runs["fast"] and "lowest eer" in by_eer.reason
 
     nothing = select(candidates, Policy(max_latency_ms=10, max_params=10), SWEEP)
     assert nothing.winner is None and nothing.reason.startswith("no run qualifies")
@@ -137,17 +138,6 @@ def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) ->
         Policy(max_latency_ms=0)
     with pytest.raises(ValueError, match="bad sweep id"):
         sweep_candidates(uri, "x' OR '1'='1")
-
-
-def test_ties_go_to_accuracy(sweep: tuple[str, dict[str, str]]) -> None:
-    uri, experiment_id = sweep[0], prepare_tracking(sweep[0], "tests")
-    metrics = {"eval.roc_auc": 0.8, "eval.accuracy": 0.7}
-    add_run(uri, experiment_id, "first", "mobilefacenet", metrics, sweep_id="sweep-tie")
-    second = add_run(
-        uri, experiment_id, "second", "mobilefacenet", metrics | {"eval.accuracy": 0.75}, sweep_id="sweep-tie"
-    )
-    tie = select(sweep_candidates(uri, "sweep-tie"), Policy(metric="roc_auc"), "sweep-tie")
-    assert tie.winner is not None and tie.winner.run_id == second and "tie broken by accuracy" in tie.reason
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:
@@ -174,6 +164,20 @@ def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, 
     loaded = mlflow.pytorch.load_model(f"models:/reg@{CHAMPION_ALIAS}", map_location="cpu").eval()
     with torch.no_grad():
         assert loaded(torch.zeros(3, 3, 56, 56)).shape == (3, TINY["embedding_dim"])
+
+    # Without a policy, selection uses the one the sweep was launched with.
+    save_policy(uri, prepare_tracking(uri, "tests"), SWEEP, Policy(max_latency_ms=10))
+    assert saved_policy(uri, SWEEP) == Policy(max_latency_ms=10) and saved_policy(uri, "sweep-x") == Policy()
+    _, launched = select_and_register(uri, SWEEP, name="reg")
+    assert launched.version == limited.version and champion(uri, "reg").version == limited.version
+
+
+def test_concurrent_registrations_of_a_sweep_add_one_version(sweep: tuple[str, dict[str, str]]) -> None:
+    """A waiting launcher and the scheduler may both finish the same sweep at the same moment."""
+    uri = sweep[0]
+    with ThreadPoolExecutor(4) as pool:
+        registered = list(pool.map(lambda _: select_and_register(uri, SWEEP, Policy(), "race")[1], range(4)))
+    assert len({version.version for version in registered}) == 1 and len(versions(uri, "race")) == 1
 
 
 def test_trained_run_logs_its_card_and_registers(
@@ -205,12 +209,15 @@ def test_cli_champion_select_and_mlflow_ui(sweep: tuple[str, dict[str, str]]) ->
     assert shown.returncode == 0, shown.stderr
     assert runs["fast"] in shown.stdout and "aliases: champion" in shown.stdout and "latency 5.00 ms" in shown.stdout
 
+    typo = f"{uri}.typo"
     for args in (
         ("registry", *uri_args, "--name", "nothing", "champion"),
-        ("mlflow-ui", "--tracking-uri", f"{uri}.gone"),
+        ("registry", "--tracking-uri", typo, "champion"),
+        ("mlflow-ui", "--tracking-uri", typo),
     ):
         failed = faceforge(*args)
         assert failed.returncode != 0 and "error:" in failed.stderr and "Traceback" not in failed.stderr
+    assert not Path(typo.removeprefix("sqlite:///")).exists()  # a mistyped URI creates no empty database
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

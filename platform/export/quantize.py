@@ -112,8 +112,11 @@ class FaceCalibrationReader(CalibrationDataReader):
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: FaceCalibrationReader) -> Path:
     """Shape inference and graph optimisation first (onnxruntime's advice), then static QDQ quantisation.
 
-    Signed int8 activations and weights (onnxruntime's balanced default for QDQ on CPU); weights per
-    output channel, which depthwise convolutions need: their channels' ranges differ by orders of magnitude.
+    Weights are int8 per output channel: depthwise convolutions need it, their channels' ranges differ by
+    orders of magnitude. Activations are uint8 because onnxruntime's x86 kernels fuse only u8 depthwise
+    convolutions (with int8 activations they stay float: 3.7x slower than fp32 for a PReLU MobileFaceNet).
+    reduce_range keeps weights to 7 bits, as onnxruntime advises for u8 x s8 on CPUs without VNNI, whose
+    pairwise 16-bit accumulation saturates otherwise (mean embedding cosine 0.994 -> 0.999 on the demo model).
     """
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +129,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: FaceCali
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )

@@ -10,7 +10,15 @@ from faceforge.registry.champion import (
     versions,
 )
 from faceforge.registry.database import default_tracking_uri, prepare_tracking
-from faceforge.registry.selection import Candidate, Policy, Selection, select, sweep_candidates
+from faceforge.registry.selection import (
+    Candidate,
+    Policy,
+    Selection,
+    save_policy,
+    saved_policy,
+    select,
+    sweep_candidates,
+)
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -23,6 +31,8 @@ __all__ = [
     "default_tracking_uri",
     "prepare_tracking",
     "register",
+    "save_policy",
+    "saved_policy",
     "select",
     "select_and_register",
     "sweep_candidates",

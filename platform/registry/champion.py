@@ -6,6 +6,9 @@ before instead of adding another, so a launcher and a scheduler may both finish 
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
@@ -13,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from faceforge.registry.database import database_path, open_database
 from faceforge.registry.selection import (
     LATENCY,
     MACS,
@@ -21,6 +25,7 @@ from faceforge.registry.selection import (
     Policy,
     Selection,
     check_id,
+    saved_policy,
     select,
     sweep_candidates,
 )
@@ -68,10 +73,6 @@ class Version:
         return "\n".join(lines)
 
 
-def _client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
-
-
 def _version(client: MlflowClient, mv: ModelVersion) -> Version:
     tags = mv.tags or {}
     metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
@@ -89,6 +90,14 @@ def _version(client: MlflowClient, mv: ModelVersion) -> Version:
     )
 
 
+@contextmanager
+def _registering(tracking_uri: str) -> Iterator[None]:
+    """One registration at a time per database, so two finishers of a sweep never add two versions."""
+    with database_path(tracking_uri).with_suffix(".registry.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MODEL) -> Version:
     """Register the winner's logged model (once per sweep), tag it with the selection and make it champion."""
     winner = selection.winner
@@ -96,41 +105,46 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
         raise ValueError(f"sweep {selection.sweep_id}: {selection.reason}")
     assert winner.model_id is not None, "selection only lets runs with a logged model win"
     check_id(name, "registered model name")
-    client = _client(tracking_uri)
-    try:
-        client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    tags = {
-        SWEEP_TAG: selection.sweep_id,
-        METRIC_TAG: selection.policy.metric,
-        VALUE_TAG: f"{selection.value:.6g}",
-        REASON_TAG: selection.reason,
-    }
-    existing = client.search_model_versions(f"name = '{name}' AND run_id = '{winner.run_id}'")
-    mv = next((v for v in existing if (v.tags or {}).get(SWEEP_TAG) == selection.sweep_id), None)
-    if mv is None:
-        # The artifact location, not models:/<id>: MLflow resolves that through the global tracking URI.
-        source = client.get_logged_model(winner.model_id).artifact_location
-        mv = client.create_model_version(name, source, run_id=winner.run_id, tags=tags, model_id=winner.model_id)
-    else:  # the same sweep again: refresh what a changed policy may have changed
-        for key, value in tags.items():
-            client.set_model_version_tag(name, mv.version, key, value)
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
+    client = open_database(tracking_uri)
+    with _registering(tracking_uri):
+        try:
+            client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        tags = {
+            SWEEP_TAG: selection.sweep_id,
+            METRIC_TAG: selection.policy.metric,
+            VALUE_TAG: f"{selection.value:.6g}",
+            REASON_TAG: selection.reason,
+        }
+        existing = client.search_model_versions(f"name = '{name}' AND run_id = '{winner.run_id}'")
+        mv = next((v for v in existing if (v.tags or {}).get(SWEEP_TAG) == selection.sweep_id), None)
+        if mv is None:
+            # The artifact location, not models:/<id>: MLflow resolves that through the global tracking URI.
+            source = client.get_logged_model(winner.model_id).artifact_location
+            mv = client.create_model_version(name, source, run_id=winner.run_id, tags=tags, model_id=winner.model_id)
+        else:  # the same sweep again: refresh what a changed policy may have changed
+            for key, value in tags.items():
+                client.set_model_version_tag(name, mv.version, key, value)
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     return _version(client, client.get_model_version(name, mv.version))
 
 
 def select_and_register(
     tracking_uri: str, sweep_id: str, policy: Policy | None = None, name: str = REGISTERED_MODEL
 ) -> tuple[Selection, Version]:
-    """Select over the sweep's runs and register the winner; ValueError when no run qualifies."""
-    selection = select(sweep_candidates(tracking_uri, sweep_id), policy or Policy(), sweep_id)
+    """Select over the sweep's runs and register the winner; ValueError when no run qualifies.
+
+    Without a policy, the one the sweep was launched with (`save_policy`), else the default.
+    """
+    policy = policy or saved_policy(tracking_uri, sweep_id)
+    selection = select(sweep_candidates(tracking_uri, sweep_id), policy, sweep_id)
     return selection, register(tracking_uri, selection, name)
 
 
 def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> Version:
-    client = _client(tracking_uri)
+    client = open_database(tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException as err:
@@ -142,7 +156,7 @@ def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> Version:
 
 def versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list[Version]:
     """Every version of the registered model, newest first, with aliases (search results omit them)."""
-    client = _client(tracking_uri)
+    client = open_database(tracking_uri)
     check_id(name, "registered model name")
     found = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
     return [_version(client, client.get_model_version(name, mv.version)) for mv in found]

@@ -21,6 +21,14 @@ def database_path(tracking_uri: str) -> Path:
     return Path(tracking_uri.removeprefix("sqlite:///"))
 
 
+def open_database(tracking_uri: str) -> MlflowClient:
+    """A tracking and registry client on an existing database; MLflow would create an empty one at a typo."""
+    path = database_path(tracking_uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"no MLflow database at {path}")
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
 def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:
     """Create the database, its tables and the experiment from this one process; returns the experiment id.
 

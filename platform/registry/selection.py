@@ -6,14 +6,17 @@ A sweep's runs are the MLflow runs tagged `faceforge.sweep_id`. The trainer logs
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+
+from faceforge.registry.database import open_database
 
 SWEEP_TAG, JOB_TAG = "faceforge.sweep_id", "faceforge.job_id"
+POLICY_TAG = "faceforge.policy."  # + sweep id: an experiment tag holding how that sweep's champion is chosen
 LATENCY, PARAMS, MACS = "model.latency_ms", "model.params", "model.macs"
 LOWER_IS_BETTER = frozenset({"eer", "accuracy_std"})
 TIE_BREAK = "accuracy"
@@ -90,8 +93,8 @@ def check_id(value: str, what: str) -> str:
 
 def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
     """Every run tagged with the sweep id in any experiment, oldest first, with its logged model if any."""
-    client = MlflowClient(tracking_uri)
     check_id(sweep_id, "sweep id")
+    client = open_database(tracking_uri)
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return []
@@ -120,6 +123,21 @@ def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
         )
         for run in runs
     ]
+
+
+def save_policy(tracking_uri: str, experiment_id: str, sweep_id: str, policy: Policy) -> None:
+    """Remember how a sweep is judged, so whoever selects when it ends (the scheduler) uses the same policy."""
+    check_id(sweep_id, "sweep id")
+    open_database(tracking_uri).set_experiment_tag(experiment_id, POLICY_TAG + sweep_id, json.dumps(asdict(policy)))
+
+
+def saved_policy(tracking_uri: str, sweep_id: str) -> Policy:
+    """The policy the sweep was launched with, or the default one."""
+    client = open_database(tracking_uri)
+    for experiment in client.search_experiments():
+        if POLICY_TAG + sweep_id in experiment.tags:
+            return Policy(**json.loads(experiment.tags[POLICY_TAG + sweep_id]))
+    return Policy()
 
 
 def _logged_model(run: Run) -> str | None:

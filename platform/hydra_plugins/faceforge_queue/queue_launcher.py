@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -44,17 +45,20 @@ class QueueLauncher(Launcher):
         self.sweep_id: str | None = None  # one id for every batch a sweeper launches
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        """Nothing to prepare: the task function runs in the queued jobs, not here."""
+        """The task function runs in the queued jobs, not here; only the sweep directory is ours to make."""
+        self.sweep_dir = Path(config.hydra.sweep.dir)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from faceforge.jobs import JobStore, store_path
-        from faceforge.registry import Policy, prepare_tracking
+        from faceforge.registry import Policy, prepare_tracking, save_policy
 
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweepers write their results there (Optuna's)
         store = JobStore(store_path())
         try:  # a user's mistake is one line, and nothing of the batch is enqueued
             policy = Policy(self.metric, self.max_latency_ms, self.max_params)
             jobs, tracking_uri, experiment = self._make_jobs(job_overrides, initial_job_idx)
-            prepare_tracking(tracking_uri, experiment)
+            experiment_id = prepare_tracking(tracking_uri, experiment)
+            save_policy(tracking_uri, experiment_id, self.sweep_id, policy)  # the scheduler selects with it too
             store.submit(jobs)
         except ValueError as err:
             print(f"faceforge train: error: {err}", file=sys.stderr)
@@ -123,8 +127,8 @@ class QueueLauncher(Launcher):
                 run = runs.get(job.id)
                 returns.append(_job_return(job, JobStatus.COMPLETED, run.metric(policy.metric) if run else None))
             else:
-                why = job.error or (f"exit code {job.exit_code}" if job.exit_code is not None else "no exit code")
-                failure = RuntimeError(f"job {job.id} {job.state}: {why}; log: {job.log_path}")
+                why = job.error or f"exit code {job.exit_code}, log {job.log_path}"
+                failure = RuntimeError(f"job {job.id} {job.state}: {why}")
                 returns.append(_job_return(job, JobStatus.FAILED, failure))
         selection = select(candidates, policy, self.sweep_id)
         if selection.winner is None:
