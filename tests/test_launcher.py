@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from faceforge.jobs import QUEUED, SUCCEEDED, JobStore
-from faceforge.registry import champion, sweep_candidates
+from faceforge.registry import champion, sweep_candidates, versions
 
 from conftest import REPO, SHARED
 
@@ -121,6 +121,8 @@ def test_waiting_sweep_returns_metrics_and_registers_champion(
     assert best.sweep_id == sweep_id and best.run_id in {run.run_id for run in runs}
     assert best.value == pytest.approx(max(run.metric("accuracy") for run in runs))
     assert set(best.card) == {"params", "macs", "latency_ms"}
+    # The scheduler registers the finished sweep too, with the launcher's saved policy: still one version.
+    assert [v.version for v in versions(uri) if v.sweep_id == sweep_id] == [best.version]
     assert f"champion faceforge v{best.version}" in result.stdout
 
 

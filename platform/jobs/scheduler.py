@@ -141,10 +141,11 @@ class Scheduler:
 
 
 def select_champion(job: Job) -> None:
-    """When the last job of a sweep ends, register its best run as the champion (default policy: accuracy).
+    """When the last job of a sweep ends, register its best run as the champion.
 
-    A Hydra sweep run with `hydra.launcher.wait=true` selects again afterwards with its own policy, which then wins.
+    The policy is the one the sweep was launched with (saved by the Hydra launcher), else best accuracy.
     """
+
     from mlflow.exceptions import MlflowException
 
     from faceforge.registry import select_and_register
