@@ -21,6 +21,7 @@ from faceforge.data_pipeline import (
     HaarDetector,
     align_face,
     align_tree,
+    get_detector,
     template_transform,
 )
 from faceforge.data_pipeline.detection_eval import AnnotatedImage, DetectionScore, read_imglab
@@ -121,6 +122,19 @@ def test_nms_within_each_image() -> None:
     images = torch.tensor([0, 0, 1, 0])
     assert nms(boxes, scores, images, 0.5).tolist() == [0, 2, 3]  # box 1 overlaps box 0; box 2 is another image's
     assert nms(boxes, scores, images, 0.5, mode="min").tolist() == [0, 2]  # box 3 lies inside box 0
+
+
+def test_user_mistakes_raise_one_clear_line(mtcnn: MTCNN, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown detector 'yolo'; choose from center, haar, mtcnn"):
+        get_detector("yolo")
+    with pytest.raises(ValueError, match="image 0: expected an RGB uint8 HxWx3 array, got float32"):
+        mtcnn.detect([np.zeros((50, 50, 3), np.float32)])
+    with pytest.raises(ValueError, match=r"expected 5 \(x, y\) landmarks"):
+        template_transform(np.zeros((4, 2)))
+    with pytest.raises(FileNotFoundError, match="source folder not found"):
+        align_tree(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown detector 'dlib'"):
+        align_tree(tmp_path, tmp_path / "out", fallbacks=["dlib"])
 
 
 def test_alignment_puts_the_landmarks_on_the_template(mtcnn: MTCNN) -> None:

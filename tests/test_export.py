@@ -21,6 +21,7 @@ from faceforge.eval import embed_images, evaluate_verification
 from faceforge.export import (
     FaceCalibrationReader,
     OnnxEmbedder,
+    equalize_channels,
     export_onnx,
     fold_batchnorm,
     largest_activation,
@@ -63,6 +64,16 @@ def test_fold_batchnorm_keeps_eval_outputs() -> None:
     with torch.no_grad():
         expected, actual = mobile.eval()(x), folded(x)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    # Equalisation rescales the channels between each conv -> ReLU/PReLU -> conv pair: same function,
+    # and each pair ends with equal weight ranges on both sides of every channel.
+    equalize_channels(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    bottleneck = folded.body[2].layers  # expand 1x1 -> depthwise 3x3 -> project 1x1
+    expand, depthwise, project = (block[0].weight.abs() for block in bottleneck)
+    torch.testing.assert_close(expand.amax(dim=(1, 2, 3)), depthwise.amax(dim=(1, 2, 3)), rtol=1e-2, atol=0)
+    torch.testing.assert_close(depthwise.amax(dim=(1, 2, 3)), project.amax(dim=(0, 2, 3)), rtol=1e-2, atol=0)
 
     # IResNet's pre-activation BatchNorms precede a zero-padded conv: they stay, the rest fold.
     iresnet = _random_batchnorm_statistics(models.create("iresnet18", width=0.25, input_size=56, embedding_dim=32))
@@ -122,9 +133,9 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
     weights = {numpy_helper.to_array(t).dtype for t in int8.initializer if len(t.dims) >= 2}
     assert weights == {np.dtype(np.int8)}, "every conv and linear weight is stored as int8"
     assert card["fp32_latency_ms"] > 0 and card["int8_latency_ms"] > 0
-    # The stem (16 channels at stride 2) is MobileFaceNet's largest map: 16 x 56 x 56 at 112 px.
-    assert card["largest_activation"]["bytes"] == 16 * 56 * 56, "int8: one byte per value"
-    assert largest_activation(c_array_export / "model.onnx").bytes == 4 * 16 * 56 * 56
+    # The largest map: the first bottleneck expands the 16-channel stem 2x before its stride-2 depthwise conv.
+    assert card["largest_activation"]["bytes"] == 32 * 56 * 56, "int8: one byte per value"
+    assert largest_activation(c_array_export / "model.onnx").bytes == 4 * 32 * 56 * 56
 
     with pytest.raises(SystemExit, match=r"faceforge export: error: .*neither an existing checkpoint"):
         faceforge(["export", "/nonexistent/checkpoint"])
@@ -164,7 +175,7 @@ def test_c_array_holds_the_model_bytes(c_array_export: Path, tmp_path: Path) -> 
     data = (c_array_export / "model_int8.onnx").read_bytes()
     header = (c_array_export / "faceforge_model.h").read_text()
     assert f"#define FACEFORGE_MODEL_LEN {len(data)}u" in header
-    assert f"#define FACEFORGE_MODEL_LARGEST_ACTIVATION_BYTES {16 * 56 * 56}u" in header
+    assert f"#define FACEFORGE_MODEL_LARGEST_ACTIVATION_BYTES {32 * 56 * 56}u" in header
     with pytest.raises(ValueError, match="C symbol"):
         write_c_array(c_array_export / "model_int8.onnx", tmp_path, symbol="2fast")
     cc = shutil.which("cc")

@@ -15,7 +15,7 @@ from faceforge.data_pipeline.dedup import (
     near_duplicates,
     pair_scores,
 )
-from faceforge.data_pipeline.detect import DETECTORS, Detector, HaarDetector, get_detector
+from faceforge.data_pipeline.detect import DETECTORS, CenterDetector, Detector, HaarDetector, get_detector
 from faceforge.data_pipeline.knn import knn_graph, knn_recall, l2_normalise
 from faceforge.data_pipeline.mtcnn import MTCNN, Detections, load_mtcnn_nets
 
@@ -25,6 +25,7 @@ __all__ = [
     "DETECTORS",
     "MTCNN",
     "Calibration",
+    "CenterDetector",
     "ClusterScores",
     "Decision",
     "Detections",

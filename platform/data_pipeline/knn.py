@@ -2,10 +2,11 @@
 
 Every method searches inner products of L2-normalised features, i.e. cosine similarity. Exact search costs
 O(N² D): 20k x 512 is ~0.4 TFLOP, seconds on 2 cores, while 1M would take hours, so `auto` switches to HNSW above
-`EXACT_MAX_N`. HNSW (a navigable small-world graph, M links per vector) needs no training and, at 100k x 512 and
-recall >= 0.95, searched about twice as fast as IVF in bench/bench_cluster.py; IVF (k-means cells, only the
-`nprobe` cells nearest each query scanned) keeps no graph, so it is the smaller index. The recall of either is
-measured by `knn_recall` against exact search on a sample of queries.
+`EXACT_MAX_N`. IVF (k-means cells; only the `nprobe` cells nearest a query are scanned) and HNSW (a navigable
+small-world graph, M links per vector, no training) cost about the same at 100k x 512 for recall ~0.96
+(bench/bench_cluster.py), but with ~4 sqrt(N) cells an IVF query scans ~sqrt(N) vectors while an HNSW query
+visits ~log(N) nodes, so HNSW is the one for millions; IVF keeps no graph, so it is the smaller index. The recall
+of either is measured by `knn_recall` against exact search on a sample of queries.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from faceforge.export.artifact import FORMATS, export_artifact
 from faceforge.export.c_array import Activation, largest_activation, write_c_array
 from faceforge.export.card import ArtifactCard, artifact_card
-from faceforge.export.onnx_export import DEFAULT_OPSET, export_onnx, fold_batchnorm, output_gap
+from faceforge.export.onnx_export import DEFAULT_OPSET, equalize_channels, export_onnx, fold_batchnorm, output_gap
 from faceforge.export.quantize import (
     CalibrationImages,
     FaceCalibrationReader,
@@ -24,6 +24,7 @@ __all__ = [
     "ImageList",
     "OnnxEmbedder",
     "artifact_card",
+    "equalize_channels",
     "export_artifact",
     "export_onnx",
     "fold_batchnorm",

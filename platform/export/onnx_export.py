@@ -19,6 +19,9 @@ INPUT_NAME, OUTPUT_NAME = "input", "embedding"
 CHECK_BATCHES = (1, 8)
 TOLERANCE = 1e-4
 FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.PReLU)  # f(x / s) = f(x) / s for s > 0
+MAX_EQUALIZATION_SWEEPS = 100
+EQUALIZED = 1e-3  # the largest |log scale| of a sweep once the ranges have settled (about 7 sweeps)
 
 
 @torch.no_grad()
@@ -56,6 +59,52 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _equalizable(a: nn.Module, b: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, bool] | None:
+    """(conv_a, conv_b, conv_b is depthwise) when `a` is conv -> folded BN -> ReLU/PReLU and `b` starts with a conv."""
+    if not (isinstance(a, nn.Sequential) and isinstance(b, nn.Sequential) and len(a) > 1 and len(b) > 0):
+        return None
+    conv_a, *between = a
+    conv_b = b[0]
+    if not (isinstance(conv_a, nn.Conv2d) and isinstance(conv_b, nn.Conv2d)):
+        return None
+    if not (isinstance(between[-1], POSITIVE_HOMOGENEOUS) and all(isinstance(m, nn.Identity) for m in between[:-1])):
+        return None
+    depthwise = conv_b.groups == conv_b.in_channels == conv_b.out_channels
+    return (conv_a, conv_b, depthwise) if depthwise or conv_b.groups == 1 else None
+
+
+@torch.no_grad()
+def equalize_channels(model: nn.Module) -> nn.Module:
+    """Cross-layer equalisation (Nagel et al., 2019, data-free quantisation), in place on a folded model.
+
+    ReLU and PReLU commute with a positive per-channel scale, so channel i between conv_a and conv_b can
+    be divided by s_i in conv_a and multiplied back in conv_b without changing the function. Choosing
+    s_i = sqrt(r_a / r_b) (the channel's weight ranges in the two convs) balances them, which also tames
+    the few channels whose activations dwarf the rest after BatchNorm folding: with one int8 scale per
+    activation tensor, those would leave the others a handful of levels. Chains (expand -> depthwise ->
+    project) share convs, so the pairs are swept until the scales settle.
+    """
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            pairs += filter(None, (_equalizable(module[i], module[i + 1]) for i in range(len(module) - 1)))
+    for _ in range(MAX_EQUALIZATION_SWEEPS):
+        largest_step = 0.0
+        for conv_a, conv_b, depthwise in pairs:
+            range_a = conv_a.weight.abs().amax(dim=(1, 2, 3))
+            range_b = conv_b.weight.abs().amax(dim=(1, 2, 3) if depthwise else (0, 2, 3))
+            usable = (range_a > 0) & (range_b > 0)  # a dead channel keeps its scale
+            scale = torch.where(usable, torch.sqrt(range_a / range_b.where(usable, 1.0)), 1.0)
+            conv_a.weight.div_(scale.view(-1, 1, 1, 1))
+            if conv_a.bias is not None:
+                conv_a.bias.div_(scale)
+            conv_b.weight.mul_(scale.view(-1, 1, 1, 1) if depthwise else scale.view(1, -1, 1, 1))
+            largest_step = max(largest_step, scale.log().abs().max().item())
+        if largest_step < EQUALIZED:
+            break
+    return model
+
+
 @torch.no_grad()
 def output_gap(model: nn.Module, onnx_path: str | Path, input_size: int, batch: int, seed: int = 0) -> float:
     """Largest gap between eval-mode PyTorch and onnxruntime outputs on random inputs in [-1, 1].
@@ -77,12 +126,13 @@ def output_gap(model: nn.Module, onnx_path: str | Path, input_size: int, batch: 
 def export_onnx(model: nn.Module, input_size: int, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write `path` with a dynamic batch dimension; raises if the graph is invalid or its outputs drift.
 
-    Uses the dynamo exporter (torch.export). The model's PReLU already computes relu(x) - a*relu(-x), so
+    BatchNorm is folded and channels equalised first (the same function, ready for int8). Uses the dynamo
+    exporter (torch.export). The model's PReLU already computes relu(x) - a*relu(-x), so
     the graph holds Relu/Mul/Sub, which int8 kernels fuse, rather than a PRelu node that stays float.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    folded = fold_batchnorm(model)
+    folded = equalize_channels(fold_batchnorm(model))
     # Batch 2 in the example: torch.export specialises a dimension whose example size is 1.
     example = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():
