@@ -31,14 +31,13 @@ import argparse
 import importlib.util
 import math
 import multiprocessing
-import os
-import platform
 import resource
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import machine_line
 
 from faceforge.data_pipeline import (
     CLUSTERERS,
@@ -53,18 +52,6 @@ from faceforge.data_pipeline import (
 from faceforge.data_pipeline.knn import ivf_cells
 
 FEATURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dlib128_features.npz"
-
-
-def machine_line() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
-    ram_kib = next(
-        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, faiss {faiss.__version__} with "
-        f"{faiss.omp_get_max_threads()} threads, numpy {np.__version__}, load average {os.getloadavg()[0]:.2f} at start"
-    )
 
 
 def synthetic_faces(n: int, dim: int, noise: float, seed: int = 0) -> np.ndarray:
@@ -216,7 +203,9 @@ def main() -> None:
     parser.add_argument("--skip-knn", action="store_true")
     parser.add_argument("--skip-lfw", action="store_true")
     args = parser.parse_args()
-    print(machine_line())
+    print(
+        machine_line(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads", f"numpy {np.__version__}")
+    )
     if not args.skip_lfw:
         if not FEATURES.is_file():
             raise SystemExit(f"{FEATURES} not found (use --skip-lfw)")

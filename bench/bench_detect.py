@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from machine import machine_line
 
 from faceforge.data import read_image
 from faceforge.data_pipeline import MTCNN, Detector, get_detector
@@ -35,18 +35,6 @@ from faceforge.data_pipeline.detection_eval import DetectionScore, read_imglab
 
 DETECTION = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection"
 SPLITS = ("testing", "training")
-
-
-def machine_line() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
-    ram_kib = next(
-        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f} at start"
-    )
 
 
 def accuracy_row(name: str, detector: Detector, split: str) -> str:
@@ -130,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     if not DETECTION.is_dir():
         raise SystemExit(f"{DETECTION}: detection data not found")
-    print(machine_line(), flush=True)
+    print(machine_line(f"torch {torch.__version__}"), flush=True)
     accuracy_table(args)
     throughput_table(args)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (other jobs on the 2 cores slow every figure)")

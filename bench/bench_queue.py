@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from machine import machine_line
 from mlflow.tracking import MlflowClient
 
 from faceforge.jobs import Job, JobStore, make_jobs, store_path
@@ -43,17 +43,6 @@ from faceforge.registry import Policy, select_and_register
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
-
-
-def machine_line() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    ram_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.2f} at start"
-    )
 
 
 def tiny_data(root: Path) -> tuple[Path, Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import ray
+from machine import machine_line
 from ray.job_submission import JobStatus
 
 from faceforge.jobs import make_jobs
@@ -39,17 +39,6 @@ TINY_JOB = [
     "eval=none",
     "mlflow.log_model=false",
 ]
-
-
-def machine_line() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    ram_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, Python {platform.python_version()}, "
-        f"ray {ray.__version__}, load average {os.getloadavg()[0]:.2f} at start"
-    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,7 +74,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local head")
     args = parser.parse_args()
 
-    print(machine_line())
+    print(machine_line(f"ray {ray.__version__}"))
     with tempfile.TemporaryDirectory(prefix="ffray-") as scratch:
         home = Path(scratch)
         os.environ["FACEFORGE_HOME"] = str(home)  # job dirs and the MLflow database stay in the scratch dir

@@ -17,7 +17,6 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inherited) in every rank
 
 import argparse
-import platform
 import socket
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from machine import machine_line
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -194,16 +194,6 @@ def traffic_bytes(config: Config) -> int:
     return gather + softmax_reduces + feature_grad
 
 
-def machine_line() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    ram_gib = proc_value("/proc/meminfo", "MemTotal") / 2**20
-    return (
-        f"{cpu or platform.processor()}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, "
-        f"torch {torch.__version__}, 1 thread per rank (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", type=float, nargs="*", default=[1e4, 1e5, 1e6])
@@ -219,7 +209,8 @@ def main() -> None:
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
     args = parser.parse_args()
 
-    print(f"machine: {machine_line()}")
+    threads = "OMP_NUM_THREADS=" + os.environ["OMP_NUM_THREADS"]
+    print("machine: " + machine_line(f"torch {torch.__version__}", threads))
     print(f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5)")
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")

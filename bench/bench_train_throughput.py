@@ -23,7 +23,6 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inher
 
 import argparse
 import itertools
-import platform
 import socket
 import statistics
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import machine_line
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -227,19 +227,6 @@ def measure_quietly(run: Run, args: argparse.Namespace) -> dict[str, float]:
     return best
 
 
-def machine_line() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor()
-    )
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    ram_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, torch {torch.__version__}, "
-        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, load average {os.getloadavg()[0]:.2f} at start"
-    )
-
-
 def other_cell(result: dict[str, float]) -> str:
     return f"{result['other']:.2f}" + (" (noisy)" if result["noisy"] else "")
 
@@ -343,7 +330,8 @@ def main() -> None:
         bucket_cap_mb=args.bucket_cap_mb,
         grad_as_bucket_view=args.grad_as_bucket_view,
     )
-    print(f"machine: {machine_line()}")
+    threads = "OMP_NUM_THREADS=" + os.environ["OMP_NUM_THREADS"]
+    print("machine: " + machine_line(f"torch {torch.__version__}", threads))
     classes = f"{args.classes} random labels" if args.images == "random" else "the identities of --data-root"
     print(
         f"112 px, width 1, embedding 512, {args.act}, ArcFace over {classes}, batch {args.batch}/rank, gloo, "

@@ -1,0 +1,17 @@
+"""The machine line every benchmark prints first, so a figure always travels with what produced it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine_line(*details: str) -> str:
+    """CPU, cores, RAM, Python, load at start, then the script's own details (library versions, threads)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    ram_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    parts = [f"{cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.1f} GiB RAM, Python {platform.python_version()}"]
+    return ", ".join([*parts, *details, f"load average {os.getloadavg()[0]:.2f} at start"])
