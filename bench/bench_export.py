@@ -4,7 +4,7 @@ Every backbone (width 1, 512-d, 112 px unless told) is exported with BatchNorm f
 static QDQ (per-channel int8 weights, uint8 activations) calibrated on --calibration-count CelebA faces.
 Latency is onnxruntime's at batch 1 on one thread: the median of --runs runs after warm-up, the best of
 --repeats such medians taken in turn for fp32 and int8. Size and latency do not depend on the weights, so
-these rows use untrained backbones.
+these rows use untrained backbones (with random BatchNorm statistics, see `trained_like`).
 
 Fidelity needs trained weights (a random network has no structure for int8 to keep: its cosines mean
 nothing), so it is measured for each --checkpoint: the cosine between the int8 and fp32 embeddings of --faces
@@ -51,6 +51,22 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_CROP = 0.75  # configs/data/demo.yaml
 LFW_CROP = 0.5  # configs/eval/demo.yaml
 MB = 1e6
+
+
+@torch.no_grad()
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics, so folded biases differ as trained ones do.
+
+    Fresh BatchNorms fold into all-zero biases, which onnxruntime stores once for all layers: the
+    file would come out smaller than any trained model's.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.1)
+    return model.eval()
 
 
 def with_torch_prelu(model: nn.Module) -> nn.Module:
@@ -123,7 +139,7 @@ def main() -> None:
 
     def untrained(name: str, act: str = "prelu") -> nn.Module:
         size, dim = args.input_size, args.embedding_dim
-        return models.create(name, width=args.width, input_size=size, embedding_dim=dim, act=act).eval()
+        return trained_like(models.create(name, width=args.width, input_size=size, embedding_dim=dim, act=act))
 
     print(
         "\n| model | input | params (M) | MACs (M) | fp32 (MB) | int8 (MB) | fp32 ms | int8 ms | speed-up | "
@@ -142,7 +158,7 @@ def main() -> None:
             faces = lfw if trained else None
             measure(f"{prelu.config['name']}, nn.PReLU", with_torch_prelu(prelu), args, work, faces)
             measure(f"{prelu.config['name']}, relu(x) - a*relu(-x)", prelu, args, work, faces)
-            relu = models.create(**{**prelu.config, "act": "relu"}).eval()
+            relu = trained_like(models.create(**{**prelu.config, "act": "relu"}))
             measure(f"{prelu.config['name']}, ReLU (untrained)", relu, args, work, None)
 
 

@@ -78,8 +78,12 @@ def knn_graph(
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index.hnsw.efSearch = max(ef_search, k + 1)
     index.add(features)
-    rows = np.arange(n) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
-    sims, indices = index.search(features[rows], k + 1)
+    if query_rows is None:  # search the array itself: features[all rows] would be a second N x D copy
+        rows, queries = np.arange(n), features
+    else:
+        rows = np.asarray(query_rows, dtype=np.int64)
+        queries = features[rows]
+    sims, indices = index.search(queries, k + 1)
     return _drop_self(indices, sims, rows)
 
 
