@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import yaml
+
 from faceforge.jobs.store import Job
 
 
@@ -35,3 +37,8 @@ class Executor(Protocol):
 
     def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
         """Log text from byte `offset` on, and the offset to continue from."""
+
+
+def threads_per_rank(job: Job) -> int:
+    """OpenMP threads for each rank: the job's slots shared by its trainer.nproc ranks, at least one."""
+    return max(1, job.slots // int(yaml.safe_load(job.config_yaml)["trainer"]["nproc"]))

@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from faceforge.jobs.executors.base import Status
+from faceforge.jobs.executors.base import Status, threads_per_rank
 from faceforge.jobs.executors.local_runner import (
     EXIT_CODE_FILE,
     LOCK_FILE,
@@ -142,9 +140,7 @@ def job_environment(job: Job) -> dict[str, str]:
     The trainer sets torch's own thread count from trainer.threads; this caps OpenMP everywhere else
     (data loading, OpenCV, evaluation) so that a job stays within the cores it was given.
     """
-    nproc = int(yaml.safe_load(job.config_yaml)["trainer"]["nproc"])
-    threads = max(1, job.slots // nproc)
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(job)), "PYTHONUNBUFFERED": "1"}
 
 
 def _handle(pid: int, start_time: int | None, job_dir: Path) -> str:

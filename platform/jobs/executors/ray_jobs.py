@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 from ray.util.state import list_nodes
 
-from faceforge.jobs.executors.base import Status
+from faceforge.jobs.executors.base import Status, threads_per_rank
 from faceforge.jobs.paths import faceforge_home
 from faceforge.jobs.spec import train_command
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Job
@@ -100,11 +99,10 @@ class RayExecutor:
         if self._info(job) is not None:
             return job.id
         job_dir = job_dir.resolve()
-        nproc = yaml.safe_load(job.config_yaml)["trainer"]["nproc"]
         env = {
             "FACEFORGE_HOME": str(faceforge_home().resolve()),
             # One thread per rank per slot: more would oversubscribe the CPUs Ray reserved for the job.
-            "OMP_NUM_THREADS": str(max(1, job.slots // nproc)),
+            "OMP_NUM_THREADS": str(threads_per_rank(job)),
             "PYTHONUNBUFFERED": "1",  # so read_log follows training as it happens
             **{key: os.environ[key] for key in PASSED_ENV if key in os.environ},
         }
