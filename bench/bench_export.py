@@ -10,7 +10,7 @@ Fidelity needs trained weights (a random network has no structure for int8 to ke
 nothing), so it is measured for each --checkpoint: the cosine between the int8 and fp32 embeddings of --faces
 LFW faces (centre crop 0.5, as in evaluation), mean and 1st percentile.
 
-The PReLU rows compare three forms of MobileFaceNet (the first --checkpoint's weights if given): torch's
+The PReLU rows compare three forms of MobileFaceNet (the first PReLU --checkpoint's weights if given): torch's
 nn.PReLU (an ONNX PRelu node), the platform's relu(x) - a*relu(-x), and ReLU (untrained). Run from the repo
 root on a quiet machine (10-20 minutes for all backbones):
 
@@ -105,9 +105,8 @@ def measure(label: str, model: nn.Module, args: argparse.Namespace, work: Path, 
     fidelity = "- | -"
     if lfw is not None:
         embed = dict(input_size=input_size, crop_fraction=LFW_CROP, flip=False)
-        cosine = (embed_images(OnnxEmbedder(fp32), lfw, **embed) * embed_images(OnnxEmbedder(int8), lfw, **embed)).sum(
-            1
-        )
+        reference, quantised = (embed_images(OnnxEmbedder(path), lfw, **embed) for path in (fp32, int8))
+        cosine = (reference * quantised).sum(axis=1)
         fidelity = f"{cosine.mean():.4f} | {np.percentile(cosine, 1):.4f}"
     print(
         f"| {label} | {input_size} | {count_params(model) / 1e6:.2f} | {count_macs(model, input_size) / 1e6:.0f} | "
@@ -154,8 +153,9 @@ def main() -> None:
             config = model.config
             measure(f"{config['name']} {config['width']:g}x, {config['act']}, trained ({path})", model, args, work, lfw)
         if not args.no_prelu_rows:
-            prelu = trained[0] if trained else untrained("mobilefacenet")
-            faces = lfw if trained else None
+            trained_prelu = next((model for model in trained if model.config["act"] == "prelu"), None)
+            prelu = trained_prelu or untrained("mobilefacenet")
+            faces = lfw if trained_prelu else None
             measure(f"{prelu.config['name']}, nn.PReLU", with_torch_prelu(prelu), args, work, faces)
             measure(f"{prelu.config['name']}, relu(x) - a*relu(-x)", prelu, args, work, faces)
             relu = trained_like(models.create(**{**prelu.config, "act": "relu"}))
