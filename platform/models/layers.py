@@ -21,8 +21,8 @@ class PReLU(nn.PReLU):
     """Per-channel PReLU computed as relu(x) − a·relu(−x): the same function and parameter as nn.PReLU.
 
     torch's fused PReLU backward is slow on CPU (a fifth of a MobileFaceNet training step; this form
-    trains it about 25% faster), and in ONNX the expression becomes Relu/Mul/Sub, which quantises and
-    fuses where a PRelu node stays float.
+    trains it about 25% faster). It does not help int8 export: onnxruntime has no int8 Neg/Sub, so for
+    quantised deployment use act=relu (bench/bench_export.py measures both).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
