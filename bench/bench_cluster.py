@@ -20,7 +20,7 @@
 
 Run from the repo root:
 
-    .venv/bin/python bench/bench_cluster.py                          # 100k and 1M: about half an hour
+    .venv/bin/python bench/bench_cluster.py                          # 100k: ~1 min a method; 1M: 15+ min a method
     .venv/bin/python bench/bench_cluster.py --sizes 100000 --methods ivf hnsw
     .venv/bin/python bench/bench_cluster.py --skip-knn               # only the LFW parts, seconds
 """

@@ -1,4 +1,4 @@
-"""Raw photos to labelled identities: face detection, 5-point alignment and aligned-crop datasets."""
+"""Raw photos to labelled identities: detection, 5-point alignment, clustering and de-duplication."""
 
 from faceforge.data_pipeline.align import ARCFACE_TEMPLATE, align_face, align_tree, template_transform
 from faceforge.data_pipeline.cluster import CLUSTERERS, chinese_whispers, infomap_clusters, threshold_components
