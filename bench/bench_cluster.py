@@ -49,6 +49,7 @@ from faceforge.data_pipeline import (
     merge_albums,
     pair_scores,
 )
+from faceforge.data_pipeline.dedup import deal_into_albums
 from faceforge.data_pipeline.knn import ivf_cells
 
 FEATURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dlib128_features.npz"
@@ -141,18 +142,6 @@ def bench_lfw_clustering(thresholds: list[float]) -> None:
     print("\nBest pairwise F at pairwise precision >= 0.95, per method:\n")
     for _, row in best.values():
         print(row)
-
-
-def deal_into_albums(names: np.ndarray, split_from: int, seed: int = 0) -> np.ndarray:
-    """Album 0-2 of each face: a person with >= `split_from` images has them dealt round-robin from a random album
-    (split over all 3); anyone else sits whole in one random album, with no partner to be merged with."""
-    rng = np.random.default_rng(seed)
-    albums = np.empty(len(names), dtype=int)
-    for person in np.unique(names):
-        members = rng.permutation(np.flatnonzero(names == person))
-        first = rng.integers(3)
-        albums[members] = (np.arange(len(members)) + first) % 3 if len(members) >= split_from else first
-    return albums
 
 
 def bench_album_merge() -> None:

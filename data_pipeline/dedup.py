@@ -265,3 +265,18 @@ def drop_evaluation_identities(
 ) -> list[Decision]:
     """New clusters that are people of a verification set: drop them, or training on them would leak the test."""
     return _match_centres("drop", "evaluation_identity", cluster_ids, centroids, eval_centres, eval_names, threshold)
+
+
+def deal_into_albums(names: np.ndarray, split_from: int, seed: int = 0) -> np.ndarray:
+    """The benchmark's split of identities into 3 synthetic albums: album 0-2 of each face.
+
+    A person with >= `split_from` images has them dealt round-robin from a random album, so is split over
+    all 3; anyone else sits whole in one random album, with no partner to be merged with.
+    """
+    rng = np.random.default_rng(seed)
+    albums = np.empty(len(names), dtype=int)
+    for person in np.unique(names):
+        members = rng.permutation(np.flatnonzero(names == person))
+        first = rng.integers(3)
+        albums[members] = (np.arange(len(members)) + first) % 3 if len(members) >= split_from else first
+    return albums

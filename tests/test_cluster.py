@@ -34,6 +34,7 @@ from faceforge.data_pipeline import (
     pair_scores,
     threshold_components,
 )
+from faceforge.data_pipeline.dedup import deal_into_albums
 
 from conftest import SHARED
 
@@ -326,18 +327,6 @@ def test_calibrated_threshold_holds_on_unseen_identities(lfw_dlib: tuple[np.ndar
     calibration = calibrate_threshold(*pair_scores(features[first_half], names[first_half], 200_000), fmr=1e-3)
     _, impostor = pair_scores(features[~first_half], names[~first_half], 200_000, seed=1)
     assert 0.3e-3 <= (impostor >= calibration.threshold).mean() <= 3e-3
-
-
-def deal_into_albums(names: np.ndarray, split_from: int, seed: int) -> np.ndarray:
-    """Album 0-2 of each face: the images of a person with >= `split_from` of them are dealt round-robin from a
-    random album, so the person is split over all 3; anyone else sits in one random album."""
-    rng = np.random.default_rng(seed)
-    albums = np.empty(len(names), dtype=int)
-    for person in np.unique(names):
-        members = rng.permutation(np.flatnonzero(names == person))
-        first = rng.integers(3)
-        albums[members] = (np.arange(len(members)) + first) % 3 if len(members) >= split_from else first
-    return albums
 
 
 def album_merge_errors(
