@@ -14,8 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from faceforge.jobs import CANCELLED, LOST, RUNNING, SUCCEEDED, TERMINAL, Job, make_jobs
 from faceforge.jobs.executors.base import Status
-
-pytest.importorskip("ray.job_submission", reason="ray is not installed")
 from faceforge.jobs.executors.ray_jobs import RayExecutor, local_head
 
 pytestmark = pytest.mark.slow
