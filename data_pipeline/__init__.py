@@ -1,4 +1,5 @@
-"""Raw photos to labelled identities: detection, 5-point alignment, clustering and de-duplication."""
+"""Raw photos to labelled identities: detection, 5-point alignment, quality, clustering, de-duplication, versioned
+datasets and the auto-label daemon that runs them round after round (`autolabel`)."""
 
 from faceforge.data_pipeline.align import ARCFACE_TEMPLATE, align_face, align_tree, template_transform
 from faceforge.data_pipeline.cluster import CLUSTERERS, chinese_whispers, infomap_clusters, threshold_components
@@ -18,12 +19,15 @@ from faceforge.data_pipeline.dedup import (
 from faceforge.data_pipeline.detect import DETECTORS, CenterDetector, Detector, HaarDetector, get_detector
 from faceforge.data_pipeline.knn import knn_graph, knn_recall, l2_normalise
 from faceforge.data_pipeline.mtcnn import MTCNN, Detections, load_mtcnn_nets
+from faceforge.data_pipeline.quality import QualityConfig, QualityScore, error_versus_reject, score_face
 
 __all__ = [
     "ARCFACE_TEMPLATE",
     "CLUSTERERS",
     "DETECTORS",
     "MTCNN",
+    "QualityConfig",
+    "QualityScore",
     "Calibration",
     "CenterDetector",
     "ClusterScores",
@@ -38,6 +42,7 @@ __all__ = [
     "cluster_centroids",
     "cluster_scores",
     "drop_evaluation_identities",
+    "error_versus_reject",
     "exact_duplicates",
     "get_detector",
     "infomap_clusters",
@@ -49,6 +54,7 @@ __all__ = [
     "merge_albums",
     "near_duplicates",
     "pair_scores",
+    "score_face",
     "score_files",
     "template_transform",
     "threshold_components",

@@ -5,8 +5,8 @@ undirected graph, and returns one int label per face, 0..C-1 in order of first a
 a cluster of its own (no -1 "noise" label). Connected components chain: one wrong edge joins two people, so it
 needs a strict threshold. Chinese Whispers (Biemann 2006, dlib's face clustering) lets each face take the label
 with the largest summed similarity among its neighbours, so a stray edge is outvoted. Infomap (Rosvall & Bergstrom
-2008) picks the partition that gives a random walk on the graph the shortest description; it needs the optional
-`infomap` package (`pip install infomap`, maintained by the map-equation group).
+2008) picks the partition that gives a random walk on the graph the shortest description (the `infomap` package,
+maintained by the map-equation group).
 """
 
 from __future__ import annotations
@@ -88,10 +88,7 @@ def infomap_clusters(
     indices: np.ndarray, sims: np.ndarray, threshold: float, trials: int = 3, seed: int = 0
 ) -> np.ndarray:
     """Two-level Infomap modules of the cosine-weighted graph, best of `trials` runs."""
-    try:
-        import infomap
-    except ImportError as err:
-        raise ImportError("Infomap clustering needs the optional package: pip install infomap") from err
+    import infomap
     i, j, weights = similarity_edges(indices, sims, threshold)
     n = len(indices)
     graph = coo_matrix((weights, (i, j)), shape=(n, n)).tocsr()

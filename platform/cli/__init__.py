@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,58 @@ def _data_cluster_eval(args: argparse.Namespace) -> None:
     from faceforge.data_pipeline.cluster_metrics import score_files
 
     print(score_files(args.pred, args.labels).format())
+
+
+def _autolabel_workdir(args: argparse.Namespace) -> Path:
+    from faceforge.jobs.paths import faceforge_home
+
+    return args.workdir or faceforge_home() / "autolabel"
+
+
+def _autolabel(args: argparse.Namespace) -> None:
+    from faceforge.data_pipeline.autolabel import Autolabeller, exclusive, load_config
+
+    config = load_config(args.config, args.overrides)
+    workdir = _autolabel_workdir(args)
+    with exclusive(workdir):
+        labeller = Autolabeller(args.inbox, workdir, config)
+        if args.autolabel_command == "watch":
+            print(f"watching {args.inbox} every {config.poll_seconds:g} s (Ctrl-C stops after the batch in flight)")
+            labeller.watch()
+        elif (report := labeller.run_once()) is None:
+            print("nothing to do: no new files and the same embedding model")
+        else:
+            print(json.dumps(report.stats, indent=2))
+
+
+def _autolabel_status(args: argparse.Namespace) -> None:
+    from faceforge.data_pipeline.autolabel import status
+
+    state = status(_autolabel_workdir(args))
+    last = state.get("last_round")
+    print(f"work folder {state['workdir']}: daemon {'running' if state['running'] else 'not running'}")
+    if last:
+        rate = state["files_per_second"]
+        print(f"last round {last['round']}: {last['version']}, {last['files']} file(s) in {last['seconds']:.1f} s"
+              + (f" ({rate:.2f} files/s)" if rate else ""))  # fmt: skip
+    print("files: " + ("  ".join(f"{k}={v}" for k, v in sorted(state["files"].items())) or "none yet"))
+    for source, outcome, reason in state.get("recent_problems", []):
+        print(f"  {outcome:8} {source}: {reason}")
+
+
+def _data_list(args: argparse.Namespace) -> None:
+    from faceforge.data_pipeline.autolabel import status
+
+    versions = status(_autolabel_workdir(args))["versions"]
+    if not versions:
+        print("no dataset versions yet: run `faceforge autolabel run INBOX`")
+    for v in versions:
+        ari = "-" if v["ari_with_previous"] is None else f"{v['ari_with_previous']:.3f}"
+        drops = sum((v["drops"] or {}).values())
+        print(
+            f"{v['version']}  round {v['round']}  {v['identities']} identities  {v['images']} images  "
+            f"{v['new_identities']} new  {v['merges']} merges  {drops} drops  ARI {ari}  {v['path']}"
+        )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -437,6 +490,27 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_eval.add_argument("pred", type=Path, help=f"predicted clusters: {files_help}")
     cluster_eval.add_argument("labels", type=Path, help="true identities, same format")
     cluster_eval.set_defaults(func=_data_cluster_eval)
+    listing = data_cmds.add_parser("list", help="the auto-labelled dataset versions, oldest first")
+    listing.add_argument("--workdir", type=Path, default=None, help="default: $FACEFORGE_HOME/autolabel")
+    listing.set_defaults(func=_data_list)
+
+    autolabel = commands.add_parser("autolabel", help="label an inbox of photo albums into versioned datasets")
+    autolabel_cmds = autolabel.add_subparsers(dest="autolabel_command", required=True)
+    for name, text in (
+        ("run", "one round over what is in the inbox now, then exit"),
+        ("watch", "rounds whenever files arrive or the champion changes, until stopped"),
+    ):
+        cmd = autolabel_cmds.add_parser(name, help=text)
+        cmd.add_argument("inbox", type=Path, help="one sub-folder per album; files are moved out once decided")
+        cmd.add_argument(
+            "overrides", nargs="*", help="key=value over configs/autolabel.yaml, e.g. cluster.threshold=0.6"
+        )
+        cmd.add_argument("--config", type=Path, default=None, help="another autolabel.yaml")
+        cmd.add_argument("--workdir", type=Path, default=None, help="default: $FACEFORGE_HOME/autolabel")
+        cmd.set_defaults(func=_autolabel)
+    autolabel_status = autolabel_cmds.add_parser("status", help="last round, files by outcome, recent problems")
+    autolabel_status.add_argument("--workdir", type=Path, default=None, help="default: $FACEFORGE_HOME/autolabel")
+    autolabel_status.set_defaults(func=_autolabel_status)
 
     queue = commands.add_parser("queue", help="the job queue ($FACEFORGE_HOME/jobs.db): submit, watch, cancel")
     queue_cmds = queue.add_subparsers(dest="queue_command", required=True)
@@ -514,7 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option; key=value words after the options are overrides too.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in w[1:] for w in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "eval" and not (args.pairs or args.bin or args.gallery):
         sys.exit("faceforge eval: error: give --pairs, --bin or --gallery")
     try:

@@ -54,12 +54,15 @@ def embed_images(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
-) -> np.ndarray:
+    with_norms: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Embed encoded images or RGB uint8 arrays; returns float32 N x D with unit-norm rows.
 
     With `flip`, each row is the normalised sum of the embeddings of the image and its mirror, the
     usual LFW test-time augmentation. An nn.Module is moved to `device` and run in eval mode (its
     train/eval mode is restored afterwards); any other callable gets the batch on `device`.
+    `with_norms` also returns each image's embedding norm before normalisation (unflipped), the quality signal
+    of MagFace-trained models.
     """
     if len(images) == 0:
         raise ValueError("no images to embed")
@@ -73,18 +76,20 @@ def embed_images(
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.to(device).eval()
-    chunks = []
+    chunks, norms = [], []
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
                 batch = batch.to(device)
                 if flip:
                     both = _run(model, torch.cat([batch, batch.flip(-1)]))
-                    embeddings = both[: len(batch)] + both[len(batch) :]
+                    plain, embeddings = both[: len(batch)], both[: len(batch)] + both[len(batch) :]
                 else:
-                    embeddings = _run(model, batch)
+                    plain = embeddings = _run(model, batch)
                 chunks.append(nn.functional.normalize(embeddings, dim=1).cpu().numpy())
+                norms.append(plain.norm(dim=1).cpu().numpy())
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
-    return np.concatenate(chunks)
+    features = np.concatenate(chunks)
+    return (features, np.concatenate(norms)) if with_norms else features

@@ -83,4 +83,14 @@ def configuration_reference(config_dir: Path) -> str:
     top = flatten({key: value for key, value in primary.items() if key not in ("defaults", "hydra")})
     lines += ["## Top-level keys (`train.yaml`)", "", "| key | default | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{key}` | {_cell(value)} | {comments.get(key, '')} |" for key, value in top.items()]
+    lines += ["", *_file_section(config_dir / "autolabel.yaml")]
     return "\n".join(lines) + "\n"
+
+
+def _file_section(path: Path) -> list[str]:
+    """A stand-alone config file (not a group of the trainer): its description and keys."""
+    description, body = split_description(path.read_text())
+    comments = key_comments(body)
+    values = flatten(yaml.safe_load(path.read_text()) or {})
+    lines = [f"## `{path.name}`", "", description, "", "| key | default | meaning |", "| --- | --- | --- |"]
+    return lines + [f"| `{key}` | {_cell(value)} | {comments.get(key, '')} |" for key, value in values.items()]

@@ -1,0 +1,697 @@
+"""The auto-label daemon: albums of raw photos in, a new versioned dataset of identities out, round after round.
+
+A round takes every file that has arrived in the inbox (`INBOX/<album>/...`) and, a batch at a time, decides
+each one: labelled (it gave at least one good face), rejected (no face, low quality, a copy of an earlier file)
+or error (empty, truncated, corrupt, unsupported, huge). The decision is committed, then the file is moved to
+`<workdir>/<outcome>/<album>/`: every input ends in exactly one place, and a bad file is just one more decision.
+Then the round embeds the faces with the embedding model (the registry's champion by default), clusters each
+album, de-duplicates and merges across albums, against known and evaluation identities, and writes version N.
+When the champion changes, the next round re-embeds and re-clusters everything, new files or not: better model,
+better labels, and optionally a retraining job per round that found enough new people: the loop closes.
+
+Crash safety: the state database (`autolabel_state`) commits a batch at a time and fixes a round's files when
+it opens, crops are written before their batch commits, moves are redone from the database, and a version is
+renamed into place whole. A restarted daemon finishes the open round, and writes the same manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from torch import nn
+
+from faceforge.data.folder import IMAGE_EXTENSIONS
+from faceforge.data.image import ImageDecodeError, decode_image
+from faceforge.data_pipeline.align import align_face, write_atomic
+from faceforge.data_pipeline.autolabel_state import FaceOutcome, InboxFile, Round, StateDB
+from faceforge.data_pipeline.cluster import CLUSTERERS
+from faceforge.data_pipeline.dedup import (
+    Decision,
+    calibrate_threshold,
+    cluster_centroids,
+    drop_evaluation_identities,
+    match_known_identities,
+    merge_albums,
+    near_duplicates,
+    pair_scores,
+)
+from faceforge.data_pipeline.detect import Detector, get_detector
+from faceforge.data_pipeline.knn import knn_graph
+from faceforge.data_pipeline.mtcnn import Detections
+from faceforge.data_pipeline.quality import QualityConfig, score_face
+from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_name, write_version
+
+CROP_SIZE = 112
+ROOT_ALBUM = "_unsorted"  # files put straight into the inbox, not into an album folder
+STATE = "state.db"
+OUTCOMES = ("labelled", "rejected", "error")
+
+# (file, sha256 of its bytes, outcome, reason, faces): what a batch commits for each file.
+Decided = tuple[InboxFile, str | None, str, str | None, list[FaceOutcome]]
+
+
+class AutolabelError(ValueError):
+    """A configuration or set-up mistake: one line for the user."""
+
+
+@dataclass
+class ClusterSettings:
+    method: str = "chinese_whispers"
+    threshold: float = 0.5
+    neighbours: int = 30
+    min_size: int = 2
+
+
+@dataclass
+class DedupSettings:
+    near_threshold: float = 0.95
+    album_threshold: float = 0.5
+    album_margin: float = 0.01
+    known_root: str | None = None
+    known_threshold: float = 0.5
+    eval_root: str | None = None
+    eval_threshold: float = 0.5
+    fmr: float = 1e-3
+    calibrate: bool = True
+
+
+@dataclass
+class RetrainSettings:
+    min_new_identities: int = 0
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AutolabelConfig:
+    model: str = "models:/faceforge@champion"
+    tracking_uri: str | None = None
+    detector: str = "mtcnn"
+    min_face_size: int = 40
+    batch_files: int = 16
+    embed_batch: int = 64
+    max_file_mb: float = 50.0
+    settle_seconds: float = 2.0
+    poll_seconds: float = 10.0
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    dedup: DedupSettings = field(default_factory=DedupSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> AutolabelConfig:
+    """configs/autolabel.yaml (or `path`) with `key=value` overrides, type-checked into AutolabelConfig."""
+    from faceforge.train.app import CONFIG_DIR
+    from faceforge.train.config import ConfigError, build_typed
+
+    path = path or CONFIG_DIR / "autolabel.yaml"
+    if not path.is_file():
+        raise AutolabelError(f"{path}: autolabel config not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise AutolabelError(f"override {override!r} is not key=value")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise AutolabelError(f"override {override!r}: {part} is not a group")
+        node[leaf] = yaml.safe_load(text)
+    try:
+        config = build_typed(AutolabelConfig, values)
+    except ConfigError as err:
+        raise AutolabelError(str(err)) from None
+    check_config(config)
+    return config
+
+
+def check_config(config: AutolabelConfig) -> None:
+    checks = [
+        (config.cluster.method in CLUSTERERS, f"cluster.method must be one of {', '.join(sorted(CLUSTERERS))}"),
+        (config.cluster.min_size >= 1 and config.cluster.neighbours >= 1, "cluster.min_size and neighbours >= 1"),
+        (config.batch_files >= 1 and config.embed_batch >= 1, "batch_files and embed_batch must be >= 1"),
+        (0 < config.dedup.fmr < 1, f"dedup.fmr must be in (0, 1), got {config.dedup.fmr}"),
+        (config.max_file_mb > 0, "max_file_mb must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise AutolabelError(message)
+
+
+# One file
+
+
+def file_problem(path: Path, data: bytes, max_bytes: float) -> str | None:
+    """Why a file cannot be an image at all ("<code>: detail"), before decoding; None if it may be one."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"unsupported: {path.suffix or 'no extension'} is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}"
+    if not data:
+        return "empty: 0 bytes"
+    if len(data) > max_bytes:
+        return f"huge: {len(data) / 1e6:.1f} MB exceeds max_file_mb={max_bytes / 1e6:g}"
+    # A cut-off JPEG or PNG still decodes (grey below the cut); its end marker is what is missing.
+    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-4096:]:
+        return "truncated: the JPEG has no end-of-image marker"
+    if path.suffix.lower() == ".png" and b"IEND" not in data[-64:]:
+        return "truncated: the PNG has no IEND chunk"
+    return None
+
+
+def decode_problem(err: ImageDecodeError) -> str:
+    return f"{'huge' if 'pixel limit' in str(err) else 'corrupt'}: {err}"
+
+
+# The embedding model
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    key: str  # what the embeddings are stored under: a registry version, or the checkpoint's hash
+    source: str  # what loads it again
+    module: nn.Module
+
+    @property
+    def input_size(self) -> int:
+        return int(getattr(self.module, "input_size", CROP_SIZE))
+
+
+def resolve_model(source: str, tracking_uri: str | None) -> tuple[str, str]:
+    """(key, loadable source): an alias resolves to its current version, so a new champion is a new key."""
+    from faceforge.eval.sources import MLFLOW_SCHEMES
+
+    if source.startswith("models:/") and "@" in source:
+        from faceforge.registry.database import default_tracking_uri, open_database
+
+        name, alias = source.removeprefix("models:/").split("@", 1)
+        client = open_database(tracking_uri or default_tracking_uri())
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+        except Exception as err:  # MlflowException: no such model or alias
+            raise AutolabelError(f"{source}: no such registered model alias ({err.__class__.__name__})") from None
+        pinned = f"models:/{name}/{version}"
+        return pinned, pinned
+    if source.startswith(MLFLOW_SCHEMES):
+        return source, source
+    from faceforge.train.checkpoint import resolve_checkpoint
+
+    if not Path(source).exists():
+        raise AutolabelError(f"model {source}: neither a checkpoint nor an MLflow model URI")
+    weights = resolve_checkpoint(Path(source)) / "model.pt"
+    return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16], str(weights.parent)
+
+
+def load_embedding_model(key: str, source: str, tracking_uri: str | None) -> EmbeddingModel:
+    from faceforge.eval.sources import load_model
+
+    return EmbeddingModel(key, source, load_model(source, tracking_uri))
+
+
+def embed_crops(model: EmbeddingModel, crops: Sequence[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from faceforge.eval.embed import embed_images
+
+    return embed_images(model.module, crops, input_size=model.input_size, batch_size=batch_size, with_norms=True)
+
+
+# The daemon
+
+
+@dataclass
+class RoundReport:
+    round: int
+    version: str
+    files: int
+    seconds: float
+    stats: dict
+    job_id: str | None
+
+
+class Autolabeller:
+    """Owns a work folder: state.db, crops/, versions/ and the labelled/, rejected/ and error/ file trees."""
+
+    def __init__(self, inbox: Path, workdir: Path, config: AutolabelConfig, log: Callable[[str], None] = print):
+        self.inbox, self.workdir, self.config, self.log = Path(inbox), Path(workdir), config, log
+        if not self.inbox.is_dir():
+            raise AutolabelError(f"{self.inbox}: inbox folder not found")
+        if self.workdir.resolve().is_relative_to(self.inbox.resolve()):
+            raise AutolabelError(f"{self.workdir}: the work folder must not be inside the inbox")
+        self.crops = self.workdir / "crops"
+        self.versions = self.workdir / "versions"
+        self.state = StateDB(self.workdir / STATE)
+        self.stop = threading.Event()
+        self._detector: Detector | None = None
+        self._model: EmbeddingModel | None = None
+
+    # Inbox
+
+    def scan(self) -> int:
+        """Register inbox files not seen before whose size and time have settled; returns how many."""
+        known = self.state.unmoved_sources()
+        settled_before = time.time() - self.config.settle_seconds
+        found = []
+        for path in sorted(self.inbox.rglob("*")):
+            relative = path.relative_to(self.inbox)
+            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+                continue
+            album, name = (
+                (relative.parts[0], Path(*relative.parts[1:]).as_posix())
+                if len(relative.parts) > 1
+                else (
+                    ROOT_ALBUM,
+                    relative.as_posix(),
+                )
+            )
+            if (album, name) not in known and path.stat().st_mtime <= settled_before:
+                found.append((album, name))
+        if found:
+            self.state.register(found)
+        return len(found)
+
+    def inbox_path(self, album: str, name: str) -> Path:
+        return self.inbox / name if album == ROOT_ALBUM else self.inbox / album / name
+
+    def move_decided(self) -> None:
+        """Move every decided file to its outcome folder; redone safely after a crash."""
+        for file_id, album, name, destination in self.state.unmoved_outcomes():
+            source, target = self.inbox_path(album, name), self.workdir / destination
+            if source.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(source, target)
+                except OSError:  # another file system: copy whole, then remove
+                    temporary = target.with_name(f".{target.name}.tmp")
+                    shutil.copyfile(source, temporary)
+                    os.replace(temporary, target)
+                    source.unlink()
+            self.state.mark_moved(file_id)
+
+    # Models
+
+    @property
+    def detector(self) -> Detector:
+        if self._detector is None:
+            options = {"min_face_size": self.config.min_face_size} if self.config.detector != "center" else {}
+            self._detector = get_detector(self.config.detector, **options)
+        return self._detector
+
+    def model_for(self, key: str, source: str) -> EmbeddingModel:
+        if self._model is None or self._model.key != key:
+            self.log(f"embedding model: {source}")
+            self._model = load_embedding_model(key, source, self.config.tracking_uri)
+        return self._model
+
+    # Rounds
+
+    def next_round(self) -> Round | None:
+        """The open round (a crash interrupted it), or a new one if files arrived or the model changed."""
+        if (current := self.state.open_round()) is not None:
+            return current
+        key, source = resolve_model(self.config.model, self.config.tracking_uri)
+        last = self.state.last_round()
+        if self.state.unassigned_count() or (last is not None and last.model != key):
+            return self.state.start_round(key, source)
+        return None
+
+    def run_once(self) -> RoundReport | None:
+        """Scan, then run a round if there is anything to do; None if there was not."""
+        self.move_decided()
+        self.scan()
+        current = self.next_round()
+        if current is None:
+            return None
+        self.log(f"round {current.number}: {current.files} new file(s), model {current.model}")
+        model = self.model_for(current.model, current.model_source)
+        while not self.stop.is_set() and (pending := self.state.pending_files(current.number)):
+            batch = pending[: self.config.batch_files]
+            self.state.record_batch(self.decide(batch, model))
+            self.move_decided()
+            self.state.beat(f"round {current.number}: {len(pending) - len(batch)} file(s) to go")
+        if self.stop.is_set():
+            return None
+        return self.finish_round(current, model)
+
+    def decide(self, batch: Sequence[InboxFile], model: EmbeddingModel) -> list[Decided]:
+        """The outcome of each file of a batch; a bad file is an outcome, never an exception.
+
+        Detection runs once over the batch's photos and embedding once over all their faces.
+        """
+        decided: dict[int, Decided] = {}
+        photos: list[tuple[InboxFile, str, np.ndarray]] = []
+        batch_copies: dict[str, str] = {}
+        for file in batch:
+            path = self.inbox_path(file.album, file.name)
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                decided[file.id] = (file, None, "error", f"unreadable: {err.strerror or err}", [])
+                continue
+            sha256 = hashlib.sha256(data).hexdigest()
+            try:
+                if problem := file_problem(path, data, self.config.max_file_mb * 1e6):
+                    decided[file.id] = (file, sha256, "error", problem, [])
+                    continue
+                image = decode_image(data, file.source)
+            except ImageDecodeError as err:
+                decided[file.id] = (file, sha256, "error", decode_problem(err), [])
+                continue
+            if original := batch_copies.get(sha256) or self.state.earlier_copy(sha256, file.id):
+                decided[file.id] = (file, sha256, "rejected", f"duplicate: same bytes as {original}", [])
+                continue
+            batch_copies[sha256] = file.source
+            photos.append((file, sha256, image))
+        detections = self.detector.detect([image for _, _, image in photos]) if photos else []
+        crops = [
+            align_face(image, landmarks, CROP_SIZE)
+            for (_, _, image), found in zip(photos, detections, strict=True)
+            for landmarks in found.landmarks
+        ]
+        vectors, norms = embed_crops(model, crops, self.config.embed_batch) if crops else (None, None)
+        face_index = 0
+        for (file, sha256, _), found in zip(photos, detections, strict=True):
+            faces = []
+            for k in range(len(found)):
+                crop, vector, norm = crops[face_index], vectors[face_index], float(norms[face_index])
+                face_index += 1
+                faces.append(self.assess(f"{sha256[:32]}_{k}", crop, found, k, vector, norm))
+            decided[file.id] = outcome_of(file, sha256, faces)
+        kept = [face for *_, faces in decided.values() for face in faces if face.reason is None]
+        if kept:
+            self.state.store_embeddings(model.key, [f.face for f in kept], np.stack([f.vector for f in kept]))
+        return [decided[file.id] for file in batch]
+
+    def assess(
+        self, face: str, crop: np.ndarray, found: Detections, k: int, vector: np.ndarray, norm: float
+    ) -> FaceOutcome:
+        """Score a face's quality; a face that passes has its crop stored before its batch commits."""
+        score = score_face(crop, found.landmarks[k], norm)
+        reasons = score.reasons(self.config.quality)
+        if not reasons:
+            write_atomic(self.crops / f"{face}.jpg", encode_jpeg(crop))
+        return FaceOutcome(
+            face=face,
+            box=[round(float(v), 1) for v in found.boxes[k]],
+            landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in found.landmarks[k]],
+            quality=score.to_dict(),
+            score=float(score.score),
+            reason=", ".join(reasons) if reasons else None,
+            vector=None if reasons else vector,
+        )
+
+    def features_of(self, faces: list[dict], model: EmbeddingModel) -> np.ndarray:
+        """The model's embedding of every face; faces it has not embedded yet (a new champion) are re-embedded."""
+        stored = self.state.embeddings(model.key, [f["face"] for f in faces])
+        missing = [f["face"] for f in faces if f["face"] not in stored]
+        for start in range(0, len(missing), 1024):
+            chunk = missing[start : start + 1024]
+            crops = [read_crop(self.crops / f"{face}.jpg") for face in chunk]
+            vectors, _ = embed_crops(model, crops, self.config.embed_batch)
+            self.state.store_embeddings(model.key, chunk, vectors)
+            stored.update(zip(chunk, vectors, strict=True))
+        return np.stack([stored[f["face"]] for f in faces]) if faces else np.zeros((0, 1), dtype=np.float32)
+
+    def finish_round(self, current: Round, model: EmbeddingModel) -> RoundReport:
+        faces = self.state.kept_faces()
+        features = self.features_of(faces, model)
+        labelled = label_identities(faces, features, self.config, self.reference_sets(model))
+        previous = list_versions(self.versions)
+        new_people = count_new_identities(labelled.records, current.number)
+        stats = {
+            "round": current.number,
+            "model": current.model,
+            "files": self.state.outcome_counts(),
+            "thresholds": labelled.thresholds,
+            "new_identities": new_people,
+            "unclustered_faces": labelled.unclustered,
+        }
+        name = version_name(current.number)
+        path = write_version(self.versions, current.number, labelled.records, self.crops, labelled.decisions, stats)
+        job_id = self.maybe_retrain(path, new_people)
+        self.state.finish_round(current.number, name, job_id)
+        seconds = time.time() - current.started
+        self.log(
+            f"round {current.number}: {name} with {len(labelled.records)} faces of "
+            f"{len({r.identity for r in labelled.records})} identities ({new_people} new) in {seconds:.1f} s"
+            + (f"; previous {previous[-1].name}" if previous else "")
+        )
+        return RoundReport(
+            current.number, name, current.files, seconds, json.loads((path / "stats.json").read_text()), job_id
+        )
+
+    def reference_sets(self, model: EmbeddingModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Embeddings and names of the known (training) and evaluation identity folders, if configured."""
+        sets = {}
+        for kind, root in (("known", self.config.dedup.known_root), ("eval", self.config.dedup.eval_root)):
+            if root:
+                sets[kind] = embed_folder(Path(root), model, self.config.embed_batch)
+        return sets
+
+    def maybe_retrain(self, version: Path, new_people: int) -> str | None:
+        settings = self.config.retrain
+        if settings.min_new_identities <= 0 or new_people < settings.min_new_identities:
+            return None
+        from faceforge.jobs import JobStore, make_jobs
+        from faceforge.jobs.paths import store_path
+
+        overrides = ["data=folder", f"data.root={(version / 'images').resolve()}", *settings.overrides]
+        (job,) = JobStore(store_path()).submit(make_jobs(overrides, name=f"retrain on autolabel {version.name}"))
+        self.log(f"{new_people} new identities: enqueued retraining job {job.id}")
+        return job.id
+
+    def watch(self) -> None:
+        """Run rounds until stopped (SIGTERM or SIGINT finish the batch in flight, then exit)."""
+        with self._signals_stop():
+            while not self.stop.is_set():
+                report = self.run_once()
+                if report is None and not self.stop.is_set():
+                    self.state.beat("idle")
+                    self.stop.wait(self.config.poll_seconds)
+
+    @contextmanager
+    def _signals_stop(self) -> Iterator[None]:
+        handlers = {sig: signal.signal(sig, lambda *_: self.stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+@contextmanager
+def exclusive(workdir: Path) -> Iterator[None]:
+    """One daemon per work folder: a second one fails at once instead of racing the first."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / "daemon.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AutolabelError(f"{workdir}: another autolabel daemon is running on this work folder") from None
+        yield
+
+
+def daemon_running(workdir: Path) -> bool:
+    path = workdir / "daemon.lock"
+    if not path.exists():
+        return False
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
+def outcome_of(file: InboxFile, sha256: str, faces: list[FaceOutcome]) -> Decided:
+    """Labelled if any face passed; otherwise rejected, for want of a face or for every reason a face failed."""
+    if not faces:
+        return file, sha256, "rejected", "no_face: the detector found none", []
+    if any(face.reason is None for face in faces):
+        return file, sha256, "labelled", None, faces
+    reasons = sorted({r for face in faces for r in (face.reason or "").split(", ")})
+    return file, sha256, "rejected", f"low_quality: {', '.join(reasons)}", faces
+
+
+def encode_jpeg(crop: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def read_crop(path: Path) -> np.ndarray:
+    return decode_image(path.read_bytes(), str(path))
+
+
+def embed_folder(root: Path, model: EmbeddingModel, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An identity folder of aligned crops: (embeddings, identity name per image)."""
+    from faceforge.data.folder import ImageFolderDataset
+
+    if not root.is_dir():
+        raise AutolabelError(f"{root}: identity folder not found")
+    folder = ImageFolderDataset(root)
+    crops = [read_crop(Path(path)) for path, _ in folder.samples]
+    names = np.array([folder.classes[label] for _, label in folder.samples])
+    return embed_crops(model, crops, batch_size)[0], names
+
+
+# Labelling: clusters, merges and drops
+
+
+@dataclass
+class Labelled:
+    records: list[FaceRecord]
+    decisions: list[dict]
+    thresholds: dict[str, float]
+    unclustered: int
+
+
+def _decision(decision: Decision, names: Callable[[int | str], str]) -> dict:
+    record = asdict(decision)
+    record["subject"], record["target"] = names(decision.subject), names(decision.target)
+    return record
+
+
+def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelConfig, references: dict) -> Labelled:
+    """Cluster each album, drop near copies, merge albums, match known and evaluation identities, name people."""
+    thresholds = calibrated_thresholds(config.dedup, references.get("known"))
+    if not faces:
+        return Labelled([], [], thresholds, 0)
+    albums = np.array([f["album"] for f in faces])
+    clusters = np.zeros(len(faces), dtype=np.int64)
+    for album in np.unique(albums):
+        rows = np.flatnonzero(albums == album)
+        if len(rows) > 1:
+            k = min(config.cluster.neighbours, len(rows) - 1)
+            indices, sims = knn_graph(features[rows], k, "exact")
+            clusters[rows] = CLUSTERERS[config.cluster.method](indices, sims, config.cluster.threshold)
+    face_name = [f["face"] for f in faces]
+    decisions = []
+    album_cluster = np.array([f"{a}/{c}" for a, c in zip(albums, clusters, strict=True)])
+    quality = np.array([f["score"] for f in faces])
+    near = near_duplicates(features, quality, album_cluster, config.dedup.near_threshold)
+    decisions += [_decision(d, lambda i: face_name[i]) for d in near]
+    keep = np.ones(len(faces), dtype=bool)
+    keep[[d.subject for d in near]] = False
+    rows = np.flatnonzero(keep)
+    identity, merges = merge_albums(
+        features[rows], albums[rows], clusters[rows], thresholds["album"], config.dedup.album_margin
+    )
+    decisions += [asdict(d) for d in merges]
+    first_face: dict[int, str] = {}
+    for row, person in zip(rows.tolist(), identity.tolist(), strict=True):
+        first_face[person] = min(first_face.get(person, face_name[row]), face_name[row])
+    names = np.array([f"id_{first_face[person][:12]}" for person in identity.tolist()])
+    named = match_references(features[rows], names, references, thresholds, decisions)
+    sizes = Counter(named)
+    records = []
+    unclustered = 0
+    for row, person in zip(rows.tolist(), named, strict=True):
+        if person is None:
+            continue
+        if sizes[person] < config.cluster.min_size:
+            unclustered += 1
+            continue
+        face = faces[row]
+        records.append(
+            FaceRecord(
+                face=face["face"],
+                image_sha256=face["sha256"],
+                source=f"{face['album']}/{face['name']}",
+                album=face["album"],
+                box=face["box"],
+                landmarks=face["landmarks"],
+                quality=face["quality"],
+                cluster=int(clusters[row]),
+                identity=person,
+                round=face["round"],
+            )
+        )
+    return Labelled(records, decisions, thresholds, unclustered)
+
+
+def match_references(
+    features: np.ndarray, names: np.ndarray, references: dict, thresholds: dict, decisions: list[dict]
+) -> list[str | None]:
+    """Rename identities that are known training identities; None for those of an evaluation set (dropped)."""
+    keys, centroids = cluster_centroids(features, names)
+    renamed: dict[str, str | None] = {}
+    if "known" in references:
+        known_keys, known_centres = cluster_centroids(*references["known"])
+        for d in match_known_identities(list(keys), centroids, known_centres, list(known_keys), thresholds["known"]):
+            decisions.append(asdict(d))
+            renamed[str(d.subject)] = f"known_{d.target}"
+    if "eval" in references:
+        eval_keys, eval_centres = cluster_centroids(*references["eval"])
+        for d in drop_evaluation_identities(list(keys), centroids, eval_centres, list(eval_keys), thresholds["eval"]):
+            decisions.append(asdict(d))
+            renamed[str(d.subject)] = None
+    return [renamed.get(n, n) for n in names.tolist()]
+
+
+def calibrated_thresholds(settings: DedupSettings, known: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
+    """The configured cosine thresholds, or with `calibrate` and a known identity folder, the threshold at
+    `fmr` on that folder's genuine and impostor pairs for all three cross-cluster matches."""
+    thresholds = {"album": settings.album_threshold, "known": settings.known_threshold, "eval": settings.eval_threshold}
+    if settings.calibrate and known is not None:
+        genuine, impostor = pair_scores(*known)
+        if len(genuine) and settings.fmr * len(impostor) >= 1:
+            value = round(calibrate_threshold(genuine, impostor, settings.fmr).threshold, 6)
+            thresholds = dict.fromkeys(thresholds, value)
+    return thresholds
+
+
+def count_new_identities(records: Sequence[FaceRecord], round_number: int) -> int:
+    """People all of whose faces arrived in this round."""
+    first_round: dict[str, int] = {}
+    for record in records:
+        first_round[record.identity] = min(first_round.get(record.identity, record.round), record.round)
+    return sum(r == round_number for r in first_round.values())
+
+
+# Status, for the CLI and the web UI
+
+
+def status(workdir: Path) -> dict:
+    """What the daemon did last and what waits: for `faceforge autolabel status` and the datasets page."""
+    if not (workdir / STATE).is_file():
+        return {"workdir": str(workdir), "running": False, "rounds": [], "files": {}, "versions": []}
+    state = StateDB(workdir / STATE)
+    try:
+        rounds = state.rounds()
+        beat = state.heartbeat()
+        files = state.outcome_counts()
+        problems = state.recent_problems()
+    finally:
+        state.close()
+    done = [r for r in rounds if r["finished"]]
+    last = done[-1] if done else None
+    rate = last["files"] / last["seconds"] if last and last["seconds"] else None
+    return {
+        "workdir": str(workdir),
+        "running": daemon_running(workdir),
+        "heartbeat": beat,
+        "rounds": rounds,
+        "last_round": last,
+        "files_per_second": rate,
+        "files": files,
+        "recent_problems": problems,
+        "versions": [version_summary(v) for v in list_versions(workdir / "versions")],
+    }
+
+
+def version_summary(version: Path) -> dict:
+    stats = json.loads((version / "stats.json").read_text())
+    keys = ("version", "round", "identities", "images", "merges", "drops", "ari_with_previous", "new_identities")
+    return {"path": str(version), "created": version.stat().st_mtime, **{k: stats.get(k) for k in keys}}

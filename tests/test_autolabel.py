@@ -1,0 +1,240 @@
+"""The auto-label daemon on real photos: every file ends in one place, versions, kill -9, new models, retraining."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from faceforge import models
+from faceforge.data_pipeline.autolabel import (
+    AutolabelConfig,
+    AutolabelError,
+    Autolabeller,
+    exclusive,
+    load_config,
+    status,
+)
+from faceforge.data_pipeline.versions import adjusted_rand_index, list_versions, read_manifest, read_stats
+from faceforge.jobs import JobStore
+
+from conftest import shared_data
+
+PEOPLE, PER_PERSON = 8, 5
+BAD_FILES = {
+    "album0/empty.jpg": "error:empty",
+    "album0/cut.jpg": "error:truncated",
+    "album0/notes.txt": "error:unsupported",
+    "album0/garbage.png": "error:corrupt",
+    "album1/giant.png": "error:huge",
+    "album1/copy.jpg": "rejected:duplicate",
+    "album2/noise.png": "rejected:no_face",
+}
+
+
+def save_backbone(directory: Path, seed: int) -> Path:
+    """A small untrained backbone in the checkpoint layout `load_backbone` reads; the seed makes another model."""
+    torch.manual_seed(seed)
+    model = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56, act="relu")
+    directory.mkdir(parents=True)
+    torch.save({"model_config": model.config, "model": model.state_dict()}, directory / "model.pt")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 LFW people x 5 photos dealt over 3 albums, plus one file of each kind that must not become a face."""
+    lfw = shared_data() / "lfw"
+    people = sorted(d for d in lfw.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= PER_PERSON)[:PEOPLE]
+    inbox = tmp_path_factory.mktemp("photos")
+    for i, person in enumerate(people):
+        for j, photo in enumerate(sorted(person.glob("*.jpg"))[:PER_PERSON]):
+            (inbox / f"album{(i + j) % 3}").mkdir(exist_ok=True)
+            shutil.copy(photo, inbox / f"album{(i + j) % 3}" / photo.name)
+    face = sorted((inbox / "album0").glob("*.jpg"))[0].read_bytes()
+    (inbox / "album0/empty.jpg").write_bytes(b"")
+    (inbox / "album0/cut.jpg").write_bytes(face[: len(face) // 2])
+    (inbox / "album0/notes.txt").write_text("not a photo")
+    (inbox / "album0/garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300) + b"IEND\xaeB`\x82")
+    cv2.imwrite(str(inbox / "album1/giant.png"), np.zeros((6400, 6400), dtype=np.uint8))  # 41M pixels
+    (inbox / "album1/copy.jpg").write_bytes(face)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    cv2.imwrite(str(inbox / "album2/noise.png"), noise)
+    return inbox
+
+
+def fresh_inbox(photos: Path, tmp_path: Path) -> Path:
+    inbox = tmp_path / "inbox"
+    shutil.copytree(photos, inbox)
+    return inbox
+
+
+def inputs(inbox: Path) -> list[str]:
+    return sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*") if p.is_file())
+
+
+def config(model: Path, *extra: str) -> AutolabelConfig:
+    return load_config(None, [f"model={model}", "settle_seconds=0", "batch_files=6", *extra])
+
+
+@pytest.fixture(scope="module")
+def model_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_backbone(tmp_path_factory.mktemp("models") / "a", seed=0)
+
+
+@pytest.mark.slow
+def test_every_file_ends_in_exactly_one_place(photos: Path, model_a: Path, tmp_path: Path) -> None:
+    inbox, workdir = fresh_inbox(photos, tmp_path), tmp_path / "work"
+    expected = inputs(inbox)
+    report = Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once()
+    assert report is not None and report.version == "v0001"
+    assert inputs(inbox) == [], "every decided file leaves the inbox"
+    landed = {
+        outcome: sorted(
+            p.relative_to(workdir / outcome).as_posix() for p in (workdir / outcome).rglob("*") if p.is_file()
+        )
+        for outcome in ("labelled", "rejected", "error")
+    }
+    # Each input is in one outcome folder, under its album, named <id>_<name>.
+    placed = sorted(f"{Path(p).parent.name}/{Path(p).name.split('_', 1)[1]}" for v in landed.values() for p in v)
+    assert sorted(placed) == sorted(f"{Path(p).parent}/{Path(p).name}" for p in expected)
+    with sqlite3.connect(workdir / "state.db") as db:
+        rows = dict(db.execute("SELECT album || '/' || name, outcome || ':' || COALESCE(reason, '') FROM files"))
+    assert len(rows) == len(expected)
+    for source, kind in BAD_FILES.items():
+        outcome, code = kind.split(":")
+        assert rows[source].startswith(f"{outcome}:{code}:"), (source, rows[source])
+    assert sum(r.startswith("labelled") for r in rows.values()) >= PEOPLE * PER_PERSON - 4  # MTCNN finds LFW faces
+
+    version = workdir / "versions" / "v0001"
+    manifest, stats = read_manifest(version), read_stats(version)
+    assert stats["images"] == len(manifest) > 0 and stats["identities"] == len({r["identity"] for r in manifest})
+    assert stats["files"]["error:huge"] == 1 and stats["files"]["rejected:duplicate"] == 1
+    for record in manifest:
+        crop = version / "images" / record["identity"] / f"{record['face']}.jpg"
+        assert cv2.imread(str(crop)).shape == (112, 112, 3)
+        assert {"blur", "yaw", "roll", "score"} <= set(record["quality"]) and len(record["landmarks"]) == 5
+    assert status(workdir)["files"]["labelled"] == stats["files"]["labelled"]
+
+    # A second pass over an empty inbox with the same model has nothing to do.
+    assert Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once() is None
+
+
+def run_cli(inbox: Path, workdir: Path, model: Path, home: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-c", "from faceforge.cli import main; main()", "autolabel", "run", str(inbox)]
+    argv += [f"model={model}", "settle_seconds=0", "batch_files=4", "--workdir", str(workdir)]
+    env = {**os.environ, "FACEFORGE_HOME": str(home)}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def decided_files(workdir: Path) -> int:
+    try:
+        with sqlite3.connect(workdir / "state.db", timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM files WHERE outcome IS NOT NULL").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or locked for a moment
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_gives_the_manifest_of_an_uninterrupted_run(
+    photos: Path, model_a: Path, tmp_path: Path
+) -> None:
+    calm_inbox, calm_work = fresh_inbox(photos, tmp_path / "calm"), tmp_path / "calm" / "work"
+    total = len(inputs(calm_inbox))
+    calm = run_cli(calm_inbox, calm_work, model_a, tmp_path)
+
+    killed_inbox, killed_work = fresh_inbox(photos, tmp_path / "killed"), tmp_path / "killed" / "work"
+    victim = run_cli(killed_inbox, killed_work, model_a, tmp_path)
+    deadline = time.time() + 300
+    while decided_files(killed_work) < 8 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert victim.poll() is None, "the run ended before it could be killed mid-round: " + victim.stdout.read()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert 8 <= decided_files(killed_work) < total
+    assert not list_versions(killed_work / "versions")
+
+    restarted = run_cli(killed_inbox, killed_work, model_a, tmp_path)
+    assert restarted.wait(timeout=600) == 0, restarted.stdout.read()
+    assert calm.wait(timeout=600) == 0, calm.stdout.read()
+    assert inputs(killed_inbox) == []
+    with sqlite3.connect(killed_work / "state.db") as db:
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT album || '/' || name) FROM files").fetchone() == (total,) * 2
+        assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 1
+    calm_manifest = (calm_work / "versions" / "v0001" / "manifest.jsonl").read_bytes()
+    assert (killed_work / "versions" / "v0001" / "manifest.jsonl").read_bytes() == calm_manifest
+
+
+@pytest.mark.slow
+def test_a_new_model_relabels_and_enough_new_people_enqueue_retraining(
+    photos: Path, model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path / "home"))
+    inbox, workdir = fresh_inbox(photos, tmp_path), tmp_path / "work"
+    retrain = ["retrain.min_new_identities=1", "retrain.overrides=[trainer.steps=5]"]
+    first = Autolabeller(inbox, workdir, config(model_a, *retrain), log=lambda _: None).run_once()
+    assert first is not None and first.stats["new_identities"] >= 1 and first.job_id is not None
+    (job,) = JobStore(tmp_path / "home" / "jobs.db").list()
+    assert job.id == first.job_id and "trainer.steps=5" in job.overrides
+    assert f"data.root={(workdir / 'versions' / 'v0001' / 'images').resolve()}" in job.overrides
+
+    model_b = save_backbone(tmp_path / "b", seed=1)
+    second = Autolabeller(inbox, workdir, config(model_b, *retrain), log=lambda _: None).run_once()
+    assert second is not None and second.version == "v0002" and second.files == 0
+    assert second.stats["model"] != first.stats["model"]
+    assert second.stats["faces_compared"] == len(read_manifest(workdir / "versions" / "v0001"))
+    assert second.stats["ari_with_previous"] is not None
+    # No one is new in a round that brought no files: no second job.
+    assert second.stats["new_identities"] == 0 and second.job_id is None
+
+
+def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(AutolabelError, match=r"unknown config key\(s\) cluster.treshold"):
+        load_config(None, ["cluster.treshold=0.5"])
+    with pytest.raises(AutolabelError, match=r"quality\.max_yaw must be float"):
+        load_config(None, ["quality.max_yaw=sideways"])
+    with pytest.raises(AutolabelError, match=r"cluster\.method must be one of"):
+        load_config(None, ["cluster.method=kmeans"])
+    with pytest.raises(AutolabelError, match="quality: need max_yaw"):
+        load_config(None, ["quality.max_yaw=120"])
+    (tmp_path / "inbox").mkdir()
+    with pytest.raises(AutolabelError, match="must not be inside the inbox"):
+        Autolabeller(tmp_path / "inbox", tmp_path / "inbox" / "work", load_config(None))
+    result = subprocess.run(
+        [sys.executable, "-c", "from faceforge.cli import main; main()", "autolabel", "run", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FACEFORGE_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "inbox folder not found" in result.stderr
+
+
+def test_one_daemon_per_work_folder(tmp_path: Path) -> None:
+    with exclusive(tmp_path), pytest.raises(AutolabelError, match="another autolabel daemon"), exclusive(tmp_path):
+        pass
+    with exclusive(tmp_path):  # released
+        pass
+
+
+def test_adjusted_rand_index() -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    for clusters, items in [(3, 20), (10, 200), (50, 60)]:
+        a, b = rng.integers(clusters, size=items), rng.integers(clusters, size=items)
+        b[: items // 2] = a[: items // 2]
+        assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    assert adjusted_rand_index(["x", "x", "y"], [7, 7, 3]) == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        adjusted_rand_index([1, 2], [1])
