@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import stat
 import threading
@@ -17,6 +18,8 @@ import requests
 import uvicorn
 from mlflow.tracking import MlflowClient
 
+from faceforge.data_pipeline.autolabel_state import StateDB
+from faceforge.data_pipeline.versions import FaceRecord, write_version
 from faceforge.jobs import CANCELLED, QUEUED, JobStore, make_jobs
 from faceforge.registry import prepare_tracking
 from faceforge.web import confine, create_app
@@ -296,3 +299,33 @@ def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> Non
     row = re.search(rf"<td>{tiny_train_root.name}</td>\s*<td>(\d+)</td><td>(\d+)</td><td><code>(\w+)</code>", datasets)
     assert row and row.groups()[:2] == ("6", "24")
     assert "demo" in datasets
+
+
+def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server: Server, tiny_train_root: Path) -> None:
+    workdir = server.home / "autolabel"
+    assert "No rounds yet" in server.get("/datasets").text
+    state = StateDB(workdir / "state.db")
+    state.register([("album0", "a.jpg"), ("album0", "b.jpg"), ("album1", "c.jpg")])
+    current = state.start_round("sha256:model", "ckpt")
+    state.record_batch([(file, "0" * 64, "labelled", None, []) for file in state.pending_files(current.number)])
+    state.register([("album1", "late.jpg")])  # arrived after the round opened: pending
+    faces = []
+    for identity in sorted(tiny_train_root.iterdir())[:2]:
+        for photo in sorted(identity.glob("*.jpg"))[:2]:
+            face = f"{photo.stem}_0"
+            (workdir / "crops").mkdir(exist_ok=True)
+            shutil.copy(photo, workdir / "crops" / f"{face}.jpg")
+            faces.append(FaceRecord(face, face, f"album0/{photo.name}", "album0", [], [], {}, 0, identity.name, 1))
+    write_version(workdir / "versions", current.number, faces, workdir / "crops", [], {"round": 1})
+    state.finish_round(current.number, "v0001", None)
+
+    page = server.get("/datasets").text
+    assert "Daemon <strong>not running</strong>" in page and "Last round 1 wrote <code>v0001</code>" in page
+    assert re.search(r'id="autolabel-pending">1<', page)
+    assert re.search(r"<td><code>v0001</code></td><td>1</td><td>2</td><td>4</td>", page)
+    images = (workdir / "versions" / "v0001" / "images").resolve()
+    assert f"<code>{images}</code>" in page  # listed with the training sets
+    reply = server.post("/jobs", data=job_form(images), headers=BEARER)
+    assert reply.status_code == 303, reply.text
+    (job,) = [j for j in server.store.list() if f"data.root={images}" in j.overrides]
+    assert job.state == QUEUED

@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 from mlflow.exceptions import MlflowException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
 from faceforge.jobs.store import EXECUTORS
 from faceforge.models import list_models
@@ -105,7 +106,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     """The app over the job store of `home`; `token` defaults to $FACEFORGE_TOKEN or home/web_token (created once)."""
     home = Path(home)
     store = JobStore(store_path(home))
-    roots = data_roots() if roots is None else [Path(r) for r in roots]
+    autolabel_dir = home / "autolabel"
+    # The auto-labeller's dataset versions are training sets too: the loop closes in the job form.
+    roots = [*(data_roots() if roots is None else [Path(r) for r in roots]), autolabel_dir / "versions"]
     app = FastAPI(title="FaceForge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.token = token or resolve_token(home)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -364,6 +367,6 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
                 rows.append((dataset, describe(dataset), None))
             except (ValueError, OSError) as err:
                 rows.append((dataset, {}, str(err)))
-        return render(request, "datasets.html", rows=rows, roots=roots)
+        return render(request, "datasets.html", rows=rows, roots=roots, autolabel=autolabel_status(autolabel_dir))
 
     return app

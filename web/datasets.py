@@ -59,6 +59,13 @@ def _is_training_set(folder: Path) -> bool:
     return False
 
 
+def _training_folder(folder: Path) -> Path | None:
+    """The training set a folder holds: itself, or the images/ of an auto-labelled dataset version."""
+    if (folder / "stats.json").is_file() and (folder / "images").is_dir():
+        return folder / "images"
+    return folder if _is_training_set(folder) else None
+
+
 def _source(folder: Path) -> str:
     readme = next((folder / name for name in ("README.md", "README") if (folder / name).is_file()), None)
     if readme is not None:
@@ -75,11 +82,12 @@ def list_datasets(roots: list[Path]) -> list[Dataset]:
     for root in roots:
         if not root.is_dir():
             continue
-        folders = [root] if _is_training_set(root) else sorted(p for p in root.iterdir() if p.is_dir())
+        folders = [root] if _training_folder(root) else sorted(p for p in root.iterdir() if p.is_dir())
         for folder in folders:
-            if folder.name.startswith(".") or not _is_training_set(folder):
+            images = _training_folder(folder)
+            if folder.name.startswith(".") or images is None:
                 continue
-            resolved = folder.resolve()
+            resolved = images.resolve()
             found.append(Dataset(folder.name, resolved, _source(folder), ("data=folder", f"data.root={resolved}")))
     return found
 

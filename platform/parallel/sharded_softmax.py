@@ -20,6 +20,11 @@ One batch through it:
 4. Backward returns the feature gradient (summed over shards by the all-gather's backward) and writes
    the gradient of the sampled rows straight into the head's gradient buffer.
 
+MagFace: every rank computes each sample's margin m(a) from the gathered features' norms; the rank that
+owns a sample's class returns d loss/d m, which reaches the norm and, through the all-gather's backward,
+the sample's owner. The norm regulariser is added on every rank but its gradient is taken only on the
+sample's own rank, so it counts once per sample like the cross-entropy.
+
 Cosine logits are computed as (x/|x|)·w · 1/|w| so the C/W × D weight is never copied to normalise it.
 Both passes walk the used rows in blocks (`row_blocks`): a block of weight is read once per pass, and
 everything done to it (its norms, the matmuls, the radial projection of its gradient) runs while it is
@@ -90,6 +95,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         head: ShardedMarginSoftmax,
         rows: torch.Tensor | None,
         targets: torch.Tensor,
+        sample_margin: torch.Tensor | None,
     ) -> torch.Tensor:
         margin, group = head.margin, head.group
         if margin.normalized:
@@ -110,7 +116,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         target_samples = (targets >= 0).nonzero().squeeze(1)
         target_classes = targets[target_samples]
         cos_target = logits[target_classes, target_samples]
-        logits[target_classes, target_samples] = margin.target_logit(cos_target)
+        target_margin = None if sample_margin is None else sample_margin[target_samples]
+        logits[target_classes, target_samples] = margin.target_logit(cos_target, target_margin)
         if margin.scale != 1.0:
             logits.mul_(margin.scale)
 
@@ -123,25 +130,33 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         sum_exp = all_reduce_sum(exps.sum(dim=0), group)
 
         ctx.head, ctx.rows = head, rows
-        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target)
+        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin)
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None, torch.Tensor | None]:
         head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        exps, sum_exp, inputs, target_classes, target_samples, cos_target = ctx.saved_tensors
+        exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin = ctx.saved_tensors
         # d loss / d logit = softmax − one-hot = (exp − S·one-hot) / S for a sample's sum of exponentials S;
         # then through the scale and, for targets, through ψ. Per-sample factors wait for the block loop.
         grad = exps
         grad[target_classes, target_samples] -= sum_exp[target_samples]
         sample_scale = grad_loss * margin.scale / (len(sum_exp) * sum_exp)
+        grad_margin = None if target_margin is None else torch.zeros_like(sum_exp)
         if not margin.is_identity and len(target_samples):
             with torch.enable_grad():
                 cos = cos_target.detach().requires_grad_()
-                (dpsi,) = torch.autograd.grad(margin.target_logit(cos).sum(), cos)
-            grad[target_classes, target_samples] *= dpsi
+                extra = None if target_margin is None else target_margin.detach().requires_grad_()
+                psi = margin.target_logit(cos, extra).sum()
+                dpsi, *dpsi_dmargin = torch.autograd.grad(psi, [cos] if extra is None else [cos, extra])
+            grad_target = grad[target_classes, target_samples]
+            if grad_margin is not None:
+                grad_margin[target_samples] = grad_target * sample_scale[target_samples] * dpsi_dmargin[0]
+            grad[target_classes, target_samples] = grad_target * dpsi
 
         grad_inputs = torch.zeros_like(inputs)
         dense_grad = head.claim_dense_grad() if rows is None else None
@@ -163,7 +178,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         if margin.normalized:
             radial_inputs = (grad_inputs * inputs).sum(dim=1, keepdim=True)
             grad_inputs = (grad_inputs - radial_inputs * inputs) / ctx.feature_norm
-        return grad_inputs, None, None, None
+        return grad_inputs, None, None, None, grad_margin
 
 
 class ShardedMarginSoftmax(nn.Module):
@@ -214,7 +229,16 @@ class ShardedMarginSoftmax(nn.Module):
         all_features = all_gather_with_grad(features.to(self.weight.dtype), self.group)
         all_labels = all_gather_tensor(labels.to(self.weight.device, torch.long), self.group)
         rows, targets = self._sample(all_labels)
-        return _ShardedMarginCrossEntropy.apply(all_features, self, rows, targets)
+        magface = self.margin.magface
+        if magface is None:
+            return _ShardedMarginCrossEntropy.apply(all_features, self, rows, targets, None)
+        norm = all_features.norm(dim=1)
+        loss = _ShardedMarginCrossEntropy.apply(all_features, self, rows, targets, magface.margin(norm))
+        # The all-gather's backward sums every rank's gradient: take the regulariser's on the sample's rank only.
+        own = torch.zeros_like(norm, dtype=torch.bool)
+        own[self.rank * len(features) : (self.rank + 1) * len(features)] = True
+        regularizer = magface.regularizer(norm)
+        return loss + torch.where(own, regularizer, regularizer.detach()).mean()
 
     def _sample(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The rows this step uses (None = all) and each sample's target as an index into them (−1: elsewhere)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -10,7 +10,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from faceforge import models
-from faceforge.heads import MARGIN_PRESETS
+from faceforge.heads import MARGIN_PRESETS, margin_spec
 
 
 class ConfigError(ValueError):
@@ -35,9 +35,22 @@ class HeadConfig:
     m2: float = 0.5
     m3: float = 0.0
     sample_rate: float = 1.0
+    # MagFace (preset magface): norm range [l_a, u_a], margin range [l_m, u_m], regulariser weight.
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
     margin: float = 0.3
     p: int = 16
     k: int = 4
+
+    def margin_parameters(self) -> dict[str, float]:
+        """The keyword arguments of `margin_spec(preset, ...)`: MagFace's only for a MagFace preset."""
+        shared = {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3}
+        if MARGIN_PRESETS[self.preset].magface is None:
+            return shared
+        return shared | {"l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m, "lambda_g": self.lambda_g}
 
 
 @dataclass
@@ -113,6 +126,21 @@ class MlflowConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (`faceforge.distill`); off while `teacher` is null."""
+
+    teacher: str | None = None
+    head_weight: float = 1.0
+    embedding_weight: float = 0.0
+    embedding_loss: str = "cosine"
+    centre_weight: float = 0.0
+    centre_s: float = 64.0
+    centre_m: float = 0.5
+    cache: bool = False
+    cache_dir: str = "runs/distill_cache"
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -122,6 +150,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     output_dir: str = "runs/train"
 
@@ -144,20 +173,26 @@ class TrainConfig:
         return from_dict(yaml.safe_load(Path(path).read_text()))
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
+def build_typed(cls: type, values: Any, where: str = "") -> Any:
+    """A dataclass from nested dicts (YAML, Hydra): an unknown key, a wrongly typed scalar or a value the dataclass
+    refuses is one ConfigError line naming the key. Nested dataclass fields are built the same way."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping of keys to values, got {values!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
     hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        nested = _NESTED.get((cls, name))
-        if nested:
-            kwargs[name] = _build(nested, value or {}, f"{where}{name}.")
-        else:
-            kwargs[name] = _checked(value, hints[name], f"{where}{name}")
-    return cls(**kwargs)
+    kwargs = {
+        name: build_typed(hints[name], value or {}, f"{where}{name}.")
+        if is_dataclass(hints[name])
+        else _checked(value, hints[name], f"{where}{name}")
+        for name, value in values.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {err}") from None
 
 
 def _checked(value: Any, hint: Any, key: str) -> Any:
@@ -174,26 +209,10 @@ def _checked(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
-_NESTED = {
-    (TrainConfig, "model"): ModelConfig,
-    (TrainConfig, "head"): HeadConfig,
-    (TrainConfig, "data"): DataConfig,
-    (TrainConfig, "optim"): OptimConfig,
-    (TrainConfig, "schedule"): ScheduleConfig,
-    (TrainConfig, "trainer"): TrainerConfig,
-    (TrainConfig, "eval"): EvalConfig,
-    (TrainConfig, "mlflow"): MlflowConfig,
-    (DataConfig, "augment"): AugmentConfig,
-}
-
-
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and validate; every mistake becomes one ConfigError line."""
     values = {k: v for k, v in values.items() if k != "hydra"}
-    try:
-        cfg = _build(TrainConfig, values, "")
-    except TypeError as err:
-        raise ConfigError(f"bad config value: {err}") from None
+    cfg = build_typed(TrainConfig, values)
     cfg.optim.betas = tuple(cfg.optim.betas)  # YAML gives a list
     validate(cfg)
     return cfg
@@ -216,6 +235,10 @@ def validate(cfg: TrainConfig) -> None:
             0.0 < cfg.head.sample_rate <= 1.0,
             f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}",
         )
+        try:
+            margin_spec(cfg.head.preset, **cfg.head.margin_parameters())
+        except ValueError as err:
+            raise ConfigError(f"head: {err}") from None
     _require(cfg.optim.name in ("sgd", "adamw"), f"optim.name must be sgd or adamw, got {cfg.optim.name!r}")
     _require(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
     _require(
@@ -242,3 +265,33 @@ def validate(cfg: TrainConfig) -> None:
         _require(trainer.accumulate == 1, f"{cfg.head.type} loss does not support trainer.accumulate > 1")
     _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
     _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")
+    if cfg.distill.teacher is not None:
+        validate_distill(cfg.distill)
+
+
+def validate_distill(distill: DistillConfig) -> None:
+    """Also checks that a checkpoint teacher exists, so a queued job with a mistyped path is refused at submission;
+    an MLflow teacher is resolved when the ranks start."""
+    from faceforge.eval.sources import MLFLOW_SCHEMES
+    from faceforge.train.checkpoint import resolve_checkpoint
+
+    teacher = distill.teacher
+    _require(teacher not in ("", "???"), "distill.teacher must be set: a checkpoint directory or models:/name@alias")
+    weights = {
+        "head_weight": distill.head_weight,
+        "embedding_weight": distill.embedding_weight,
+        "centre_weight": distill.centre_weight,
+    }
+    for key, weight in weights.items():
+        _require(weight >= 0, f"distill.{key} must be >= 0, got {weight}")
+    _require(sum(weights.values()) > 0, "distillation needs a positive distill.*_weight")
+    _require(
+        distill.embedding_loss in ("cosine", "l2"),
+        f"distill.embedding_loss must be cosine or l2, got {distill.embedding_loss!r}",
+    )
+    _require(distill.centre_s > 0 and distill.centre_m >= 0, "distill.centre_s must be > 0 and distill.centre_m >= 0")
+    if not teacher.startswith(MLFLOW_SCHEMES):
+        try:
+            resolve_checkpoint(Path(teacher))
+        except FileNotFoundError as err:
+            raise ConfigError(f"distill.teacher: {err}") from None

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from faceforge import models
 from faceforge.data import DistributedBatchSampler, PKBatchSampler, TrainTransform, open_dataset
 from faceforge.data.verification import VerificationSet, load_bin, load_pairs
+from faceforge.distill import Distiller, WithIndex
 from faceforge.eval import embed_images, evaluate_verification, save_roc_plot
 from faceforge.eval.report import pair_scores
 from faceforge.heads import batch_hard_triplet_loss, contrastive_loss, margin_spec
@@ -37,7 +38,7 @@ from faceforge.parallel import (
     init_distributed,
     shutdown_distributed,
 )
-from faceforge.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from faceforge.train.checkpoint import LATEST, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
 from faceforge.train.tracking import RunTracker
@@ -117,21 +118,27 @@ def evaluate(
 
 def forward_backward(
     net: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     images: torch.Tensor,
     labels: torch.Tensor,
     accumulate: int,
     amp: AbstractContextManager,
+    teacher: torch.Tensor | None = None,
 ) -> float:
-    """Gradients of the mean loss over `accumulate` micro-batches; DDP all-reduces only on the last one."""
+    """Gradients of the mean loss over `accumulate` micro-batches; DDP all-reduces only on the last one.
+
+    With distillation, `teacher` holds the teacher's features of the images and is split with them.
+    """
     loss_sum = 0.0
-    for micro, (x, y) in enumerate(zip(images.chunk(accumulate), labels.chunk(accumulate), strict=True)):
+    teachers = [None] * accumulate if teacher is None else teacher.chunk(accumulate)
+    micro_batches = zip(images.chunk(accumulate), labels.chunk(accumulate), teachers, strict=True)
+    for micro, (x, y, t) in enumerate(micro_batches):
         last = micro == accumulate - 1
         sync = net.no_sync() if isinstance(net, DistributedDataParallel) and not last else nullcontext()
         with sync:
             with amp:
                 emb = net(x)
-            loss = loss_fn(emb.float(), y) / accumulate
+            loss = (loss_fn(emb.float(), y) if t is None else loss_fn(emb.float(), y, t)) / accumulate
             loss.backward()
         loss_sum += loss.item()
     return loss_sum
@@ -155,11 +162,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net: nn.Module = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    optimizer = build_optimizer(list(model.parameters()), cfg)
+    # The distiller's projection (student -> teacher width) trains with the backbone but is never saved with it.
+    distiller = Distiller(cfg, dataset, ctx) if cfg.distill.teacher is not None else None
+    trainable = [*model.parameters(), *(distiller.parameters() if distiller else [])]
+    optimizer = build_optimizer(trainable, cfg)
 
     head, head_optimizer = None, None
     if cfg.head.type == "margin":
-        margin = margin_spec(cfg.head.preset, s=cfg.head.s, m1=cfg.head.m1, m2=cfg.head.m2, m3=cfg.head.m3)
+        margin = margin_spec(cfg.head.preset, **cfg.head.margin_parameters())
         head = ShardedMarginSoftmax(
             dataset.num_classes,
             cfg.model.embedding_dim,
@@ -182,6 +192,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return pair_loss(emb, labels, cfg.head.margin)
 
+    if distiller is not None:
+        loss_fn = distiller.wrap(loss_fn)
+
     checkpoints = out / "checkpoints"
     start_step = 0
     # "auto" resumes from this run's own checkpoints when there are any, which makes reruns idempotent.
@@ -193,6 +206,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         )
         if head is not None:
             head.steps_sampled = start_step * cfg.trainer.accumulate
+        if distiller is not None:
+            distiller.load(resolve_checkpoint(resume_from))
 
     if cfg.head.type == "margin":
         sampler = DistributedBatchSampler(
@@ -203,7 +218,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             dataset.labels, cfg.head.p, cfg.head.k, ctx.world_size, ctx.rank, cfg.seed, start_step=start_step
         )
     workers = cfg.data.num_workers
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    items = dataset if distiller is None else WithIndex(dataset)
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
     batches = iter(loader)
 
     vset = load_verification_set(cfg)
@@ -216,16 +232,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     tick, images_seen = time.perf_counter(), 0
     step = start_step
     while step < steps:
-        images, labels = next(batches)
+        images, labels, *indices = next(batches)
         images = images.to(ctx.device, memory_format=memory_format)
         labels = labels.to(ctx.device)
         lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp)
+        teacher = distiller.teacher_features(images, *indices) if distiller else None
+        loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp, teacher)
+        if distiller is not None:
+            distiller.sync_gradients()
         if cfg.trainer.grad_clip > 0:
-            clip_grad_norm(model.parameters(), head, cfg.trainer.grad_clip)
+            clip_grad_norm(trainable, head, cfg.trainer.grad_clip)
         optimizer.step()
         if head_optimizer is not None:
             head_optimizer.step(lr)
@@ -238,12 +257,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         if tracker and (step % cfg.trainer.log_every == 0 or step == steps):
             elapsed = time.perf_counter() - tick
             rate = images_seen / elapsed
-            tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate}, step)
+            distill_terms = distiller.pop_terms() if distiller else {}
+            tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate, **distill_terms}, step)
             progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
             tick, images_seen = time.perf_counter(), 0
         stopping = stop.agreed(ctx.device)
         if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
-            save_checkpoint(
+            saved = save_checkpoint(
                 checkpoints,
                 step,
                 model=model,
@@ -253,6 +273,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
                 train_config=cfg.to_dict(),
                 is_main=ctx.is_main,
             )
+            if distiller is not None and ctx.is_main:
+                distiller.save(saved)
         if stopping:
             progress.close()
             raise SystemExit(f"stopped by SIGTERM at step {step}; resume with trainer.resume=auto")

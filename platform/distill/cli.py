@@ -1,0 +1,23 @@
+"""`faceforge distill <overrides>`: exactly `faceforge train distill=<preset> <overrides>`.
+
+It adds nothing to training but the preset: the run, its MLflow logging, distribution over ranks and the
+queue (`faceforge queue submit distill=embedding distill.teacher=...`) are the trainer's own.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PRESET = "embedding"
+
+
+def distill_overrides(overrides: list[str]) -> list[str]:
+    """The trainer's overrides: `distill=<DEFAULT_PRESET>` first unless the command line picks a preset."""
+    chooses_preset = any(item.split("=", 1)[0].lstrip("+~") == "distill" for item in overrides)
+    return list(overrides) if chooses_preset else [f"distill={DEFAULT_PRESET}", *overrides]
+
+
+def main(overrides: list[str], multirun: bool = False) -> None:
+    """The CLI command: `faceforge distill [-m] distill.teacher=<checkpoint or models:/...> [overrides]`."""
+    from faceforge.train.app import main as train_main
+
+    arguments = distill_overrides(overrides)
+    train_main(["--multirun", *arguments] if multirun else arguments)

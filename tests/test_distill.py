@@ -1,0 +1,248 @@
+"""Distillation: frozen teacher, projection kept out of the saved model, losses, feature cache, two ranks, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from faceforge import models
+from faceforge.data import EvalTransform, open_dataset
+from faceforge.distill import Distiller, DistillLoss, centre_classifier, teacher_identity, teacher_table
+from faceforge.distill.cli import distill_overrides
+from faceforge.distill.distiller import STATE_FILE, make_projection
+from faceforge.heads import margin_spec
+from faceforge.parallel import DistContext, ShardedMarginSoftmax, all_reduce_sum
+from faceforge.train import TrainConfig, from_dict
+from faceforge.train.checkpoint import load_backbone, resolve_checkpoint, save_checkpoint
+from faceforge.train.launch import launch
+from faceforge.train.loop import train_transform
+
+from conftest import REPO, tiny_config
+from distributed import run_ranks
+
+TEACHER_DIM, TEACHER_SIZE = 16, 64
+ONE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def save_teacher(directory: Path, seed: int) -> Path:
+    """A real backbone checkpoint, wider input and narrower embedding than the tiny student (56 px, 32-d)."""
+    torch.manual_seed(seed)
+    model = models.create("mobilefacenet", embedding_dim=TEACHER_DIM, width=0.25, input_size=TEACHER_SIZE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(
+        directory, 0, model=model, optimizer=optimizer, head=None, head_optimizer=None, train_config={}, is_main=True
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher"), seed=1)
+
+
+def distill_config(
+    out: Path, train_root: Path, teacher: Path, *, trainer: dict | None = None, **distill: object
+) -> TrainConfig:
+    values = tiny_config(out, train_root, None, **(trainer or {})).to_dict()
+    values["distill"] = {"teacher": str(teacher), "cache_dir": str(out.parent / "cache"), **distill}
+    return from_dict(values)
+
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def test_teacher_is_frozen_while_the_student_trains(tiny_train_root: Path, teacher: Path, tmp_path: Path) -> None:
+    cfg = distill_config(tmp_path / "run", tiny_train_root, teacher, embedding_weight=1.0, centre_weight=1.0)
+    dataset = open_dataset(tiny_train_root, train_transform(cfg))
+    distiller = Distiller(cfg, dataset, ONE_PROCESS)
+    assert distiller.teacher is not None and not distiller.teacher.training
+    before = state_snapshot(distiller.teacher)
+    student = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56).train()
+    head = ShardedMarginSoftmax(dataset.num_classes, 32, margin_spec("arcface"))
+    loss_fn = distiller.wrap(head)
+    optimizer = torch.optim.SGD([*student.parameters(), *distiller.parameters()], lr=0.1)
+    for step in range(2):
+        images, labels = zip(*(dataset[(i, step)] for i in range(8)), strict=True)
+        images, labels = torch.stack(images), torch.tensor(labels)
+        optimizer.zero_grad()
+        loss_fn(student(images), labels, distiller.teacher_features(images, torch.arange(8))).backward()
+        optimizer.step()
+    assert not distiller.teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in distiller.teacher.parameters())
+    after = distiller.teacher.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "teacher weights or BN statistics moved"
+    assert distiller.projection.weight.grad is not None  # 32 -> 16 projection trains with the student
+
+
+def test_projection_trains_but_is_dropped_from_the_saved_model(
+    tiny_train_root: Path, teacher: Path, tmp_path: Path
+) -> None:
+    cfg = distill_config(tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0)
+    launch(cfg)
+    saved = resolve_checkpoint(tmp_path / "run" / "checkpoints")
+    model_state = torch.load(saved / "model.pt", weights_only=True)["model"]
+    fresh = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56)
+    assert model_state.keys() == fresh.state_dict().keys()
+    assert load_backbone(saved)(torch.zeros(2, 3, 56, 56)).shape == (2, 32)
+    projection = torch.load(saved / STATE_FILE, weights_only=True)["projection"]["weight"]
+    assert projection.shape == (TEACHER_DIM, 32)
+    assert not torch.equal(projection, make_projection(32, TEACHER_DIM, cfg.seed).weight)
+
+    # A resumed run picks the projection up again and keeps training.
+    resumed = distill_config(
+        tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 3, "resume": "auto"}, embedding_weight=1.0
+    )
+    launch(resumed)
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
+
+
+def test_embedding_loss_decreases_and_is_logged(tiny_train_root: Path, teacher: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    values = distill_config(out, tiny_train_root, teacher, head_weight=0.0, embedding_weight=1.0).to_dict()
+    values["data"] |= {"batch_size": 24, "augment": {"flip": False, "lowres_prob": 0.0, "jitter": 0.0}}
+    values["optim"] = {"name": "adamw", "lr": 0.01, "weight_decay": 0.0}
+    values["trainer"] |= {"steps": 8, "checkpoint_every": 8}
+    launch(from_dict(values))  # every step sees all 24 images unaugmented, so the losses are comparable
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (out / "mlflow_run_id").read_text()
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "distill.embedding"), key=lambda m: m.step)]
+    assert len(losses) == 8
+    assert losses[-1] < 0.5 * losses[0], losses
+    params = client.get_run(run_id).data.params
+    assert params["distill.teacher"] == str(teacher) and params["distill.embedding_weight"] == "1.0"
+
+
+def test_feature_cache_is_reused_and_invalidated_by_a_new_teacher(
+    tiny_train_root: Path, tmp_path: Path, teacher: Path
+) -> None:
+    dataset = open_dataset(tiny_train_root)
+    cache = tmp_path / "cache"
+
+    def table(source: Path, crop_fraction: float = 0.8):
+        model = load_backbone(source)
+        return teacher_table(
+            model, dataset, crop_fraction, 8, 0, ONE_PROCESS, cache_dir=cache, teacher_id=teacher_identity(str(source))
+        )
+
+    first = table(teacher)
+    assert not first.reused and first.path is not None and first.path.is_file()
+    image = EvalTransform(TEACHER_SIZE, 0.8)(dataset.read_image(5))[None]
+    expected = F.normalize(load_backbone(teacher)(image), dim=1)[0]
+    torch.testing.assert_close(torch.from_numpy(first.rows[5].copy()), expected, atol=1e-5, rtol=1e-4)
+
+    again = table(teacher)
+    assert again.reused and again.path == first.path
+    assert (again.rows == first.rows).all()
+
+    # Retraining into the same folder changes the checkpoint's bytes, hence the key.
+    retrained = tmp_path / "teacher"
+    shutil.copytree(teacher, retrained)
+    assert table(retrained).reused  # a copy of the same weights is the same teacher
+    shutil.rmtree(retrained)
+    save_teacher(retrained, seed=2)
+    changed = table(retrained)
+    assert not changed.reused and changed.path != first.path
+    assert not table(teacher, crop_fraction=1.0).reused  # the crop is part of the key too
+    assert table(teacher).reused and len(list(cache.glob("*.npy"))) == 3
+
+
+def _distill_loss_grads(
+    rank: int, world_size: int, out: str, student: nn.Linear, projection: nn.Module, centres: torch.Tensor
+) -> None:
+    """Backbone and projection gradients of the combined loss on this rank's share of one global batch."""
+    torch.manual_seed(0)
+    features, labels, teacher = torch.randn(8, 12), torch.randint(0, 5, (8,)), F.normalize(torch.randn(8, 6), dim=1)
+    share = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    head = ShardedMarginSoftmax(5, 8, margin_spec("cosface"))
+    head.weight.copy_(torch.randn(5, 8)[head.class_start : head.class_end])  # the same classifier at any W
+    loss_fn = DistillLoss(
+        head_loss=head,
+        head_weight=1.0,
+        projection=projection,
+        embedding_weight=2.0,
+        embedding_loss="l2",
+        centres=centre_classifier(centres, s=16.0, m=0.3),
+        centre_weight=0.5,
+    )
+    loss_fn(student(features[share]), labels[share], teacher[share]).backward()
+    grads = [p.grad for module in (student, projection) for p in module.parameters()]
+    for grad in grads:  # what DDP does for the backbone and Distiller.sync_gradients for the projection
+        all_reduce_sum(grad).div_(world_size)
+    if rank == 0:
+        torch.save(grads, Path(out) / f"grads_{world_size}.pt")
+
+
+def test_distill_loss_gradients_match_between_one_and_two_ranks(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    student, projection = nn.Linear(12, 8), make_projection(8, 6, seed=0)
+    centres = F.normalize(torch.randn(5, 6), dim=1)
+    _distill_loss_grads(0, 1, str(tmp_path), student, projection, centres)
+    student.zero_grad()
+    projection.zero_grad()
+    run_ranks(_distill_loss_grads, 2, str(tmp_path), student, projection, centres)
+    one, two = torch.load(tmp_path / "grads_1.pt"), torch.load(tmp_path / "grads_2.pt")
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_rank_distill_run_with_cache_and_centres(tiny_train_root: Path, teacher: Path, tmp_path: Path) -> None:
+    cfg = distill_config(
+        tmp_path / "run",
+        tiny_train_root,
+        teacher,
+        trainer={"nproc": 2, "steps": 3, "checkpoint_every": 3},
+        embedding_weight=1.0,
+        centre_weight=1.0,
+        cache=True,
+    )
+    launch(cfg)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    assert run.info.status == "FINISHED"
+    assert {"loss", "distill.head", "distill.embedding", "distill.centre"} <= set(run.data.metrics)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    saved = resolve_checkpoint(tmp_path / "run" / "checkpoints")
+    assert (saved / STATE_FILE).is_file() and load_backbone(saved)(torch.zeros(1, 3, 56, 56)).shape == (1, 32)
+
+
+def run_module(module: str, *args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", f"import sys; from {module} import main; main(sys.argv[1:])", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "FACEFORGE_HOME": str(home)},
+        timeout=300,
+    )
+
+
+def test_faceforge_distill_is_train_with_a_preset() -> None:
+    assert distill_overrides(["distill.teacher=t"]) == ["distill=embedding", "distill.teacher=t"]
+    assert distill_overrides(["distill=arcdistill", "distill.teacher=t"]) == ["distill=arcdistill", "distill.teacher=t"]
+
+
+@pytest.mark.parametrize(
+    ("module", "overrides", "message"),
+    [
+        ("faceforge.train.app", ["distill=embedding"], "distill.teacher must be set"),
+        ("faceforge.distill.cli", ["distill.teacher=/nonexistent/teacher"], "distill.teacher: no checkpoint at"),
+    ],
+)
+def test_bad_teacher_is_one_clear_line(
+    module: str, overrides: list[str], message: str, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    result = run_module(module, *overrides, f"data.root={tiny_train_root}", "eval=none", home=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
