@@ -238,3 +238,34 @@ def test_adjusted_rand_index() -> None:
     assert adjusted_rand_index(["x", "x", "y"], [7, 7, 3]) == 1.0
     with pytest.raises(ValueError, match="differ in length"):
         adjusted_rand_index([1, 2], [1])
+
+
+@pytest.mark.slow
+def test_the_champion_alias_is_resolved_to_its_version_each_round(tmp_path: Path) -> None:
+    import mlflow
+
+    from faceforge.data_pipeline.autolabel import embed_crops, load_embedding_model, resolve_model
+    from faceforge.registry import prepare_tracking
+    from faceforge.train.checkpoint import load_backbone
+    from faceforge.train.tracking import RunTracker, create_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare_tracking(uri)
+    mlflow.set_tracking_uri(uri)
+    with pytest.raises(AutolabelError, match="no such registered model alias"):
+        resolve_model("models:/faceforge@champion", uri)
+    client = mlflow.MlflowClient(uri)
+    keys = []
+    for seed in (0, 1):
+        run_id = create_run(uri, "faceforge", None, {}, {})
+        RunTracker(uri, run_id).model(load_backbone(save_backbone(tmp_path / f"m{seed}", seed)), 56)
+        version = mlflow.register_model(f"runs:/{run_id}/model", "faceforge").version
+        client.set_registered_model_alias("faceforge", "champion", str(version))
+        key, source = resolve_model("models:/faceforge@champion", uri)
+        assert key == source == f"models:/faceforge/{version}"
+        keys.append(key)
+        model = load_embedding_model(key, source, uri)
+        crops = [np.full((112, 112, 3), 90 + 40 * i, dtype=np.uint8) for i in range(2)]
+        features, norms = embed_crops(model, crops, 2)
+        assert model.input_size == 56 and features.shape == (2, 32) and (norms > 0).all()
+    assert keys[0] != keys[1], "a new champion is a new embedding model: the next round re-labels"
