@@ -564,7 +564,7 @@ def _decision(decision: Decision, names: Callable[[int | str], str]) -> dict:
 
 
 def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelConfig, references: dict) -> Labelled:
-    """Cluster each album, drop near copies, merge albums, match known and evaluation identities, name people."""
+    """Cluster each album, merge albums, drop near copies within a person, match known and evaluation people."""
     thresholds = calibrated_thresholds(config.dedup, references.get("known"))
     if not faces:
         return Labelled([], [], thresholds, 0)
@@ -576,23 +576,19 @@ def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelC
             k = min(config.cluster.neighbours, len(rows) - 1)
             indices, sims = knn_graph(features[rows], k, "exact")
             clusters[rows] = CLUSTERERS[config.cluster.method](indices, sims, config.cluster.threshold)
+    identity, merges = merge_albums(features, albums, clusters, thresholds["album"], config.dedup.album_margin)
+    decisions = [asdict(d) for d in merges]
     face_name = [f["face"] for f in faces]
-    decisions = []
-    album_cluster = np.array([f"{a}/{c}" for a, c in zip(albums, clusters, strict=True)])
     quality = np.array([f["score"] for f in faces])
-    near = near_duplicates(features, quality, album_cluster, config.dedup.near_threshold)
+    near = near_duplicates(features, quality, identity, config.dedup.near_threshold)
     decisions += [_decision(d, lambda i: face_name[i]) for d in near]
     keep = np.ones(len(faces), dtype=bool)
     keep[[d.subject for d in near]] = False
     rows = np.flatnonzero(keep)
-    identity, merges = merge_albums(
-        features[rows], albums[rows], clusters[rows], thresholds["album"], config.dedup.album_margin
-    )
-    decisions += [asdict(d) for d in merges]
     first_face: dict[int, str] = {}
-    for row, person in zip(rows.tolist(), identity.tolist(), strict=True):
-        first_face[person] = min(first_face.get(person, face_name[row]), face_name[row])
-    names = np.array([f"id_{first_face[person][:12]}" for person in identity.tolist()])
+    for row in rows.tolist():
+        first_face[identity[row]] = min(first_face.get(identity[row], face_name[row]), face_name[row])
+    names = np.array([f"id_{first_face[identity[row]][:12]}" for row in rows.tolist()])
     named = match_references(features[rows], names, references, thresholds, decisions)
     sizes = Counter(named)
     records = []

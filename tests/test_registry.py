@@ -31,7 +31,7 @@ from faceforge.registry import (
     sweep_candidates,
     versions,
 )
-from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
+from faceforge.registry.selection import JOB_TAG, SWEEP_TAG, Candidate
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
 
@@ -113,7 +113,7 @@ def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) ->
     assert best.excluded == {
         "crashed (mobilefacenet)": "run failed",
         "unlogged (mobilefacenet)": "no logged model to register",
-        "no-eval (mobilefacenet)": "no accuracy logged",
+        "no-eval (mobilefacenet)": "no tar_far_1e-04 or accuracy logged",
     }
 
     fast = select(candidates, Policy(max_latency_ms=10), SWEEP)
@@ -138,6 +138,25 @@ def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) ->
         Policy(max_latency_ms=0)
     with pytest.raises(ValueError, match="bad sweep id"):
         sweep_candidates(uri, "x' OR '1'='1")
+
+
+def test_the_default_metric_falls_back_to_accuracy_only_where_it_cannot_be_measured() -> None:
+    def run(name: str, metrics: dict[str, float]) -> Candidate:
+        scores = {f"eval.{key}": value for key, value in metrics.items()}
+        return Candidate(name, name, None, "mobilefacenet", "FINISHED", len(name), scores, f"m-{name}")
+
+    # LFW's 3,000 impostor pairs cannot measure a FAR of 1e-4: accuracy decides.
+    few_pairs = select([run("a", {"accuracy": 0.9}), run("bb", {"accuracy": 0.95})], Policy(), "s")
+    assert few_pairs.winner is not None and few_pairs.winner.run_name == "bb" and few_pairs.value == 0.95
+    assert few_pairs.ranked_by == "accuracy" and "could measure tar_far_1e-04" in few_pairs.reason
+    measured = [
+        run("a", {"accuracy": 0.9, "tar_far_1e-04": 0.5}),
+        run("bb", {"accuracy": 0.95, "tar_far_1e-04": 0.4}),
+        run("ccc", {"accuracy": 1.0}),
+    ]
+    by_tar = select(measured, Policy(), "s")
+    assert by_tar.winner is not None and by_tar.winner.run_name == "a" and by_tar.ranked_by == "tar_far_1e-04"
+    assert by_tar.value == 0.5 and "runner-up bb (mobilefacenet) 0.4000" in by_tar.reason
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:

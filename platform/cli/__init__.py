@@ -373,7 +373,7 @@ def _registry_select(args: argparse.Namespace) -> None:
 
     options = (args.metric, args.max_latency_ms, args.max_params)
     # Without options, the policy the sweep was launched with.
-    policy = Policy(args.metric or "accuracy", *options[1:]) if any(o is not None for o in options) else None
+    policy = Policy(args.metric or Policy.metric, *options[1:]) if any(o is not None for o in options) else None
     _, version = select_and_register(args.tracking_uri or default_tracking_uri(), args.sweep_id, policy, args.name)
     print(version.describe())
 
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     select = registry_cmds.add_parser("select", help="rerun a sweep's selection and register its winner")
     select.add_argument("sweep_id")
     select.add_argument(
-        "--metric", default=None, help="accuracy, tar_far_1e-03, eer (lowest wins)...; default: the sweep's own policy"
+        "--metric", default=None, help="tar_far_1e-04, accuracy, eer (lowest wins)...; default: the sweep's own policy"
     )
     select.add_argument("--max-latency-ms", type=float, default=None, help="CPU latency limit (1 thread, batch 1)")
     select.add_argument("--max-params", type=int, default=None, help="parameter count limit")

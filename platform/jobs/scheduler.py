@@ -143,7 +143,7 @@ class Scheduler:
 def select_champion(job: Job) -> None:
     """When the last job of a sweep ends, register its best run as the champion.
 
-    The policy is the one the sweep was launched with (saved by the Hydra launcher), else best accuracy.
+    The policy is the one the sweep was launched with (saved by the Hydra launcher), else the default policy.
     """
 
     from mlflow.exceptions import MlflowException

@@ -114,7 +114,7 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
                 raise
         tags = {
             SWEEP_TAG: selection.sweep_id,
-            METRIC_TAG: selection.policy.metric,
+            METRIC_TAG: selection.ranked_by,
             VALUE_TAG: f"{selection.value:.6g}",
             REASON_TAG: selection.reason,
         }

@@ -19,6 +19,8 @@ SWEEP_TAG, JOB_TAG = "faceforge.sweep_id", "faceforge.job_id"
 POLICY_TAG = "faceforge.policy."  # + sweep id: an experiment tag holding how that sweep's champion is chosen
 LATENCY, PARAMS, MACS = "model.latency_ms", "model.params", "model.macs"
 LOWER_IS_BETTER = frozenset({"eer", "accuracy_std"})
+# TAR at FAR 1e-4 needs >= 10,000 impostor pairs (LFW has 3,000): a run without it competes on the tie-break.
+DEFAULT_METRIC = "tar_far_1e-04"
 TIE_BREAK = "accuracy"
 LISTED_EXCLUSIONS = 10  # a reason stays readable (and within MLflow's tag limits) for large sweeps
 _SAFE_ID = re.compile(r"^[\w.-]+$")
@@ -28,7 +30,7 @@ _SAFE_ID = re.compile(r"^[\w.-]+$")
 class Policy:
     """The metric to optimise (maximised, or minimised for error rates) and optional limits on the model."""
 
-    metric: str = "accuracy"
+    metric: str = DEFAULT_METRIC
     max_latency_ms: float | None = None
     max_params: int | None = None
 
@@ -70,6 +72,11 @@ class Candidate:
         """An evaluation metric by its short name (`accuracy`, `tar_far_1e-03`) or any logged metric by key."""
         return self.metrics.get(f"eval.{name}", self.metrics.get(name))
 
+    def value_for(self, metric: str) -> float | None:
+        """The metric, or the tie-break when the run could not measure it (too few pairs for a FAR)."""
+        value = self.metric(metric)
+        return self.metric(TIE_BREAK) if value is None else value
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -80,8 +87,15 @@ class Selection:
     excluded: dict[str, str]  # run label -> why it could not win
 
     @property
+    def ranked_by(self) -> str:
+        """The metric the winner won on: the policy's, or the tie-break when no eligible run could measure it."""
+        if self.winner is None or self.winner.metric(self.policy.metric) is not None:
+            return self.policy.metric
+        return TIE_BREAK
+
+    @property
     def value(self) -> float | None:
-        return self.winner.metric(self.policy.metric) if self.winner else None
+        return self.winner.metric(self.ranked_by) if self.winner else None
 
 
 def check_id(value: str, what: str) -> str:
@@ -149,9 +163,9 @@ def _logged_model(run: Run) -> str | None:
 def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
     if candidate.status != "FINISHED":
         return f"run {candidate.status.lower()}"
-    value = candidate.metric(policy.metric)
+    value = candidate.value_for(policy.metric)
     if value is None or not math.isfinite(value):
-        return f"no {policy.metric} logged"
+        return f"no {policy.metric} or {TIE_BREAK} logged"
     if policy.max_latency_ms is not None:
         latency = candidate.metrics.get(LATENCY)
         if latency is None:
@@ -170,7 +184,8 @@ def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
 
 
 def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Selection:
-    """The best eligible run; ties go to higher accuracy, then to the earlier run."""
+    """The best eligible run; ties go to higher accuracy, then to the earlier run. Runs that could not measure the
+    metric (too few pairs for its FAR) rank after those that did, by accuracy."""
     excluded, eligible = {}, []
     for candidate in candidates:
         why = _exclusion(candidate, policy)
@@ -180,10 +195,11 @@ def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Select
             excluded[candidate.label] = why
     sign = -1.0 if policy.lower_is_better else 1.0
 
-    def rank(candidate: Candidate) -> tuple[float, float, int]:
-        tie_break = candidate.metric(TIE_BREAK)
+    def rank(candidate: Candidate) -> tuple[bool, float, float, int]:
+        value, tie_break = candidate.metric(policy.metric), candidate.metric(TIE_BREAK)
         return (
-            sign * candidate.metric(policy.metric),
+            value is not None,
+            sign * value if value is not None else 0.0,
             tie_break if tie_break is not None else -math.inf,
             -candidate.start_time,
         )
@@ -194,14 +210,19 @@ def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Select
 
 
 def _reason(ranked: list[Candidate], excluded: dict[str, str], policy: Policy, total: int) -> str:
-    metric = policy.metric
     if not ranked:
         head = f"no run qualifies for {policy.describe()} among {total} run(s)"
     else:
         winner = ranked[0]
-        head = f"{winner.label} has the {policy.describe()} ({winner.metric(metric):.4f}) of {len(ranked)} eligible"
-        if len(ranked) > 1:
-            runner_up = ranked[1]
+        metric, goal = policy.metric, policy.describe()
+        if winner.metric(metric) is None:
+            metric, goal = TIE_BREAK, policy.describe().replace(policy.metric, TIE_BREAK, 1)
+            head = f"no eligible run could measure {policy.metric} (too few pairs for that FAR), so by {TIE_BREAK}: "
+        else:
+            head = ""
+        head += f"{winner.label} has the {goal} ({winner.metric(metric):.4f}) of {len(ranked)} eligible"
+        runner_up = ranked[1] if len(ranked) > 1 else None
+        if runner_up is not None and runner_up.metric(metric) is not None:
             head += f"; runner-up {runner_up.label} {runner_up.metric(metric):.4f}"
             if runner_up.metric(metric) == winner.metric(metric):
                 head += f" (tie broken by {TIE_BREAK}, then by start time)"

@@ -33,7 +33,7 @@ class QueueLauncher(Launcher):
         slots: int | None,
         wait: bool,
         poll_seconds: float,
-        metric: str,
+        metric: str | None,
         max_latency_ms: float | None,
         max_params: int | None,
         registered_model: str,
@@ -55,7 +55,7 @@ class QueueLauncher(Launcher):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweepers write their results there (Optuna's)
         store = JobStore(store_path())
         try:  # a user's mistake is one line, and nothing of the batch is enqueued
-            policy = Policy(self.metric, self.max_latency_ms, self.max_params)
+            policy = Policy(self.metric or Policy.metric, self.max_latency_ms, self.max_params)
             jobs, tracking_uri, experiment = self._make_jobs(job_overrides, initial_job_idx)
             experiment_id = prepare_tracking(tracking_uri, experiment)
             save_policy(tracking_uri, experiment_id, self.sweep_id, policy)  # the scheduler selects with it too
@@ -125,7 +125,7 @@ class QueueLauncher(Launcher):
         for job in jobs:
             if job.state == SUCCEEDED:
                 run = runs.get(job.id)
-                returns.append(_job_return(job, JobStatus.COMPLETED, run.metric(policy.metric) if run else None))
+                returns.append(_job_return(job, JobStatus.COMPLETED, run.value_for(policy.metric) if run else None))
             else:
                 why = job.error or f"exit code {job.exit_code}, log {job.log_path}"
                 failure = RuntimeError(f"job {job.id} {job.state}: {why}")
