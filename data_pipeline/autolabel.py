@@ -199,11 +199,12 @@ def resolve_model(source: str, tracking_uri: str | None) -> tuple[str, str]:
         from faceforge.registry.database import default_tracking_uri, open_database
 
         name, alias = source.removeprefix("models:/").split("@", 1)
-        client = open_database(tracking_uri or default_tracking_uri())
         try:
+            client = open_database(tracking_uri or default_tracking_uri())
             version = client.get_model_version_by_alias(name, alias).version
-        except Exception as err:  # MlflowException: no such model or alias
-            raise AutolabelError(f"{source}: no such registered model alias ({err.__class__.__name__})") from None
+        except Exception as err:  # no database yet (ValueError), no such model or alias (MlflowException)
+            reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+            raise AutolabelError(f"{source}: no registered model to embed with yet ({reason})") from None
         pinned = f"models:/{name}/{version}"
         return pinned, pinned
     if source.startswith(MLFLOW_SCHEMES):
@@ -425,6 +426,7 @@ class Autolabeller:
         return np.stack([stored[f["face"]] for f in faces]) if faces else np.zeros((0, 1), dtype=np.float32)
 
     def finish_round(self, current: Round, model: EmbeddingModel) -> RoundReport:
+        self.state.beat(f"round {current.number}: clustering and writing the version")
         faces = self.state.kept_faces()
         features = self.features_of(faces, model)
         labelled = label_identities(faces, features, self.config, self.reference_sets(model))
@@ -474,11 +476,18 @@ class Autolabeller:
 
     def watch(self) -> None:
         """Run rounds until stopped (SIGTERM or SIGINT finish the batch in flight, then exit)."""
+        waiting = ""
         with self._signals_stop():
             while not self.stop.is_set():
-                report = self.run_once()
+                try:
+                    report, idle = self.run_once(), "idle"
+                except AutolabelError as err:  # no champion registered yet: the files wait in the inbox
+                    report, idle = None, f"waiting: {err}"
+                    if idle != waiting:
+                        self.log(idle)
+                waiting = idle
                 if report is None and not self.stop.is_set():
-                    self.state.beat("idle")
+                    self.state.beat(idle)
                     self.stop.wait(self.config.poll_seconds)
 
     @contextmanager

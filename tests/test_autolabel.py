@@ -252,7 +252,7 @@ def test_the_champion_alias_is_resolved_to_its_version_each_round(tmp_path: Path
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     prepare_tracking(uri)
     mlflow.set_tracking_uri(uri)
-    with pytest.raises(AutolabelError, match="no such registered model alias"):
+    with pytest.raises(AutolabelError, match="no registered model to embed with yet"):
         resolve_model("models:/faceforge@champion", uri)
     client = mlflow.MlflowClient(uri)
     keys = []
@@ -269,3 +269,32 @@ def test_the_champion_alias_is_resolved_to_its_version_each_round(tmp_path: Path
         features, norms = embed_crops(model, crops, 2)
         assert model.input_size == 56 and features.shape == (2, 32) and (norms > 0).all()
     assert keys[0] != keys[1], "a new champion is a new embedding model: the next round re-labels"
+
+
+def faceforge_cli(*argv: str, home: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from faceforge.cli import main; main()", *argv]
+    env = {**os.environ, "FACEFORGE_HOME": str(home)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_watch_waits_for_a_champion_reports_health_and_stops_on_sigterm(photos: Path, tmp_path: Path) -> None:
+    inbox, home = fresh_inbox(photos, tmp_path), tmp_path / "home"
+    argv = [sys.executable, "-c", "from faceforge.cli import main; main()", "autolabel", "watch", str(inbox)]
+    env = {**os.environ, "FACEFORGE_HOME": str(home)}
+    daemon = subprocess.Popen([*argv, "poll_seconds=0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while (healthy := faceforge_cli("autolabel", "status", "--stale-after", "30", home=home)).returncode:
+            assert daemon.poll() is None and time.time() < deadline, daemon.stdout.read().decode()
+            time.sleep(0.5)
+        assert healthy.returncode == 0 and "daemon running" in healthy.stdout, healthy.stderr
+        assert "pending=" in healthy.stdout  # registered, waiting for a model: nothing decided, nothing moved
+        assert inputs(inbox) == inputs(photos)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        output = daemon.communicate(timeout=60)[0].decode()
+    assert daemon.returncode == 0, output
+    assert "waiting: models:/faceforge@champion: no registered model to embed with yet (no MLflow database" in output
+    down = faceforge_cli("autolabel", "status", "--stale-after", "30", home=home)
+    assert down.returncode == 1 and "unhealthy: daemon down" in down.stderr

@@ -52,7 +52,7 @@ def test_dockerfile_pins_its_base_and_runs_as_non_root(dockerfile: Path) -> None
 def test_compose_has_the_platform_services_with_healthchecks_and_volumes() -> None:
     spec = compose()
     services = spec["services"]
-    assert {"mlflow", "scheduler", "web", "ray-head", "ray-worker"} <= set(services)
+    assert {"mlflow", "scheduler", "web", "autolabel", "ray-head", "ray-worker"} <= set(services)
     assert {"data", "datasets", "inbox"} <= set(spec["volumes"])
     anchor = services["web"]
     for name, service in services.items():
@@ -65,7 +65,7 @@ def test_compose_has_the_platform_services_with_healthchecks_and_volumes() -> No
         assert port.startswith("127.0.0.1:"), f"{port} would listen on every interface of the host"
 
 
-@pytest.mark.parametrize("service", ["scheduler", "web"])
+@pytest.mark.parametrize("service", ["scheduler", "web", "autolabel"])
 def test_compose_runs_faceforge_commands_that_exist(service: str) -> None:
     argv = faceforge_commands(compose()["services"][service])
     assert argv, f"{service} does not run faceforge"

@@ -303,6 +303,7 @@ def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> Non
 
 def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server: Server, tiny_train_root: Path) -> None:
     workdir = server.home / "autolabel"
+    assert server.get("/healthz").text == "ok"  # the compose healthcheck, no token needed
     assert "No rounds yet" in server.get("/datasets").text
     state = StateDB(workdir / "state.db")
     state.register([("album0", "a.jpg"), ("album0", "b.jpg"), ("album1", "c.jpg")])

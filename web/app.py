@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from mlflow.exceptions import MlflowException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,12 +29,22 @@ from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
 from faceforge.jobs.store import EXECUTORS
 from faceforge.models import list_models
-from faceforge.registry import Policy, select, select_and_register, sweep_candidates, versions
+from faceforge.registry import (
+    CHAMPION_ALIAS,
+    Policy,
+    Version,
+    pareto_front,
+    select,
+    select_and_register,
+    sweep_candidates,
+    versions,
+)
+from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
 from faceforge.web.datasets import data_roots, describe, list_datasets
 from faceforge.web.forms import JobForm, tokens
-from faceforge.web.plots import line_chart
+from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -51,6 +62,7 @@ PAGE_SIZE = 50
 POLL_SECONDS = 0.5  # how often a log stream looks for new bytes
 LOG_CHUNK = 64 * 1024
 MLFLOW_UI_ENV = "FACEFORGE_MLFLOW_UI"
+FRONTS_ON_MODELS_PAGE = 6  # the newest sweeps' Pareto fronts; older ones are on their sweep pages
 # Hydra's global state is per process: two requests composing configs at once would trip over each other.
 HYDRA_LOCK = threading.Lock()
 REGISTRY_LOCK = threading.Lock()
@@ -150,6 +162,12 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.get("/")
     def index() -> RedirectResponse:
         return RedirectResponse("/queue", 303)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        """For container healthchecks: the job store answers."""
+        store.positions()
+        return Response("ok", media_type="text/plain")
 
     @app.get("/login")
     def login_form(request: Request, next: str = "/queue") -> HTMLResponse:
@@ -318,6 +336,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         points = list(settings.values())
         varying = sorted({key for point in points for key in point if len({p.get(key) for p in points}) > 1})
         columns = sorted({key for c in candidates for key in c.metrics if key.startswith("eval.") or key == "loss"})
+        front = pareto_front(candidates, policy.metric, LATENCY, sweep_id)
+        leader = selection.winner if selection else None  # the champion once registered, else who leads
+        marked = registered[0].run_id if registered else leader.run_id if leader else None
         return {
             "sweep_id": sweep_id,
             "jobs": jobs,
@@ -327,6 +348,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "columns": columns,
             "selection": selection,
             "registered": registered,
+            "front": front,
+            "pareto": pareto_chart(front, marked) if front.points else None,
             "done": all(job.terminal for job in jobs),
             "metric": policy.metric,
             "error": None,
@@ -357,7 +380,23 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:
         found = versions(home_uri) if runs.database_ready(home_uri) else []
-        return render(request, "models.html", versions=found, uri=home_uri)
+        return render(request, "models.html", versions=found, uri=home_uri, fronts=sweep_fronts(found))
+
+    def sweep_fronts(found: list[Version]) -> list[tuple[str, Markup]]:
+        """Each recent sweep's front over the metric its champion was chosen by, that champion ringed."""
+        chosen: dict[str, Version] = {}
+        for version in found:  # newest first, so a sweep's latest registration marks it
+            if version.sweep_id and version.sweep_id not in chosen and len(chosen) < FRONTS_ON_MODELS_PAGE:
+                chosen[version.sweep_id] = version
+        fronts = []
+        for sweep_id, version in chosen.items():
+            front = pareto_front(
+                sweep_candidates(home_uri, sweep_id), version.metric or Policy.metric, LATENCY, sweep_id
+            )
+            if front.points:
+                mark = CHAMPION_ALIAS if CHAMPION_ALIAS in version.aliases else f"v{version.version}"
+                fronts.append((sweep_id, pareto_chart(front, version.run_id, mark)))
+        return fronts
 
     @app.get("/datasets")
     def datasets_page(request: Request) -> HTMLResponse:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +168,12 @@ def _autolabel_status(args: argparse.Namespace) -> None:
     print("files: " + ("  ".join(f"{k}={v}" for k, v in sorted(state["files"].items())) or "none yet"))
     for source, outcome, reason in state.get("recent_problems", []):
         print(f"  {outcome:8} {source}: {reason}")
+    if args.stale_after is not None:  # a healthcheck: the daemon runs and has beaten recently
+        beat = state.get("heartbeat")
+        age = time.time() - beat[0] if beat else None
+        if not state["running"] or age is None or age > args.stale_after:
+            sys.exit(f"faceforge autolabel status: unhealthy: daemon {'running' if state['running'] else 'down'}, "
+                     f"last heartbeat {'never' if age is None else f'{age:.0f} s ago'}")  # fmt: skip
 
 
 def _data_list(args: argparse.Namespace) -> None:
@@ -510,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_autolabel)
     autolabel_status = autolabel_cmds.add_parser("status", help="last round, files by outcome, recent problems")
     autolabel_status.add_argument("--workdir", type=Path, default=None, help="default: $FACEFORGE_HOME/autolabel")
+    autolabel_status.add_argument(
+        "--stale-after", type=float, default=None, help="exit 1 unless a daemon runs and beat within this many s"
+    )
     autolabel_status.set_defaults(func=_autolabel_status)
 
     queue = commands.add_parser("queue", help="the job queue ($FACEFORGE_HOME/jobs.db): submit, watch, cancel")
