@@ -7,8 +7,9 @@ in a random album under a new name. A disjoint quarter of the people, aligned, i
 daemon calibrates its thresholds on (FMR --fmr). One `faceforge autolabel run` round with --model (a checkpoint
 or model URI; a model trained by `faceforge demo` on aligned crops is the intended one), then, from the version:
 
-- copies removed: an exact copy must be rejected as a duplicate file; a re-encoded or resized copy must leave
-  only one of the pair in the dataset (the near-duplicate drop keeps the better quality);
+- copies removed: of an exact copy and its original, the one processed second must be rejected as a duplicate
+  file; a re-encoded or resized copy must leave only one of the pair in the dataset (the near-duplicate drop
+  keeps the better quality);
 - album merges: a merge is false when the two album clusters' majority people differ; recall is the share of
   same-person album-cluster pairs that end in one identity; pairwise P/R of the identities against the truth.
 
@@ -138,8 +139,8 @@ def report_figures(
         outcome = dict(db.execute("SELECT album || '/' || name, COALESCE(reason, outcome) FROM files"))
     removed = Counter()
     for copy, (kind, original) in injected.items():
-        if kind == "exact":
-            removed[kind] += outcome[copy].startswith("duplicate")
+        if kind == "exact":  # whichever of the two was processed second is rejected
+            removed[kind] += outcome[copy].startswith("duplicate") or outcome[original].startswith("duplicate")
         else:  # one of the pair left (a copy with no face kept counts as removed too)
             removed[kind] += in_dataset[copy] + in_dataset[original] <= 1
     count = Counter(kind for kind, _ in injected.values())

@@ -573,36 +573,37 @@ def _decision(decision: Decision, names: Callable[[int | str], str]) -> dict:
 
 
 def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelConfig, references: dict) -> Labelled:
-    """Cluster each album, merge albums, drop near copies within a person, match known and evaluation people."""
+    """Drop near copies, cluster each album, merge albums, match known and evaluation identities, name people."""
     thresholds = calibrated_thresholds(config.dedup, references.get("known"))
     if not faces:
         return Labelled([], [], thresholds, 0)
-    albums = np.array([f["album"] for f in faces])
-    clusters = np.zeros(len(faces), dtype=np.int64)
-    for album in np.unique(albums):
-        rows = np.flatnonzero(albums == album)
-        if len(rows) > 1:
-            k = min(config.cluster.neighbours, len(rows) - 1)
-            indices, sims = knn_graph(features[rows], k, "exact")
-            clusters[rows] = CLUSTERERS[config.cluster.method](indices, sims, config.cluster.threshold)
-    identity, merges = merge_albums(features, albums, clusters, thresholds["album"], config.dedup.album_margin)
-    decisions = [asdict(d) for d in merges]
     face_name = [f["face"] for f in faces]
     quality = np.array([f["score"] for f in faces])
-    near = near_duplicates(features, quality, identity, config.dedup.near_threshold)
-    decisions += [_decision(d, lambda i: face_name[i]) for d in near]
+    # A re-encoded or resized copy is a copy wherever it was put: any two faces, before clustering counts them.
+    near = near_duplicates(features, quality, None, config.dedup.near_threshold)
+    decisions = [_decision(d, lambda i: face_name[i]) for d in near]
     keep = np.ones(len(faces), dtype=bool)
     keep[[d.subject for d in near]] = False
     rows = np.flatnonzero(keep)
+    albums = np.array([faces[row]["album"] for row in rows])
+    clusters = np.zeros(len(rows), dtype=np.int64)
+    for album in np.unique(albums):
+        members = np.flatnonzero(albums == album)
+        if len(members) > 1:
+            k = min(config.cluster.neighbours, len(members) - 1)
+            indices, sims = knn_graph(features[rows[members]], k, "exact")
+            clusters[members] = CLUSTERERS[config.cluster.method](indices, sims, config.cluster.threshold)
+    identity, merges = merge_albums(features[rows], albums, clusters, thresholds["album"], config.dedup.album_margin)
+    decisions += [asdict(d) for d in merges]
     first_face: dict[int, str] = {}
-    for row in rows.tolist():
-        first_face[identity[row]] = min(first_face.get(identity[row], face_name[row]), face_name[row])
-    names = np.array([f"id_{first_face[identity[row]][:12]}" for row in rows.tolist()])
+    for person, row in zip(identity.tolist(), rows.tolist(), strict=True):
+        first_face[person] = min(first_face.get(person, face_name[row]), face_name[row])
+    names = np.array([f"id_{first_face[person][:12]}" for person in identity.tolist()])
     named = match_references(features[rows], names, references, thresholds, decisions)
     sizes = Counter(named)
     records = []
     unclustered = 0
-    for row, person in zip(rows.tolist(), named, strict=True):
+    for position, (row, person) in enumerate(zip(rows.tolist(), named, strict=True)):
         if person is None:
             continue
         if sizes[person] < config.cluster.min_size:
@@ -618,7 +619,7 @@ def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelC
                 box=face["box"],
                 landmarks=face["landmarks"],
                 quality=face["quality"],
-                cluster=int(clusters[row]),
+                cluster=int(clusters[position]),
                 identity=person,
                 round=face["round"],
             )

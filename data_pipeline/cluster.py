@@ -89,6 +89,7 @@ def infomap_clusters(
 ) -> np.ndarray:
     """Two-level Infomap modules of the cosine-weighted graph, best of `trials` runs."""
     import infomap
+
     i, j, weights = similarity_edges(indices, sims, threshold)
     n = len(indices)
     graph = coo_matrix((weights, (i, j)), shape=(n, n)).tocsr()

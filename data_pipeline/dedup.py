@@ -18,10 +18,11 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from faceforge.data_pipeline.cluster import first_seen_labels
+from faceforge.data_pipeline.cluster import first_seen_labels, similarity_edges
 from faceforge.data_pipeline.knn import knn_graph, l2_normalise
 
 ALBUM_NEIGHBOURS = 30  # centroids searched per cluster for its best match in each other album
+NEAR_NEIGHBOURS = 10  # neighbours per image searched for its near copies
 
 
 @dataclass(frozen=True)
@@ -80,32 +81,46 @@ def _groups(labels: np.ndarray) -> list[np.ndarray]:
 
 
 def near_duplicates(
-    features: np.ndarray, quality: np.ndarray, identities: np.ndarray, threshold: float
+    features: np.ndarray,
+    quality: np.ndarray,
+    identities: np.ndarray | None,
+    threshold: float,
+    neighbours: int = NEAR_NEIGHBOURS,
 ) -> list[Decision]:
-    """Within each identity, images whose embedding is within `threshold` cosine of a better-quality kept image:
-    re-encodes, resizes, burst shots. Best quality first, each image is kept unless it matches one already kept,
-    so the kept set has no pair above the threshold and every drop names the better copy it duplicates."""
-    if not len(features) == len(quality) == len(identities):
-        raise ValueError(
-            f"features, quality and identities differ in length: {len(features)}, {len(quality)}, {len(identities)}"
-        )
-    features, quality = l2_normalise(features), np.asarray(quality, dtype=np.float64)
+    """Images whose embedding is within `threshold` cosine of a better-quality kept image: re-encodes, resizes,
+    burst shots. Best quality first, each image is kept unless it matches one already kept, so the kept set has no
+    such pair and every drop names the better copy it duplicates. Pairs come from the kNN graph (`neighbours` per
+    image, exact up to 20k images), so the cost stays near-linear; with `identities`, only pairs within one
+    identity count, with None any two images (a copy put in another album is still a copy)."""
+    n = len(features)
+    if not n == len(quality) == (n if identities is None else len(identities)):
+        sizes = f"{n}, {len(quality)}" + ("" if identities is None else f", {len(identities)}")
+        raise ValueError(f"features, quality and identities differ in length: {sizes}")
+    if n < 2:
+        return []
+    quality = np.asarray(quality, dtype=np.float64)
+    indices, sims = knn_graph(l2_normalise(features), min(neighbours, n - 1))
+    a, b, pair_sims = similarity_edges(indices, sims, threshold)
+    if identities is not None:
+        same = np.asarray(identities)[a] == np.asarray(identities)[b]
+        a, b, pair_sims = a[same], b[same], pair_sims[same]
+    graph = coo_matrix((np.r_[pair_sims, pair_sims], (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
+    kept = np.zeros(n, dtype=bool)
     decisions = []
-    for members in _groups(np.asarray(identities)):
-        order = members[np.argsort(-quality[members], kind="stable")]
-        sims = features[order] @ features[order].T
-        kept: list[int] = []
-        for pos, image in enumerate(order.tolist()):
-            match = kept[int(np.argmax(sims[pos, kept]))] if kept else None
-            if match is None or sims[pos, match] < threshold:
-                kept.append(pos)
-                continue
-            original, similarity = int(order[match]), float(sims[pos, match])
-            detail = (
-                f"cosine {similarity:.3f} >= {threshold:.3f} to image {original}, whose quality "
-                f"{quality[original]:.3f} >= {quality[image]:.3f}"
-            )
-            decisions.append(Decision("drop", image, original, "near_duplicate", similarity, detail))
+    for image in np.argsort(-quality, kind="stable").tolist():
+        row = slice(graph.indptr[image], graph.indptr[image + 1])
+        others, similarities = graph.indices[row], graph.data[row]
+        matches = kept[others]
+        if not matches.any():
+            kept[image] = True
+            continue
+        best = int(np.argmax(np.where(matches, similarities, -np.inf)))
+        original, similarity = int(others[best]), float(similarities[best])
+        detail = (
+            f"cosine {similarity:.3f} >= {threshold:.3f} to image {original}, whose quality "
+            f"{quality[original]:.3f} >= {quality[image]:.3f}"
+        )
+        decisions.append(Decision("drop", image, original, "near_duplicate", similarity, detail))
     return decisions
 
 

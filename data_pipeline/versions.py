@@ -122,26 +122,30 @@ def write_version(
     ari, compared = agreement(previous, faces)
     temporary = root / f".{target.name}.{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    (temporary / IMAGES).mkdir(parents=True)
-    for identity in sorted({f.identity for f in faces}):
-        (temporary / IMAGES / identity).mkdir()
-    for face in faces:
-        _link_or_copy(crops / f"{face.face}.jpg", temporary / IMAGES / face.identity / f"{face.face}.jpg")
-    ordered = sorted(faces, key=lambda f: (f.source, f.face))
-    (temporary / MANIFEST).write_text("".join(json.dumps(asdict(f), sort_keys=True) + "\n" for f in ordered))
-    (temporary / DECISIONS).write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions))
-    sizes = Counter(f.identity for f in faces)
-    summary = {
-        "version": target.name,
-        "identities": len(sizes),
-        "images": len(faces),
-        "merges": sum(d["action"] == "merge" for d in decisions),
-        "drops": dict(sorted(Counter(d["reason"] for d in decisions if d["action"] == "drop").items())),
-        "previous": previous.name if previous else None,
-        "ari_with_previous": ari,
-        "faces_compared": compared,
-        **stats,
-    }
-    (temporary / STATS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.rename(temporary, target)
+    try:
+        (temporary / IMAGES).mkdir(parents=True)
+        for identity in sorted({f.identity for f in faces}):
+            (temporary / IMAGES / identity).mkdir()
+        for face in faces:
+            _link_or_copy(crops / f"{face.face}.jpg", temporary / IMAGES / face.identity / f"{face.face}.jpg")
+        ordered = sorted(faces, key=lambda f: (f.source, f.face))
+        (temporary / MANIFEST).write_text("".join(json.dumps(asdict(f), sort_keys=True) + "\n" for f in ordered))
+        (temporary / DECISIONS).write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions))
+        sizes = Counter(f.identity for f in faces)
+        summary = {
+            "version": target.name,
+            "identities": len(sizes),
+            "images": len(faces),
+            "merges": sum(d["action"] == "merge" for d in decisions),
+            "drops": dict(sorted(Counter(d["reason"] for d in decisions if d["action"] == "drop").items())),
+            "previous": previous.name if previous else None,
+            "ari_with_previous": ari,
+            "faces_compared": compared,
+            **stats,
+        }
+        (temporary / STATS).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.rename(temporary, target)
+    except BaseException:  # a full disk must not stay filled by a half-written version
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return target

@@ -318,6 +318,11 @@ def test_near_duplicates_keep_the_best_quality_copy(lfw_dlib: tuple[np.ndarray, 
     quality = np.r_[np.full(len(rows), 0.5), np.full(20, 0.9)]
     decisions = near_duplicates(np.r_[features[rows], copies], quality, np.r_[names[rows], names[rows[:20]]], 0.995)
     assert sorted((d.subject, d.target) for d in decisions) == [(i, len(rows) + i) for i in range(20)]
+    # Copies filed under other identities (another album's cluster) are copies all the same without identities.
+    elsewhere = np.r_[names[rows], [f"other{i}" for i in range(20)]]
+    assert not near_duplicates(np.r_[features[rows], copies], quality, elsewhere, 0.995)
+    anywhere = near_duplicates(np.r_[features[rows], copies], quality, None, 0.995)
+    assert sorted((d.subject, d.target) for d in anywhere) == [(i, len(rows) + i) for i in range(20)]
 
 
 def test_calibrated_threshold_holds_on_unseen_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
