@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import struct
 from pathlib import Path
 
 import cv2
@@ -16,16 +18,79 @@ class ImageDecodeError(ValueError):
     """An input file is not a decodable image."""
 
 
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); DHT, JPG and DAC share the range.
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+PNM_HEADER = re.compile(rb"P[1-6](?:\s|#[^\r\n]*)+(\d+)(?:\s|#[^\r\n]*)+(\d+)")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 9 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in JPEG_SOF_MARKERS:
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = struct.unpack_from("<I", data, 21)[0]
+        return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG, PNG, BMP, WebP or PNM header, without decoding; None for anything else.
+
+    Checking this first is what stops a decompression bomb: a few KB can declare a gigapixel image, and
+    OpenCV allocates and fills the whole canvas before it returns.
+    """
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack_from(">II", data, 16)
+    if data.startswith(b"BM") and len(data) >= 26:
+        if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER
+            return struct.unpack_from("<HH", data, 18)
+        width, height = struct.unpack_from("<ii", data, 18)
+        return abs(width), abs(height)  # a negative height means rows stored top-down
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if match := PNM_HEADER.match(data, 0, 1024):
+        return int(match[1]), int(match[2])
+    return None
+
+
 def decode_image(data: bytes | bytearray | memoryview, source: str = "<bytes>") -> np.ndarray:
-    """Decode encoded bytes to an RGB uint8 HxWx3 array; greyscale is replicated to three channels."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if buf.size == 0:
+    """Decode JPEG, PNG, BMP, WebP or PNM bytes (whatever the file name says) to RGB uint8 HxWx3; greyscale is
+    replicated to three channels."""
+    data = bytes(data)
+    if not data:
         raise ImageDecodeError(f"{source}: empty file")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    size = declared_size(data)
+    if size is None:
+        raise ImageDecodeError(f"{source}: not a decodable image (not a JPEG, PNG, BMP, WebP or PNM header)")
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ImageDecodeError(f"{source}: {size[0]}x{size[1]} exceeds the {MAX_PIXELS} pixel limit")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # OpenCV's own limits and assertions
+        img = None
     if img is None:
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated or unsupported)")
-    if img.shape[0] * img.shape[1] > MAX_PIXELS:
-        raise ImageDecodeError(f"{source}: {img.shape[1]}x{img.shape[0]} exceeds the {MAX_PIXELS} pixel limit")
     if img.dtype != np.uint8:
         img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
     if img.ndim == 2:

@@ -9,6 +9,7 @@ with one read per identity instead of one per image.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ FLOAT32_EXACT_INTS = 1 << 24
 
 def read_property(path: Path) -> tuple[int, int, int]:
     """`num_classes,height,width` from an InsightFace property file."""
-    text = path.read_text().strip()
+    text = path.read_text(errors="replace").strip()
     try:
         num_classes, height, width = (int(v) for v in text.split(","))
     except ValueError:
@@ -65,6 +66,10 @@ class RecordDataset(torch.utils.data.Dataset):
                 f"{self.root}: labels span {self.labels.min()}..{self.labels.max()}, "
                 f"outside the {self.num_classes} classes given by {property_path.name}"
             )
+        if self.num_classes > len(self.keys):  # the class count sizes the classifier: refuse an absurd one here
+            raise ValueError(
+                f"{self.root}: {self.num_classes} classes for {len(self.keys)} images (corrupt labels or property)"
+            )
 
     def _record(self, key: int) -> tuple[IRHeader, bytes]:
         try:
@@ -78,8 +83,13 @@ class RecordDataset(torch.utils.data.Dataset):
         if header0 is None or header0.flag == 0 or payload0:  # no layout header: every record is an image
             keys = np.array(self.reader.keys, dtype=np.int64)
             return keys, self._scan_labels(keys)
-        first_identity = int(header0.label[0])
-        end = int(header0.label[1]) if header0.flag > 1 else first_identity
+        span = header0.label[:2]
+        if not (np.isfinite(span).all() and span[0] <= len(self.reader)):
+            raise ValueError(
+                f"{self.reader.rec_path} record 0: header {span.tolist()} does not fit the {len(self.reader)} records"
+            )
+        first_identity = int(span[0])
+        end = int(span[1]) if header0.flag > 1 else first_identity
         keys = np.arange(1, first_identity, dtype=np.int64)
         missing = next((key for key in range(1, first_identity) if key not in self.reader), None)
         if missing is not None:
@@ -109,33 +119,14 @@ class RecordDataset(torch.utils.data.Dataset):
         return (img if self.transform is None else self.transform(img, rng)), int(self.labels[index])
 
 
-def pack_folder(
-    src_root: str | Path,
-    dst_root: str | Path,
-    quality: int = 95,
-    reencode: bool = False,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Pack an identity-folder tree into InsightFace train.rec / train.idx / property.
-
-    Original file bytes are stored unless `reencode` (JPEG at `quality`); every image is decoded
-    once either way, so a corrupt file fails the pack rather than a training run.
-    """
-    if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
-    folder = ImageFolderDataset(src_root)
-    dst_root = Path(dst_root)
-    dst_root.mkdir(parents=True, exist_ok=True)
-    if (dst_root / "train.rec").exists() and not overwrite:
-        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pass overwrite=True to replace it)")
+def _write_pack(folder: ImageFolderDataset, prefix: Path, quality: int, reencode: bool) -> list[tuple[int, int]]:
+    """Write `<prefix>.rec`, `.idx` and `.property`; returns every image's (height, width)."""
     counts = np.bincount(folder.labels, minlength=folder.num_classes)
     stops = 1 + np.cumsum(counts)
     first_identity = len(folder) + 1
     end = first_identity + folder.num_classes
-    if end > FLOAT32_EXACT_INTS:
-        raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
     sizes: list[tuple[int, int]] = []
-    with RecordWriter(dst_root / "train") as writer:
+    with RecordWriter(prefix) as writer:
         writer.write(0, pack_record(IRHeader(2, np.array([first_identity, end]), 0), b""))
         for key, (path, label) in enumerate(folder.samples, 1):
             data = Path(path).read_bytes()
@@ -150,7 +141,45 @@ def pack_folder(
             span = np.array([stops[label] - counts[label], stops[label]])
             writer.write(first_identity + label, pack_record(IRHeader(2, span, first_identity + label), b""))
     height, width = sizes[0]
-    (dst_root / "property").write_text(f"{folder.num_classes},{height},{width}")
+    Path(f"{prefix}.property").write_text(f"{folder.num_classes},{height},{width}")
+    return sizes
+
+
+def pack_folder(
+    src_root: str | Path,
+    dst_root: str | Path,
+    quality: int = 95,
+    reencode: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Pack an identity-folder tree into InsightFace train.rec / train.idx / property.
+
+    Original file bytes are stored unless `reencode` (JPEG at `quality`); every image is decoded
+    once either way, so a corrupt file fails the pack rather than a training run. The files are
+    written under temporary names and renamed into place at the end, so a corrupt image or a full
+    disk leaves a previous pack in `dst_root` as it was.
+    """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    folder = ImageFolderDataset(src_root)
+    dst_root = Path(dst_root)
+    dst_root.mkdir(parents=True, exist_ok=True)
+    if (dst_root / "train.rec").exists() and not overwrite:
+        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pass overwrite=True to replace it)")
+    end = len(folder) + 1 + folder.num_classes
+    if end > FLOAT32_EXACT_INTS:
+        raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
+    staging = dst_root / f".train.{os.getpid()}.tmp"
+    written = {suffix: Path(f"{staging}{suffix}") for suffix in (".rec", ".idx", ".property")}
+    try:
+        sizes = _write_pack(folder, staging, quality, reencode)
+    except BaseException:
+        for path in written.values():
+            path.unlink(missing_ok=True)
+        raise
+    for suffix, name in ((".rec", "train.rec"), (".idx", "train.idx"), (".property", "property")):
+        os.replace(written[suffix], dst_root / name)
+    height, width = sizes[0]
     return {
         "dst": str(dst_root),
         "identities": folder.num_classes,

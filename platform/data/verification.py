@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import pickle
 import pickletools
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class _ImageTable:
 
 
 def _lfw_path(root: Path, name: str, number: str, where: str) -> Path:
+    if name in (".", "..") or "/" in name:  # `../x` or `/x` would read outside the image root
+        raise ValueError(f"{where}: identity {name!r} is not a folder name")
     if not number.isdigit():
         raise ValueError(f"{where}: image number {number!r} is not a positive integer")
     path = root / name / f"{name}_{int(number):04d}.jpg"
@@ -75,7 +78,7 @@ def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None)
     A first line holding only `n` (pairsDevTrain.txt style) means one fold.
     """
     pairs_txt, root = Path(pairs_txt), Path(root)
-    text = pairs_txt.read_text()
+    text = pairs_txt.read_text(errors="replace")  # binary junk fails the header check, naming the file
     lines = [(no, line.split()) for no, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{pairs_txt}: empty pairs file")
@@ -195,9 +198,19 @@ def load_bin(path: str | Path, name: str | None = None) -> VerificationSet:
 
 
 def write_bin(path: str | Path, vset: VerificationSet) -> None:
-    """Write an InsightFace-readable `.bin`; folds are not stored (readers use 10 consecutive folds)."""
+    """Write an InsightFace-readable `.bin`; folds are not stored (readers use 10 consecutive folds).
+
+    Written beside `path` and renamed over it, so a full disk leaves an existing file whole.
+    """
     bins: list[bytes] = []
     for a, b in zip(vset.left.tolist(), vset.right.tolist(), strict=True):
         bins += [vset.images[a], vset.images[b]]
-    with Path(path).open("wb") as f:
-        pickle.dump((bins, [bool(s) for s in vset.issame]), f, protocol=4)
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as f:
+            pickle.dump((bins, [bool(s) for s in vset.issame]), f, protocol=4)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

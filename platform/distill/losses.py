@@ -3,13 +3,15 @@
 Embedding distillation pulls each student feature (through a linear projection when the widths differ)
 onto the teacher's feature of the same image.
 
-Centre distillation follows MarginDistillation (Svitov & Alyamkin, 2020) and AdaDistill (Boutros et al.,
-ECCV 2024): the classifier of an ArcFace loss is replaced by the teacher's class centres, the mean normalised
-teacher feature of each identity over the training set, frozen. The student is then trained to classify its
-faces among the teacher's centres with an angular margin, which transfers the teacher's class geometry
-rather than image-by-image positions. (AdaDistill additionally moves the centres towards per-batch teacher
-features early in training; the centres here stay fixed.) The centres are a `ShardedMarginSoftmax` whose
-rows are never updated, so each rank holds C/W of them and the loss runs distributed like the head.
+Centre distillation is the idea of MarginDistillation (Svitov & Alyamkin, 2020) and AdaDistill (Boutros et
+al., ECCV 2024): train the student with a margin softmax whose classifier is not learnt but given by the
+teacher. Here the classifier is the teacher's class centres, the normalised mean of each identity's normalised
+teacher features over the training set, frozen; the student's feature (projected) must sit closer, by an
+additive angular margin, to its own identity's centre than to any other, which transfers the teacher's class
+geometry rather than image-by-image positions. AdaDistill also adapts its centres during training (an
+adaptive moving average of teacher features, sample-level targets early, class-level later); these stay fixed.
+The centres are a `ShardedMarginSoftmax` whose rows are never updated, so each rank holds C/W of them and
+the loss runs distributed exactly like the head.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class DistillLoss:
     def __init__(
         self,
         *,
-        head_loss: HeadLoss | None,
+        head_loss: HeadLoss,
         head_weight: float,
         projection: nn.Module,
         embedding_weight: float,
@@ -88,12 +90,15 @@ class DistillLoss:
         self._sums: dict[str, float] = {}
         self._calls = 0
 
-    def __call__(self, student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> torch.Tensor:
         terms: dict[str, torch.Tensor] = {}
-        if self.head_weight > 0 and self.head_loss is not None:
+        if self.head_weight > 0:
             terms["head"] = self.head_loss(student, labels)
         projected = self.projection(student)
         if self.embedding_weight > 0:
+            assert teacher is not None, "embedding distillation needs the teacher's features"
             terms["embedding"] = embedding_distance(projected, teacher, self.embedding_loss).mean()
         if self.centre_weight > 0:
             assert self.centres is not None

@@ -21,14 +21,14 @@ def _mlflow_error(source: str, err: Exception) -> ConfigError:
 
 def load_teacher(source: str, tracking_uri: str | None, device: torch.device) -> nn.Module:
     """Eval mode with every parameter frozen: BatchNorm statistics and weights never move."""
+    from mlflow.exceptions import MlflowException
+
     try:
         teacher = load_model(source, tracking_uri)
     except FileNotFoundError as err:
         raise ConfigError(f"distill.teacher: {err}") from None
-    except Exception as err:
-        if source.startswith(MLFLOW_SCHEMES):
-            raise _mlflow_error(source, err) from None
-        raise
+    except MlflowException as err:
+        raise _mlflow_error(source, err) from None
     for attribute in ("input_size", "embedding_dim"):
         if not isinstance(getattr(teacher, attribute, None), int):
             raise ConfigError(f"distill.teacher {source} is not a FaceForge backbone (no {attribute})")
@@ -43,13 +43,15 @@ def teacher_identity(source: str, tracking_uri: str | None = None) -> str:
     mlflow-artifacts:/ URIs name immutable artifacts and stand for themselves.
     """
     if source.startswith("models:/"):
+        from mlflow.exceptions import MlflowException
         from mlflow.store.artifact.utils.models import get_model_name_and_version
         from mlflow.tracking import MlflowClient
 
         try:
-            return "models:/" + "/".join(get_model_name_and_version(MlflowClient(tracking_uri), source))
-        except Exception as err:
+            resolved = get_model_name_and_version(MlflowClient(tracking_uri), source)
+        except MlflowException as err:
             raise _mlflow_error(source, err) from None
+        return "models:/" + "/".join(str(part) for part in resolved)
     if source.startswith(MLFLOW_SCHEMES):
         return source
     digest = hashlib.sha256()

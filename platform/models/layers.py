@@ -83,11 +83,18 @@ class DepthwiseSeparable(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 bottleneck: 1x1 expand, 3x3 depthwise, linear 1x1 project; residual if shape is kept."""
+    """MobileNetV2 bottleneck: 1x1 expand, 3x3 depthwise, linear 1x1 project; residual if shape is kept.
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int, act: str) -> None:
+    `hidden` overrides the expanded width in_ch * expansion (a channel-pruned block, see faceforge.prune).
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, expansion: int, act: str, hidden: int | None = None
+    ) -> None:
         super().__init__()
-        hidden = in_ch * expansion
+        hidden = in_ch * expansion if hidden is None else hidden
+        if expansion == 1 and hidden != in_ch:
+            raise ValueError(f"a block without an expand conv keeps its input width {in_ch}, got hidden={hidden}")
         expand = [ConvBNAct(in_ch, hidden, 1, act=act)] if expansion != 1 else []
         self.layers = nn.Sequential(
             *expand,
@@ -99,6 +106,30 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(x)
         return x + out if self.residual else out
+
+
+def inverted_residual_stages(
+    stages: tuple[tuple[int, int, int, int], ...], in_ch: int, width: float, act: str, hidden: list[int] | None
+) -> tuple[list[nn.Module], int]:
+    """The blocks of (expansion, out_channels, repeats, first stride) stages, and their output width.
+
+    `hidden` lists every block's expanded width, in order, for a channel-pruned model; None keeps in_ch * expansion.
+    """
+    specs = []
+    for expansion, channels, repeats, stride in stages:
+        out_ch = scale_channels(channels, width)
+        for i in range(repeats):
+            specs.append((in_ch, out_ch, stride if i == 0 else 1, expansion))
+            in_ch = out_ch
+    if hidden is None:
+        hidden = [block_in * expansion for block_in, _, _, expansion in specs]
+    elif len(hidden) != len(specs) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ValueError(f"hidden must list {len(specs)} positive ints, one per inverted-residual block: {hidden!r}")
+    blocks: list[nn.Module] = [
+        InvertedResidual(block_in, out_ch, stride, expansion, act, block_hidden)
+        for (block_in, out_ch, stride, expansion), block_hidden in zip(specs, hidden, strict=True)
+    ]
+    return blocks, in_ch
 
 
 class GDCHead(nn.Sequential):

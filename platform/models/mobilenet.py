@@ -9,7 +9,7 @@ from faceforge.models.layers import (
     ConvBNAct,
     DepthwiseSeparable,
     EmbeddingNet,
-    InvertedResidual,
+    inverted_residual_stages,
     scale_channels,
 )
 
@@ -52,14 +52,13 @@ def mobilenet_v1(*, embedding_dim: int, width: float, input_size: int, act: str)
 
 
 @register
-def mobilenet_v2(*, embedding_dim: int, width: float, input_size: int, act: str) -> nn.Module:
-    in_ch = scale_channels(32, width)
-    layers: list[nn.Module] = [ConvBNAct(3, in_ch, 3, 2, act=act)]
-    for expansion, channels, repeats, stride in V2_STAGES:
-        out_ch = scale_channels(channels, width)
-        for i in range(repeats):
-            layers.append(InvertedResidual(in_ch, out_ch, stride if i == 0 else 1, expansion, act))
-            in_ch = out_ch
+def mobilenet_v2(
+    *, embedding_dim: int, width: float, input_size: int, act: str, hidden: list[int] | None = None
+) -> nn.Module:
+    """`hidden`: per-block expanded widths of a channel-pruned model (faceforge.prune); None for the paper's."""
+    stem = scale_channels(32, width)
+    blocks, in_ch = inverted_residual_stages(V2_STAGES, stem, width, act, hidden)
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, 2, act=act), *blocks]
     last = scale_channels(1280, width)
     layers.append(ConvBNAct(in_ch, last, 1, act=act))
     return EmbeddingNet(nn.Sequential(*layers), last, embedding_dim=embedding_dim, input_size=input_size)

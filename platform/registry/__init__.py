@@ -1,4 +1,4 @@
-"""Model selection over a sweep's MLflow runs and the MLflow model registry (the `champion` alias)."""
+"""Model selection over a sweep's MLflow runs, its Pareto front, and the MLflow model registry (`champion`)."""
 
 from faceforge.registry.champion import (
     CHAMPION_ALIAS,
@@ -10,6 +10,7 @@ from faceforge.registry.champion import (
     versions,
 )
 from faceforge.registry.database import default_tracking_uri, prepare_tracking
+from faceforge.registry.pareto import Front, Point, log_front, pareto_front, plot_front
 from faceforge.registry.selection import (
     Candidate,
     Policy,
@@ -24,11 +25,16 @@ __all__ = [
     "CHAMPION_ALIAS",
     "REGISTERED_MODEL",
     "Candidate",
+    "Front",
+    "Point",
     "Policy",
     "Selection",
     "Version",
     "champion",
     "default_tracking_uri",
+    "log_front",
+    "pareto_front",
+    "plot_front",
     "prepare_tracking",
     "register",
     "save_policy",

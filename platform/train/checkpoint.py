@@ -42,38 +42,43 @@ def save_checkpoint(
     """Collective: every rank writes its head rows, rank 0 the rest, then rank 0 publishes it."""
     final = directory / f"step_{step:08d}"
     staging = directory / f".step_{step:08d}.tmp"
-    if is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    if head is not None and head_optimizer is not None:
-        rows = {"weight": head.weight, **head_optimizer.state}
-        torch.save(rows, staging / f"head_{head.class_start}_{head.class_end}.pt")
-    barrier()
-    if is_main:
-        torch.save(
-            {
-                "step": step,
-                "model_config": model.config,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "train_config": train_config,
-            },
-            staging / "model.pt",
-        )
-        meta = {"step": step}
+    try:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
         if head is not None and head_optimizer is not None:
-            meta |= {
-                "num_classes": head.num_classes,
-                "embedding_dim": head.embedding_dim,
-                "head_optimizer": head_optimizer.kind,
-                "head_optimizer_steps": head_optimizer.step_count,
-                "head_files": sorted(p.name for p in staging.glob("head_*.pt")),
-            }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        _write_atomic(directory / LATEST, final.name)
+            rows = {"weight": head.weight, **head_optimizer.state}
+            torch.save(rows, staging / f"head_{head.class_start}_{head.class_end}.pt")
+        barrier()
+        if is_main:
+            torch.save(
+                {
+                    "step": step,
+                    "model_config": model.config,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "train_config": train_config,
+                },
+                staging / "model.pt",
+            )
+            meta = {"step": step}
+            if head is not None and head_optimizer is not None:
+                meta |= {
+                    "num_classes": head.num_classes,
+                    "embedding_dim": head.embedding_dim,
+                    "head_optimizer": head_optimizer.kind,
+                    "head_optimizer_steps": head_optimizer.step_count,
+                    "head_files": sorted(p.name for p in staging.glob("head_*.pt")),
+                }
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            _write_atomic(directory / LATEST, final.name)
+    except BaseException:
+        if is_main:  # a full disk must not stay filled by a half-written checkpoint
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
     return final
 

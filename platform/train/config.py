@@ -7,6 +7,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from faceforge import models
@@ -102,6 +103,7 @@ class TrainerConfig:
     eval_every: int = 0
     checkpoint_every: int = 500
     resume: str | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -214,8 +216,25 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     values = {k: v for k, v in values.items() if k != "hydra"}
     cfg = build_typed(TrainConfig, values)
     cfg.optim.betas = tuple(cfg.optim.betas)  # YAML gives a list
+    if cfg.trainer.init_from is not None:
+        adopt_init_model(cfg)
     validate(cfg)
     return cfg
+
+
+def adopt_init_model(cfg: TrainConfig) -> None:
+    """trainer.init_from's backbone is where training starts, so its model config replaces model.* (the loop
+    builds the network, pruned widths included, from the checkpoint itself). Read at submission too, so a
+    queued job with a mistyped path is refused at once."""
+    from faceforge.train.checkpoint import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(Path(cfg.trainer.init_from))
+    except FileNotFoundError as err:
+        raise ConfigError(f"trainer.init_from: {err}") from None
+    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)["model_config"]
+    for key in (f.name for f in fields(ModelConfig)):
+        setattr(cfg.model, key, saved[key])
 
 
 def _require(condition: bool, message: str) -> None:
@@ -284,7 +303,11 @@ def validate_distill(distill: DistillConfig) -> None:
     }
     for key, weight in weights.items():
         _require(weight >= 0, f"distill.{key} must be >= 0, got {weight}")
-    _require(sum(weights.values()) > 0, "distillation needs a positive distill.*_weight")
+    _require(
+        distill.embedding_weight + distill.centre_weight > 0,
+        "distill.teacher is set but distill.embedding_weight and distill.centre_weight are 0: "
+        "choose distill=embedding or distill=arcdistill",
+    )
     _require(
         distill.embedding_loss in ("cosine", "l2"),
         f"distill.embedding_loss must be cosine or l2, got {distill.embedding_loss!r}",

@@ -38,7 +38,7 @@ from faceforge.parallel import (
     init_distributed,
     shutdown_distributed,
 )
-from faceforge.train.checkpoint import LATEST, load_checkpoint, resolve_checkpoint, save_checkpoint
+from faceforge.train.checkpoint import LATEST, load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
 from faceforge.train.tracking import RunTracker
@@ -158,7 +158,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     dataset = open_dataset(cfg.data.root, train_transform(cfg))
-    model = models.create(**asdict(cfg.model)).to(ctx.device)
+    # trainer.init_from starts from a checkpoint's backbone (a pruned one keeps its widths); its model.* was adopted.
+    init = cfg.trainer.init_from
+    model = (load_backbone(init).train() if init else models.create(**asdict(cfg.model))).to(ctx.device)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net: nn.Module = DistributedDataParallel(model) if ctx.world_size > 1 else model

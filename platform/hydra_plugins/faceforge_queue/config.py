@@ -24,6 +24,10 @@ class QueueLauncherConf:
     max_latency_ms: float | None = None
     max_params: int | None = None
     registered_model: str = "faceforge"
+    # Multi-objective search: each job returns these metrics instead (quality first, then the cost to minimise,
+    # e.g. [accuracy,model.latency_ms] with hydra.sweeper.direction=[maximize,minimize]); the sweep's Pareto
+    # front over the first two is plotted in MLflow. Null: the single metric above.
+    objectives: list[str] | None = None
 
 
 ConfigStore.instance().store(

@@ -2,8 +2,10 @@
 
 By default `launch` returns as soon as the jobs are queued. With `hydra.launcher.wait=true` it blocks until
 every job is terminal, returns each job's metric (so the Optuna sweeper can search through the queue), then
-selects and registers the sweep's champion. Either way a scheduler (`faceforge scheduler`) runs the jobs; this
-process never does. faceforge is imported inside `launch` because Hydra imports every plugin at start-up.
+selects and registers the sweep's champion. With `hydra.launcher.objectives` each job returns several metrics
+for a multi-objective study, and the sweep's Pareto front (quality against cost) is logged to MLflow.
+Either way a scheduler (`faceforge scheduler`) runs the jobs; this process never does. faceforge is
+imported inside `launch` because Hydra imports every plugin at start-up.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import TYPE_CHECKING
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from faceforge.jobs import Job, JobStore
-    from faceforge.registry import Policy
+    from faceforge.registry import Candidate, Policy
 
 
 class QueueLauncher(Launcher):
@@ -37,16 +39,23 @@ class QueueLauncher(Launcher):
         max_latency_ms: float | None,
         max_params: int | None,
         registered_model: str,
+        objectives: Sequence[str] | None,
     ) -> None:
         self.priority, self.executor, self.slots = priority, executor, slots
         self.wait, self.poll_seconds = wait, poll_seconds
         self.metric, self.max_latency_ms, self.max_params = metric, max_latency_ms, max_params
         self.registered_model = registered_model
+        self.objectives = None if objectives is None else [str(name) for name in objectives]
+        self.directions: list[str] | None = None  # the Optuna sweeper's, when it is the sweeper
         self.sweep_id: str | None = None  # one id for every batch a sweeper launches
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """The task function runs in the queued jobs, not here; only the sweep directory is ours to make."""
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        direction = OmegaConf.select(config, "hydra.sweeper.direction")
+        if direction is not None:
+            listed = direction if OmegaConf.is_list(direction) else [direction]
+            self.directions = [str(getattr(d, "name", d)) for d in listed]  # a Direction enum or its name
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from faceforge.jobs import JobStore, store_path
@@ -55,6 +64,7 @@ class QueueLauncher(Launcher):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweepers write their results there (Optuna's)
         store = JobStore(store_path())
         try:  # a user's mistake is one line, and nothing of the batch is enqueued
+            self._check_objectives()
             policy = Policy(self.metric or Policy.metric, self.max_latency_ms, self.max_params)
             jobs, tracking_uri, experiment = self._make_jobs(job_overrides, initial_job_idx)
             experiment_id = prepare_tracking(tracking_uri, experiment)
@@ -75,6 +85,26 @@ class QueueLauncher(Launcher):
             return [_job_return(job, JobStatus.COMPLETED, job.id) for job in jobs]
         finished = self._wait(store, jobs)
         return self._results(finished, tracking_uri, policy)
+
+    def _check_objectives(self) -> None:
+        """Mismatches Optuna would only report after a batch had trained, caught before anything is queued."""
+        objectives, directions = self.objectives, self.directions
+        if objectives is None:
+            if directions is not None and len(directions) > 1:
+                raise ValueError(
+                    f"hydra.sweeper.direction has {len(directions)} entries: set hydra.launcher.objectives to as "
+                    "many metrics, e.g. [accuracy,model.latency_ms]"
+                )
+            return
+        if not objectives:
+            raise ValueError("hydra.launcher.objectives is empty: name the metrics each job returns")
+        if not self.wait:
+            raise ValueError("hydra.launcher.objectives needs hydra.launcher.wait=true: only a waiting sweep returns")
+        if directions is not None and len(directions) != len(objectives):
+            raise ValueError(
+                f"hydra.launcher.objectives has {len(objectives)} metric(s) but hydra.sweeper.direction "
+                f"has {len(directions)}"
+            )
 
     def _make_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[list[Job], str, str]:
         """One job per point under this launcher's sweep id, and the MLflow database and experiment they share."""
@@ -123,20 +153,51 @@ class QueueLauncher(Launcher):
         runs = {candidate.job_id: candidate for candidate in candidates}  # oldest first: a rerun's latest run wins
         returns = []
         for job in jobs:
-            if job.state == SUCCEEDED:
-                run = runs.get(job.id)
+            run = runs.get(job.id)
+            if job.state != SUCCEEDED:
+                why = job.error or f"exit code {job.exit_code}, log {job.log_path}"
+                returns.append(_job_return(job, JobStatus.FAILED, RuntimeError(f"job {job.id} {job.state}: {why}")))
+            elif self.objectives is None:
                 returns.append(_job_return(job, JobStatus.COMPLETED, run.value_for(policy.metric) if run else None))
             else:
-                why = job.error or f"exit code {job.exit_code}, log {job.log_path}"
-                failure = RuntimeError(f"job {job.id} {job.state}: {why}")
-                returns.append(_job_return(job, JobStatus.FAILED, failure))
+                values = [run.metric(name) if run else None for name in self.objectives]
+                missing = [name for name, value in zip(self.objectives, values, strict=True) if value is None]
+                if missing:
+                    failure = RuntimeError(f"job {job.id}: its MLflow run logged no {', '.join(missing)}")
+                    returns.append(_job_return(job, JobStatus.FAILED, failure))
+                else:
+                    returns.append(_job_return(job, JobStatus.COMPLETED, values))
         selection = select(candidates, policy, self.sweep_id)
         if selection.winner is None:
             print(f"sweep {self.sweep_id}: no champion: {selection.reason}", flush=True)
         else:
             version = register(tracking_uri, selection, self.registered_model)
             print(f"sweep {self.sweep_id}: champion {version.name} v{version.version}: {selection.reason}", flush=True)
+        if self.objectives is not None and len(self.objectives) >= 2:
+            self._log_front(tracking_uri, candidates, selection.winner)
         return returns
+
+    def _log_front(self, tracking_uri: str, candidates: list[Candidate], winner: Candidate | None) -> None:
+        """The front of the sweep so far over the first two objectives, when they are a quality and a cost."""
+        from faceforge.registry import log_front, pareto_front
+        from faceforge.registry.pareto import PLOT
+        from faceforge.registry.selection import LOWER_IS_BETTER
+
+        assert self.objectives is not None and self.sweep_id is not None
+        metric, cost = self.objectives[:2]
+        quality_and_cost = ["minimize" if metric in LOWER_IS_BETTER else "maximize", "minimize"]
+        if self.directions is not None and self.directions[:2] != quality_and_cost:
+            print(
+                f"sweep {self.sweep_id}: no Pareto plot: it needs direction {quality_and_cost} for {metric}, {cost}",
+                flush=True,
+            )
+            return
+        front = pareto_front(candidates, metric, cost, self.sweep_id)
+        if not front.points:
+            print(f"sweep {self.sweep_id}: no Pareto plot yet: no finished run logged {metric} and {cost}", flush=True)
+            return
+        run_id = log_front(tracking_uri, front, winner.run_id if winner else None)
+        print(f"sweep {self.sweep_id}: {front.describe()}; {PLOT} in MLflow run {run_id}", flush=True)
 
 
 def _job_return(job: Job, status: JobStatus, value: object) -> JobReturn:
