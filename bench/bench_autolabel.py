@@ -1,7 +1,7 @@
 """Auto-labelling throughput: files/s and faces/s of a whole daemon round on ~500 px photos with MobileFaceNet.
 
 The inbox holds --copies variants of the 12 photos of ../shared/data/detection (resized to at most 500 px;
-each variant brightened by a few grey levels, so no two files are byte copies), dealt over 3 albums. One
+each variant brightened by a few grey levels, so no two files are byte copies), one album per variant. One
 `faceforge autolabel run` round decodes, detects (MTCNN), aligns, scores quality, embeds (flip-summed) every
 face, then clusters, de-duplicates and writes the dataset version. Reported: the round's wall time and its
 rates, with model loading excluded (the daemon loads it once for all its rounds). The model is a MobileFaceNet
@@ -22,26 +22,11 @@ from pathlib import Path
 
 import cv2
 import torch
+from bench_detect import photo_tree
 from machine import machine_line
 
 from faceforge import models
 from faceforge.data_pipeline.autolabel import Autolabeller, load_config
-
-DETECTION = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection"
-
-
-def make_inbox(root: Path, copies: int, longest_side: int) -> Path:
-    inbox = root / "inbox"
-    for photo in sorted(DETECTION.glob("*.jpg")):
-        image = cv2.imread(str(photo))
-        scale = min(1.0, longest_side / max(image.shape[:2]))
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-        for copy in range(copies):
-            album = inbox / f"album{copy % 3}"
-            album.mkdir(parents=True, exist_ok=True)
-            variant = cv2.add(image, (copy, copy, copy, 0))
-            cv2.imwrite(str(album / f"{copy:03d}_{photo.name}"), variant, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    return inbox
 
 
 def model_checkpoint(root: Path, given: str | None) -> str:
@@ -64,7 +49,7 @@ def main() -> None:
     print(machine_line(f"torch {torch.__version__}, {args.threads} thread(s)"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        inbox = make_inbox(root, args.copies, args.longest_side)
+        inbox = photo_tree(root, args.copies, args.longest_side, distinct=True)
         config = load_config(None, [f"model={model_checkpoint(root, args.model)}", "settle_seconds=0"])
         labeller = Autolabeller(inbox, root / "work", config, log=lambda _: None)
         labeller.scan()
@@ -79,7 +64,7 @@ def main() -> None:
         with sqlite3.connect(root / "work" / "state.db") as db:
             faces, kept = db.execute("SELECT COUNT(*), SUM(kept) FROM faces").fetchone()
         files = report.files
-        print(f"\n{files} photos of <= {args.longest_side} px in 3 albums, one round: {seconds:.1f} s")
+        print(f"\n{files} photos of <= {args.longest_side} px in {args.copies} albums, one round: {seconds:.1f} s")
         print("| files/s | faces/s (detected) | faces kept | identities | rejects by reason |")
         print("| --- | --- | --- | --- | --- |")
         rejects = {k: v for k, v in report.stats["files"].items() if k != "labelled"}

@@ -62,8 +62,9 @@ def accuracy_table(args: argparse.Namespace) -> None:
             print(accuracy_row(f"mtcnn, O-Net > {threshold}", detector, split), flush=True)
 
 
-def photo_tree(root: Path, copies: int, longest_side: int) -> Path:
-    """Copies of the 12 detection photos, the larger ones (up to 1986 px) area-resized to `longest_side`."""
+def photo_tree(root: Path, copies: int, longest_side: int, distinct: bool = False) -> Path:
+    """Copies of the 12 detection photos in one folder per copy, the larger ones (up to 1986 px) area-resized to
+    `longest_side`; `distinct` brightens copy k by k grey levels, so no two files are the same bytes."""
     src = root / "photos"
     for photo in sorted(DETECTION.glob("*.jpg")):
         image = cv2.imread(str(photo))
@@ -71,7 +72,8 @@ def photo_tree(root: Path, copies: int, longest_side: int) -> Path:
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
         for copy in range(copies):
             (src / f"{copy:03d}").mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(src / f"{copy:03d}" / photo.name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            variant = cv2.add(image, (copy, copy, copy, 0)) if distinct else image
+            cv2.imwrite(str(src / f"{copy:03d}" / photo.name), variant, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return src
 
 
