@@ -1,8 +1,14 @@
-"""Shared fixtures: small real-face datasets cut from ../shared/data (CI always has it)."""
+"""Shared fixtures: small real-face datasets cut from ../shared/data (CI always has it), and a running scheduler."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,7 @@ import pytest
 from faceforge.train import TrainConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
 SHARED = REPO.parent / "shared" / "data"
 
 
@@ -60,3 +67,30 @@ def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: obje
         "output_dir": str(out),
     }
     return from_dict(values)
+
+
+@contextmanager
+def running_scheduler(home: Path, *options: str) -> Iterator[subprocess.Popen]:
+    """`faceforge scheduler` over `home` in its own session, logging to home/scheduler.log; stopped by SIGTERM."""
+    with (home / "scheduler.log").open("w") as log:
+        scheduler = subprocess.Popen(
+            [*CLI, "scheduler", *options],
+            env={**os.environ, "FACEFORGE_HOME": str(home)},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield scheduler
+        finally:
+            os.killpg(scheduler.pid, signal.SIGTERM)
+            scheduler.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def queue_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A FACEFORGE_HOME with `faceforge scheduler` running two single-slot jobs at a time."""
+    home = tmp_path_factory.mktemp("queue")
+    with running_scheduler(home, "--slots", "2"):
+        yield home

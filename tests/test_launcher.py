@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +14,8 @@ from mlflow.tracking import MlflowClient
 from faceforge.jobs import QUEUED, SUCCEEDED, JobStore
 from faceforge.registry import champion, sweep_candidates, versions
 
-from conftest import REPO, SHARED
+from conftest import CLI, REPO, SHARED
 
-CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
 QUEUE = ["hydra/launcher=faceforge_queue"]
 WAIT = [*QUEUE, "hydra.launcher.wait=true", "hydra.launcher.poll_seconds=0.5"]
 
@@ -74,27 +70,6 @@ def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, t
     bad = train_multirun(tmp_path, *QUEUE, "optim.lr=0.1,-1", *tiny(tmp_path, tiny_train_root))
     assert bad.returncode == 2 and "optim.lr must be positive" in bad.stderr and "Traceback" not in bad.stderr
     assert len(JobStore(tmp_path / "jobs.db").list()) == 2  # nothing of the bad sweep was enqueued
-
-
-@pytest.fixture(scope="module")
-def queue_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A FACEFORGE_HOME with `faceforge scheduler` running two single-slot jobs at a time."""
-    home = tmp_path_factory.mktemp("home")
-    log = (home / "scheduler.log").open("w")
-    scheduler = subprocess.Popen(
-        [*CLI, "scheduler", "--slots", "2"],
-        env={**os.environ, "FACEFORGE_HOME": str(home)},
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield home
-    finally:
-        os.killpg(scheduler.pid, signal.SIGTERM)
-        scheduler.wait(timeout=60)
-        log.close()
 
 
 @pytest.mark.slow

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -34,8 +30,7 @@ from faceforge.registry.pareto import PARETO_TAG
 from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 
-from conftest import REPO
-from test_launcher import CLI, WAIT, sweep_id_of, tiny, train_multirun
+from test_launcher import WAIT, sweep_id_of, tiny, train_multirun
 from test_web import Server
 
 SWEEP = "sweep-pareto"
@@ -193,27 +188,6 @@ def test_launcher_rejects_objectives_that_cannot_work(
             launcher.launch([["optim.lr=0.1"]], initial_job_idx=0)
         assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert JobStore(tmp_path / "jobs.db").list() == []
-
-
-@pytest.fixture(scope="module")
-def queue_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A FACEFORGE_HOME with `faceforge scheduler` running two single-slot jobs at a time."""
-    home = tmp_path_factory.mktemp("queue")
-    log = (home / "scheduler.log").open("w")
-    scheduler = subprocess.Popen(
-        [*CLI, "scheduler", "--slots", "2"],
-        env={**os.environ, "FACEFORGE_HOME": str(home)},
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield home
-    finally:
-        os.killpg(scheduler.pid, signal.SIGTERM)
-        scheduler.wait(timeout=60)
-        log.close()
 
 
 @pytest.mark.slow

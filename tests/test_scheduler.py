@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,9 +21,8 @@ from faceforge.jobs.executors.local_runner import process_start_time
 from faceforge.jobs.scheduler import Scheduler
 from faceforge.registry import champion
 
-from conftest import REPO, SHARED
+from conftest import CLI, REPO, SHARED, running_scheduler
 
-CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
 pytestmark = pytest.mark.slow
 
 
@@ -200,25 +198,13 @@ def test_queue_cli_submit_list_show_clone_cancel_and_logs(home: Path, tiny_train
     assert (clone.priority, clone.slots, clone.sweep_id) == (1, 1, None)
     assert faceforge(home, "queue", "cancel", clone_id).returncode == 0
 
-    with (home / "scheduler.log").open("w") as log:
-        scheduler = subprocess.Popen(
-            [*CLI, "scheduler", "--slots", "1", "--poll-seconds", "0.2"],
-            env={**os.environ, "FACEFORGE_HOME": str(home)},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with running_scheduler(home, "--slots", "1", "--poll-seconds", "0.2"):
         # The job trains "forever"; cancelling it stops it at a step boundary, after a checkpoint.
         wait_for(lambda: re.search(r"\| +[1-9]\d*/100000", log_of(store.get(first))), 120, "training steps")
         asked = faceforge(home, "queue", "cancel", first)
         assert "cancel requested" in asked.stdout, asked.stdout + asked.stderr
         followed = faceforge(home, "queue", "logs", first, "--follow")  # returns once the job has ended
         shown = faceforge(home, "queue", "show", first).stdout
-    finally:
-        os.killpg(scheduler.pid, signal.SIGTERM)
-        scheduler.wait(timeout=60)
     stopped = store.get(first)
     assert (stopped.state, stopped.exit_code) == (CANCELLED, 1) and stopped.cancelled_at, log_of(stopped)
     assert followed.stdout == log_of(stopped) and followed.stdout.count("starts:") == 1
