@@ -22,6 +22,12 @@ def _train(args: argparse.Namespace) -> None:
     main(["--multirun", *args.overrides] if args.multirun else args.overrides)
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from faceforge.distill.cli import main
+
+    main(args.overrides, args.multirun)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from faceforge.data import ImageFolderDataset, load_bin, load_pairs
     from faceforge.eval import (
@@ -418,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-m", "--multirun", action="store_true", help="one run per sweep point (Hydra multirun)")
     train.add_argument("overrides", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
+    distill = commands.add_parser(
+        "distill", help="train a student from a frozen teacher: train distill=embedding ...", add_help=False
+    )
+    distill.add_argument("-m", "--multirun", action="store_true", help="one run per sweep point (Hydra multirun)")
+    distill.add_argument("overrides", nargs=argparse.REMAINDER)
+    distill.set_defaults(func=_distill)
 
     demo = commands.add_parser("demo", help="train MobileFaceNet on real faces with 2 ranks, then evaluate")
     demo.add_argument("overrides", nargs=argparse.REMAINDER, help="extra Hydra overrides")
