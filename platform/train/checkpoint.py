@@ -49,10 +49,10 @@ def save_checkpoint(
         barrier()
         if head is not None and head_optimizer is not None:
             rows = {"weight": head.weight, **head_optimizer.state}
-            torch.save(rows, staging / f"head_{head.class_start}_{head.class_end}.pt")
+            _save(rows, staging / f"head_{head.class_start}_{head.class_end}.pt")
         barrier()
         if is_main:
-            torch.save(
+            _save(
                 {
                     "step": step,
                     "model_config": model.config,
@@ -81,6 +81,14 @@ def save_checkpoint(
         raise
     barrier()
     return final
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    """torch.save reports a full disk as an opaque `unexpected pos` RuntimeError: name the file and the likely cause."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        raise OSError(f"{path}: write failed, is the disk full? ({err})") from err
 
 
 def _write_atomic(path: Path, text: str) -> None:
