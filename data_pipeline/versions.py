@@ -120,8 +120,9 @@ def write_version(
         return target
     previous = ([p for p in list_versions(root) if p.name < target.name] or [None])[-1]
     ari, compared = agreement(previous, faces)
+    for leftover in root.glob(f".{target.name}.*.tmp"):  # a build a crash interrupted (one daemon per folder)
+        shutil.rmtree(leftover, ignore_errors=True)
     temporary = root / f".{target.name}.{os.getpid()}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
     try:
         (temporary / IMAGES).mkdir(parents=True)
         for identity in sorted({f.identity for f in faces}):

@@ -101,6 +101,20 @@ def hidden(folder: Path) -> list[str]:
         ("optim.lr=nan", "optim.lr must be positive, got nan"),
         ("data.batch_size=0", "data.batch_size=0 does not divide"),
         ("data.crop_fraction=2", "data.crop_fraction must be in (0, 1]"),
+        ("model.width=0", "model.width must be between"),
+        ("model.input_size=1000000", "model.input_size must be between"),
+        ("model.embedding_dim=-3", "model.embedding_dim must be between"),
+        ("optim.momentum=7", "optim.momentum must be between"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be between"),
+        ("optim.lr=inf", "optim.lr must be between"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip must be between"),
+        ("trainer.log_every=0", "trainer.log_every must be between"),
+        ("trainer.checkpoint_every=0", "trainer.checkpoint_every must be between"),
+        ("trainer.threads=100000", "trainer.threads must be between"),
+        ("trainer.device=quantum", "trainer.device must be auto, cpu or cuda"),
+        ("data.num_workers=-1", "data.num_workers must be between"),
+        ("data.augment.lowres_prob=5", "data.augment.lowres_prob must be between"),
+        ("model=[1,2]", "could not compose the config from these overrides"),
     ],
 )
 def test_hostile_config_overrides_are_one_line(override: str, message: str) -> None:
@@ -131,6 +145,9 @@ def test_confine_refuses_every_way_out_of_the_roots(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match="outside the configured data roots"):
             confine(path, roots)
+    (data / "loop").symlink_to(data / "loop")  # resolving it never ends: refused like any other way out
+    with pytest.raises(ValueError, match="outside the configured data roots"):
+        confine(data / "loop" / "x", roots)
     assert confine("to_other", roots) == (other / "faces").resolve()  # a link between roots stays allowed
     assert confine("inner/../inner", roots) == (data / "inner").resolve()
 
@@ -450,8 +467,10 @@ def test_disk_full_while_writing_a_version_keeps_the_previous_version(tmp_path: 
         write_version(root, 2, faces, crops, [{"action": "drop", "reason": "blurry"}], {})
     assert list_versions(root) == [first] and os.listdir(root) == [first.name]
     assert snapshot(first) == before and len(read_manifest(first)) == 6
+    (root / ".v0002.999999.tmp" / "images").mkdir(parents=True)  # left by a daemon killed mid-write
     second = write_version(root, 2, faces, crops, [], {})  # once there is space again
     assert len(read_manifest(second)) == 40 and snapshot(first) == before
+    assert sorted(os.listdir(root)) == [first.name, second.name]
 
 
 def test_disk_full_while_writing_a_crop_keeps_the_previous_crop(tmp_path: Path) -> None:
@@ -461,3 +480,4 @@ def test_disk_full_while_writing_a_crop_keeps_the_previous_crop(tmp_path: Path) 
     with disk_full_after(len(before)), pytest.raises(OSError):
         write_atomic(crop, encoded(".jpg", 200, 200))
     assert crop.read_bytes() == before and read_image(crop).shape == (20, 20, 3)
+    assert os.listdir(crop.parent) == [crop.name]  # no half-written temporary file left behind

@@ -43,7 +43,10 @@ def confine(path: str | Path, roots: list[Path]) -> Path:
     """`path` with symlinks resolved, if it lies inside one of `roots`; relative paths are taken from each root."""
     candidates = [Path(path)] if Path(path).is_absolute() else [root / path for root in roots]
     for candidate in candidates:
-        resolved = candidate.resolve()
+        try:
+            resolved = candidate.resolve()
+        except (RuntimeError, OSError):  # a symlink loop, or a path too long to resolve
+            continue
         if any(resolved.is_relative_to(root.resolve()) for root in roots):
             return resolved
     raise ValueError(f"{path}: outside the configured data roots ({', '.join(str(r) for r in roots) or 'none'})")

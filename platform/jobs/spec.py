@@ -72,6 +72,8 @@ def compose_config(overrides: list[str], output_dir: str = "runs/train") -> Trai
         values = OmegaConf.to_container(config, resolve=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
+    except TypeError as err:  # Hydra itself trips over values of the wrong kind, such as a list for a group
+        raise ConfigError(f"could not compose the config from these overrides ({err})") from None
     assert isinstance(values, dict)
     return from_dict(values)
 

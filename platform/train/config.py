@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
@@ -284,8 +285,36 @@ def validate(cfg: TrainConfig) -> None:
         _require(trainer.accumulate == 1, f"{cfg.head.type} loss does not support trainer.accumulate > 1")
     _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
     _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")
+    _check_ranges(cfg)
     if cfg.distill.teacher is not None:
         validate_distill(cfg.distill)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Values that would crash a run hours in, or ask the machine for the absurd, stop here instead."""
+    model, optim, trainer, augment = cfg.model, cfg.optim, cfg.trainer, cfg.data.augment
+    ranges = [
+        ("model.width", model.width, 0.05, 8.0),
+        ("model.input_size", model.input_size, 16, 1024),
+        ("model.embedding_dim", model.embedding_dim, 2, 65536),
+        ("optim.lr", optim.lr, 1e-12, 100.0),
+        ("optim.momentum", optim.momentum, 0.0, 1.0),
+        ("optim.weight_decay", optim.weight_decay, 0.0, 1.0),
+        ("trainer.grad_clip", trainer.grad_clip, 0.0, math.inf),
+        ("trainer.log_every", trainer.log_every, 1, math.inf),
+        ("trainer.checkpoint_every", trainer.checkpoint_every, 1, math.inf),
+        ("trainer.threads", trainer.threads, 1, 1024),
+        ("data.num_workers", cfg.data.num_workers, 0, 256),
+        ("data.augment.lowres_prob", augment.lowres_prob, 0.0, 1.0),
+        ("data.augment.grey_prob", augment.grey_prob, 0.0, 1.0),
+        ("data.augment.lowres_min", augment.lowres_min, 0.01, 1.0),
+    ]
+    for key, value, low, high in ranges:
+        _require(low <= value <= high, f"{key} must be between {low:g} and {high:g}, got {value}")
+    _require(
+        trainer.device in ("auto", "cpu") or trainer.device.startswith("cuda"),
+        f"trainer.device must be auto, cpu or cuda[:N], got {trainer.device!r}",
+    )
 
 
 def validate_distill(distill: DistillConfig) -> None:
