@@ -28,6 +28,12 @@ def _distill(args: argparse.Namespace) -> None:
     main(args.overrides, args.multirun)
 
 
+def _prune(args: argparse.Namespace) -> None:
+    from faceforge.prune.cli import main
+
+    main(args)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from faceforge.data import ImageFolderDataset, load_bin, load_pairs
     from faceforge.eval import (
@@ -457,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     reference = commands.add_parser("config-reference", help="write the configuration reference from configs/")
     reference.add_argument("--out", type=Path, default=DOCS / "configuration.md")
     reference.set_defaults(func=_config_reference)
+
+    prune = commands.add_parser("prune", help="prune a backbone's channels to a MAC budget, then fine-tune it")
+    prune.add_argument("model", help="checkpoint directory or MLflow model URI (models:/name@champion)")
+    budget = prune.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--macs-ratio", type=float, help="keep at most this fraction of the model's MACs, in (0, 1]")
+    budget.add_argument("--target-macs", type=int, help="keep at most this many MACs (batch 1, FLOPs / 2)")
+    prune.add_argument("--criterion", choices=("bn", "l1"), default="bn", help="BN |gamma| or expand-filter L1 norm")
+    prune.add_argument("--min-channels", type=int, default=8, help="hidden channels every block keeps at least")
+    prune.add_argument("--out", type=Path, default=None, help="default: $FACEFORGE_HOME/pruned/<model>-<time>")
+    prune.add_argument("--no-finetune", action="store_true", help="only write the pruned checkpoint")
+    prune.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ sources")
+    prune.add_argument("overrides", nargs="*", help="Hydra overrides of the fine-tuning run, as for `faceforge train`")
+    prune.set_defaults(func=_prune)
 
     export = commands.add_parser("export", help="ONNX, int8 ONNX or a C array for firmware, with a model card")
     export.add_argument("model", help="checkpoint directory or MLflow model URI (models:/name@champion)")
