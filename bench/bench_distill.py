@@ -9,12 +9,15 @@
    timed at batch 1 on one thread (the teacher/student latency ratio).
 
 The recipe is `faceforge demo`'s: 64 px, CosFace s=32 m=0.35, SGD 0.1 cosine, global batch 64 on 2 gloo
-ranks, centre crop 0.75 of ../shared/data/celeba_ids, LFW crop 0.5. About 35 minutes on 2 quiet cores with
-the defaults (teacher ~15, each student ~8, evaluation ~4). Run from the repo root:
+ranks, centre crop 0.75 of ../shared/data/celeba_ids, LFW crop 0.5. At 64 px both widths train at about the
+same 80 img/s on 2 quiet cores (MobileFaceNet is overhead-bound there), so the defaults take about 35 minutes:
+teacher ~13, each student ~8, evaluation ~2 per model (twice that on a machine shared with other jobs).
+Run from the repo root:
 
     .venv/bin/python bench/bench_distill.py
-    .venv/bin/python bench/bench_distill.py --teacher runs/bench_distill/teacher/checkpoints --steps 1000
-    .venv/bin/python bench/bench_distill.py --teacher-steps 40 --steps 20    # a smoke run, a few minutes
+    .venv/bin/python bench/bench_distill.py --teacher runs/bench_distill/teacher/checkpoints --preset arcdistill
+    .venv/bin/python bench/bench_distill.py --teacher-steps 20 --steps 10 --train-root platform/data/sample/train \
+        --pairs platform/data/sample/lfw/pairs.txt --pairs-root platform/data/sample/lfw   # smoke run, ~4 min
 Aligned crops: --train-root /work/aligned/celeba_ids --train-crop 1 --pairs <aligned lfw>/pairs.txt
 --pairs-root <aligned lfw> --eval-crop 1.
 """
@@ -113,7 +116,7 @@ def main() -> None:
         default=512,
         help="both models'; a different teacher width is handled by the projection",
     )
-    parser.add_argument("--steps", type=int, default=1000, help="each student's step budget")
+    parser.add_argument("--steps", type=int, default=600, help="each student's step budget")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--preset", default="embedding", help="distill preset: embedding or arcdistill")
