@@ -23,6 +23,7 @@ from faceforge.data.image import read_image
 from faceforge.data.verification import load_pairs
 from faceforge.data_pipeline.align import ARCFACE_TEMPLATE, MANIFEST
 from faceforge.data_pipeline.dedup import calibrate_threshold
+from faceforge.eval.report import write_png
 
 # Inner face of a 112 px ArcFace crop (rows, columns), scaled for other sizes: 20 px above the eyes to 12 below the
 # mouth, 14 px outside each eye.
@@ -244,11 +245,7 @@ def save_erc_plot(curves: Mapping[str, Sequence[tuple[float, float]]], path: str
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_png(fig, path)
 
 
 def quality_eval(

@@ -64,6 +64,11 @@ def save_roc_plot(scores: np.ndarray, issame: np.ndarray, path: str | Path, titl
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
+    return write_png(fig, path)
+
+
+def write_png(fig: Figure, path: str | Path) -> Path:
+    """Lay out and write a figure drawn on an Agg canvas (no pyplot state, safe in any thread)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

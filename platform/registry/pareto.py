@@ -87,6 +87,8 @@ def plot_front(front: Front, path: Path, champion_run_id: str | None = None) -> 
         raise ValueError(f"sweep {front.sweep_id}: no finished run has both {front.metric} and {front.cost}")
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in a server process
 
+    from faceforge.eval.report import write_png
+
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     ax = fig.subplots()
     others = [p for p in front.points if not p.on_front]
@@ -106,9 +108,7 @@ def plot_front(front: Front, path: Path, champion_run_id: str | None = None) -> 
     ax.set_title(f"sweep {front.sweep_id}: {len(best)} of {len(front.points)} run(s) on the front", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return write_png(fig, path)
 
 
 def log_front(tracking_uri: str, front: Front, champion_run_id: str | None = None) -> str:
