@@ -18,12 +18,10 @@ def mobilefacenet(
 ) -> nn.Module:
     """`hidden`: per-block expanded widths of a channel-pruned model (faceforge.prune); None for the paper's."""
     stem = scale_channels(64, width)
+    # Layers are built input first: the order in which they draw their initial weights is part of a seed's result.
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, 2, act=act), ConvBNAct(stem, stem, 3, 1, groups=stem, act=act)]
     blocks, in_ch = inverted_residual_stages(STAGES, stem, width, act, hidden)
-    layers: list[nn.Module] = [
-        ConvBNAct(3, stem, 3, 2, act=act),
-        ConvBNAct(stem, stem, 3, 1, groups=stem, act=act),
-        *blocks,
-    ]
+    layers += blocks
     last = scale_channels(512, width)
     layers.append(ConvBNAct(in_ch, last, 1, act=act))
     return EmbeddingNet(nn.Sequential(*layers), last, embedding_dim=embedding_dim, input_size=input_size)

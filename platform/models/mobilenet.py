@@ -57,8 +57,9 @@ def mobilenet_v2(
 ) -> nn.Module:
     """`hidden`: per-block expanded widths of a channel-pruned model (faceforge.prune); None for the paper's."""
     stem = scale_channels(32, width)
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, 2, act=act)]  # input first: the seed's order of initial weights
     blocks, in_ch = inverted_residual_stages(V2_STAGES, stem, width, act, hidden)
-    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, 2, act=act), *blocks]
+    layers += blocks
     last = scale_channels(1280, width)
     layers.append(ConvBNAct(in_ch, last, 1, act=act))
     return EmbeddingNet(nn.Sequential(*layers), last, embedding_dim=embedding_dim, input_size=input_size)
