@@ -24,6 +24,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # No rank tears down its gloo connections while another still uses them: that race aborts a rank
+        # ("terminate called without an active exception") after its work has passed.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
