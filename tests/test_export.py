@@ -1,4 +1,5 @@
-"""Export: BatchNorm folding, ONNX export checked against PyTorch, int8 fidelity on real faces, C arrays, the CLI."""
+"""Export: BatchNorm folding, ONNX export checked against PyTorch, int8 fidelity on real faces, C arrays, the CLI,
+and the MLflow record of every export."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from onnx import numpy_helper
 from torch import nn
 
@@ -21,16 +23,24 @@ from faceforge.eval import embed_images, evaluate_verification
 from faceforge.export import (
     FaceCalibrationReader,
     OnnxEmbedder,
+    artifact_files,
     equalize_channels,
+    export_file,
     export_onnx,
     fold_batchnorm,
     largest_activation,
+    list_exports,
     open_calibration_images,
     output_gap,
+    resolve_source,
     write_c_array,
 )
 from faceforge.jobs.spec import compose_config
-from faceforge.train.launch import launch
+from faceforge.registry import prepare_tracking, select_and_register
+from faceforge.registry.selection import SWEEP_TAG
+from faceforge.train.checkpoint import load_backbone
+from faceforge.train.launch import RUN_ID_FILE, launch
+from faceforge.train.tracking import RunTracker
 
 from conftest import shared_data, tiny_config
 
@@ -115,11 +125,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "checkpoints"
 
 
+def _database(trained: Path) -> str:
+    """The MLflow database the training run of `trained` logged to (tiny_config's)."""
+    return f"sqlite:///{trained.parent.parent}/mlflow.db"
+
+
 @pytest.fixture(scope="module")
 def c_array_export(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`faceforge export --format c-array`, calibrated on the checkpoint's own training data by default."""
     out = tmp_path_factory.mktemp("export")
-    faceforge(["export", str(trained), "--format", "c-array", "--out", str(out)])
+    faceforge(["export", str(trained), "--format", "c-array", "--out", str(out), "--tracking-uri", _database(trained)])
     return out
 
 
@@ -141,6 +156,60 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
         faceforge(["export", "/nonexistent/checkpoint"])
     with pytest.raises(SystemExit, match=r"faceforge export: error: calibration set .* not found"):
         faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
+
+
+def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained: Path, tmp_path: Path) -> None:
+    uri = _database(trained)
+    [export] = [e for e in list_exports(uri) if e.format == "c-array"]
+    assert export.source == str(trained.resolve()) and export.source_run_id is None and export.model_version is None
+    assert export.files == {name: (c_array_export / name).stat().st_size for name in artifact_files("c-array")}
+    card = json.loads((c_array_export / "card.json").read_text())
+    for key in ("params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms"):
+        assert export.metrics[key] == pytest.approx(card[key]), key
+    assert export.metrics["largest_activation_bytes"] == card["largest_activation"]["bytes"]
+    assert export.params["model.name"] == "mobilefacenet" and export.params["largest_activation.shape"] == "1x32x56x56"
+    logged = export_file(uri, export.run_id, "model_int8.onnx")
+    assert logged.read_bytes() == (c_array_export / "model_int8.onnx").read_bytes()
+
+    # Only files inside an export run's own artifact directory are handed out.
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not an artifact")
+    (logged.parent / "sneaky").symlink_to(outside)
+    for name in ("../../../../mlflow.db", "..", "sneaky", "missing.onnx"):
+        with pytest.raises(FileNotFoundError):
+            export_file(uri, export.run_id, name)
+    training_run = (trained.parent / RUN_ID_FILE).read_text().strip()
+    with pytest.raises(FileNotFoundError, match="not an export"):
+        export_file(uri, training_run, "config.yaml")
+    with pytest.raises(ValueError, match="bad run id"):
+        export_file(uri, "../x", "model.onnx")
+
+
+def test_export_of_a_registered_version_links_to_it(trained: Path, tmp_path: Path) -> None:
+    """The export run points at the version and run it came from, and the card carries that run's accuracy."""
+    uri = _database(trained)
+    client = MlflowClient(uri)
+    run_id = client.create_run(prepare_tracking(uri, "tests"), tags={SWEEP_TAG: "sweep-export"}).info.run_id
+    client.log_metric(run_id, "eval.accuracy", 0.875)
+    client.log_metric(run_id, "eval.eer", 0.125)
+    model = load_backbone(trained)
+    RunTracker(uri, run_id).model(model, model.input_size)
+    client.set_terminated(run_id)
+    _, version = select_and_register(uri, "sweep-export", name="exported")
+
+    faceforge(["export", "models:/exported@champion", "--out", str(tmp_path / "fp32"), "--tracking-uri", uri])
+    card = json.loads((tmp_path / "fp32" / "card.json").read_text())
+    assert card["accuracy"] == {"accuracy": 0.875, "eer": 0.125} and card["int8_bytes"] is None
+    [export] = [e for e in list_exports(uri) if e.model_name == "exported"]
+    assert (export.model_version, export.source_run_id) == (version.version, run_id)
+    assert export.source == "models:/exported@champion" and export.format == "onnx"
+    assert export.metrics["eval.accuracy"] == 0.875 and "int8_latency_ms" not in export.metrics
+    assert list(export.files) == ["model.onnx", "card.json"]
+
+    quiet = tmp_path / "quiet"
+    faceforge(["export", f"models:/exported/{version.version}", "--out", str(quiet), "--tracking-uri", uri, "--no-log"])
+    assert (quiet / "model.onnx").is_file() and len([e for e in list_exports(uri) if e.model_name == "exported"]) == 1
+    assert resolve_source(uri, f"runs:/{run_id}/model").run_id == run_id
 
 
 def test_micro_config_fits_250_kb_as_int8(c_array_export: Path) -> None:

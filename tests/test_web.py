@@ -18,10 +18,14 @@ import requests
 import uvicorn
 from mlflow.tracking import MlflowClient
 
+from faceforge import models
 from faceforge.data_pipeline.autolabel_state import StateDB
 from faceforge.data_pipeline.versions import FaceRecord, write_version
+from faceforge.export import ExportSource, export_artifact, log_export, open_calibration_images, resolve_source
 from faceforge.jobs import CANCELLED, QUEUED, JobStore, make_jobs
-from faceforge.registry import prepare_tracking
+from faceforge.registry import prepare_tracking, select_and_register
+from faceforge.registry.selection import SWEEP_TAG
+from faceforge.train.tracking import RunTracker
 from faceforge.web import confine, create_app
 from faceforge.web.security import resolve_token
 
@@ -299,6 +303,47 @@ def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> Non
     row = re.search(rf"<td>{tiny_train_root.name}</td>\s*<td>(\d+)</td><td>(\d+)</td><td><code>(\w+)</code>", datasets)
     assert row and row.groups()[:2] == ("6", "24")
     assert "demo" in datasets
+
+
+def test_models_page_lists_the_exports_of_each_version(server: Server, tiny_train_root: Path) -> None:
+    uri = f"sqlite:///{server.home}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(prepare_tracking(uri), tags={SWEEP_TAG: "sweep-exported"}).info.run_id
+    client.log_metric(run_id, "eval.accuracy", 0.8125)
+    model = models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32).eval()
+    RunTracker(uri, run_id).model(model, 56)
+    client.set_terminated(run_id)
+    _, version = select_and_register(uri, "sweep-exported")
+    source = resolve_source(uri, "models:/faceforge@champion")
+    out = server.home / "exports" / "int8"
+    calibration = open_calibration_images(tiny_train_root)
+    card = export_artifact(
+        model, "onnx-int8", out, calibration=calibration, calibration_count=8, latency_runs=5, accuracy=source.accuracy
+    )
+    export_run = log_export(uri, source, out, card)
+    checkpoint_run = log_export(uri, ExportSource("/checkpoints/step_00000003"), out, card)
+
+    page = server.get("/models").text
+    versioned = page[page.index('id="version-exports"') : page.index('id="other-exports"')]
+    row = re.search(
+        rf'<tr class="champion">\s*<td>faceforge</td>\s*<td>{version.version} \(champion\)</td>(.*?)</tr>',
+        versioned,
+        re.S,
+    )
+    assert row, versioned
+    cells = row.group(1)
+    assert "<td>onnx-int8</td>" in cells and checkpoint_run not in versioned
+    assert f'href="/exports/{export_run}/model_int8.onnx"' in cells and f"{card.int8_bytes / 1024:.1f} KiB" in cells
+    assert f"{card.fp32_latency_ms:.2f} ms" in cells and f"{card.int8_latency_ms:.2f} ms" in cells
+    assert f"{card.largest_activation.bytes / 1024:.1f} KiB" in cells and "0.8125" in cells
+    other = page[page.index('id="other-exports"') :]
+    assert "/checkpoints/step_00000003" in other and f"/exports/{checkpoint_run}/model.onnx" in other
+
+    download = server.get(f"/exports/{export_run}/model_int8.onnx")
+    assert download.status_code == 200 and download.content == (out / "model_int8.onnx").read_bytes()
+    assert "attachment" in download.headers["content-disposition"]
+    for path in (f"{export_run}/..%2F..%2F..%2F..%2Fmlflow.db", f"{export_run}/..", f"{run_id}/MLmodel", "x/card.json"):
+        assert server.get(f"/exports/{path}").status_code == 404, path
 
 
 def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server: Server, tiny_train_root: Path) -> None:

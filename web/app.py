@@ -18,7 +18,7 @@ from typing import Any
 
 import mlflow
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceforge.data_pipeline.autolabel import status as autolabel_status
+from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
 from faceforge.jobs.store import EXECUTORS
 from faceforge.models import list_models
@@ -379,8 +380,33 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:
-        found = versions(home_uri) if runs.database_ready(home_uri) else []
-        return render(request, "models.html", versions=found, uri=home_uri, fronts=sweep_fronts(found))
+        ready = runs.database_ready(home_uri)
+        found = versions(home_uri) if ready else []
+        by_version: dict[tuple[str | None, str | None], list[LoggedExport]] = {}
+        for export in list_exports(home_uri) if ready else []:
+            by_version.setdefault((export.model_name, export.model_version), []).append(export)
+        versioned = [(v, by_version.pop((v.name, v.version))) for v in found if (v.name, v.version) in by_version]
+        return render(
+            request,
+            "models.html",
+            versions=found,
+            uri=home_uri,
+            fronts=sweep_fronts(found),
+            versioned_exports=versioned,
+            other_exports=[export for exports in by_version.values() for export in exports],
+            mlflow_ui=mlflow_ui,
+        )
+
+    @app.get("/exports/{run_id}/{name}")
+    def export_download(run_id: str, name: str) -> FileResponse:
+        """An exported file, served from its export run's artifact directory and never from outside it."""
+        if not runs.database_ready(home_uri):
+            raise HTTPException(404, "no MLflow database yet")
+        try:
+            path = export_file(home_uri, run_id, name)
+        except (ValueError, FileNotFoundError) as err:
+            raise HTTPException(404, str(err)) from None
+        return FileResponse(path, filename=path.name)
 
     def sweep_fronts(found: list[Version]) -> list[tuple[str, Markup]]:
         """Each recent sweep's front over the metric its champion was chosen by, that champion ringed."""

@@ -14,6 +14,13 @@ from faceforge.export.quantize import CALIBRATION_COUNT, CalibrationImages, Face
 from faceforge.export.runtime import LATENCY_RUNS
 
 FORMATS = ("onnx", "onnx-int8", "c-array")
+FP32_FILE, INT8_FILE, CARD_FILE, C_SYMBOL = "model.onnx", "model_int8.onnx", "card.json", "faceforge_model"
+
+
+def artifact_files(fmt: str) -> list[str]:
+    """The names export_artifact writes for a format, card last: what gets logged and offered for download."""
+    files = [FP32_FILE] + ([INT8_FILE] if fmt != "onnx" else [])
+    return files + ([f"{C_SYMBOL}.c", f"{C_SYMBOL}.h"] if fmt == "c-array" else []) + [CARD_FILE]
 
 
 def export_artifact(
@@ -26,25 +33,27 @@ def export_artifact(
     calibration_count: int = CALIBRATION_COUNT,
     latency_runs: int = LATENCY_RUNS,
     opset: int = DEFAULT_OPSET,
+    accuracy: dict[str, float] | None = None,
 ) -> ArtifactCard:
     """Write model.onnx, then model_int8.onnx (int8 formats) and faceforge_model.c/.h (c-array), and card.json.
 
     `calibration` (required by the int8 formats) is read with `crop_fraction`, the crop the model saw.
+    `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt != "onnx" and calibration is None:
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
-    fp32_path = export_onnx(model, model.input_size, out_dir / "model.onnx", opset)
+    fp32_path = export_onnx(model, model.input_size, out_dir / FP32_FILE, opset)
     int8_path = None
     if fmt != "onnx":
         reader = FaceCalibrationReader(
             calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
         )
-        int8_path = quantize_int8(fp32_path, out_dir / "model_int8.onnx", reader)
+        int8_path = quantize_int8(fp32_path, out_dir / INT8_FILE, reader)
     if fmt == "c-array":
-        write_c_array(int8_path, out_dir)
-    card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs)
-    (out_dir / "card.json").write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        write_c_array(int8_path, out_dir, C_SYMBOL)
+    card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy)
+    (out_dir / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return card

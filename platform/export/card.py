@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from torch import nn
 from faceforge.export.c_array import Activation, largest_activation
 from faceforge.export.runtime import LATENCY_RUNS, onnx_latency_ms
 from faceforge.models.card import count_macs, count_params
+from faceforge.registry.selection import DEFAULT_METRIC, TIE_BREAK
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ArtifactCard:
     int8_latency_ms: float | None
     # Of the deployed graph: the int8 one when there is one.
     largest_activation: Activation
+    # The source run's verification metrics (the fp32 model as trained, short names); int8 is not re-evaluated.
+    accuracy: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +46,9 @@ class ArtifactCard:
             rows["int8"] = f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x)"
         shape = "x".join(str(d) for d in act.shape)
         rows["largest activation"] = f"{act.bytes / 1024:.1f} KiB ({act.name}, {shape})"
+        measured = [f"{key} {self.accuracy[key]:.4f}" for key in (TIE_BREAK, DEFAULT_METRIC) if key in self.accuracy]
+        if measured:
+            rows["accuracy (fp32)"] = ", ".join(measured)
         return "\n".join(f"{key:<19}{value}" for key, value in rows.items())
 
 
@@ -52,6 +58,7 @@ def artifact_card(
     fp32_path: Path,
     int8_path: Path | None = None,
     latency_runs: int = LATENCY_RUNS,
+    accuracy: dict[str, float] | None = None,
 ) -> ArtifactCard:
     """Latencies are onnxruntime's at batch 1 on one thread (median of `latency_runs`)."""
     input_size = model.input_size
@@ -66,4 +73,5 @@ def artifact_card(
         int8_bytes=int8_path.stat().st_size if int8_path else None,
         int8_latency_ms=onnx_latency_ms(int8_path, input_size, latency_runs) if int8_path else None,
         largest_activation=largest_activation(deployed),
+        accuracy=dict(accuracy or {}),
     )
