@@ -85,17 +85,27 @@ def _config_reference(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from faceforge.eval.sources import load_model
-    from faceforge.export import export_artifact, open_calibration_images, training_data_of
+    from faceforge.export import (
+        EXPORTS_EXPERIMENT,
+        export_artifact,
+        log_export,
+        open_calibration_images,
+        resolve_source,
+        training_data_of,
+    )
     from faceforge.jobs.paths import faceforge_home
+    from faceforge.registry import default_tracking_uri
 
-    model = load_model(args.model, args.tracking_uri)
+    uri = args.tracking_uri or default_tracking_uri()
+    model = load_model(args.model, uri)
+    source = resolve_source(uri, args.model)
     calibration, crop_fraction = None, args.crop_fraction
     if args.format != "onnx":
         known = args.calibration and crop_fraction
-        train_root, train_crop = (None, None) if known else training_data_of(args.model, args.tracking_uri)
-        source, crop_fraction = args.calibration or train_root, crop_fraction or train_crop
-        print(f"calibration: up to {args.calibration_count} images from {source}, crop {crop_fraction:g}")
-        calibration = open_calibration_images(source)
+        train_root, train_crop = (None, None) if known else training_data_of(args.model, uri)
+        images, crop_fraction = args.calibration or train_root, crop_fraction or train_crop
+        print(f"calibration: up to {args.calibration_count} images from {images}, crop {crop_fraction:g}")
+        calibration = open_calibration_images(images)
     out = args.out or faceforge_home() / "exports" / f"{model.config['name']}-{args.format}"
     card = export_artifact(
         model,
@@ -104,9 +114,14 @@ def _export(args: argparse.Namespace) -> None:
         calibration=calibration,
         crop_fraction=crop_fraction or 1.0,
         calibration_count=args.calibration_count,
+        accuracy=source.accuracy,
     )
     print(card.summary())
     print(f"written to {out}")
+    if not args.no_log:
+        run_id = log_export(uri, source, out, card)
+        print(f"logged to MLflow: run {run_id} of experiment {EXPORTS_EXPERIMENT!r} in {uri}")
+        print("see it with `faceforge mlflow-ui` or on the web UI's models page")
 
 
 def _data_pack(args: argparse.Namespace) -> None:
@@ -486,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--calibration-count", type=int, default=256, help="images drawn evenly from the set")
     export.add_argument("--crop-fraction", type=float, default=None, help="default: the crop the model trained with")
-    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ sources")
+    export.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="where models:/ sources are read and the export is logged (default: sqlite:///$FACEFORGE_HOME/mlflow.db)",
+    )
+    export.add_argument("--no-log", action="store_true", help="only write the files; log nothing to MLflow")
     export.set_defaults(func=_export)
 
     data = commands.add_parser("data", help="dataset tools")
