@@ -219,12 +219,23 @@ def _data_list(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from faceforge.train.app import main
+    from faceforge.data.sample_data import demo_data_paths
+    from faceforge.demo import PROFILES, RECIPE, Demo
+    from faceforge.jobs.paths import faceforge_home
 
-    # 64 px triples the steps that fit in the demo's 20 minutes on 2 CPU cores compared with 112 px.
-    # CosFace at s=32 learns from scratch on ~6k images where ArcFace at s=64, m=0.5 stalls near chance.
-    recipe = ["trainer=demo", "model=mobilefacenet", "model.input_size=64", "head=cosface", "head.s=32", "head.m3=0.35"]
-    main([*recipe, *args.overrides])
+    if args.train_only:  # issue 2's demo: the base model alone, trained in this process
+        from faceforge.train.app import main
+
+        main(["trainer=demo", *RECIPE, *args.overrides])
+        return
+    home = args.home or faceforge_home() / "demo"
+    data = demo_data_paths()
+    print(f"faceforge demo ({args.profile} profile) in {home}; data: {data.source}", flush=True)
+    demo = Demo(home, PROFILES[args.profile], data, args.overrides, port=args.port, fresh=args.fresh)
+    try:
+        demo.run(keep_serving=args.keep_serving)
+    except KeyboardInterrupt:
+        sys.exit(f"faceforge demo: interrupted; jobs and servers stopped. Rerun it to resume ({home})")
 
 
 def _job_store() -> JobStore:
@@ -452,8 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("overrides", nargs=argparse.REMAINDER)
     distill.set_defaults(func=_distill)
 
-    demo = commands.add_parser("demo", help="train MobileFaceNet on real faces with 2 ranks, then evaluate")
-    demo.add_argument("overrides", nargs=argparse.REMAINDER, help="extra Hydra overrides")
+    demo = commands.add_parser(
+        "demo", help="the whole loop: train, auto-label, sweep, select, distil, export int8, re-label (~20 min)"
+    )
+    demo.add_argument("--profile", choices=("full", "tiny"), default="full", help="stage sizes; tiny is for tests")
+    demo.add_argument("--home", type=Path, default=None, help="demo home (default: $FACEFORGE_HOME/demo, runs/demo)")
+    demo.add_argument("--port", type=int, default=8000, help="web UI port (another free one if taken)")
+    demo.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted demo")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the web UI up at the end until Ctrl-C")
+    demo.add_argument(
+        "--train-only", action="store_true", help="only issue 2's demo: MobileFaceNet on 2 ranks, LFW evaluation"
+    )
+    demo.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides for every training job")
     demo.set_defaults(func=_demo)
 
     ev = commands.add_parser("eval", help="verification (pairs.txt or .bin) and 1:N identification")

@@ -1,0 +1,163 @@
+"""The closed-loop demo's parts that need no training: profiles, the identity split, albums and ground truth,
+union folders, clustering scores against the truth, the demo home's resume rules and the summary table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from faceforge.cli import build_parser
+from faceforge.data.folder import list_images
+from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths
+from faceforge.demo import FULL, TINY, DemoError, Stage, summary_table
+from faceforge.demo.data import (
+    UNLABELLED,
+    build_sets,
+    deal_albums,
+    identity_folders,
+    photo_labels,
+    score_version,
+    split_identities,
+    union_folder,
+)
+from faceforge.demo.loop import STATE_FILE, open_home
+from faceforge.demo.services import train_progress
+
+SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
+
+
+def test_profiles_reject_impossible_sizes() -> None:
+    with pytest.raises(ValueError, match="split identities"):
+        replace(TINY, split_identities=TINY.held_out_identities + 1)
+    with pytest.raises(ValueError, match=">= 2 albums"):
+        replace(FULL, albums=1)
+    with pytest.raises(ValueError, match="pairs per fold"):
+        replace(TINY, pairs_per_fold=1)
+
+
+def test_held_out_identities_are_disjoint_and_stable() -> None:
+    folders = identity_folders(SAMPLE.train_root)
+    base, held_out = split_identities(folders, 10, min_photos=4)
+    assert len(held_out) == 10 and len(base) == len(folders) - 10
+    assert not {f.name for f in base} & {f.name for f in held_out}
+    assert split_identities(folders, 10, min_photos=4) == (base, held_out), "a rerun holds out the same people"
+    with pytest.raises(ValueError, match="cannot hold out"):
+        split_identities(folders, len(folders), min_photos=4)
+    with pytest.raises(ValueError, match="0 with 1000 photos"):
+        split_identities(folders, 1, min_photos=1000)
+
+
+def test_albums_split_some_people_over_two() -> None:
+    profile = replace(TINY, held_out_identities=5, photos_per_identity=6, albums=3, split_identities=2)
+    people = identity_folders(SAMPLE.train_root)[:5]
+    albums = deal_albums(people, profile)
+    assert sorted(albums) == ["album-1", "album-2", "album-3"]
+    where: dict[str, set[str]] = {}
+    for album, photos in albums.items():
+        for source in photos.values():
+            where.setdefault(Path(source).parent.name, set()).add(album)
+    assert sorted(len(where[p.name]) for p in people) == [1, 1, 1, 2, 2]
+    assert sum(len(photos) for photos in albums.values()) == 5 * 6
+    with pytest.raises(ValueError, match="photos, the profile needs"):
+        deal_albums(people, replace(profile, photos_per_identity=1000))
+
+
+def test_sets_hold_out_people_with_their_ground_truth(tmp_path: Path) -> None:
+    sets = build_sets(SAMPLE, TINY, tmp_path / "data")
+    truth = json.loads(sets.truth.read_text())
+    inbox = sorted(p.relative_to(sets.inbox).as_posix() for p in sets.inbox.rglob("*") if p.is_file())
+    assert inbox == sorted(truth) and len(truth) == sets.photos == TINY.held_out_identities * TINY.photos_per_identity
+    base = {p.name for p in sets.base.iterdir()}
+    assert len(base) == sets.base_identities == len(identity_folders(SAMPLE.train_root)) - TINY.held_out_identities
+    assert not base & set(truth.values()), "the base model never sees a held-out person"
+    assert all((sets.base / name).is_symlink() for name in base)
+    lines = sets.pairs.read_text().splitlines()
+    assert lines[0] == f"10\t{TINY.pairs_per_fold}" and len(lines) == 1 + 10 * 2 * TINY.pairs_per_fold
+
+
+def write_version(root: Path, records: dict[str, str]) -> Path:
+    """A dataset version with one face per photo ({album/photo: identity}) and its crops."""
+    version = root / "v0001"
+    for k, identity in enumerate(records.values()):
+        (version / "images" / identity).mkdir(parents=True, exist_ok=True)
+        (version / "images" / identity / f"face{k}.jpg").write_bytes(b"jpeg")
+    lines = [json.dumps({"face": f"face{k}", "source": s, "identity": i}) for k, (s, i) in enumerate(records.items())]
+    (version / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return version
+
+
+def test_union_adds_the_versions_people_to_the_base(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    for name, images in (("a", 2), ("b", 3)):
+        (base / name).mkdir(parents=True)
+        for i in range(images):
+            (base / name / f"{i}.jpg").write_bytes(b"jpeg")
+    version = write_version(tmp_path, {"album-1/x.jpg": "id_x", "album-1/y.jpg": "id_x", "album-2/z.jpg": "id_z"})
+    assert union_folder(base, version, tmp_path / "union") == (4, 8)
+    assert sorted(p.name for p in (tmp_path / "union").iterdir()) == ["a", "b", "id_x", "id_z"]
+    assert len(list_images(tmp_path / "union" / "id_x")) == 2
+    assert union_folder(base, version, tmp_path / "union") == (4, 8), "a rerun rebuilds the links"
+    (base / "id_x").mkdir()
+    with pytest.raises(ValueError, match="appears twice"):
+        union_folder(base, version, tmp_path / "union2")
+
+
+def test_photos_without_a_face_count_as_singletons(tmp_path: Path) -> None:
+    truth = {"album-1/a1.jpg": "A", "album-1/a2.jpg": "A", "album-2/a3.jpg": "A", "album-2/b1.jpg": "B"}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    version = write_version(tmp_path, {"album-1/a1.jpg": "id_1", "album-1/a2.jpg": "id_1", "album-2/b1.jpg": "id_2"})
+    labels = photo_labels(version, truth)
+    assert labels["album-2/a3.jpg"] == UNLABELLED + "album-2/a3.jpg"
+    scores = score_version(version, tmp_path / "truth.json", tmp_path / "clusters.json")
+    assert scores.faces == 4 and scores.clusters == 3 and scores.pairwise_precision == 1.0
+    assert scores.pairwise_recall == pytest.approx(2 / 6)  # 1 of A's 3 pairs found (ordered pairs: 2 of 6)
+    assert json.loads((tmp_path / "clusters.json").read_text()) == labels  # for `faceforge data cluster-eval`
+
+
+def test_a_demo_home_resumes_restarts_or_refuses(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    state = open_home(home, TINY, fresh=False)
+    assert state["stages"] == {} and (home / STATE_FILE).is_file()
+    state["stages"]["data"] = {"name": "data", "seconds": 1.0, "figures": {}, "values": {}}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    assert "data" in open_home(home, TINY, fresh=False)["stages"], "an unfinished demo resumes"
+    with pytest.raises(DemoError, match="unfinished tiny demo"):
+        open_home(home, FULL, fresh=False)
+    assert open_home(home, FULL, fresh=True)["stages"] == {}, "--fresh starts over"
+    state = json.loads((home / STATE_FILE).read_text()) | {"complete": True}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    (home / "leftover").write_text("from the finished run")
+    assert open_home(home, FULL, fresh=False)["stages"] == {} and not (home / "leftover").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("not the demo's")
+    with pytest.raises(DemoError, match="did not make"):
+        open_home(other, TINY, fresh=True)
+    assert (other / "precious.txt").exists()
+
+
+def test_progress_is_read_from_the_trainers_bar(tmp_path: Path) -> None:
+    log = tmp_path / "job.log"
+    assert train_progress(str(log)) is None
+    log.write_text("output: x\ntrain:   0%|          | 0/500 [00:00<?, ?it/s]\rtrain:  42%|####2     | 210/500 [01:10]")
+    assert train_progress(str(log)) == (210, 500)
+
+
+def test_summary_has_a_row_per_stage_with_wall_time() -> None:
+    stages = [
+        Stage("base model", 421.5, {"LFW accuracy": "0.6500"}, {}),
+        Stage("label round 2", 12.25, {"F before -> after": "pairwise 0.40 -> 0.55"}, {}),
+    ]
+    lines = summary_table(stages).splitlines()
+    assert lines[0].split() == ["stage", "wall", "time", "figures"] and set(lines[1]) == {"-"}
+    assert lines[2].startswith("base model") and "7 min 01.5 s  LFW accuracy 0.6500" in lines[2]
+    assert "12.2 s  F before -> after pairwise 0.40 -> 0.55" in lines[3]
+
+
+def test_train_only_keeps_issue_2s_demo() -> None:
+    args = build_parser().parse_args(["demo", "--train-only", "trainer.steps=10"])
+    assert args.train_only and args.overrides == ["trainer.steps=10"] and args.profile == "full"
+    assert build_parser().parse_args(["demo", "--profile", "tiny", "--fresh"]).fresh
