@@ -144,5 +144,7 @@ def test_prelu_matches_torch_prelu_in_value_and_gradients(shape: tuple[int, ...]
     out_ref = reference.double()(x_ref)
     out_ref.mul(upstream).sum().backward()
     torch.testing.assert_close(ours(x), out_ref)
+    with torch.no_grad():  # the inference form, which export traces
+        torch.testing.assert_close(ours(x), out_ref)
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
