@@ -415,15 +415,19 @@ class Autolabeller:
 
     def features_of(self, faces: list[dict], model: EmbeddingModel) -> np.ndarray:
         """The model's embedding of every face; faces it has not embedded yet (a new champion) are re-embedded."""
-        stored = self.state.embeddings(model.key, [f["face"] for f in faces])
-        missing = [f["face"] for f in faces if f["face"] not in stored]
+        return self.cached_embeddings(model, [f["face"] for f in faces], lambda face: self.crops / f"{face}.jpg")
+
+    def cached_embeddings(self, model: EmbeddingModel, keys: list[str], crop_path: Callable[[str], Path]) -> np.ndarray:
+        """Embeddings by key from the state database, computing and storing only those this model lacks."""
+        stored = self.state.embeddings(model.key, keys)
+        missing = [key for key in dict.fromkeys(keys) if key not in stored]
         for start in range(0, len(missing), 1024):
             chunk = missing[start : start + 1024]
-            crops = [read_crop(self.crops / f"{face}.jpg") for face in chunk]
+            crops = [read_crop(crop_path(key)) for key in chunk]
             vectors, _ = embed_crops(model, crops, self.config.embed_batch)
             self.state.store_embeddings(model.key, chunk, vectors)
             stored.update(zip(chunk, vectors, strict=True))
-        return np.stack([stored[f["face"]] for f in faces]) if faces else np.zeros((0, 1), dtype=np.float32)
+        return np.stack([stored[key] for key in keys]) if keys else np.zeros((0, 1), dtype=np.float32)
 
     def finish_round(self, current: Round, model: EmbeddingModel) -> RoundReport:
         self.state.beat(f"round {current.number}: clustering and writing the version")
@@ -459,8 +463,24 @@ class Autolabeller:
         sets = {}
         for kind, root in (("known", self.config.dedup.known_root), ("eval", self.config.dedup.eval_root)):
             if root:
-                sets[kind] = embed_folder(Path(root), model, self.config.embed_batch)
+                sets[kind] = self.embed_folder(Path(root), model)
         return sets
+
+    def embed_folder(self, root: Path, model: EmbeddingModel) -> tuple[np.ndarray, np.ndarray]:
+        """An identity folder of aligned crops: (embeddings, identity name per image).
+
+        Cached by file content, so each round embeds only the images this model has not seen: a folder can
+        change between rounds, and a training set is large next to a round's new faces.
+        """
+        from faceforge.data.folder import ImageFolderDataset
+
+        if not root.is_dir():
+            raise AutolabelError(f"{root}: identity folder not found")
+        folder = ImageFolderDataset(root)
+        keys = ["ref:" + hashlib.sha256(Path(path).read_bytes()).hexdigest() for path, _ in folder.samples]
+        paths = {key: Path(path) for key, (path, _) in zip(keys, folder.samples, strict=True)}
+        names = np.array([folder.classes[label] for _, label in folder.samples])
+        return self.cached_embeddings(model, keys, paths.__getitem__), names
 
     def maybe_retrain(self, version: Path, new_people: int) -> str | None:
         settings = self.config.retrain
@@ -541,18 +561,6 @@ def encode_jpeg(crop: np.ndarray) -> bytes:
 
 def read_crop(path: Path) -> np.ndarray:
     return decode_image(path.read_bytes(), str(path))
-
-
-def embed_folder(root: Path, model: EmbeddingModel, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """An identity folder of aligned crops: (embeddings, identity name per image)."""
-    from faceforge.data.folder import ImageFolderDataset
-
-    if not root.is_dir():
-        raise AutolabelError(f"{root}: identity folder not found")
-    folder = ImageFolderDataset(root)
-    crops = [read_crop(Path(path)) for path, _ in folder.samples]
-    names = np.array([folder.classes[label] for _, label in folder.samples])
-    return embed_crops(model, crops, batch_size)[0], names
 
 
 # Labelling: clusters, merges and drops

@@ -199,6 +199,39 @@ def test_a_new_model_relabels_and_enough_new_people_enqueue_retraining(
     assert second.stats["new_identities"] == 0 and second.job_id is None
 
 
+def test_reference_folders_are_embedded_once_per_model(photos: Path, model_a: Path, tmp_path: Path) -> None:
+    """Known identities are embedded by file content and reused in later rounds; only new images are embedded."""
+    lfw = shared_data() / "lfw"
+    known = tmp_path / "known"
+    others = sorted(d for d in lfw.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= 3)[-3:]
+    for person in others:
+        (known / person.name).mkdir(parents=True)
+        for photo in sorted(person.glob("*.jpg"))[:2]:
+            shutil.copy(photo, known / person.name / photo.name)
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album0").mkdir(parents=True)
+    first_photos = sorted((photos / "album0").glob("*.jpg"))
+    shutil.copy(first_photos[0], inbox / "album0")
+    labeller = Autolabeller(inbox, workdir, config(model_a, f"dedup.known_root={known}"), log=lambda _: None)
+    assert labeller.run_once() is not None
+
+    def reference_rows() -> dict[str, bytes]:
+        with sqlite3.connect(workdir / "state.db") as db:
+            return dict(db.execute("SELECT face, vector FROM embeddings WHERE face LIKE 'ref:%'"))
+
+    cached = reference_rows()
+    assert len(cached) == 6
+    marked = min(cached)
+    with sqlite3.connect(workdir / "state.db") as db:  # a marker a re-embedding would overwrite
+        db.execute("UPDATE embeddings SET vector = ? WHERE face = ?", (bytes(len(cached[marked])), marked))
+    shutil.copy(sorted(others[0].glob("*.jpg"))[-1], known / others[0].name / "added.jpg")
+    shutil.copy(first_photos[1], inbox / "album0")
+    assert labeller.run_once() is not None
+    after = reference_rows()
+    assert after[marked] == bytes(len(cached[marked])), "a cached reference embedding was computed again"
+    assert len(after) == 7, "the image added to the known folder was not embedded"
+
+
 def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(AutolabelError, match=r"unknown config key\(s\) cluster.treshold"):
         load_config(None, ["cluster.treshold=0.5"])
