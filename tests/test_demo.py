@@ -1,5 +1,6 @@
 """The closed-loop demo's parts that need no training: profiles, the identity split, albums and ground truth,
-union folders, clustering scores against the truth, the demo home's resume rules and the summary table."""
+the aligned base and pair sets and their cache, union folders, clustering scores against the truth, the demo
+home's resume rules and the summary table."""
 
 from __future__ import annotations
 
@@ -11,19 +12,24 @@ import pytest
 
 from faceforge.cli import build_parser
 from faceforge.data.folder import list_images
+from faceforge.data.image import read_image
 from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths
 from faceforge.demo import FULL, TINY, DemoError, Stage, summary_table
 from faceforge.demo.data import (
     UNLABELLED,
+    align_set,
+    base_photos,
     build_sets,
     deal_albums,
     identity_folders,
+    link_files,
+    pair_files,
     photo_labels,
     score_version,
     split_identities,
     union_folder,
 )
-from faceforge.demo.loop import STATE_FILE, open_home
+from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, open_home
 from faceforge.demo.services import train_progress
 
 SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
@@ -36,6 +42,10 @@ def test_profiles_reject_impossible_sizes() -> None:
         replace(FULL, albums=1)
     with pytest.raises(ValueError, match="pairs per fold"):
         replace(TINY, pairs_per_fold=1)
+    with pytest.raises(ValueError, match="base photos per identity"):
+        replace(FULL, base_photos_per_identity=1)
+    with pytest.raises(ValueError, match="base identities"):
+        replace(FULL, base_identities=0)
 
 
 def test_held_out_identities_are_disjoint_and_stable() -> None:
@@ -65,17 +75,54 @@ def test_albums_split_some_people_over_two() -> None:
         deal_albums(people, replace(profile, photos_per_identity=1000))
 
 
+def test_base_photos_take_the_profiles_share_of_people_and_photos() -> None:
+    folders = identity_folders(SAMPLE.train_root)
+    photos = base_photos(folders, TINY)
+    assert len({p.parent for p in photos}) == TINY.base_identities
+    assert len(photos) == TINY.base_identities * TINY.base_photos_per_identity
+    assert base_photos(folders, TINY) == photos, "a rerun trains on the same photos"
+    everything = replace(TINY, base_identities=None, base_photos_per_identity=None)
+    assert base_photos(folders, everything) == [p for f in folders for p in list_images(f)]
+
+
+def test_pair_files_name_both_photos_of_each_pair() -> None:
+    pairs = [["Ann", "1", "3"], ["Ann", "1", "Bob", "12"]]
+    assert pair_files(pairs) == ["Ann/Ann_0001.jpg", "Ann/Ann_0003.jpg", "Bob/Bob_0012.jpg"]
+
+
 def test_sets_hold_out_people_with_their_ground_truth(tmp_path: Path) -> None:
     sets = build_sets(SAMPLE, TINY, tmp_path / "data")
     truth = json.loads(sets.truth.read_text())
     inbox = sorted(p.relative_to(sets.inbox).as_posix() for p in sets.inbox.rglob("*") if p.is_file())
     assert inbox == sorted(truth) and len(truth) == sets.photos == TINY.held_out_identities * TINY.photos_per_identity
-    base = {p.name for p in sets.base.iterdir()}
-    assert len(base) == sets.base_identities == len(identity_folders(SAMPLE.train_root)) - TINY.held_out_identities
+    base = {p.name for p in sets.base_photos.iterdir()}
+    assert len(base) == sets.base_identities == TINY.base_identities
     assert not base & set(truth.values()), "the base model never sees a held-out person"
-    assert all((sets.base / name).is_symlink() for name in base)
+    assert all(p.is_symlink() for p in sets.base_photos.rglob("*.jpg"))
+    assert len(list(sets.base_photos.rglob("*.jpg"))) == sets.base_images
     lines = sets.pairs.read_text().splitlines()
     assert lines[0] == f"10\t{TINY.pairs_per_fold}" and len(lines) == 1 + 10 * 2 * TINY.pairs_per_fold
+    linked = sorted(p.relative_to(sets.pair_photos).as_posix() for p in sets.pair_photos.rglob("*.jpg"))
+    assert linked == pair_files([line.split() for line in lines[1:]]), "exactly the photos the pairs name"
+    assert not sets.base.exists() and not sets.pairs_root.exists(), "the align stage writes them"
+
+
+def test_aligned_sets_link_their_own_crops_and_reuse_the_cache(tmp_path: Path) -> None:
+    people = identity_folders(SAMPLE.train_root)[:2]
+    photos = {f"{p.parent.name}/{p.name}": p for folder in people for p in list_images(folder)[:2]}
+    link_files(photos, tmp_path / "photos")
+    options = {"min_face_size": SAMPLE_ALIGN_MIN_FACE["base"], "fallbacks": ("center",)}
+    counts, new = align_set(tmp_path / "photos", SAMPLE.train_root, tmp_path / "cache", tmp_path / "base", 1, **options)
+    assert counts == {"aligned": 4} and new == 4
+    crops = sorted(p.relative_to(tmp_path / "base").as_posix() for p in (tmp_path / "base").rglob("*.jpg"))
+    assert crops == sorted(photos)
+    assert read_image(tmp_path / "base" / crops[0]).shape == (112, 112, 3)
+    # Half the photos again: all from the cache, and the folder links only those.
+    (tmp_path / "photos" / people[1].name).rename(tmp_path / "elsewhere")
+    counts, new = align_set(tmp_path / "photos", SAMPLE.train_root, tmp_path / "cache", tmp_path / "base", 1, **options)
+    assert counts == {"aligned": 2} and new == 0
+    assert [p.name for p in (tmp_path / "base").iterdir()] == [people[0].name]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def write_version(root: Path, records: dict[str, str]) -> Path:
@@ -130,7 +177,9 @@ def test_a_demo_home_resumes_restarts_or_refuses(tmp_path: Path) -> None:
     state = json.loads((home / STATE_FILE).read_text()) | {"complete": True}
     (home / STATE_FILE).write_text(json.dumps(state))
     (home / "leftover").write_text("from the finished run")
+    (home / CACHE / "aligned-x").mkdir(parents=True)
     assert open_home(home, FULL, fresh=False)["stages"] == {} and not (home / "leftover").exists()
+    assert (home / CACHE / "aligned-x").is_dir(), "aligned crops outlive a finished demo"
     other = tmp_path / "other"
     other.mkdir()
     (other / "precious.txt").write_text("not the demo's")

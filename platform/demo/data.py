@@ -2,19 +2,25 @@
 
 The base model trains on most identities of the training set; the rest are held out and arrive as raw photos
 in an inbox of albums (some people in two albums), so the auto-labeller meets only people the base model never
-saw, and the ground truth it is scored against is known. Training folders are folders of links, never copies.
+saw, and the ground truth it is scored against is known. The base photos and the LFW pairs' photos are aligned
+to the template the auto-labeller crops faces with, so every model trains and is evaluated on the faces it will
+label. Training folders are folders of links, never copies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from faceforge.data.folder import list_images
 from faceforge.data.sample_data import DemoData, sample_pairs
+from faceforge.data_pipeline.align import align_tree, list_sources
+from faceforge.data_pipeline.align import read_manifest as read_align_manifest
 from faceforge.data_pipeline.cluster_metrics import ClusterScores, cluster_scores
 from faceforge.data_pipeline.versions import IMAGES, read_manifest
 from faceforge.demo.profile import Profile
@@ -25,11 +31,13 @@ UNLABELLED = "unlabelled/"  # prefix of the singleton label of a photo that no v
 
 @dataclass(frozen=True)
 class DemoSets:
-    base: Path  # identity folder of links: the identities the base model trains on
+    base_photos: Path  # <identity>/<photo> links to the raw photos the base model trains on, once aligned
+    pair_photos: Path  # <name>/<name>_NNNN.jpg links to the raw LFW photos the pairs name
+    base: Path  # identity folder of links to the aligned base crops (written by `align_set`)
+    pairs_root: Path  # the aligned pair photos (links, written by `align_set`)
     inbox: Path  # <album>/<photo>: what the auto-labeller consumes
     truth: Path  # {"album/photo": identity} of every inbox photo
     pairs: Path  # the LFW pairs every model is evaluated on
-    pairs_root: Path
     base_identities: int
     base_images: int
     photos: int
@@ -70,6 +78,65 @@ def deal_albums(people: list[Path], profile: Profile) -> dict[str, dict[str, str
     return albums
 
 
+def base_photos(folders: list[Path], profile: Profile) -> list[Path]:
+    """The photos the base model trains on: a seeded draw of the profile's identities and photos of each (all of
+    them when it sets no cap), so a small profile aligns a handful of photos and still takes the same path."""
+    rng = random.Random(SEED)
+    if profile.base_identities is not None and profile.base_identities < len(folders):
+        folders = sorted(rng.sample(folders, profile.base_identities))
+    photos = []
+    for folder in folders:
+        images = list_images(folder)
+        cap = profile.base_photos_per_identity
+        photos += images if cap is None or cap >= len(images) else sorted(rng.sample(images, cap))
+    return photos
+
+
+def pair_files(pairs: list[list[str]]) -> list[str]:
+    """The image files (relative to the LFW root) that LFW-format pair lines name, sorted."""
+    files = set()
+    for fields in pairs:
+        name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
+        files |= {f"{name_a}/{name_a}_{int(i):04d}.jpg", f"{name_b}/{name_b}_{int(j):04d}.jpg"}
+    return sorted(files)
+
+
+def link_files(files: dict[str, Path], dst: Path) -> None:
+    """A tree of real folders holding a link per file ({relative path: file}), for a tool that walks folders."""
+    for name, file in files.items():
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        (dst / name).symlink_to(file.resolve())
+
+
+def link_aligned(aligned: Path, sources: list[str], dst: Path) -> Counter[str]:
+    """Links under dst to the crops of `sources` in `aligned` (an `align_tree` output that may hold more photos),
+    mirroring their folders; the sources counted by status (aligned, no_face, error)."""
+    records = read_align_manifest(aligned)
+    if dst.exists():  # links only: a rerun rebuilds them
+        shutil.rmtree(dst)
+    counts: Counter[str] = Counter()
+    for source in sources:
+        counts[records[source][0]["status"]] += 1
+        for record in records[source]:
+            if record["status"] == "aligned":
+                (dst / record["output"]).parent.mkdir(parents=True, exist_ok=True)
+                (dst / record["output"]).symlink_to(aligned / record["output"])
+    return counts
+
+
+def align_set(
+    photos: Path, source: Path, cache: Path, dst: Path, workers: int, **options: object
+) -> tuple[Counter[str], int]:
+    """Align a tree of links to photos of `source` into a cache folder keyed by `source` and `options`, then link
+    the crops of exactly these photos under dst; (counts by status, photos this call had to align). The cache is
+    resumable and outlives the demo's runs: photos an earlier run aligned are not aligned again."""
+    key = json.dumps({"source": str(source.resolve()), **options}, sort_keys=True)
+    aligned = cache / f"aligned-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    counts = align_tree(photos, aligned, workers=workers, chunk_size=32, **options)  # type: ignore[arg-type]
+    new = counts["aligned"] + counts["no_face"] + counts["error"]
+    return link_aligned(aligned.resolve(), list_sources(photos, exclude=aligned), dst), new
+
+
 def link_identities(folders: list[Path], dst: Path) -> None:
     """An image folder whose identity sub-folders are links to `folders` (resolved, so links never chain)."""
     dst.mkdir(parents=True)
@@ -81,10 +148,12 @@ def link_identities(folders: list[Path], dst: Path) -> None:
 
 
 def build_sets(data: DemoData, profile: Profile, root: Path) -> DemoSets:
-    """Write base/, inbox/, truth.json and pairs.txt under `root` (which must not exist yet)."""
+    """Write photos/ (links to the base and pair photos to align), inbox/, truth.json and pairs.txt under `root`
+    (which must not exist yet)."""
     folders = identity_folders(data.train_root)
     base, held_out = split_identities(folders, profile.held_out_identities, profile.photos_per_identity)
-    link_identities(base, root / "base")
+    training = base_photos(base, profile)
+    link_files({f"{p.parent.name}/{p.name}": p for p in training}, root / "photos" / "base")
     truth: dict[str, str] = {}
     for album, photos in deal_albums(held_out, profile).items():
         (root / "inbox" / album).mkdir(parents=True)
@@ -94,14 +163,20 @@ def build_sets(data: DemoData, profile: Profile, root: Path) -> DemoSets:
     (root / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     folds, kept = sample_pairs(data.pairs, profile.pairs_per_fold, random.Random(SEED))
     (root / "pairs.txt").write_text(f"{folds}\t{profile.pairs_per_fold}\n" + "".join("\t".join(f) + "\n" for f in kept))
+    needed = {name: data.pairs_root / name for name in pair_files(kept)}
+    if missing := [str(file) for file in needed.values() if not file.is_file()]:
+        raise FileNotFoundError(f"{len(missing)} photos the pairs name are missing, e.g. {missing[0]}")
+    link_files(needed, root / "photos" / "lfw")
     return DemoSets(
+        base_photos=root / "photos" / "base",
+        pair_photos=root / "photos" / "lfw",
         base=root / "base",
+        pairs_root=root / "lfw",
         inbox=root / "inbox",
         truth=root / "truth.json",
         pairs=root / "pairs.txt",
-        pairs_root=data.pairs_root,
-        base_identities=len(base),
-        base_images=sum(len(list_images(f)) for f in base),
+        base_identities=len({p.parent for p in training}),
+        base_images=len(training),
         photos=len(truth),
     )
 
