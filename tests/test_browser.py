@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,18 +91,25 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_train_root: Path, tiny_p
         file.close()
 
 
-@pytest.fixture(scope="module")
-def page(site: str) -> Iterator[Page]:
+@contextmanager
+def logged_in(site: str, token: str, landing: str) -> Iterator[Page]:
+    """A chromium page signed in to the web UI at `site` with `token`, left on `landing`."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         page = browser.new_page()
         page.set_default_timeout(30_000)
-        page.goto(f"{site}/login?next=/jobs/new")
-        page.fill("input[name=token]", TOKEN)
+        page.goto(f"{site}/login?next={landing}")
+        page.fill("input[name=token]", token)
         page.click("button[type=submit]")
-        page.wait_for_url(f"{site}/jobs/new")
+        page.wait_for_url(f"{site}{landing}")
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(site: str) -> Iterator[Page]:
+    with logged_in(site, TOKEN, "/jobs/new") as page:
+        yield page
 
 
 def fill_tiny_job(page: Page, site: str, train_root: Path, steps: int, overrides: str) -> None:

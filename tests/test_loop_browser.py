@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Page, expect, sync_playwright
-from test_browser import CHROMIUM, _free_port
+from playwright.sync_api import Page, expect
+from test_browser import CHROMIUM, _free_port, logged_in
 
 from conftest import shared_data
 
@@ -59,17 +59,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, 
 
 @pytest.fixture(scope="module")
 def page(demo: tuple[str, Path, str]) -> Iterator[Page]:
-    url = demo[0]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(f"{url}/login?next=/queue")
-        page.fill("input[name=token]", TOKEN)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{url}/queue")
+    with logged_in(demo[0], TOKEN, "/queue") as page:
         yield page
-        browser.close()
 
 
 def test_the_demo_prints_every_stage_and_where_to_look(demo: tuple[str, Path, str]) -> None:
