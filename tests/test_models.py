@@ -144,7 +144,8 @@ def test_prelu_matches_torch_prelu_in_value_and_gradients(shape: tuple[int, ...]
     out_ref = reference.double()(x_ref)
     out_ref.mul(upstream).sum().backward()
     torch.testing.assert_close(ours(x), out_ref)
-    with torch.no_grad():  # the inference form, which export traces
+    with torch.no_grad():  # the inference forms, which evaluation and export use
         torch.testing.assert_close(ours(x), out_ref)
+    torch.testing.assert_close(ours.eval()(x), out_ref)
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)

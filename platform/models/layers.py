@@ -57,7 +57,7 @@ class PReLU(nn.PReLU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if self.training and torch.is_grad_enabled():  # export traces eval mode, whatever its grad mode
             return _PReLUFunction.apply(x, self.weight)
         return torch.relu(x) - _channel_view(self.weight, x) * torch.relu(-x)
 
