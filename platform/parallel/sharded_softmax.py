@@ -15,10 +15,8 @@ One batch through it:
 2. Partial FC keeps every positive class of the shard and a random share of the others, so a step
    touches about r·C/W rows.
 3. The cross-entropy is distributed: each sample's max logit is all-reduced with MAX, then the sum of
-   exponentials and the target logit with SUM. Within a rank the softmax is online: each block of logits
-   is shifted by its own per-sample max and exponentiated while still in cache, and one factor per block
-   and sample reconciles the shifts. The logit buffer holds these exponentials, becomes the gradient
-   buffer in backward, and is reused by the next step.
+   exponentials and the target logit with SUM. The shard's logit buffer is turned into exponentials in
+   place, becomes the gradient buffer in backward, and is reused by the next step.
 4. Backward returns the feature gradient (summed over shards by the all-gather's backward) and writes
    the gradient of the sampled rows straight into the head's gradient buffer.
 
@@ -29,8 +27,8 @@ sample's own rank, so it counts once per sample like the cross-entropy.
 
 Cosine logits are computed as (x/|x|)·w · 1/|w| so the C/W × D weight is never copied to normalise it.
 Both passes walk the used rows in blocks (`row_blocks`): a block of weight is read once per pass, and
-everything done to it (its norms, the matmuls, the softmax, the radial projection of its gradient) runs
-while it is in cache. Under Partial FC only a block at a time is gathered.
+everything done to it (its norms, the matmuls, the radial projection of its gradient) runs while it is
+in cache. Under Partial FC only a block at a time is gathered.
 """
 
 from __future__ import annotations
@@ -45,8 +43,8 @@ from faceforge.heads.margins import MarginSpec
 from faceforge.parallel.dist import all_gather_tensor, all_reduce_max, all_reduce_sum, rank, world_size
 
 _NORM_EPS = 1e-12
-# Rows per block: a block of weight (2 MB at D = 512) and its logits stay in cache between their uses.
-_BLOCK_ROWS = 1024
+# Rows per block: a block of weight (4 MB at D = 512) and its logits stay in cache between their uses.
+_BLOCK_ROWS = 2048
 
 
 def row_blocks(num_rows: int) -> list[slice]:
@@ -89,26 +87,6 @@ def all_gather_with_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None =
     return _AllGatherWithGrad.apply(tensor, group)
 
 
-class _TargetsByBlock:
-    """The samples whose target class is on this shard, sorted by class so that each row block finds
-    its own targets as one contiguous slice."""
-
-    def __init__(self, targets: torch.Tensor, blocks: list[slice]) -> None:
-        samples = (targets >= 0).nonzero().squeeze(1)
-        classes, order = targets[samples].sort()
-        self.samples, self.classes = samples[order], classes
-        starts = torch.tensor([b.start for b in blocks] + [blocks[-1].stop if blocks else 0])
-        self.bounds = torch.searchsorted(classes.cpu(), starts).tolist()
-
-    def of(self, index: int, block: slice) -> tuple[slice, torch.Tensor, torch.Tensor] | None:
-        """Positions (into the sorted targets), block-relative rows and samples of block `index`, if any."""
-        first, end = self.bounds[index], self.bounds[index + 1]
-        if first == end:
-            return None
-        where = slice(first, end)
-        return where, self.classes[where] - block.start, self.samples[where]
-
-
 class _ShardedMarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -119,53 +97,40 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         sample_margin: torch.Tensor | None,
     ) -> torch.Tensor:
-        margin, group, scale = head.margin, head.group, head.margin.scale
+        margin, group = head.margin, head.group
         if margin.normalized:
             feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
             inputs = features / feature_norm
         else:
             feature_norm, inputs = None, features
         num_rows = head.num_local if rows is None else len(rows)
-        blocks = row_blocks(num_rows)
-        found = _TargetsByBlock(targets, blocks)
-        target_margin = None if sample_margin is None else sample_margin[found.samples]
-        cos_target = inputs.new_empty(len(found.samples))
-        psi_target = inputs.new_empty(len(found.samples))
         logits = head.take_logits_buffer(num_rows, len(inputs))
         inv_weight_norm = logits.new_empty(num_rows) if margin.normalized else None
-        # Online softmax: each block is shifted by its own per-sample max and exponentiated while in cache;
-        # the blocks' shifts are reconciled afterwards with one factor per block and sample.
-        block_max = logits.new_empty(len(blocks), len(inputs))
-        block_sum = logits.new_empty(len(blocks), len(inputs))
-        for index, block in enumerate(blocks):
+        for block in row_blocks(num_rows):
             weight = head.weight_block(rows, block)
             block_logits = torch.mm(weight, inputs.T, out=logits[block])
             if inv_weight_norm is not None:
                 inv_weight_norm[block] = weight.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
-                block_logits.mul_(inv_weight_norm[block, None] * scale)
-            elif scale != 1.0:
-                block_logits.mul_(scale)
-            if (mine := found.of(index, block)) is not None:
-                where, block_classes, samples = mine
-                cos = block_logits[block_classes, samples] / scale
-                cos_target[where] = cos
-                psi_target[where] = margin.target_logit(cos, None if target_margin is None else target_margin[where])
-                block_logits[block_classes, samples] = psi_target[where] * scale
-            torch.amax(block_logits, dim=0, out=block_max[index])
-            torch.sum(block_logits.sub_(block_max[index]).exp_(), dim=0, out=block_sum[index])
+                block_logits.mul_(inv_weight_norm[block, None])
 
-        local_max = block_max.amax(dim=0)
-        local_sum = (block_sum * (block_max - local_max).exp_()).sum(dim=0)
-        sample_max = all_reduce_max(local_max.clone(), group)
-        sum_exp = all_reduce_sum(local_sum * (local_max - sample_max).exp_(), group)
+        target_samples = (targets >= 0).nonzero().squeeze(1)
+        target_classes = targets[target_samples]
+        cos_target = logits[target_classes, target_samples]
+        target_margin = None if sample_margin is None else sample_margin[target_samples]
+        logits[target_classes, target_samples] = margin.target_logit(cos_target, target_margin)
+        if margin.scale != 1.0:
+            logits.mul_(margin.scale)
+
+        sample_max = all_reduce_max(logits.amax(dim=0), group)
+        logits.sub_(sample_max)
         target_logit = torch.zeros_like(sample_max)
-        target_logit[found.samples] = psi_target * scale - sample_max[found.samples]
+        target_logit[target_samples] = logits[target_classes, target_samples]
         all_reduce_sum(target_logit, group)
-        # The buffer holds exp(z − block max); times this factor it is exp(z − global max).
-        block_factor = (block_max - sample_max).exp_()
+        exps = logits.exp_()
+        sum_exp = all_reduce_sum(exps.sum(dim=0), group)
 
-        ctx.head, ctx.rows, ctx.found = head, rows, found
-        ctx.save_for_backward(logits, block_max, block_factor, sum_exp, inputs, cos_target, psi_target, target_margin)
+        ctx.head, ctx.rows = head, rows
+        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin)
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
@@ -173,56 +138,38 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None, torch.Tensor | None]:
-        head, rows, found, inv_weight_norm = ctx.head, ctx.rows, ctx.found, ctx.inv_weight_norm
+        head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        grad, block_max, block_factor, sum_exp, inputs, cos_target, psi_target, target_margin = ctx.saved_tensors
-        # d loss / d logit = softmax − one-hot = exp(z − M)/S − one-hot for a sample's global max M and sum
-        # of exponentials S; times grad_loss · scale / N. For targets, also times dψ/dcos.
+        exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin = ctx.saved_tensors
+        # d loss / d logit = softmax − one-hot = (exp − S·one-hot) / S for a sample's sum of exponentials S;
+        # then through the scale and, for targets, through ψ. Per-sample factors wait for the block loop.
+        grad = exps
+        grad[target_classes, target_samples] -= sum_exp[target_samples]
         sample_scale = grad_loss * margin.scale / (len(sum_exp) * sum_exp)
-        one_hot_scale = grad_loss * margin.scale / len(sum_exp)
         grad_margin = None if target_margin is None else torch.zeros_like(sum_exp)
-        dpsi = dpsi_dmargin = None
-        if not margin.is_identity and len(found.samples):
+        if not margin.is_identity and len(target_samples):
             with torch.enable_grad():
                 cos = cos_target.detach().requires_grad_()
                 extra = None if target_margin is None else target_margin.detach().requires_grad_()
                 psi = margin.target_logit(cos, extra).sum()
-                dpsi, *rest = torch.autograd.grad(psi, [cos] if extra is None else [cos, extra])
-                dpsi_dmargin = rest[0] if rest else None
+                dpsi, *dpsi_dmargin = torch.autograd.grad(psi, [cos] if extra is None else [cos, extra])
+            grad_target = grad[target_classes, target_samples]
+            if grad_margin is not None:
+                grad_margin[target_samples] = grad_target * sample_scale[target_samples] * dpsi_dmargin[0]
+            grad[target_classes, target_samples] = grad_target * dpsi
 
         grad_inputs = torch.zeros_like(inputs)
         dense_grad = head.claim_dense_grad() if rows is None else None
-        for index, block in enumerate(row_blocks(len(grad))):
+        for block in row_blocks(len(grad)):
             weight = head.weight_block(rows, block)
-            exps, factor = grad[block], block_factor[index] * sample_scale
+            block_grad = grad[block].mul_(sample_scale)
             if inv_weight_norm is not None:
-                # Σ_i g_ij·cos_ij per row, for the radial part of w_j's gradient below: the buffer holds
-                # e = exp(s·cos − block max), so cos = (ln e + block max) / s. Read off the N-wide logits, this
-                # costs a quarter of a D-wide row product (targets, whose logit is s·ψ, are corrected below).
-                e_log_e = exps.clamp_min(torch.finfo(exps.dtype).tiny).log_().mul_(exps)  # xlogy is not vectorised
-                cos_weighted = torch.mv(e_log_e, factor)
-                cos_weighted.addmv_(exps, factor * block_max[index]).div_(margin.scale)
-            block_grad = exps.mul_(factor)
-            if (mine := found.of(index, block)) is not None:
-                where, block_classes, samples = mine
-                softmax_target = block_grad[block_classes, samples]
-                grad_target = softmax_target - one_hot_scale
-                if dpsi_dmargin is not None:
-                    grad_margin[samples] = grad_target * dpsi_dmargin[where]
-                if dpsi is not None:
-                    grad_target = grad_target * dpsi[where]
-                block_grad[block_classes, samples] = grad_target
-                if inv_weight_norm is not None:
-                    correction = grad_target * cos_target[where] - softmax_target * psi_target[where]
-                    cos_weighted.index_add_(0, block_classes, correction)
-            if inv_weight_norm is not None:
-                # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part,
-                # w_j (w_j·grad_j) / |w_j|² = w_j · Σ_i g_ij·cos_ij / |w_j|².
+                # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
                 block_grad.mul_(inv_weight_norm[block, None])
             grad_inputs.addmm_(block_grad.T, weight)
             grad_weight = torch.mm(block_grad, inputs, out=None if dense_grad is None else dense_grad[block])
             if inv_weight_norm is not None:
-                radial = cos_weighted.mul_(inv_weight_norm[block].square())
+                radial = torch.linalg.vecdot(weight, grad_weight) * inv_weight_norm[block].square()
                 grad_weight.addcmul_(weight, radial[:, None], value=-1.0)
             if dense_grad is None:
                 head.accumulate_weight_grad(head.block_rows(rows, block), grad_weight)
