@@ -51,8 +51,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, 
         yield url, home, "".join(lines)
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C ends --keep-serving: the demo stops its scheduler and web server
-        process.wait(60)
-    assert process.returncode == 0, process.stdout.read()
+        # Drain the pipe while waiting: a demo blocked writing to a full pipe could never exit.
+        rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, rest
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=5)
 
