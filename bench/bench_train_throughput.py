@@ -12,7 +12,7 @@ workers' CPU time). A run above --max-other is repeated once the machine is quie
 
     .venv/bin/python bench/bench_train_throughput.py                      # the full table, ~15 minutes
     .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet --ranks 2 --loader 0 1
-    .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet --ranks 2 --channels-last
+    .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet --ranks 2 --malloc default
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from faceforge import models
 from faceforge.data import DistributedBatchSampler, open_dataset
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, init_distributed, shutdown_distributed
+from faceforge.train.allocator import keep_freed_memory
 from faceforge.train.config import TrainConfig
 from faceforge.train.loop import build_optimizer, forward_backward, train_transform
 
@@ -70,6 +71,7 @@ class Run:
     channels_last: bool = False
     bucket_cap_mb: float | None = None
     grad_as_bucket_view: bool = False
+    malloc: str = "keep"  # the trainer's keep_freed_memory(), or glibc's "default"
 
 
 def machine_busy_seconds() -> float:
@@ -121,6 +123,8 @@ def run_rank(rank: int, run: Run, port: int, results: mp.SimpleQueue) -> None:
     else:
         env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=run.world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({key: str(value) for key, value in env.items()})
+    if run.malloc == "keep":
+        keep_freed_memory()
     torch.set_num_threads(run.threads)
     ctx = init_distributed("cpu")
     try:
@@ -301,7 +305,12 @@ def main() -> None:
     parser.add_argument(
         "--independent", action="store_true", help="2 ranks = 2 concurrent single-rank trainers (no DDP)"
     )
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--memory-format", choices=["channels_last", "contiguous"], default="channels_last", help="trainer default"
+    )
+    parser.add_argument(
+        "--malloc", choices=["keep", "default"], default="keep", help="keep: the trainer's keep_freed_memory()"
+    )
     parser.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size (torch default 25)")
     parser.add_argument("--grad-as-bucket-view", action="store_true")
     parser.add_argument(
@@ -326,7 +335,8 @@ def main() -> None:
         images=args.images,
         independent=args.independent,
         data_root=args.data_root,
-        channels_last=args.channels_last,
+        channels_last=args.memory_format == "channels_last",
+        malloc=args.malloc,
         bucket_cap_mb=args.bucket_cap_mb,
         grad_as_bucket_view=args.grad_as_bucket_view,
     )
@@ -335,8 +345,8 @@ def main() -> None:
     classes = f"{args.classes} random labels" if args.images == "random" else "the identities of --data-root"
     print(
         f"112 px, width 1, embedding 512, {args.act}, ArcFace over {classes}, batch {args.batch}/rank, gloo, "
-        f"{args.threads} thread(s)/rank, channels_last={args.channels_last}, bucket_cap_mb={args.bucket_cap_mb}, "
-        f"gradient_as_bucket_view={args.grad_as_bucket_view}"
+        f"{args.threads} thread(s)/rank, {args.memory_format}, malloc={args.malloc}, "
+        f"bucket_cap_mb={args.bucket_cap_mb}, gradient_as_bucket_view={args.grad_as_bucket_view}"
         + (", 2 ranks = 2 independent single-rank trainers (no DDP)" if args.independent else "")
     )
     print("step = forward + backward + backbone SGD + head step; img/s over the timed steps after warm-up;")

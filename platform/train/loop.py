@@ -38,6 +38,7 @@ from faceforge.parallel import (
     init_distributed,
     shutdown_distributed,
 )
+from faceforge.train.allocator import keep_freed_memory
 from faceforge.train.checkpoint import LATEST, load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
@@ -146,6 +147,7 @@ def forward_backward(
 
 def train(cfg: TrainConfig, run_id: str | None = None) -> dict[str, float]:
     """Run (or resume) training for this rank; returns the final evaluation metrics on rank 0."""
+    keep_freed_memory()
     torch.set_num_threads(cfg.trainer.threads)
     ctx = init_distributed(cfg.trainer.device)
     try:
