@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from faceforge.heads import MarginSpec, margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax
+from faceforge.train.allocator import keep_freed_memory
 
 FLOAT_BYTES, LABEL_BYTES = 4, 8
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -48,6 +49,7 @@ class Config:
     batch: int
     warmup: int
     steps: int
+    keep_freed_memory: bool  # the trainer's allocator settings, or glibc's defaults
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
 
 def run_rank(rank: int, config: Config, port: int, results: mp.SimpleQueue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if config.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=config.world_size)
     try:
@@ -204,6 +208,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--malloc", choices=["keep", "default"], default="keep", help="keep: the trainer's keep_freed_memory()"
+    )
     parser.add_argument("--max-other", type=float, default=0.2, help="cores other jobs may use before a rerun")
     parser.add_argument("--retries", type=int, default=1)
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -211,7 +218,10 @@ def main() -> None:
 
     threads = "OMP_NUM_THREADS=" + os.environ["OMP_NUM_THREADS"]
     print("machine: " + machine_line(f"torch {torch.__version__}", threads))
-    print(f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5)")
+    print(
+        f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5), "
+        f"malloc={args.malloc}"
+    )
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")
     print("        formula = weight + grad + momentum per rank; ratio = increment / formula")
@@ -219,6 +229,7 @@ def main() -> None:
     print("| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) | other |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
+    common["keep_freed_memory"] = args.malloc == "keep"
     runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
     runs += [Config("naive", int(c), 1.0, **common) for c in sorted(args.naive_classes)]
     naive_bytes_per_class = None

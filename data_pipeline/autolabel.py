@@ -196,16 +196,14 @@ def resolve_model(source: str, tracking_uri: str | None) -> tuple[str, str]:
     from faceforge.eval.sources import MLFLOW_SCHEMES
 
     if source.startswith("models:/") and "@" in source:
+        from faceforge.registry.champion import registered_version
         from faceforge.registry.database import default_tracking_uri, open_database
 
-        name, alias = source.removeprefix("models:/").split("@", 1)
         try:
-            client = open_database(tracking_uri or default_tracking_uri())
-            version = client.get_model_version_by_alias(name, alias).version
-        except Exception as err:  # no database yet (ValueError), no such model or alias (MlflowException)
-            reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
-            raise AutolabelError(f"{source}: no registered model to embed with yet ({reason})") from None
-        pinned = f"models:/{name}/{version}"
+            found = registered_version(open_database(tracking_uri or default_tracking_uri()), source)
+        except (ValueError, FileNotFoundError) as err:  # no database yet, or no such model or alias
+            raise AutolabelError(f"{source}: no registered model to embed with yet ({err})") from None
+        pinned = f"models:/{found.name}/{found.version}"
         return pinned, pinned
     if source.startswith(MLFLOW_SCHEMES):
         return source, source

@@ -31,6 +31,7 @@ from faceforge.registry import (
     sweep_candidates,
     versions,
 )
+from faceforge.registry.champion import registered_version
 from faceforge.registry.selection import JOB_TAG, SWEEP_TAG, Candidate
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
@@ -189,6 +190,22 @@ def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, 
     assert saved_policy(uri, SWEEP) == Policy(max_latency_ms=10) and saved_policy(uri, "sweep-x") == Policy()
     _, launched = select_and_register(uri, SWEEP, name="reg")
     assert launched.version == limited.version and champion(uri, "reg").version == limited.version
+
+
+def test_registry_uris_resolve_to_versions_or_a_clear_error(sweep: tuple[str, dict[str, str]]) -> None:
+    uri = sweep[0]
+    client = MlflowClient(uri)
+    _, registered = select_and_register(uri, SWEEP, name="pin")
+    by_alias = registered_version(client, f"models:/pin@{CHAMPION_ALIAS}")
+    assert by_alias is not None and (by_alias.name, str(by_alias.version)) == ("pin", str(registered.version))
+    assert registered_version(client, f"models:/pin/{registered.version}").run_id == registered.run_id
+    assert registered_version(client, "models:/pin/latest") is None  # stages and `latest` are not pinned
+    assert registered_version(client, f"runs:/{registered.run_id}/model") is None
+    for missing in ("models:/pin@staging", "models:/pin/99", "models:/nothing@champion", "models:/nothing/1"):
+        with pytest.raises(ValueError, match=f"no {missing} in the registry yet"):
+            registered_version(client, missing)
+    with pytest.raises(ValueError, match="no models:/nothing@champion"):
+        champion(uri, "nothing")
 
 
 def test_concurrent_registrations_of_a_sweep_add_one_version(sweep: tuple[str, dict[str, str]]) -> None:

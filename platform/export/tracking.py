@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.export.artifact import artifact_files
 from faceforge.export.card import ArtifactCard
+from faceforge.registry.champion import registered_version
 from faceforge.registry.database import open_database, prepare_tracking
 from faceforge.registry.selection import check_id
 
@@ -71,19 +72,10 @@ def resolve_source(tracking_uri: str, source: str) -> ExportSource:
     run_id = name = version = None
     if source.startswith("runs:/"):
         run_id = source.removeprefix("runs:/").split("/", 1)[0]
-    elif source.startswith("models:/"):
-        reference = source.removeprefix("models:/").rstrip("/")
-        registered, at, alias = reference.partition("@")
-        registered, slash, number = registered.partition("/")
-        found = None
-        if at:
-            found = client.get_model_version_by_alias(registered, alias)
-        elif number.isdigit():
-            found = client.get_model_version(registered, number)
-        elif not slash:  # an MLflow 3 logged model id
-            run_id = client.get_logged_model(registered).source_run_id
-        if found is not None:
-            run_id, name, version = found.run_id, found.name, str(found.version)
+    elif (found := registered_version(client, source)) is not None:
+        run_id, name, version = found.run_id, found.name, str(found.version)
+    elif source.startswith("models:/") and "/" not in (model_id := source.removeprefix("models:/").rstrip("/")):
+        run_id = client.get_logged_model(model_id).source_run_id  # an MLflow 3 logged model id
     if run_id is None:
         return ExportSource(source)
     metrics = client.get_run(run_id).data.metrics

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 from mlflow.tracking import MlflowClient
 
 from faceforge.registry.database import database_path, open_database
@@ -143,14 +148,28 @@ def select_and_register(
     return selection, register(tracking_uri, selection, name)
 
 
+def registered_version(client: MlflowClient, uri: str) -> ModelVersion | None:
+    """The version behind `models:/name@alias` or `models:/name/3`, so that a caller can pin what an alias meant
+    when it read it; None for any other URI. ValueError when no such model, version or alias exists."""
+    registered, at, alias = uri.removeprefix("models:/").rstrip("/").partition("@")
+    registered, _, number = registered.partition("/")
+    if not uri.startswith("models:/") or not (at or number.isdigit()):
+        return None
+    try:
+        if at:
+            return client.get_model_version_by_alias(registered, alias)
+        return client.get_model_version(registered, number)
+    except MlflowException as err:
+        # A missing model or version is RESOURCE_DOES_NOT_EXIST; a missing alias of a model is INVALID_PARAMETER_VALUE.
+        if err.error_code not in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            raise
+        raise ValueError(f"no {uri} in the registry yet") from None
+
+
 def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> Version:
     client = open_database(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise
-        raise ValueError(f"no {CHAMPION_ALIAS} of model {name!r} in {tracking_uri} yet") from None
+    mv = registered_version(client, f"models:/{name}@{CHAMPION_ALIAS}")
+    assert mv is not None  # an alias URI always names a version
     return _version(client, mv)
 
 
