@@ -50,7 +50,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, 
         url = re.search(r"serving the web UI at (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
         yield url, home, "".join(lines)
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C ends --keep-serving: the demo stops its scheduler and web server
+        # SIGTERM, which the demo takes as Ctrl-C: SIGINT is ignored by every process of a background shell job.
+        process.send_signal(signal.SIGTERM)
         # Drain the pipe while waiting: a demo blocked writing to a full pipe could never exit.
         rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0, rest

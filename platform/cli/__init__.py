@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -218,6 +219,10 @@ def _data_list(args: argparse.Namespace) -> None:
         )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _demo(args: argparse.Namespace) -> None:
     from faceforge.data.sample_data import demo_data_paths
     from faceforge.demo import PROFILES, RECIPE, Demo
@@ -232,6 +237,7 @@ def _demo(args: argparse.Namespace) -> None:
     data = demo_data_paths()
     print(f"faceforge demo ({args.profile} profile) in {home}; data: {data.source}", flush=True)
     demo = Demo(home, PROFILES[args.profile], data, args.overrides, port=args.port, fresh=args.fresh)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C: jobs and servers stop in order
     try:
         demo.run(keep_serving=args.keep_serving)
     except KeyboardInterrupt:
@@ -383,7 +389,6 @@ def _queue_cancel(args: argparse.Namespace) -> None:
 
 def _scheduler(args: argparse.Namespace) -> None:
     import logging
-    import signal
     import threading
 
     from faceforge.jobs import JobStore, faceforge_home, store_path

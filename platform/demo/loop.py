@@ -183,10 +183,18 @@ class Demo:
             if keep_serving:
                 self.out(f"\nserving the web UI at {self.url} until Ctrl-C")
                 with contextlib.suppress(KeyboardInterrupt):  # the end the user asked for, not an interruption
-                    threading.Event().wait()
+                    self.serve()
         finally:
             self.stop()
         return self.stages
+
+    def serve(self) -> None:
+        """Until Ctrl-C, or a server dies. Short sleeps, not one endless wait: the kernel may deliver SIGINT to
+        any thread (MLflow's, tqdm's), and then only a main thread that wakes on its own runs Python's handler."""
+        while True:
+            time.sleep(0.5)
+            for child in self.children:
+                child.check()
 
     def start_services(self) -> None:
         from faceforge.web.security import resolve_token
