@@ -264,7 +264,10 @@ def align_tree(
     settings = AlignSettings(src, dst, size, all_faces, detector, tuple(fallbacks), dict(detector_options))
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     counts = Counter(images=len(sources), skipped=len(done))
-    with (dst / MANIFEST).open("a") as manifest, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
+    with (
+        (dst / MANIFEST).open("a") as manifest,
+        tqdm(total=len(todo), unit="img", disable=not (progress and todo)) as bar,
+    ):
 
         def log(records: list[dict], photos: int) -> None:
             manifest.writelines(json.dumps(record) + "\n" for record in records)

@@ -61,3 +61,11 @@ def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pai
 
     missing = faceforge("eval", str(tmp_path / "nope"), "--pairs", str(tiny_pairs))
     assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    for command in (["demo", "--home", str(tmp_path / "demo")], ["web"], ["mlflow-ui"]):
+        for port in ("70000", "0", "http"):
+            result = faceforge(*command, "--port", port)
+            assert result.returncode == 2 and f"{port} is not a TCP port (1-65535)" in result.stderr
+    assert not (tmp_path / "demo").exists()

@@ -5,6 +5,7 @@ home's resume rules and the summary table."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from faceforge.demo.data import (
     split_identities,
     union_folder,
 )
-from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, open_home
+from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, lock_home, open_home
 from faceforge.demo.services import train_progress
 
 SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
@@ -186,6 +187,14 @@ def test_a_demo_home_resumes_restarts_or_refuses(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="did not make"):
         open_home(other, TINY, fresh=True)
     assert (other / "precious.txt").exists()
+
+
+def test_one_demo_at_a_time_per_home(tmp_path: Path) -> None:
+    first = lock_home(tmp_path / "home")
+    with pytest.raises(DemoError, match="another faceforge demo is running"):
+        lock_home(tmp_path / "home")
+    os.close(first)  # the first demo ended
+    os.close(lock_home(tmp_path / "home"))
 
 
 def test_progress_is_read_from_the_trainers_bar(tmp_path: Path) -> None:

@@ -219,6 +219,13 @@ def _data_list(args: argparse.Namespace) -> None:
         )
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -236,9 +243,9 @@ def _demo(args: argparse.Namespace) -> None:
     home = args.home or faceforge_home() / "demo"
     data = demo_data_paths()
     print(f"faceforge demo ({args.profile} profile) in {home}; data: {data.source}", flush=True)
-    demo = Demo(home, PROFILES[args.profile], data, args.overrides, port=args.port, fresh=args.fresh)
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C: jobs and servers stop in order
     try:
+        demo = Demo(home, PROFILES[args.profile], data, args.overrides, port=args.port, fresh=args.fresh)
         demo.run(keep_serving=args.keep_serving)
     except KeyboardInterrupt:
         sys.exit(f"faceforge demo: interrupted; jobs and servers stopped. Rerun it to resume ({home})")
@@ -473,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--profile", choices=("full", "tiny"), default="full", help="stage sizes; tiny is for tests")
     demo.add_argument("--home", type=Path, default=None, help="demo home (default: $FACEFORGE_HOME/demo, runs/demo)")
-    demo.add_argument("--port", type=int, default=8000, help="web UI port (another free one if taken)")
+    demo.add_argument("--port", type=_port, default=8000, help="web UI port (another free one if taken)")
     demo.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted demo")
     demo.add_argument("--keep-serving", action="store_true", help="keep the web UI up at the end until Ctrl-C")
     demo.add_argument(
@@ -663,13 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("mlflow-ui", help="serve the MLflow UI on the platform's tracking database")
     ui.add_argument("--tracking-uri", default=None, help="default: sqlite:///$FACEFORGE_HOME/mlflow.db")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--workers", type=int, default=1, help="server processes (MLflow's default of 4 is for teams)")
     ui.set_defaults(func=_mlflow_ui)
 
     web = commands.add_parser("web", help="the web UI: submit jobs and sweeps, follow them, compare, pick models")
     web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--port", type=_port, default=8000)
     web.set_defaults(func=_web)
     return parser
 

@@ -2,13 +2,14 @@
 
 Every training job goes through the queue and the scheduler this demo starts; every model it labels with is
 the registry's champion. A finished stage is recorded in `<home>/demo.json` with its figures, so an
-interrupted demo resumes at the stage it was in; a completed one starts over on the next run, keeping only the
-aligned crops in `<home>/cache`.
+interrupted demo resumes at the stage it was in (that stage's training starts over: its stopped jobs are
+cancelled); a completed one starts over on the next run, keeping only the aligned crops in `<home>/cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -28,8 +29,8 @@ from faceforge.data.sample_data import SAMPLE_ROOT, DemoData
 from faceforge.demo.data import DemoSets, align_set, build_sets, score_version, union_folder
 from faceforge.demo.profile import RECIPE, Profile
 from faceforge.demo.services import Child, DemoError, follow_jobs, free_port, wait_until_serving
-from faceforge.jobs import TERMINAL, Job, JobStore, make_jobs, merge_overrides, store_path
-from faceforge.jobs.executors.local_runner import process_start_time
+from faceforge.jobs import CANCELLED, FAILED, LOST, TERMINAL, Job, JobStore, make_jobs, merge_overrides, store_path
+from faceforge.jobs.executors.local_runner import process_start_time, write_atomic
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import new_id
 from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, champion
@@ -58,6 +59,18 @@ class Stage:
     values: dict[str, Any]  # what later stages (and a resumed run) need
 
 
+def lock_home(home: Path) -> int:
+    """A lock on the home directory, held while the demo lives: a second demo there would stop this one's jobs."""
+    home.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(home, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise DemoError(f"another faceforge demo is running in {home}") from None
+    return descriptor
+
+
 def open_home(home: Path, profile: Profile, fresh: bool) -> dict[str, Any]:
     """The demo state of `home`: resumed when unfinished, otherwise (or with `fresh`) a clean start."""
     path = home / STATE_FILE
@@ -82,7 +95,7 @@ def open_home(home: Path, profile: Profile, fresh: bool) -> dict[str, Any]:
             state = None
     home.mkdir(parents=True, exist_ok=True)
     state = state or {"profile": profile.name, "complete": False, "stages": {}, "jobs": {}, "children": {}}
-    path.write_text(json.dumps(state, indent=1))
+    write_atomic(path, json.dumps(state, indent=1))
     return state
 
 
@@ -120,6 +133,7 @@ class Demo:
         out: Callable[[str], None] = tqdm.write,
     ) -> None:
         self.home, self.profile, self.data, self.overrides, self.out = home.resolve(), profile, data, overrides, out
+        self.lock = lock_home(self.home)
         self.state = open_home(self.home, profile, fresh)
         self.uri = f"sqlite:///{self.home}/mlflow.db"
         self.store = JobStore(store_path(self.home))
@@ -134,9 +148,7 @@ class Demo:
     # Bookkeeping
 
     def save(self) -> None:
-        path = self.home / STATE_FILE
-        path.with_suffix(".tmp").write_text(json.dumps(self.state, indent=1))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_atomic(self.home / STATE_FILE, json.dumps(self.state, indent=1))
 
     def stage(self, name: str, run: Callable[[], tuple[dict[str, str], dict[str, Any]]]) -> Stage:
         if (done := self.state["stages"].get(name)) is not None:
@@ -214,7 +226,7 @@ class Demo:
         self.stages.append(Stage("services", time.monotonic() - start, {"web": self.url, "scheduler": "2 slots"}, {}))
 
     def stop(self) -> None:
-        """Stop the demo's unfinished jobs through the scheduler (they checkpoint), then the servers."""
+        """Cancel the demo's unfinished jobs through the scheduler (SIGTERM, then SIGKILL), then stop the servers."""
         if not self.children:
             return
         pending = [job for job in self.store.list(limit=1_000) if not job.terminal]
@@ -235,6 +247,8 @@ class Demo:
         if building.exists():
             shutil.rmtree(building)
         sets = build_sets(self.data, self.profile, building)
+        if (self.home / "data").exists():  # a run killed after the rename, before it recorded the stage
+            shutil.rmtree(self.home / "data")
         os.replace(building, self.home / "data")
         sets = DemoSets(**{k: _moved(v, building, self.home / "data") for k, v in asdict(sets).items()})
         p = self.profile
@@ -285,7 +299,7 @@ class Demo:
     def submit(self, stage: str, jobs: list[Job]) -> list[Job]:
         """Enqueue a stage's jobs, or take up the ones an interrupted run left still going."""
         earlier = [self.store.get(i) for i in self.state["jobs"].get(stage, [])]
-        if earlier and all(job.state not in ("failed", "cancelled", "lost") for job in earlier):
+        if earlier and all(job.state not in (FAILED, CANCELLED, LOST) and not job.cancel_requested for job in earlier):
             self.out(f"   following the jobs of an earlier run: {', '.join(job.id for job in earlier)}")
             return earlier
         self.store.submit(jobs)
@@ -383,12 +397,16 @@ class Demo:
         assert jobs[0].sweep_id is not None
         version = self.wait_champion(jobs[0].sweep_id)
         points = [self.store.get(job.id) for job in jobs]
-        winner = next(job for job in points if job.mlflow_run_id == version.run_id)
+        winner = next((job for job in points if job.mlflow_run_id == version.run_id), None)
+        if winner is None:
+            raise DemoError(f"the champion v{version.version} is none of this sweep's runs; see {self.uri}")
         added = Path(self.value("label round 1", "version")).name
         axis = self.profile.sweep.split("=", 1)[0]
         figures = {
             "data": f"{identities} identities, {images} images (base + {added})",
-            "points": ", ".join(f"{_axis(job, axis)} acc {_accuracy(job)}" for job in points),
+            "points": ", ".join(
+                f"{_axis(job, axis)} acc {accuracy_figures(job.metrics)['LFW accuracy']}" for job in points
+            ),
             "champion": f"v{version.version} ({_axis(winner, axis)}, {version.metric} {version.value:.4f})",
         }
         return figures, {"sweep": jobs[0].sweep_id, "version": version.version, "job": winner.id, "union": str(union)}
@@ -467,11 +485,6 @@ def accuracy_figures(metrics: dict[str, float]) -> dict[str, str]:
 def _axis(job: Job, key: str) -> str:
     """The sweep point's setting of the swept key, e.g. optim.lr=0.02."""
     return next(o for o in job.overrides if o.split("=", 1)[0] == key)
-
-
-def _accuracy(job: Job) -> str:
-    value = job.metrics.get("eval.accuracy")
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _moved(value: Any, old: Path, new: Path) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -58,13 +59,16 @@ class Child:
             raise DemoError(f"faceforge {self.name} exited with code {self.process.returncode}; see {self.log}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
+        try:
+            self.process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            self.process.wait()
 
 
 def wait_until_serving(web: Child, url: str) -> None:
@@ -74,7 +78,7 @@ def wait_until_serving(web: Child, url: str) -> None:
         try:
             if requests.get(f"{url}/healthz", timeout=5).ok:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer in time
             pass
         if time.monotonic() > deadline:
             raise DemoError(f"faceforge web did not answer at {url} within {START_SECONDS:.0f} s; see {web.log}")

