@@ -30,7 +30,7 @@ from faceforge.demo.data import (
     split_identities,
     union_folder,
 )
-from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, lock_home, open_home
+from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, check_overrides, lock_home, open_home
 from faceforge.demo.services import train_progress
 
 SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
@@ -187,6 +187,17 @@ def test_a_demo_home_resumes_restarts_or_refuses(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="did not make"):
         open_home(other, TINY, fresh=True)
     assert (other / "precious.txt").exists()
+
+
+def test_bad_overrides_stop_the_demo_before_it_starts() -> None:
+    check_overrides(TINY, ["model.width=0.5"])
+    for overrides, message in (
+        (["model.widht=2"], "Could not override 'model.widht'"),
+        (["optim.lr=0.1"], "optim.lr is what the demo's sweep varies"),
+        (["model.width=0.25,0.5"], "one value each"),
+    ):
+        with pytest.raises(DemoError, match=message):
+            check_overrides(TINY, overrides)
 
 
 def test_one_demo_at_a_time_per_home(tmp_path: Path) -> None:

@@ -59,6 +59,19 @@ class Stage:
     values: dict[str, Any]  # what later stages (and a resumed run) need
 
 
+def check_overrides(profile: Profile, overrides: list[str]) -> None:
+    """The user's training overrides, checked before anything runs rather than minutes later inside a job."""
+    sweep_key = profile.sweep.split("=", 1)[0]
+    if any(override.lstrip("+~").split("=", 1)[0] == sweep_key for override in overrides):
+        raise DemoError(f"{sweep_key} is what the demo's sweep varies ({profile.sweep}); override something else")
+    try:
+        jobs = make_jobs(merge_overrides(["trainer=demo", *RECIPE, *profile.model], overrides), name="demo-check")
+    except ValueError as err:
+        raise DemoError(f"demo overrides: {err}") from None
+    if len(jobs) > 1:
+        raise DemoError("demo overrides take one value each; the demo runs its own sweep")
+
+
 def lock_home(home: Path) -> int:
     """A lock on the home directory, held while the demo lives: a second demo there would stop this one's jobs."""
     home.mkdir(parents=True, exist_ok=True)
@@ -133,6 +146,7 @@ class Demo:
         out: Callable[[str], None] = tqdm.write,
     ) -> None:
         self.home, self.profile, self.data, self.overrides, self.out = home.resolve(), profile, data, overrides, out
+        check_overrides(profile, overrides)
         self.lock = lock_home(self.home)
         self.state = open_home(self.home, profile, fresh)
         self.uri = f"sqlite:///{self.home}/mlflow.db"
