@@ -141,11 +141,11 @@ class Demo:
         profile: Profile,
         data: DemoData,
         overrides: list[str],
-        port: int = 8000,
-        fresh: bool = False,
-        out: Callable[[str], None] = tqdm.write,
+        port: int,
+        fresh: bool,
     ) -> None:
-        self.home, self.profile, self.data, self.overrides, self.out = home.resolve(), profile, data, overrides, out
+        self.home, self.profile, self.data, self.overrides = home.resolve(), profile, data, overrides
+        self.out = tqdm.write  # between progress bars
         check_overrides(profile, overrides)
         self.lock = lock_home(self.home)
         self.state = open_home(self.home, profile, fresh)

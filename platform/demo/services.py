@@ -95,7 +95,7 @@ def train_progress(log_path: str | None) -> tuple[int, int] | None:
     return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
-def follow_jobs(store: JobStore, job_ids: Sequence[str], label: str, scheduler: Child, poll: float = 1.0) -> None:
+def follow_jobs(store: JobStore, job_ids: Sequence[str], label: str, scheduler: Child) -> None:
     """A bar over the training steps of all `job_ids` until every job ends; DemoError unless all succeeded."""
     jobs = [store.get(job_id) for job_id in job_ids]
     steps = {job.id: int(yaml.safe_load(job.config_yaml)["trainer"]["steps"]) for job in jobs}
@@ -110,7 +110,7 @@ def follow_jobs(store: JobStore, job_ids: Sequence[str], label: str, scheduler: 
             bar.set_postfix_str(", ".join(sorted({job.state for job in jobs})))
             if all(job.terminal for job in jobs):
                 break
-            time.sleep(poll)
+            time.sleep(1.0)
     for job in jobs:
         if job.state != SUCCEEDED:
             raise DemoError(
