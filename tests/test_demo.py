@@ -15,7 +15,7 @@ from faceforge.cli import build_parser
 from faceforge.data.folder import list_images
 from faceforge.data.image import read_image
 from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths
-from faceforge.demo import FULL, TINY, DemoError, Stage, summary_table
+from faceforge.demo import FULL, RECIPE, TINY, Demo, DemoError, Stage, summary_table
 from faceforge.demo.data import (
     UNLABELLED,
     align_set,
@@ -32,6 +32,9 @@ from faceforge.demo.data import (
 )
 from faceforge.demo.loop import CACHE, SAMPLE_ALIGN_MIN_FACE, STATE_FILE, check_overrides, lock_home, open_home
 from faceforge.demo.services import train_progress
+from faceforge.jobs import CANCELLED, QUEUED, make_jobs
+from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE
+from faceforge.jobs.paths import job_dir
 
 SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
 
@@ -198,6 +201,29 @@ def test_bad_overrides_stop_the_demo_before_it_starts() -> None:
     ):
         with pytest.raises(DemoError, match=message):
             check_overrides(TINY, overrides)
+
+
+def test_a_rerun_resumes_stopped_jobs_and_follows_running_ones(tmp_path: Path) -> None:
+    demo = Demo(tmp_path / "home", TINY, demo_data_paths(), [], port=8000, fresh=False)
+    store, jobs = demo.store, lambda *extra: make_jobs(["trainer=demo", *RECIPE, *extra], name="demo-base")
+    (job,) = demo.submit("base model", jobs())
+    store.claim("local", "old-scheduler", 2, 30)
+    assert demo.submit("base model", jobs()) == [store.get(job.id)], "a running job is followed"
+
+    store.cancel(job.id)  # the earlier demo's Ctrl-C: SIGTERM, the trainer checkpoints, the scheduler records it
+    assert store.finish(job.id, "old-scheduler", CANCELLED, exit_code=1, error="stopped by SIGTERM")
+    job_dir(demo.home, job.id).mkdir(parents=True)
+    (job_dir(demo.home, job.id) / EXIT_CODE_FILE).write_text("1")
+    (again,) = demo.submit("base model", jobs())
+    assert again.id == job.id and store.get(job.id).state == QUEUED, "the stopped job is queued again"
+    assert not (job_dir(demo.home, job.id) / EXIT_CODE_FILE).exists()
+
+    store.claim("local", "new-scheduler", 2, 30)
+    store.cancel(job.id)
+    assert store.finish(job.id, "new-scheduler", CANCELLED, exit_code=1)
+    (changed,) = demo.submit("base model", jobs("model.width=0.5"))  # other settings: a new job, trained afresh
+    assert changed.id != job.id and store.get(job.id).state == CANCELLED
+    os.close(demo.lock)
 
 
 def test_one_demo_at_a_time_per_home(tmp_path: Path) -> None:

@@ -141,6 +141,23 @@ def test_cancel_queued_at_once_and_running_on_request(template: Job, tmp_path: P
         store.cancel("job-missing")
 
 
+def test_retry_queues_an_ended_job_again_under_its_own_id(template: Job, tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    running, done = store.submit(copies(template, 2))
+    store.claim("local", "me", 2, 30)
+    store.claim("local", "me", 2, 30)
+    store.cancel(running.id)
+    assert store.finish(running.id, "me", CANCELLED, exit_code=1, error="stopped by SIGTERM")
+    assert store.finish(done.id, "me", SUCCEEDED, exit_code=0)
+    again = store.retry(running.id)
+    assert (again.state, again.cancel_requested, again.exit_code, again.error) == (QUEUED, False, None, None)
+    assert (again.lease_owner, again.handle, again.finished_at, again.cancelled_at) == (None, None, None, None)
+    assert store.claim("local", "me", 2, 30).id == running.id
+    for job_id in (running.id, done.id, "job-missing"):  # running again, succeeded, unknown
+        with pytest.raises(ValueError, match="has not ended in cancelled, failed or lost"):
+            store.retry(job_id)
+
+
 def test_a_thousand_jobs_in_one_submit(template: Job, tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.db")
     jobs = store.submit(copies(template, 1000))

@@ -2,8 +2,8 @@
 
 Every training job goes through the queue and the scheduler this demo starts; every model it labels with is
 the registry's champion. A finished stage is recorded in `<home>/demo.json` with its figures, so an
-interrupted demo resumes at the stage it was in (that stage's training starts over: its stopped jobs are
-cancelled); a completed one starts over on the next run, keeping only the aligned crops in `<home>/cache`.
+interrupted demo resumes at the stage it was in, whose stopped jobs resume from their checkpoints; a completed
+one starts over on the next run, keeping only the aligned crops in `<home>/cache`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,20 @@ from tqdm import tqdm
 from faceforge.data.sample_data import SAMPLE_ROOT, DemoData
 from faceforge.demo.data import DemoSets, align_set, build_sets, score_version, union_folder
 from faceforge.demo.profile import RECIPE, Profile
-from faceforge.demo.services import Child, DemoError, follow_jobs, free_port, wait_until_serving
-from faceforge.jobs import CANCELLED, FAILED, LOST, TERMINAL, Job, JobStore, make_jobs, merge_overrides, store_path
-from faceforge.jobs.executors.local_runner import process_start_time, write_atomic
+from faceforge.demo.services import STOP_SECONDS, Child, DemoError, follow_jobs, free_port, wait_until_serving
+from faceforge.jobs import (
+    CANCELLED,
+    FAILED,
+    LOST,
+    RUNNING,
+    TERMINAL,
+    Job,
+    JobStore,
+    make_jobs,
+    merge_overrides,
+    store_path,
+)
+from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE, process_start_time, write_atomic
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import new_id
 from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, champion
@@ -116,10 +127,14 @@ def stop_leftovers(home: Path, state: dict[str, Any]) -> None:
     """Children and jobs of an earlier demo that was killed outright: stopped, so they cannot race this one."""
     from faceforge.jobs.executors import get_executor
 
-    for pid, started in state.get("children", {}).values():
+    children = [(pid, started) for pid, started in state.get("children", {}).values()]
+    for pid, started in children:
         if process_start_time(pid) == started:  # the very process the earlier demo started, not a reused pid
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS  # an old scheduler still ticking could start a job after the list
+    while any(process_start_time(pid) == started for pid, started in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
     executor = get_executor("local", grace_seconds=GRACE_SECONDS)
     store = JobStore(store_path(home))
     leftover = [job for job in store.list(limit=1_000) if not job.terminal and job.handle]
@@ -130,7 +145,12 @@ def stop_leftovers(home: Path, state: dict[str, Any]) -> None:
         time.sleep(1.0)
         leftover = [job for job in leftover if executor.status(job).state not in TERMINAL]
     for job in store.list(limit=1_000):
-        if not job.terminal:
+        if job.terminal:
+            continue
+        if job.state == RUNNING and job.lease_owner and executor.status(job).state in TERMINAL:
+            # Its scheduler died with the earlier demo, so the job is recorded as it ended: stopped, resumable.
+            store.finish(job.id, job.lease_owner, CANCELLED, error="stopped when an earlier demo was killed")
+        else:
             store.cancel(job.id)
 
 
@@ -311,10 +331,19 @@ class Demo:
         return merge_overrides(merge_overrides(merge_overrides(common, list(p.model)), list(extra)), self.overrides)
 
     def submit(self, stage: str, jobs: list[Job]) -> list[Job]:
-        """Enqueue a stage's jobs, or take up the ones an interrupted run left still going."""
+        """Enqueue a stage's jobs, or take up those of an interrupted run: jobs still going are followed, and
+        stopped ones with the same settings are queued again, so their trainers resume from their checkpoints."""
         earlier = [self.store.get(i) for i in self.state["jobs"].get(stage, [])]
-        if earlier and all(job.state not in (FAILED, CANCELLED, LOST) and not job.cancel_requested for job in earlier):
+        stopped = [job for job in earlier if job.state in (FAILED, CANCELLED, LOST)]
+        stopping = [job for job in earlier if job.cancel_requested and not job.terminal]
+        if earlier and not stopped and not stopping:
             self.out(f"   following the jobs of an earlier run: {', '.join(job.id for job in earlier)}")
+            return earlier
+        if earlier and not stopping and [job.overrides for job in earlier] == [job.overrides for job in jobs]:
+            for job in stopped:
+                (job_dir(self.home, job.id) / EXIT_CODE_FILE).unlink(missing_ok=True)  # the stopped run's
+                self.store.retry(job.id)
+            self.out(f"   resuming the stopped jobs of an earlier run: {', '.join(job.id for job in stopped)}")
             return earlier
         self.store.submit(jobs)
         self.state["jobs"][stage] = [job.id for job in jobs]

@@ -317,6 +317,20 @@ class JobStore:
             raise KeyError(f"no job {job_id!r}")
         return _row_to_job(row)
 
+    def retry(self, job_id: str) -> Job:
+        """Queue a cancelled, failed or lost job again under its own id, so its trainer resumes from the
+        checkpoints in its own directory (jobs run with trainer.resume=auto)."""
+        with self._connect(immediate=True) as db:
+            row = db.execute(
+                "UPDATE jobs SET state = ?, cancel_requested = 0, attempts = 0, started_at = NULL, "
+                "finished_at = NULL, cancelled_at = NULL, lease_owner = NULL, lease_expires = NULL, handle = NULL, "
+                "exit_code = NULL, error = NULL WHERE id = ? AND state IN (?, ?, ?) RETURNING *",
+                (QUEUED, job_id, CANCELLED, FAILED, LOST),
+            ).fetchone()
+        if row is None:
+            raise ValueError(f"job {job_id!r} does not exist or has not ended in cancelled, failed or lost")
+        return _row_to_job(row)
+
 
 def _used_slots(db: sqlite3.Connection, executor: str) -> int:
     row = db.execute("SELECT COALESCE(SUM(slots), 0) FROM jobs WHERE state = ? AND executor = ?", (RUNNING, executor))
