@@ -76,20 +76,22 @@ def write_resized(src: Path, dst: Path, longest_side: int, quality: int) -> None
     dst.write_bytes(encoded.tobytes())
 
 
-def sample_pairs(pairs_txt: Path, pairs_per_fold: int, rng: random.Random) -> tuple[int, list[list[str]]]:
-    """Draw `pairs_per_fold` matched and mismatched lines inside each fold, so folds stay identity-disjoint."""
+def sample_pairs(pairs_txt: Path, pairs_per_fold: int, rng: random.Random) -> tuple[int, int, list[list[str]]]:
+    """(folds, pairs per fold and half, lines): up to `pairs_per_fold` matched and mismatched lines drawn inside
+    each fold, so folds stay identity-disjoint; a smaller file (the shipped sample's) gives all it has."""
     lines = [line.split() for line in pairs_txt.read_text().splitlines() if line.strip()]
     if not lines or len(lines[0]) != 2 or not all(v.isdigit() for v in lines[0]):
         raise ValueError(f"{pairs_txt}: expected a 'folds<TAB>n' first line")
     folds, per_half = int(lines[0][0]), int(lines[0][1])
     if len(lines) - 1 != 2 * folds * per_half:
         raise ValueError(f"{pairs_txt}: header announces {folds} x {2 * per_half} pairs, found {len(lines) - 1}")
-    if not 0 < pairs_per_fold <= per_half:
-        raise ValueError(f"pairs_per_fold must be in 1..{per_half}, got {pairs_per_fold}")
+    if pairs_per_fold < 1:
+        raise ValueError(f"pairs_per_fold must be at least 1, got {pairs_per_fold}")
+    pairs_per_fold = min(pairs_per_fold, per_half)
     kept: list[list[str]] = []
     for start in range(1, len(lines), per_half):  # alternating matched / mismatched halves of each fold
         kept += [lines[start + i] for i in sorted(rng.sample(range(per_half), pairs_per_fold))]
-    return folds, kept
+    return folds, pairs_per_fold, kept
 
 
 def build_sample(
@@ -127,7 +129,7 @@ def build_sample(
     # One generator per part, so changing one part's settings leaves the other part as it was.
     train_rng, pairs_rng = random.Random(seed), random.Random(seed)
     chosen = {name: sorted(train_rng.sample(images[name], images_per_identity)) for name in ranked}
-    folds, kept = sample_pairs(shared_root / "lfw" / "pairs.txt", pairs_per_fold, pairs_rng)
+    folds, pairs_per_fold, kept = sample_pairs(shared_root / "lfw" / "pairs.txt", pairs_per_fold, pairs_rng)
     needed = set()
     for fields in kept:
         name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])

@@ -161,8 +161,8 @@ def build_sets(data: DemoData, profile: Profile, root: Path) -> DemoSets:
             shutil.copyfile(source, root / "inbox" / album / name)  # copies: the auto-labeller moves them away
             truth[f"{album}/{name}"] = Path(source).parent.name
     (root / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
-    folds, kept = sample_pairs(data.pairs, profile.pairs_per_fold, random.Random(SEED))
-    (root / "pairs.txt").write_text(f"{folds}\t{profile.pairs_per_fold}\n" + "".join("\t".join(f) + "\n" for f in kept))
+    folds, per_fold, kept = sample_pairs(data.pairs, profile.pairs_per_fold, random.Random(SEED))
+    (root / "pairs.txt").write_text(f"{folds}\t{per_fold}\n" + "".join("\t".join(f) + "\n" for f in kept))
     needed = {name: data.pairs_root / name for name in pair_files(kept)}
     if missing := [str(file) for file in needed.values() if not file.is_file()]:
         raise FileNotFoundError(f"{len(missing)} photos the pairs name are missing, e.g. {missing[0]}")
