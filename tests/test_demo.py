@@ -111,6 +111,17 @@ def test_sets_hold_out_people_with_their_ground_truth(tmp_path: Path) -> None:
     assert not sets.base.exists() and not sets.pairs_root.exists(), "the align stage writes them"
 
 
+def test_the_full_profile_fits_the_shipped_sample(tmp_path: Path) -> None:
+    """A fresh machine without ../shared/data runs the full demo on the sample: it has fewer pairs per fold."""
+    sets = build_sets(SAMPLE, FULL, tmp_path / "data")
+    assert sets.photos == FULL.held_out_identities * FULL.photos_per_identity
+    assert sets.base_identities == len(identity_folders(SAMPLE.train_root)) - FULL.held_out_identities
+    sample_per_fold = int(SAMPLE.pairs.read_text().split()[1])
+    assert sample_per_fold < FULL.pairs_per_fold
+    assert sets.pairs.read_text().splitlines()[0] == f"10\t{sample_per_fold}"
+    assert len(sets.pairs.read_text().splitlines()) == 1 + 10 * 2 * sample_per_fold
+
+
 def test_aligned_sets_link_their_own_crops_and_reuse_the_cache(tmp_path: Path) -> None:
     people = identity_folders(SAMPLE.train_root)[:2]
     photos = {f"{p.parent.name}/{p.name}": p for folder in people for p in list_images(folder)[:2]}
