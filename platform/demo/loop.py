@@ -175,7 +175,7 @@ class Demo:
         roots = os.pathsep.join(str(self.home / "data" / name) for name in ("base", "union"))
         self.env = os.environ | {"FACEFORGE_HOME": str(self.home), "FACEFORGE_DATA_ROOTS": roots}
         self.env["MLFLOW_TRACKING_URI"] = self.uri  # what MLflow falls back on anywhere a child does not say
-        self.url = f"http://127.0.0.1:{free_port(port)}"
+        self.port, self.url = port, ""  # the port is taken when the web server starts, not minutes before
         self.stages: list[Stage] = []
         self.children: list[Child] = []
 
@@ -251,7 +251,9 @@ class Demo:
         scheduler = ["scheduler", "--slots", "2", "--poll-seconds", "0.5", "--grace-seconds", str(GRACE_SECONDS)]
         self.scheduler = Child("scheduler", scheduler, self.env, logs)
         self.children.append(self.scheduler)
-        web = Child("web", ["web", "--port", self.url.rsplit(":", 1)[1]], self.env, logs)
+        port = free_port(self.port)
+        self.url = f"http://127.0.0.1:{port}"
+        web = Child("web", ["web", "--port", str(port)], self.env, logs)
         self.children.append(web)
         self.state["children"] = {c.name: [c.process.pid, process_start_time(c.process.pid)] for c in self.children}
         self.save()
