@@ -14,7 +14,7 @@ import pytest
 from faceforge.cli import build_parser
 from faceforge.data.folder import list_images
 from faceforge.data.image import read_image
-from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths
+from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths, pair_files
 from faceforge.demo import FULL, RECIPE, TINY, Demo, DemoError, Stage, summary_table
 from faceforge.demo.data import (
     UNLABELLED,
@@ -24,7 +24,6 @@ from faceforge.demo.data import (
     deal_albums,
     identity_folders,
     link_files,
-    pair_files,
     photo_labels,
     score_version,
     split_identities,

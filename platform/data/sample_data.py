@@ -94,6 +94,20 @@ def sample_pairs(pairs_txt: Path, pairs_per_fold: int, rng: random.Random) -> tu
     return folds, pairs_per_fold, kept
 
 
+def pair_files(pairs: list[list[str]]) -> list[str]:
+    """The image files (relative to the LFW root) that LFW-format pair lines name, sorted."""
+    files = set()
+    for fields in pairs:
+        name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
+        files |= {f"{name_a}/{name_a}_{int(i):04d}.jpg", f"{name_b}/{name_b}_{int(j):04d}.jpg"}
+    return sorted(files)
+
+
+def write_pairs(path: Path, folds: int, pairs_per_fold: int, pairs: list[list[str]]) -> None:
+    """An LFW pairs.txt: the `folds<TAB>n` header, then one tab-separated line per pair."""
+    path.write_text(f"{folds}\t{pairs_per_fold}\n" + "".join("\t".join(fields) + "\n" for fields in pairs))
+
+
 def build_sample(
     shared_root: Path,
     dst: Path,
@@ -130,19 +144,13 @@ def build_sample(
     train_rng, pairs_rng = random.Random(seed), random.Random(seed)
     chosen = {name: sorted(train_rng.sample(images[name], images_per_identity)) for name in ranked}
     folds, pairs_per_fold, kept = sample_pairs(shared_root / "lfw" / "pairs.txt", pairs_per_fold, pairs_rng)
-    needed = set()
-    for fields in kept:
-        name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
-        needed |= {(name_a, int(i)), (name_b, int(j))}
-
     for name, files in chosen.items():
         for src in files:
             write_resized(src, dst / "train" / name / src.name, size, quality)
-    for name, number in sorted(needed):
-        file = f"{name}/{name}_{number:04d}.jpg"
+    needed = pair_files(kept)
+    for file in needed:
         write_resized(shared_root / "lfw" / file, dst / "lfw" / file, lfw_size, quality)
-    text = f"{folds}\t{pairs_per_fold}\n" + "".join("\t".join(fields) + "\n" for fields in kept)
-    (dst / "lfw" / "pairs.txt").write_text(text)
+    write_pairs(dst / "lfw" / "pairs.txt", folds, pairs_per_fold, kept)
 
     written = [p for part in ("train", "lfw") for p in (dst / part).rglob("*") if p.is_file()]
     return {

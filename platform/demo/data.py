@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceforge.data.folder import list_images
-from faceforge.data.sample_data import DemoData, sample_pairs
+from faceforge.data.sample_data import DemoData, pair_files, sample_pairs, write_pairs
 from faceforge.data_pipeline.align import align_tree, list_sources
 from faceforge.data_pipeline.align import read_manifest as read_align_manifest
 from faceforge.data_pipeline.cluster_metrics import ClusterScores, cluster_scores
@@ -92,15 +92,6 @@ def base_photos(folders: list[Path], profile: Profile) -> list[Path]:
     return photos
 
 
-def pair_files(pairs: list[list[str]]) -> list[str]:
-    """The image files (relative to the LFW root) that LFW-format pair lines name, sorted."""
-    files = set()
-    for fields in pairs:
-        name_a, i, name_b, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
-        files |= {f"{name_a}/{name_a}_{int(i):04d}.jpg", f"{name_b}/{name_b}_{int(j):04d}.jpg"}
-    return sorted(files)
-
-
 def link_files(files: dict[str, Path], dst: Path) -> None:
     """A tree of real folders holding a link per file ({relative path: file}), for a tool that walks folders."""
     for name, file in files.items():
@@ -162,7 +153,7 @@ def build_sets(data: DemoData, profile: Profile, root: Path) -> DemoSets:
             truth[f"{album}/{name}"] = Path(source).parent.name
     (root / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     folds, per_fold, kept = sample_pairs(data.pairs, profile.pairs_per_fold, random.Random(SEED))
-    (root / "pairs.txt").write_text(f"{folds}\t{per_fold}\n" + "".join("\t".join(f) + "\n" for f in kept))
+    write_pairs(root / "pairs.txt", folds, per_fold, kept)
     needed = {name: data.pairs_root / name for name in pair_files(kept)}
     if missing := [str(file) for file in needed.values() if not file.is_file()]:
         raise FileNotFoundError(f"{len(missing)} photos the pairs name are missing, e.g. {missing[0]}")
