@@ -72,9 +72,10 @@ class Stage:
 
 def check_overrides(profile: Profile, overrides: list[str]) -> None:
     """The user's training overrides, checked before anything runs rather than minutes later inside a job."""
-    sweep_key = profile.sweep.split("=", 1)[0]
-    if any(override.lstrip("+~").split("=", 1)[0] == sweep_key for override in overrides):
-        raise DemoError(f"{sweep_key} is what the demo's sweep varies ({profile.sweep}); override something else")
+    if any(override.lstrip("+~").split("=", 1)[0] == profile.sweep_key for override in overrides):
+        raise DemoError(
+            f"{profile.sweep_key} is what the demo's sweep varies ({profile.sweep}); override something else"
+        )
     try:
         jobs = make_jobs(merge_overrides(["trainer=demo", *RECIPE, *profile.model], overrides), name="demo-check")
     except ValueError as err:
@@ -127,7 +128,7 @@ def stop_leftovers(home: Path, state: dict[str, Any]) -> None:
     """Children and jobs of an earlier demo that was killed outright: stopped, so they cannot race this one."""
     from faceforge.jobs.executors import get_executor
 
-    children = [(pid, started) for pid, started in state.get("children", {}).values()]
+    children = list(state.get("children", {}).values())
     for pid, started in children:
         if process_start_time(pid) == started:  # the very process the earlier demo started, not a reused pid
             with contextlib.suppress(ProcessLookupError):
@@ -165,6 +166,7 @@ class Demo:
         fresh: bool,
     ) -> None:
         self.home, self.profile, self.data, self.overrides = home.resolve(), profile, data, overrides
+        self.on_sample = data.train_root == SAMPLE_ROOT / "train"  # small photos: smaller faces to search for
         self.out = tqdm.write  # between progress bars
         check_overrides(profile, overrides)
         self.lock = lock_home(self.home)
@@ -298,8 +300,8 @@ class Demo:
 
     def align(self) -> tuple[dict[str, str], dict[str, Any]]:
         """The base photos and the pairs' photos to the auto-labeller's aligned crops, on every core."""
-        sets, sample = self.sets, self.data.train_root == SAMPLE_ROOT / "train"
-        min_face = SAMPLE_ALIGN_MIN_FACE if sample else ALIGN_MIN_FACE
+        sets = self.sets
+        min_face = SAMPLE_ALIGN_MIN_FACE if self.on_sample else ALIGN_MIN_FACE
         figures, values = {}, {}
         for name, photos, source, dst, fallbacks in (
             ("base", sets.base_photos, self.data.train_root, sets.base, ()),
@@ -396,7 +398,7 @@ class Demo:
             f"tracking_uri={self.uri}",
             "settle_seconds=0",
         ]
-        if self.data.train_root == SAMPLE_ROOT / "train":
+        if self.on_sample:
             overrides += SMALL_PHOTOS
         workdir, sets = self.home / "autolabel", self.sets
         with exclusive(workdir), inbox_bar(sets.inbox, f"label round {number}"):
@@ -446,7 +448,7 @@ class Demo:
         if winner is None:
             raise DemoError(f"the champion v{version.version} is none of this sweep's runs; see {self.uri}")
         added = Path(self.value("label round 1", "version")).name
-        axis = self.profile.sweep.split("=", 1)[0]
+        axis = self.profile.sweep_key
         figures = {
             "data": f"{identities} identities, {images} images (base + {added})",
             "points": ", ".join(

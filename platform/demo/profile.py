@@ -32,6 +32,11 @@ class Profile:
     distill_steps: int
     calibration_images: int  # int8 calibration faces drawn evenly from the union training set
 
+    @property
+    def sweep_key(self) -> str:
+        """The config key the sweep varies, e.g. optim.lr."""
+        return self.sweep.split("=", 1)[0]
+
     def __post_init__(self) -> None:
         if self.split_identities > self.held_out_identities or self.albums < 2:
             raise ValueError("a profile needs >= 2 albums and at most held_out_identities split identities")
