@@ -156,6 +156,42 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_step_in_backward_equals_step_after_backward(kind: str, rate: float) -> None:
+    """The fused step must give the same bits as backward-then-step, for dense and Partial FC steps, and hold
+    no gradient buffer; rows span several blocks so the per-block updates are exercised."""
+    gen = torch.Generator().manual_seed(3)
+    classes, dim, batch = 5000, 24, 12
+    features = torch.randn(batch, dim, generator=gen)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    results = []
+    for in_backward in (False, True):
+        head = ShardedMarginSoftmax(classes, dim, margin_spec("arcface"), sample_rate=rate)
+        optimizer = HeadOptimizer(head, kind=kind, momentum=0.9, weight_decay=5e-4)
+        feats = features.clone().requires_grad_()
+        for step in range(3):
+            if in_backward:
+                optimizer.step_in_next_backward(lr=0.1 * (step + 1))
+            head(feats, labels).backward()
+            if not in_backward:
+                optimizer.step(lr=0.1 * (step + 1))
+        assert not head.has_grad
+        results.append((head.weight, feats.grad, optimizer.state, optimizer.step_count, head.grad))
+    (weight, grad, state, count, _), (fused_weight, fused_grad, fused_state, fused_count, fused_head_grad) = results
+    assert torch.equal(weight, fused_weight) and torch.equal(grad, fused_grad) and count == fused_count == 3
+    assert all(torch.equal(state[name], fused_state[name]) for name in state)
+    assert fused_head_grad is None
+
+
+def test_step_in_backward_refuses_a_pending_gradient() -> None:
+    head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec("arcface"))
+    optimizer = HeadOptimizer(head)
+    head(torch.randn(BATCH, DIM, requires_grad=True), torch.randint(0, NUM_CLASSES, (BATCH,))).backward()
+    with pytest.raises(RuntimeError, match="already holds a gradient"):
+        optimizer.step_in_next_backward(lr=0.1)
+
+
 class TinyNet(nn.Module):
     """BN-free backbone so per-rank statistics cannot differ from the single-process run."""
 
@@ -177,7 +213,7 @@ def _training_problem(world_size: int):
     return net, images, labels, weight
 
 
-def check_ddp_step(rank: int, world_size: int, kind: str) -> None:
+def check_ddp_step(rank: int, world_size: int, kind: str, in_backward: bool) -> None:
     steps, lr = 3, 0.05
     margin = margin_spec("arcface")
     net, images, labels, weight = _training_problem(world_size)
@@ -207,9 +243,12 @@ def check_ddp_step(rank: int, world_size: int, kind: str) -> None:
     local = slice(rank * BATCH, (rank + 1) * BATCH)
     for _ in range(steps):
         opt.zero_grad()
+        if in_backward:
+            head_opt.step_in_next_backward(lr)
         head(ddp(images[local]), labels[local]).backward()
         opt.step()
-        head_opt.step(lr)
+        if not in_backward:
+            head_opt.step(lr)
 
     tol = TOLERANCE[torch.float64]
     for got, want in zip(ddp.module.parameters(), ref_net.parameters(), strict=True):
@@ -219,7 +258,8 @@ def check_ddp_step(rank: int, world_size: int, kind: str) -> None:
 
 def check_ddp_step_both_optimizers(rank: int, world_size: int) -> None:
     for kind in ("sgd", "adamw"):
-        check_ddp_step(rank, world_size, kind)
+        for in_backward in (False, True):
+            check_ddp_step(rank, world_size, kind, in_backward)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

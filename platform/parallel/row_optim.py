@@ -5,6 +5,7 @@ It follows torch.optim.SGD / AdamW update rules exactly, so r = 1 training match
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -44,18 +45,38 @@ class HeadOptimizer:
         self.step_count += 1
         rows = head.grad_rows()
         if rows is None:
-            self._update(head.weight, head.grad, self.state, lr)
+            self._update_rows(slice(None), head.grad, lr)
         else:
-            # Gather, update and write back a block of rows at a time so the copies stay small.
+            # A block of rows at a time, so the gathered copies stay small.
             for block in row_blocks(len(rows)):
-                block_rows = rows[block]
-                weight = head.weight.index_select(0, block_rows)
-                state = {name: tensor.index_select(0, block_rows) for name, tensor in self.state.items()}
-                self._update(weight, head.grad.index_select(0, block_rows), state, lr)
-                head.weight.index_copy_(0, block_rows, weight)
-                for name, tensor in state.items():
-                    self.state[name].index_copy_(0, block_rows, tensor)
+                self._update_rows(rows[block], head.grad.index_select(0, rows[block]), lr)
         head.zero_grad()
+
+    def step_in_next_backward(self, lr: float) -> None:
+        """Have the head's next backward apply this step, each block of rows while its weight is in cache.
+
+        The C/W x D gradient is then never written and read back (a dense step moves 4 weight-sized arrays
+        through memory instead of 7) and its buffer is never allocated. Valid only when that one backward yields
+        the step's whole head gradient: no accumulation, no clipping (which needs every gradient first).
+        """
+        if self.head.has_grad:
+            raise RuntimeError("the head already holds a gradient from an earlier backward; call step() instead")
+        self.step_count += 1
+        self.head.update_in_backward = functools.partial(self._update_rows, lr=lr)
+
+    @torch.no_grad()
+    def _update_rows(self, rows: slice | torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """Update weight and state rows: a slice in place through views, indices gathered and written back."""
+        head = self.head
+        if isinstance(rows, slice):
+            self._update(head.weight[rows], grad, {name: t[rows] for name, t in self.state.items()}, lr)
+            return
+        weight = head.weight.index_select(0, rows)
+        state = {name: tensor.index_select(0, rows) for name, tensor in self.state.items()}
+        self._update(weight, grad, state, lr)
+        head.weight.index_copy_(0, rows, weight)
+        for name, tensor in state.items():
+            self.state[name].index_copy_(0, rows, tensor)
 
     def _update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
         """One in-place update of `weight` and `state` (dense or gathered rows)."""

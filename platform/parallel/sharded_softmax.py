@@ -9,6 +9,11 @@ Usage, inside a torchrun job (one rank per device):
     loss.backward()                          # backbone (DDP) gets its gradient; the head its row gradient
     head_optimizer.step(lr)
 
+or, when that backward gives the step's whole head gradient (no accumulation, no clipping):
+
+    head_optimizer.step_in_next_backward(lr)  # the backward below updates each block of rows as it goes
+    head(backbone(images), labels).backward()
+
 One batch through it:
 1. The local features of every rank are all-gathered (`all_gather_with_grad`), so each rank scores the
    whole global batch against its own class shard: logits are C/W × N (class-major), never C × N.
@@ -18,7 +23,8 @@ One batch through it:
    exponentials and the target logit with SUM. The shard's logit buffer is turned into exponentials in
    place, becomes the gradient buffer in backward, and is reused by the next step.
 4. Backward returns the feature gradient (summed over shards by the all-gather's backward) and writes
-   the gradient of the sampled rows straight into the head's gradient buffer.
+   the gradient of the sampled rows straight into the head's gradient buffer, or, with
+   `step_in_next_backward`, hands each block's gradient to the optimizer while the block is in cache.
 
 MagFace: every rank computes each sample's margin m(a) from the gathered features' norms; the rank that
 owns a sample's class returns d loss/d m, which reaches the norm and, through the all-gather's backward,
@@ -34,6 +40,7 @@ in cache. Under Partial FC only a block at a time is gathered.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -159,7 +166,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             grad[target_classes, target_samples] = grad_target * dpsi
 
         grad_inputs = torch.zeros_like(inputs)
-        dense_grad = head.claim_dense_grad() if rows is None else None
+        update, head.update_in_backward = head.update_in_backward, None
+        dense_grad = head.claim_dense_grad() if rows is None and update is None else None
         for block in row_blocks(len(grad)):
             weight = head.weight_block(rows, block)
             block_grad = grad[block].mul_(sample_scale)
@@ -171,7 +179,9 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             if inv_weight_norm is not None:
                 radial = torch.linalg.vecdot(weight, grad_weight) * inv_weight_norm[block].square()
                 grad_weight.addcmul_(weight, radial[:, None], value=-1.0)
-            if dense_grad is None:
+            if update is not None:  # the weight block was read above for the last time this step
+                update(block if rows is None else rows[block], grad_weight)
+            elif dense_grad is None:
                 head.accumulate_weight_grad(head.block_rows(rows, block), grad_weight)
         head.keep_logits_buffer(grad)
 
@@ -217,6 +227,8 @@ class ShardedMarginSoftmax(nn.Module):
         self.grad: torch.Tensor | None = None
         self._has_grad = torch.zeros(num_local, dtype=torch.bool, device=device)
         self._spare_logits: torch.Tensor | None = None
+        # Set by HeadOptimizer.step_in_next_backward: (rows as a slice or indices, their gradient) -> None.
+        self.update_in_backward: Callable[[slice | torch.Tensor, torch.Tensor], None] | None = None
         self.steps_sampled = 0
 
     @property

@@ -231,6 +231,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     stop = _StopSignal()
     amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.trainer.amp else nullcontext()
     steps, accumulate = cfg.trainer.steps, cfg.trainer.accumulate
+    # The head's step can run inside its backward when that backward yields its whole gradient.
+    head_step_in_backward = head_optimizer is not None and accumulate == 1 and cfg.trainer.grad_clip == 0
     progress = tqdm(total=steps, initial=start_step, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     tick, images_seen = time.perf_counter(), 0
@@ -244,13 +246,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         teacher = distiller.teacher_features(images, *indices) if distiller else None
+        if head_step_in_backward:
+            head_optimizer.step_in_next_backward(lr)
         loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp, teacher)
         if distiller is not None:
             distiller.sync_gradients()
         if cfg.trainer.grad_clip > 0:
             clip_grad_norm(trainable, head, cfg.trainer.grad_clip)
         optimizer.step()
-        if head_optimizer is not None:
+        if head_optimizer is not None and not head_step_in_backward:
             head_optimizer.step(lr)
         step += 1
         images_seen += images.shape[0] * ctx.world_size
