@@ -27,13 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from machine import machine_line
+from machine import add_malloc_option, apply_malloc, machine_line
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from faceforge.heads import MarginSpec, margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax
-from faceforge.train.allocator import keep_freed_memory
 
 FLOAT_BYTES, LABEL_BYTES = 4, 8
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -49,7 +48,7 @@ class Config:
     batch: int
     warmup: int
     steps: int
-    keep_freed_memory: bool  # the trainer's allocator settings, or glibc's defaults
+    malloc: str  # "keep": the trainer's allocator settings; "default": glibc's
 
 
 @dataclass(frozen=True)
@@ -129,8 +128,7 @@ def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
 
 def run_rank(rank: int, config: Config, port: int, results: mp.SimpleQueue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if config.keep_freed_memory:
-        keep_freed_memory()
+    apply_malloc(config.malloc)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=config.world_size)
     try:
@@ -208,9 +206,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument(
-        "--malloc", choices=["keep", "default"], default="keep", help="keep: the trainer's keep_freed_memory()"
-    )
+    add_malloc_option(parser)
     parser.add_argument("--max-other", type=float, default=0.2, help="cores other jobs may use before a rerun")
     parser.add_argument("--retries", type=int, default=1)
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -229,7 +225,7 @@ def main() -> None:
     print("| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) | other |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
-    common["keep_freed_memory"] = args.malloc == "keep"
+    common["malloc"] = args.malloc
     runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
     runs += [Config("naive", int(c), 1.0, **common) for c in sorted(args.naive_classes)]
     naive_bytes_per_class = None

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from machine import machine_line
+from machine import add_malloc_option, apply_malloc, machine_line
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -43,7 +43,6 @@ from faceforge import models
 from faceforge.data import DistributedBatchSampler, open_dataset
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, init_distributed, shutdown_distributed
-from faceforge.train.allocator import keep_freed_memory
 from faceforge.train.config import TrainConfig
 from faceforge.train.loop import build_optimizer, forward_backward, train_transform
 
@@ -123,8 +122,7 @@ def run_rank(rank: int, run: Run, port: int, results: mp.SimpleQueue) -> None:
     else:
         env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=run.world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({key: str(value) for key, value in env.items()})
-    if run.malloc == "keep":
-        keep_freed_memory()
+    apply_malloc(run.malloc)
     torch.set_num_threads(run.threads)
     ctx = init_distributed("cpu")
     try:
@@ -308,9 +306,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-format", choices=["channels_last", "contiguous"], default="channels_last", help="trainer default"
     )
-    parser.add_argument(
-        "--malloc", choices=["keep", "default"], default="keep", help="keep: the trainer's keep_freed_memory()"
-    )
+    add_malloc_option(parser)
     parser.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size (torch default 25)")
     parser.add_argument("--grad-as-bucket-view", action="store_true")
     parser.add_argument(

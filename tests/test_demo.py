@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from faceforge.cli import build_parser
-from faceforge.data.folder import list_images
+from faceforge.data.folder import identity_images, list_images
 from faceforge.data.image import read_image
 from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths, pair_files
 from faceforge.demo import FULL, RECIPE, TINY, Demo, DemoError, Stage, summary_table
@@ -22,7 +22,6 @@ from faceforge.demo.data import (
     base_photos,
     build_sets,
     deal_albums,
-    identity_folders,
     link_files,
     photo_labels,
     score_version,
@@ -52,7 +51,7 @@ def test_profiles_reject_impossible_sizes() -> None:
 
 
 def test_held_out_identities_are_disjoint_and_stable() -> None:
-    folders = identity_folders(SAMPLE.train_root)
+    folders = list(identity_images(SAMPLE.train_root))
     base, held_out = split_identities(folders, 10, min_photos=4)
     assert len(held_out) == 10 and len(base) == len(folders) - 10
     assert not {f.name for f in base} & {f.name for f in held_out}
@@ -65,7 +64,7 @@ def test_held_out_identities_are_disjoint_and_stable() -> None:
 
 def test_albums_split_some_people_over_two() -> None:
     profile = replace(TINY, held_out_identities=5, photos_per_identity=6, albums=3, split_identities=2)
-    people = identity_folders(SAMPLE.train_root)[:5]
+    people = list(identity_images(SAMPLE.train_root))[:5]
     albums = deal_albums(people, profile)
     assert sorted(albums) == ["album-1", "album-2", "album-3"]
     where: dict[str, set[str]] = {}
@@ -79,7 +78,7 @@ def test_albums_split_some_people_over_two() -> None:
 
 
 def test_base_photos_take_the_profiles_share_of_people_and_photos() -> None:
-    folders = identity_folders(SAMPLE.train_root)
+    folders = list(identity_images(SAMPLE.train_root))
     photos = base_photos(folders, TINY)
     assert len({p.parent for p in photos}) == TINY.base_identities
     assert len(photos) == TINY.base_identities * TINY.base_photos_per_identity
@@ -114,7 +113,7 @@ def test_the_full_profile_fits_the_shipped_sample(tmp_path: Path) -> None:
     """A fresh machine without ../shared/data runs the full demo on the sample: it has fewer pairs per fold."""
     sets = build_sets(SAMPLE, FULL, tmp_path / "data")
     assert sets.photos == FULL.held_out_identities * FULL.photos_per_identity
-    assert sets.base_identities == len(identity_folders(SAMPLE.train_root)) - FULL.held_out_identities
+    assert sets.base_identities == len(identity_images(SAMPLE.train_root)) - FULL.held_out_identities
     sample_per_fold = int(SAMPLE.pairs.read_text().split()[1])
     assert sample_per_fold < FULL.pairs_per_fold
     assert sets.pairs.read_text().splitlines()[0] == f"10\t{sample_per_fold}"
@@ -122,7 +121,7 @@ def test_the_full_profile_fits_the_shipped_sample(tmp_path: Path) -> None:
 
 
 def test_aligned_sets_link_their_own_crops_and_reuse_the_cache(tmp_path: Path) -> None:
-    people = identity_folders(SAMPLE.train_root)[:2]
+    people = list(identity_images(SAMPLE.train_root))[:2]
     photos = {f"{p.parent.name}/{p.name}": p for folder in people for p in list_images(folder)[:2]}
     link_files(photos, tmp_path / "photos")
     options = {"min_face_size": SAMPLE_ALIGN_MIN_FACE["base"], "fallbacks": ("center",)}

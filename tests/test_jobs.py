@@ -1,8 +1,9 @@
-"""The job store (atomic leased claims within capacity, priorities, leases, requeues, cancel) and job specs."""
+"""The job store (atomic leased claims within capacity, priorities, leases, requeues, cancel, retry) and job specs."""
 
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from faceforge.jobs import (
     CANCELLED,
+    FAILED,
     LOST,
     QUEUED,
     RUNNING,
@@ -18,9 +20,15 @@ from faceforge.jobs import (
     Job,
     JobStore,
     expand_sweep,
+    job_dir,
     make_jobs,
     merge_overrides,
+    retry,
+    spec,
+    store_path,
 )
+from faceforge.jobs.executors import Status
+from faceforge.jobs.executors.local import LocalExecutor
 from faceforge.jobs.store import new_id
 from faceforge.train.config import ConfigError
 
@@ -156,6 +164,38 @@ def test_retry_queues_an_ended_job_again_under_its_own_id(template: Job, tmp_pat
     for job_id in (running.id, done.id, "job-missing"):  # running again, succeeded, unknown
         with pytest.raises(ValueError, match="has not ended in cancelled, failed or lost"):
             store.retry(job_id)
+
+
+def test_a_retried_job_that_ended_runs_again_under_the_local_executor(
+    template: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its last run's exit code in the job directory must not pass for the ending of the new start."""
+    runs = tmp_path / "runs"
+    count_and_fail_first = (
+        f"import pathlib, sys; runs = pathlib.Path({str(runs)!r}); runs.open('a').write('run\\n'); "
+        "sys.exit(0 if runs.read_text().count('run') > 1 else 3)"
+    )
+    monkeypatch.setattr(spec, "train_command", lambda job, job_dir: [sys.executable, "-c", count_and_fail_first])
+    store, executor = JobStore(store_path(tmp_path)), LocalExecutor(slots=1)
+    (job,) = store.submit(copies(template, 1, slots=1))
+
+    def run_to_the_end() -> Status:
+        claimed = store.claim("local", "me", 1, 30)
+        assert claimed is not None and claimed.id == job.id
+        store.update(job.id, "me", handle=executor.start(claimed, job_dir(tmp_path, job.id)))
+        deadline = time.monotonic() + 60
+        while (status := executor.status(store.get(job.id))).state == RUNNING:
+            assert time.monotonic() < deadline, "the job did not end"
+            time.sleep(0.1)
+        assert store.finish(job.id, "me", status.state, status.exit_code)
+        return status
+
+    assert run_to_the_end().state == FAILED
+    assert retry(store, tmp_path, job.id).state == QUEUED
+    assert run_to_the_end() == Status(SUCCEEDED, 0) and runs.read_text() == "run\nrun\n"
+    for job_id, error in ((job.id, ValueError), ("job-missing", KeyError)):  # succeeded, unknown
+        with pytest.raises(error):
+            retry(store, tmp_path, job_id)
 
 
 def test_a_thousand_jobs_in_one_submit(template: Job, tmp_path: Path) -> None:

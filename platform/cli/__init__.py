@@ -85,43 +85,25 @@ def _config_reference(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from faceforge.eval.sources import load_model
-    from faceforge.export import (
-        EXPORTS_EXPERIMENT,
-        export_artifact,
-        log_export,
-        open_calibration_images,
-        resolve_source,
-        training_data_of,
-    )
-    from faceforge.jobs.paths import faceforge_home
+    from faceforge.export import EXPORTS_EXPERIMENT, export_model
     from faceforge.registry import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    model = load_model(args.model, uri)
-    source = resolve_source(uri, args.model)
-    calibration, crop_fraction = None, args.crop_fraction
-    if args.format != "onnx":
-        known = args.calibration and crop_fraction
-        train_root, train_crop = (None, None) if known else training_data_of(args.model, uri)
-        images, crop_fraction = args.calibration or train_root, crop_fraction or train_crop
-        print(f"calibration: up to {args.calibration_count} images from {images}, crop {crop_fraction:g}")
-        calibration = open_calibration_images(images)
-    out = args.out or faceforge_home() / "exports" / f"{model.config['name']}-{args.format}"
-    card = export_artifact(
-        model,
+    result = export_model(
+        args.model,
         args.format,
-        out,
-        calibration=calibration,
-        crop_fraction=crop_fraction or 1.0,
+        uri,
+        out=args.out,
+        calibration=args.calibration,
+        crop_fraction=args.crop_fraction,
         calibration_count=args.calibration_count,
-        accuracy=source.accuracy,
+        log=not args.no_log,
+        say=print,
     )
-    print(card.summary())
-    print(f"written to {out}")
-    if not args.no_log:
-        run_id = log_export(uri, source, out, card)
-        print(f"logged to MLflow: run {run_id} of experiment {EXPORTS_EXPERIMENT!r} in {uri}")
+    print(result.card.summary())
+    print(f"written to {result.out}")
+    if result.run_id is not None:
+        print(f"logged to MLflow: run {result.run_id} of experiment {EXPORTS_EXPERIMENT!r} in {uri}")
         print("see it with `faceforge mlflow-ui` or on the web UI's models page")
 
 

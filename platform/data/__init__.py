@@ -1,6 +1,6 @@
 """Training and verification data: folder and RecordIO datasets, pair sets, samplers, augmentation."""
 
-from faceforge.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from faceforge.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, identity_images
 from faceforge.data.image import ImageDecodeError, center_crop_resize, decode_image, read_image, to_tensor
 from faceforge.data.inspect import format_summary, inspect_dataset, open_dataset
 from faceforge.data.record_dataset import RecordDataset, pack_folder, read_property
@@ -32,6 +32,7 @@ __all__ = [
     "center_crop_resize",
     "decode_image",
     "format_summary",
+    "identity_images",
     "inspect_dataset",
     "iter_records",
     "load_bin",

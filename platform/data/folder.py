@@ -24,6 +24,21 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def identity_images(root: Path) -> dict[Path, list[Path]]:
+    """The identities of an image folder, `root/<identity>/<image>`: every visible sub-folder that holds an
+    image, in name order, with its images. The one rule for what counts as an identity, wherever folders are read."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: no identity sub-folders (expected root/<identity>/<image>)")
+    identities = {folder: images for folder in folders if (images := list_images(folder))}
+    if not identities:
+        extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"{root}: {len(folders)} identity folders but no images ({extensions})")
+    return identities
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """`root/<identity>/<image>`; labels are the index of the identity in sorted order.
 
@@ -32,22 +47,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: dataset folder not found")
         self.transform = transform
-        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
-            raise ValueError(f"{self.root}: no identity sub-folders (expected root/<identity>/<image>)")
-        self.classes: list[str] = []
-        self.samples: list[tuple[str, int]] = []
-        for folder in folders:
-            images = list_images(folder)
-            if images:
-                self.samples += [(str(path), len(self.classes)) for path in images]
-                self.classes.append(folder.name)
-        if not self.samples:
-            extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"{self.root}: {len(folders)} identity folders but no images ({extensions})")
+        identities = identity_images(self.root)
+        self.classes: list[str] = [folder.name for folder in identities]
+        self.samples: list[tuple[str, int]] = [
+            (str(path), label) for label, images in enumerate(identities.values()) for path in images
+        ]
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
 
     @property

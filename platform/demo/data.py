@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from faceforge.data.folder import list_images
+from faceforge.data.folder import identity_images, list_images
 from faceforge.data.sample_data import DemoData, pair_files, sample_pairs, write_pairs
 from faceforge.data_pipeline.align import align_tree, list_sources
 from faceforge.data_pipeline.align import read_manifest as read_align_manifest
@@ -41,10 +41,6 @@ class DemoSets:
     base_identities: int
     base_images: int
     photos: int
-
-
-def identity_folders(train_root: Path) -> list[Path]:
-    return sorted(p for p in train_root.iterdir() if p.is_dir() and not p.name.startswith(".") and list_images(p))
 
 
 def split_identities(folders: list[Path], held_out: int, min_photos: int) -> tuple[list[Path], list[Path]]:
@@ -141,7 +137,7 @@ def link_identities(folders: list[Path], dst: Path) -> None:
 def build_sets(data: DemoData, profile: Profile, root: Path) -> DemoSets:
     """Write photos/ (links to the base and pair photos to align), inbox/, truth.json and pairs.txt under `root`
     (which must not exist yet)."""
-    folders = identity_folders(data.train_root)
+    folders = list(identity_images(data.train_root))
     base, held_out = split_identities(folders, profile.held_out_identities, profile.photos_per_identity)
     training = base_photos(base, profile)
     link_files({f"{p.parent.name}/{p.name}": p for p in training}, root / "photos" / "base")

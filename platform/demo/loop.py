@@ -39,9 +39,10 @@ from faceforge.jobs import (
     JobStore,
     make_jobs,
     merge_overrides,
+    retry,
     store_path,
 )
-from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE, process_start_time, write_atomic
+from faceforge.jobs.executors.local_runner import process_start_time, write_atomic
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import new_id
 from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, champion
@@ -345,8 +346,7 @@ class Demo:
             return earlier
         if earlier and not stopping and [job.overrides for job in earlier] == [job.overrides for job in jobs]:
             for job in stopped:
-                (job_dir(self.home, job.id) / EXIT_CODE_FILE).unlink(missing_ok=True)  # the stopped run's
-                self.store.retry(job.id)
+                retry(self.store, self.home, job.id)
             self.out(f"   resuming the stopped jobs of an earlier run: {', '.join(job.id for job in stopped)}")
             return earlier
         self.store.submit(jobs)
@@ -481,30 +481,28 @@ class Demo:
 
     def export(self) -> tuple[dict[str, str], dict[str, Any]]:
         """The student to int8 ONNX, calibrated on its own training faces, logged to MLflow with its card."""
-        from faceforge.eval.sources import load_model
-        from faceforge.export import export_artifact, log_export, open_calibration_images, resolve_source
+        from faceforge.export import export_model
 
         job = self.store.get(self.value("distill", "job"))
-        crop = float(yaml.safe_load(job.config_yaml)["data"]["crop_fraction"])
-        source = resolve_source(self.uri, f"runs:/{job.mlflow_run_id}/model")
         out = self.home / "exports" / "student-onnx-int8"
-        card = export_artifact(
-            load_model(str(self.checkpoints(job.id))),
+        exported = export_model(
+            f"runs:/{job.mlflow_run_id}/model",
             "onnx-int8",
-            out,
-            calibration=open_calibration_images(Path(self.value("sweep", "union"))),
-            crop_fraction=crop,
+            self.uri,
+            out=out,
+            checkpoint=self.checkpoints(job.id),
+            calibration=Path(self.value("sweep", "union")),
+            crop_fraction=float(yaml.safe_load(job.config_yaml)["data"]["crop_fraction"]),
             calibration_count=self.profile.calibration_images,
-            accuracy=source.accuracy,
         )
-        run_id = log_export(self.uri, source, out, card)
+        card = exported.card
         assert card.int8_bytes is not None and card.int8_latency_ms is not None
         figures = {
             "int8": f"{card.int8_bytes / 1024:.0f} KiB, {card.int8_latency_ms:.2f} ms",
             "fp32": f"{card.fp32_bytes / 1024:.0f} KiB, {card.fp32_latency_ms:.2f} ms (1 thread, batch 1)",
             "files": str(out),
         }
-        return figures, {"out": str(out), "run": run_id}
+        return figures, {"out": str(out), "run": exported.run_id}
 
     def where_to_look(self) -> str:
         home, last = self.home, Path(self.value("label round 2", "version")).name

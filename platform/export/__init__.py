@@ -4,6 +4,7 @@ from faceforge.export.artifact import FORMATS, artifact_files, export_artifact
 from faceforge.export.c_array import Activation, largest_activation, write_c_array
 from faceforge.export.card import ArtifactCard, artifact_card
 from faceforge.export.onnx_export import DEFAULT_OPSET, equalize_channels, export_onnx, fold_batchnorm, output_gap
+from faceforge.export.pipeline import ExportResult, export_model
 from faceforge.export.quantize import (
     CalibrationImages,
     FaceCalibrationReader,
@@ -30,6 +31,7 @@ __all__ = [
     "Activation",
     "ArtifactCard",
     "CalibrationImages",
+    "ExportResult",
     "ExportSource",
     "FaceCalibrationReader",
     "ImageList",
@@ -40,6 +42,7 @@ __all__ = [
     "equalize_channels",
     "export_artifact",
     "export_file",
+    "export_model",
     "export_onnx",
     "fold_batchnorm",
     "largest_activation",

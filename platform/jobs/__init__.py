@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 from faceforge.jobs.paths import faceforge_home, job_dir, store_path
+from faceforge.jobs.scheduler import retry
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, JobStore
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "job_dir",
     "make_jobs",
     "merge_overrides",
+    "retry",
     "store_path",
     "train_command",
 ]

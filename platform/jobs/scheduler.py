@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from faceforge.jobs.executors import Executor, Status
-from faceforge.jobs.executors.local_runner import LOG_FILE
+from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE, LOG_FILE
 from faceforge.jobs.paths import job_dir
-from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, Job, JobStore
+from faceforge.jobs.store import CANCELLED, FAILED, LOST, RETRYABLE, RUNNING, Job, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,19 @@ class Scheduler:
 
         prepare_tracking(*target)
         self._tracking_ready.add(target)
+
+
+def retry(store: JobStore, home: Path, job_id: str) -> Job:
+    """Queue a cancelled, failed or lost job again under its own id, so its trainer resumes from the checkpoints
+    in its directory (jobs run with trainer.resume=auto).
+
+    The last run's exit code goes first, or the local executor would take the new start for a repeated delivery
+    of the run that ended, and report that ending again. Raises KeyError for an unknown job, ValueError for one
+    that has not ended in cancelled, failed or lost.
+    """
+    if store.get(job_id).state in RETRYABLE:  # ended: no runner is left to write the file meanwhile
+        (job_dir(home, job_id) / EXIT_CODE_FILE).unlink(missing_ok=True)
+    return store.retry(job_id)
 
 
 def select_champion(job: Job) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST = "queued", "running", "succeeded", "failed", "cancelled", "lost"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, LOST)
+RETRYABLE = (CANCELLED, FAILED, LOST)
 EXECUTORS = ("local", "ray")
 
 SCHEMA = """
@@ -318,14 +319,14 @@ class JobStore:
         return _row_to_job(row)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a cancelled, failed or lost job again under its own id, so its trainer resumes from the
-        checkpoints in its own directory (jobs run with trainer.resume=auto)."""
+        """Queue a cancelled, failed or lost job again under its own id: the row alone. Callers use
+        faceforge.jobs.retry, which also clears what the job's last run left in its directory."""
         with self._connect(immediate=True) as db:
             row = db.execute(
                 "UPDATE jobs SET state = ?, cancel_requested = 0, attempts = 0, started_at = NULL, "
                 "finished_at = NULL, cancelled_at = NULL, lease_owner = NULL, lease_expires = NULL, handle = NULL, "
                 "exit_code = NULL, error = NULL WHERE id = ? AND state IN (?, ?, ?) RETURNING *",
-                (QUEUED, job_id, CANCELLED, FAILED, LOST),
+                (QUEUED, job_id, *RETRYABLE),
             ).fetchone()
         if row is None:
             raise ValueError(f"job {job_id!r} does not exist or has not ended in cancelled, failed or lost")

@@ -1,0 +1,72 @@
+"""The one way to export a trained model: load it, calibrate, write the artifact, log it; `faceforge export` and
+the demo both call export_model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from faceforge.eval.sources import load_model
+from faceforge.export.artifact import export_artifact
+from faceforge.export.card import ArtifactCard
+from faceforge.export.quantize import CALIBRATION_COUNT, open_calibration_images, training_data_of
+from faceforge.export.tracking import log_export, resolve_source
+from faceforge.jobs.paths import faceforge_home
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    card: ArtifactCard
+    run_id: str | None  # the run in the `exports` experiment; None when not logged
+
+
+def export_model(
+    source: str,
+    fmt: str,
+    tracking_uri: str,
+    *,
+    out: Path | None = None,
+    checkpoint: Path | None = None,
+    calibration: Path | None = None,
+    crop_fraction: float | None = None,
+    calibration_count: int = CALIBRATION_COUNT,
+    log: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export `source` (a checkpoint directory or an MLflow model URI) as `fmt` and log it to `tracking_uri`.
+
+    Args:
+        out: the directory to write; default $FACEFORGE_HOME/exports/<model>-<format>.
+        checkpoint: a checkpoint of the same model to load instead of `source`, which stays what the export
+            links to: quicker than loading an MLflow model.
+        calibration, crop_fraction: the int8 formats' calibration images and the crop they are read with;
+            default the training data and crop that `source` recorded.
+        log: False writes the files only.
+        say: where progress lines go (the CLI prints them).
+
+    Raises:
+        ValueError, OSError: a bad format, source or calibration set, in one line.
+    """
+    model = load_model(str(checkpoint or source), tracking_uri)
+    found = resolve_source(tracking_uri, source)
+    images = None
+    if fmt != "onnx":
+        if not (calibration and crop_fraction):
+            train_root, train_crop = training_data_of(source, tracking_uri)
+            calibration, crop_fraction = calibration or train_root, crop_fraction or train_crop
+        if say:
+            say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
+        images = open_calibration_images(calibration)
+    out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
+    card = export_artifact(
+        model,
+        fmt,
+        out,
+        calibration=images,
+        crop_fraction=crop_fraction or 1.0,
+        calibration_count=calibration_count,
+        accuracy=found.accuracy,
+    )
+    return ExportResult(out, card, log_export(tracking_uri, found, out, card) if log else None)
