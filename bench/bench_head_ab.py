@@ -5,6 +5,7 @@ bench_sharded_head.py cannot tell a 5% change from noise. Here both heads live i
 take turns (the order alternates every step), so drift hits both alike. Run from the repo root:
 
     .venv/bin/python bench/bench_head_ab.py 259c55a --classes 1e6 --rate 1
+    .venv/bin/python bench/bench_head_ab.py bab787b --step-in-backward   # this checkout's head steps in backward
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax
 
 MODULE = "platform/parallel/sharded_softmax.py"
+CHECKOUT = "this checkout"
 
 
 def module_at(revision: str, directory: str) -> ModuleType:
@@ -54,7 +56,7 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, directory: str, res
         baseline = module_at(args.revision, directory).ShardedMarginSoftmax
         heads = {
             args.revision: baseline(classes, args.dim, margin, sample_rate=args.rate),
-            "this checkout": ShardedMarginSoftmax(classes, args.dim, margin, sample_rate=args.rate),
+            CHECKOUT: ShardedMarginSoftmax(classes, args.dim, margin, sample_rate=args.rate),
         }
         optimizers = {name: HeadOptimizer(head, momentum=0.9, weight_decay=5e-4) for name, head in heads.items()}
         seconds: dict[str, list[float]] = {name: [] for name in heads}
@@ -65,8 +67,12 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, directory: str, res
             for name in list(heads)[:: 1 if step % 2 else -1]:
                 dist.barrier()
                 start = time.perf_counter()
+                in_backward = args.step_in_backward and name == CHECKOUT
+                if in_backward:
+                    optimizers[name].step_in_next_backward(0.1)
                 heads[name](features.clone().requires_grad_(), labels).backward()
-                optimizers[name].step(0.1)
+                if not in_backward:
+                    optimizers[name].step(0.1)
                 dist.barrier()
                 if step >= args.warmup:
                     seconds[name].append(time.perf_counter() - start)
@@ -86,9 +92,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--step-in-backward", action="store_true", help="this checkout's optimizer steps inside the backward"
+    )
     args = parser.parse_args()
     print("machine: " + machine_line(f"torch {torch.__version__}", "2 gloo ranks, 1 thread each"))
-    print(f"C={args.classes:g} r={args.rate:g} D={args.dim} B={args.batch}/rank, ArcFace, SGD step; s/step:")
+    where = "in the backward for this checkout" if args.step_in_backward else "after the backward"
+    print(f"C={args.classes:g} r={args.rate:g} D={args.dim} B={args.batch}/rank, ArcFace, SGD step {where}; s/step:")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
