@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from machine import machine_line
+from machine import apply_malloc, machine_line
 
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax
@@ -36,24 +36,30 @@ MODULE = "platform/parallel/sharded_softmax.py"
 CHECKOUT = "this checkout"
 
 
-def module_at(revision: str, directory: str) -> ModuleType:
-    """The sharded-softmax module as it was at `revision`, imported under another name."""
+def write_module_at(revision: str, directory: str) -> Path:
+    """The sharded-softmax module as it was at `revision`, written once before the ranks start (two ranks
+    writing it themselves would race: one could import the file while the other truncates it)."""
     source = subprocess.run(["git", "show", f"{revision}:{MODULE}"], capture_output=True, text=True, check=True)
     path = Path(directory) / "baseline_sharded_softmax.py"
     path.write_text(source.stdout)
-    spec = importlib.util.spec_from_file_location("baseline_sharded_softmax", path)
+    return path
+
+
+def import_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def run_rank(rank: int, args: argparse.Namespace, port: int, directory: str, results: mp.SimpleQueue) -> None:
+def run_rank(rank: int, args: argparse.Namespace, port: int, baseline_path: Path, results: mp.SimpleQueue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    apply_malloc("keep")  # the trainer's allocator settings
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         classes, margin = int(args.classes), margin_spec("arcface")
-        baseline = module_at(args.revision, directory).ShardedMarginSoftmax
+        baseline = import_module(baseline_path).ShardedMarginSoftmax
         heads = {
             args.revision: baseline(classes, args.dim, margin, sample_rate=args.rate),
             CHECKOUT: ShardedMarginSoftmax(classes, args.dim, margin, sample_rate=args.rate),
@@ -104,7 +110,8 @@ def main() -> None:
         port = sock.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as directory:
-        mp.start_processes(run_rank, args=(args, port, directory, results), nprocs=2, start_method="spawn")
+        baseline_path = write_module_at(args.revision, directory)
+        mp.start_processes(run_rank, args=(args, port, baseline_path, results), nprocs=2, start_method="spawn")
         for name, times in results.get().items():
             print(f"{name:>14}: median {statistics.median(times):.3f}  ({' '.join(f'{t:.2f}' for t in times)})")
 
