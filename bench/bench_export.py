@@ -7,8 +7,9 @@ Latency is onnxruntime's at batch 1 on one thread: the median of --runs runs aft
 these rows use untrained backbones (with random BatchNorm statistics, see `trained_like`).
 
 Fidelity needs trained weights (a random network has no structure for int8 to keep: its cosines mean
-nothing), so it is measured for each --checkpoint: the cosine between the int8 and fp32 embeddings of --faces
-LFW faces (centre crop 0.5, as in evaluation), mean and 1st percentile.
+nothing), so it is measured for each --checkpoint, and with --train-steps N for every backbone, each first
+trained N steps on CelebA (2 ranks, the demo data recipe) by `python -m faceforge.train`: the cosine between
+the int8 and fp32 embeddings of --faces LFW faces (centre crop 0.5, as in evaluation), mean and 1st percentile.
 
 The PReLU rows compare three forms of MobileFaceNet (the first PReLU --checkpoint's weights if given): torch's
 nn.PReLU (an ONNX PRelu node), the platform's relu(x) - a*relu(-x), and ReLU (untrained). Run from the repo
@@ -16,6 +17,7 @@ root on a quiet machine (10-20 minutes for all backbones):
 
     .venv/bin/python bench/bench_export.py
     .venv/bin/python bench/bench_export.py --models mobilefacenet --checkpoint runs/train/X/checkpoints
+    .venv/bin/python bench/bench_export.py --input-size 64 --train-steps 80 --no-prelu-rows   # fidelity per backbone
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,6 +72,31 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
             bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
             bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.1)
     return model.eval()
+
+
+def briefly_trained(name: str, args: argparse.Namespace, work: Path) -> nn.Module:
+    """`name` trained --train-steps steps on CelebA with the trainer (2 ranks): weights and BatchNorm statistics
+    of real faces, which is what int8 must keep."""
+    run = work / f"train-{name}"
+    overrides = [
+        f"model={name}",
+        f"model.width={args.width:g}",
+        f"model.input_size={args.input_size}",
+        f"model.embedding_dim={args.embedding_dim}",
+        "data=folder",
+        f"data.root={SHARED / 'celeba_ids'}",
+        f"data.crop_fraction={TRAIN_CROP}",
+        "eval=none",
+        "trainer.nproc=2",
+        f"trainer.steps={args.train_steps}",
+        f"trainer.checkpoint_every={args.train_steps}",
+        f"schedule.warmup_steps={max(1, args.train_steps // 10)}",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "faceforge.train", *overrides], check=True, env=env, capture_output=True)
+    return load_backbone(run / "checkpoints")
 
 
 def with_torch_prelu(model: nn.Module) -> nn.Module:
@@ -128,6 +158,7 @@ def main() -> None:
     parser.add_argument("--calibration-count", type=int, default=256)
     parser.add_argument("--checkpoint", nargs="*", default=[], help="trained checkpoints: rows with fidelity")
     parser.add_argument("--no-prelu-rows", action="store_true", help="skip the PReLU comparison")
+    parser.add_argument("--train-steps", type=int, default=0, help="train each backbone this long: fidelity rows")
     args = parser.parse_args()
     if not (SHARED / "celeba_ids").is_dir():
         raise SystemExit(f"{SHARED}: shared face data not found")
@@ -147,7 +178,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         work = Path(tmp)
         for name in args.models:
-            measure(name, untrained(name), args, work, None)
+            if args.train_steps:
+                measure(f"{name}, trained {args.train_steps} steps", briefly_trained(name, args, work), args, work, lfw)
+            else:
+                measure(name, untrained(name), args, work, None)
         trained = [load_backbone(path) for path in args.checkpoint]
         for path, model in zip(args.checkpoint, trained, strict=True):
             config = model.config

@@ -49,6 +49,7 @@ class Config:
     warmup: int
     steps: int
     malloc: str  # "keep": the trainer's allocator settings; "default": glibc's
+    head_step: str  # "backward": inside the head's backward, as the trainer does; "after": a separate step
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,11 @@ def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
         head_optimizer = HeadOptimizer(head, kind="sgd", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
         def sharded_step(features: torch.Tensor, labels: torch.Tensor) -> None:
+            if config.head_step == "backward":
+                head_optimizer.step_in_next_backward(LR)
             head(features, labels).backward()
-            head_optimizer.step(LR)
+            if config.head_step == "after":
+                head_optimizer.step(LR)
 
         return sharded_step
 
@@ -180,9 +184,11 @@ def measure(config: Config) -> dict[str, float]:
 
 
 def state_bytes(config: Config) -> int:
-    """Weight + gradient + momentum held per rank: C/W · D · 4 bytes × 3 (replicated: C · D · 4 × 3)."""
+    """Weight + gradient + momentum held per rank: C/W · D · 4 bytes × 3 (replicated: C · D · 4 × 3); a sharded
+    head stepping inside its backward holds no gradient buffer, so × 2."""
+    in_backward = config.kind == "sharded" and config.head_step == "backward"
     rows = config.classes / config.world_size if config.kind == "sharded" else config.classes
-    return int(rows * config.dim * FLOAT_BYTES * 3)
+    return int(rows * config.dim * FLOAT_BYTES * (2 if in_backward else 3))
 
 
 def traffic_bytes(config: Config) -> int:
@@ -207,6 +213,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     add_malloc_option(parser)
+    parser.add_argument(
+        "--head-step", choices=["backward", "after"], default="backward", help="where the head's SGD step runs"
+    )
     parser.add_argument("--max-other", type=float, default=0.2, help="cores other jobs may use before a rerun")
     parser.add_argument("--retries", type=int, default=1)
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -216,16 +225,17 @@ def main() -> None:
     print("machine: " + machine_line(f"torch {torch.__version__}", threads))
     print(
         f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5), "
-        f"malloc={args.malloc}"
+        f"malloc={args.malloc}, sharded head's optimizer step: {args.head_step} the backward"
     )
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")
-    print("        formula = weight + grad + momentum per rank; ratio = increment / formula")
+    print("        formula = weight + grad + momentum per rank (no grad when the step is in the backward);")
+    print("        ratio = increment / formula")
     print("comm: collective payload per step from tensor sizes; other: cores busy with other jobs meanwhile\n")
     print("| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) | other |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
-    common["malloc"] = args.malloc
+    common.update(malloc=args.malloc, head_step=args.head_step)
     runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
     runs += [Config("naive", int(c), 1.0, **common) for c in sorted(args.naive_classes)]
     naive_bytes_per_class = None

@@ -8,6 +8,7 @@ import torch
 from faceforge import models
 from faceforge.models.card import cards_markdown, count_macs, count_params, model_card, write_model_cards
 from faceforge.models.layers import PReLU
+from faceforge.models.shufflefacenet import concat_shuffle
 
 ALL_MODELS = models.list()
 # shufflefacenet is only defined for widths 0.5-2.
@@ -72,6 +73,17 @@ def test_unknown_model_names_the_known_ones() -> None:
 def test_bad_arguments_raise_value_error(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         models.create("mobilefacenet", **kwargs)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_concat_shuffle_interleaves_halves_in_their_memory_format(memory_format: torch.memory_format) -> None:
+    x = torch.randn(2, 6, 5, 4).to(memory_format=memory_format)
+    passthrough = x[:, :3]  # a channel slice, as in a stride-1 unit
+    second = torch.randn(2, 3, 5, 4).to(memory_format=memory_format)
+    shuffled = concat_shuffle(passthrough, second)
+    reference = torch.cat((passthrough, second), dim=1).view(2, 2, 3, 5, 4).transpose(1, 2).reshape(2, 6, 5, 4)
+    assert torch.equal(shuffled, reference)
+    assert shuffled.is_contiguous(memory_format=memory_format)
 
 
 def test_shufflefacenet_rejects_undefined_width() -> None:
