@@ -225,7 +225,7 @@ def main() -> None:
     print("machine: " + machine_line(f"torch {torch.__version__}", threads))
     print(
         f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5), "
-        f"malloc={args.malloc}, sharded head's optimizer step: {args.head_step} the backward"
+        f"malloc={args.malloc}, the sharded head steps {'in' if args.head_step == 'backward' else 'after'} its backward"
     )
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")
