@@ -8,7 +8,7 @@ these rows use untrained backbones (with random BatchNorm statistics, see `train
 
 Fidelity needs trained weights (a random network has no structure for int8 to keep: its cosines mean
 nothing), so it is measured for each --checkpoint, and with --train-steps N for every backbone, each first
-trained N steps on CelebA (2 ranks, the demo data recipe) by `python -m faceforge.train`: the cosine between
+trained N steps on CelebA (2 ranks, the demo data recipe) by the trainer's `launch`: the cosine between
 the int8 and fp32 embeddings of --faces LFW faces (centre crop 0.5, as in evaluation), mean and 1st percentile.
 
 The PReLU rows compare three forms of MobileFaceNet (the first PReLU --checkpoint's weights if given): torch's
@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -48,9 +45,11 @@ from faceforge.export import (
     open_calibration_images,
     quantize_int8,
 )
+from faceforge.jobs.spec import compose_config
 from faceforge.models.card import count_macs, count_params
 from faceforge.models.layers import PReLU
 from faceforge.train.checkpoint import load_backbone
+from faceforge.train.launch import launch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_CROP = 0.75  # configs/data/demo.yaml
@@ -92,10 +91,9 @@ def briefly_trained(name: str, args: argparse.Namespace, work: Path) -> nn.Modul
         f"trainer.checkpoint_every={args.train_steps}",
         f"schedule.warmup_steps={max(1, args.train_steps // 10)}",
         f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-        f"hydra.run.dir={run}",
+        "mlflow.experiment=bench_export",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "faceforge.train", *overrides], check=True, env=env, capture_output=True)
+    launch(compose_config(overrides, output_dir=str(run)))
     return load_backbone(run / "checkpoints")
 
 
