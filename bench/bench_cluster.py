@@ -20,8 +20,8 @@
 
 Run from the repo root:
 
-    .venv/bin/python bench/bench_cluster.py                          # 100k: ~1 min a method; 1M: 15+ min a method
-    .venv/bin/python bench/bench_cluster.py --sizes 100000 --methods ivf hnsw
+    .venv/bin/python bench/bench_cluster.py                          # IVF-PQ: 100k ~20 s, 1M ~7 min
+    .venv/bin/python bench/bench_cluster.py --sizes 100000 --methods ivfpq ivf hnsw
     .venv/bin/python bench/bench_cluster.py --skip-knn               # only the LFW parts, seconds
 """
 
@@ -50,7 +50,7 @@ from faceforge.data_pipeline import (
     pair_scores,
 )
 from faceforge.data_pipeline.dedup import deal_into_albums
-from faceforge.data_pipeline.knn import ivf_cells
+from faceforge.data_pipeline.knn import IVF_SCAN_FRACTION, IVFPQ_REFINE, ivf_cells
 
 FEATURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dlib128_features.npz"
 
@@ -96,8 +96,10 @@ def bench_knn(args: argparse.Namespace) -> None:
     context = multiprocessing.get_context("spawn")
     for n in args.sizes:
         for method in args.methods:
+            nprobe = args.nprobe or max(32, round(ivf_cells(n) * IVF_SCAN_FRACTION))
             params = {
-                "ivf": f"nlist {ivf_cells(n)}, nprobe {args.nprobe}",
+                "ivfpq": f"nlist {ivf_cells(n)}, nprobe {nprobe}, PQ{args.dim // 2}x4fs, re-rank {IVFPQ_REFINE}k",
+                "ivf": f"nlist {ivf_cells(n)}, nprobe {nprobe}",
                 "hnsw": f"M {args.hnsw_m}, efSearch {args.ef_search}",
                 "exact": "flat inner product",
             }[method]
@@ -180,12 +182,12 @@ def bench_album_merge() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="N of the kNN runs")
-    parser.add_argument("--methods", nargs="+", choices=("ivf", "hnsw", "exact"), default=["ivf", "hnsw"])
+    parser.add_argument("--methods", nargs="+", choices=("ivfpq", "ivf", "hnsw", "exact"), default=["ivfpq"])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.9, help="norm of a face's offset from its identity centre")
     parser.add_argument("--queries", type=int, default=2000, help="rows whose recall is checked by exact search")
-    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--nprobe", type=int, help="IVF cells scanned per query (default: knn_graph's, ~3%%)")
     parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.93, 0.94, 0.945, 0.95, 0.955, 0.96, 0.965])

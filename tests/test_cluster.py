@@ -35,6 +35,7 @@ from faceforge.data_pipeline import (
     threshold_components,
 )
 from faceforge.data_pipeline.dedup import deal_into_albums
+from faceforge.data_pipeline.knn import SEARCH_CHUNK
 
 from conftest import SHARED
 
@@ -175,10 +176,14 @@ def test_exact_knn_matches_brute_force() -> None:
 def test_approximate_knn_recall_against_exact() -> None:
     features, _ = clustered(5000, 48, 250, 0.9)
     exact, _ = knn_graph(features, 10, "exact")
-    for method in ("ivf", "hnsw"):
-        approx, _ = knn_graph(features, 10, method)
+    for method in ("ivf", "ivfpq", "hnsw"):
+        approx, sims = knn_graph(features, 10, method)
         assert (approx != np.arange(len(features))[:, None]).all()  # no face is its own neighbour
         assert knn_recall(approx, exact) >= 0.9, method
+        if method == "ivfpq":  # PQ only picks candidates: the similarities are exact, even across search chunks
+            assert len(features) > SEARCH_CHUNK
+            true_sims = np.einsum("nd,nkd->nk", features, features[approx])
+            assert np.allclose(sims, true_sims, atol=1e-5) and np.all(np.diff(sims, axis=1) <= 1e-6)
     assert knn_recall(exact[:, ::-1], exact) == 1.0 and knn_recall(np.roll(exact, 1, axis=0), exact) < 0.05
 
 
@@ -188,6 +193,8 @@ def test_knn_graph_rejects_bad_input_and_caps_k() -> None:
         knn_graph(features * 2, 3)
     with pytest.raises(ValueError, match="unknown kNN method"):
         knn_graph(features, 3, "lsh")
+    with pytest.raises(ValueError, match="D must be even"):
+        knn_graph(clustered(40, 7, 2, 0.5)[0], 3, "ivfpq")
     assert knn_graph(features, 30)[0].shape == (5, 4)
 
 

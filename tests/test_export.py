@@ -32,6 +32,8 @@ from faceforge.export import (
     list_exports,
     open_calibration_images,
     output_gap,
+    quantize,
+    quantize_int8,
     resolve_source,
     write_c_array,
 )
@@ -267,6 +269,27 @@ def test_c_array_holds_the_model_bytes(c_array_export: Path, tmp_path: Path) -> 
         [cc, "-std=c11", "-Wall", "-Werror", "-I", str(c_array_export), *sources, "-o", str(binary)], check=True
     )
     assert subprocess.run([str(binary), str(c_array_export / "model_int8.onnx")]).returncode == 0
+
+
+def test_compaction_keeps_int8_outputs_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _random_batchnorm_statistics(models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32))
+    fp32 = export_onnx(model, 56, tmp_path / "model.onnx")
+    faces = open_calibration_images(shared_data() / "celeba_ids")
+
+    def quantise(path: Path) -> Path:
+        return quantize_int8(fp32, path, FaceCalibrationReader(faces, input_size=56, crop_fraction=0.75, count=8))
+
+    compacted = quantise(tmp_path / "compact.onnx")
+    monkeypatch.setattr(quantize, "compact_qdq", lambda graph: graph)  # quantize_static's own output, to compare
+    original = quantise(tmp_path / "original.onnx")
+    assert compacted.stat().st_size < 0.9 * original.stat().st_size
+    onnx.checker.check_model(str(compacted))
+    graph = onnx.load(str(compacted)).graph
+    assert len(graph.initializer) < len(onnx.load(str(original)).graph.initializer)  # all-zero zero points gone
+    assert max(len(t.name) for t in graph.initializer) <= 3 and not graph.value_info
+    batch = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (4, 3, 56, 56)).astype(np.float32))
+    assert np.array_equal(OnnxEmbedder(compacted)(batch), OnnxEmbedder(original)(batch))
+    assert largest_activation(compacted).bytes == largest_activation(original).bytes
 
 
 def test_calibration_sets(tmp_path: Path) -> None:
