@@ -9,20 +9,22 @@
    identity's unit centre plus isotropic noise of norm `--noise` (0.9: genuine cosine 0.55, impostor 0.00 ± 0.10,
    0.31 at its 99.9th percentile), then L2-normalised. 30 neighbours are then ~19 of the same person plus
    look-alikes.
-2. Clustering of dlib's LFW embeddings (../shared/data/lfw_dlib128_features.npz, identities with >= 2 images,
-   exact 30-NN graph) with each method over a threshold sweep: pairwise and BCubed P/R/F, NMI, clusters,
-   singletons; then, per method, the best pairwise F whose pairwise precision is >= 0.95.
+2. Clustering of dlib's LFW embeddings (../shared/data/lfw_dlib128_features.npz), or with `--model` of a
+   checkpoint's embeddings of LFW aligned by `faceforge data align` (identities with >= 2 images, exact 30-NN
+   graph), with each method over a threshold sweep: pairwise and BCubed P/R/F, NMI, clusters, singletons; then,
+   per method, the best pairwise F whose pairwise precision is >= 0.95.
 3. Album merge: LFW people with >= 4 images dealt over 3 albums (clusters = true identities within an album, so
    the merge alone is measured), then with people of 2-3 images added whole to one album (no partner: any merge
    of theirs is false), merged back at thresholds calibrated at FMR 1e-3 and 1e-4 on image pairs of a disjoint
-   quarter of the people, with and without a runner-up margin. dlib's embeddings share a large common direction
-   (impostor cosine ~0.84), hence thresholds near 1.
+   quarter of the people, with and without a runner-up margin; with `--model`, on its embeddings. dlib's share a
+   large common direction (impostor cosine ~0.84), hence thresholds near 1.
 
 Run from the repo root:
 
     .venv/bin/python bench/bench_cluster.py                          # IVF-PQ: 100k ~20 s, 1M ~7 min
     .venv/bin/python bench/bench_cluster.py --sizes 100000 --methods ivfpq ivf hnsw
     .venv/bin/python bench/bench_cluster.py --skip-knn               # only the LFW parts, seconds
+    .venv/bin/python bench/bench_cluster.py --skip-knn --model <checkpoint> --aligned-lfw <aligned LFW>
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from faceforge.data_pipeline import (
 )
 from faceforge.data_pipeline.dedup import deal_into_albums
 from faceforge.data_pipeline.knn import IVF_SCAN_FRACTION, IVFPQ_REFINE, ivf_cells
+from faceforge.eval.embed import embed_images
+from faceforge.eval.sources import load_model
 
 FEATURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_dlib128_features.npz"
 
@@ -112,14 +116,29 @@ def bench_knn(args: argparse.Namespace) -> None:
             )
 
 
-def bench_lfw_clustering(thresholds: list[float]) -> None:
+def dlib_lfw() -> tuple[np.ndarray, np.ndarray]:
+    """dlib's embeddings of LFW and their identity names."""
     data = np.load(FEATURES)
-    names = data["names"]
+    return data["feats"], data["names"]
+
+
+def model_lfw(model: str, aligned: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's (or MLflow model's) flip-summed embeddings of aligned LFW crops, and their identity names."""
+    files = sorted(aligned.glob("*/*.jpg"))
+    if not files:
+        raise SystemExit(f"no aligned crops under {aligned} (faceforge data align ../shared/data/lfw {aligned})")
+    module = load_model(model)
+    input_size = int(getattr(module, "input_size", 112))
+    features = embed_images(module, [f.read_bytes() for f in files], input_size=input_size, batch_size=128)
+    return features, np.array([f.parent.name for f in files])
+
+
+def bench_lfw_clustering(thresholds: list[float], features: np.ndarray, names: np.ndarray, source: str) -> None:
     _, inverse, counts = np.unique(names, return_inverse=True, return_counts=True)
     rows = np.flatnonzero(counts[inverse] >= 2)
-    features, names = l2_normalise(data["feats"][rows]), names[rows]
+    features, names = l2_normalise(features[rows]), names[rows]
     indices, sims = knn_graph(features, 30)
-    print(f"\n## Clustering dlib LFW embeddings: {len(rows)} faces of {len(np.unique(names))} identities (>= 2 each)\n")
+    print(f"\n## Clustering {source}: {len(rows)} faces of {len(np.unique(names))} identities (>= 2 each)\n")
     print("| method | threshold | pairwise P | pairwise R | pairwise F | BCubed P | BCubed R | BCubed F | NMI | "
           "clusters | singletons | seconds |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -146,9 +165,8 @@ def bench_lfw_clustering(thresholds: list[float]) -> None:
         print(row)
 
 
-def bench_album_merge() -> None:
-    data = np.load(FEATURES)
-    features, names = l2_normalise(data["feats"]), data["names"]
+def bench_album_merge(features: np.ndarray, names: np.ndarray) -> None:
+    features = l2_normalise(features)
     people, counts = np.unique(names, return_counts=True)
     calibration_people = np.isin(names, people[1::4])
     genuine, impostor = pair_scores(features[calibration_people], names[calibration_people])
@@ -190,18 +208,34 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, help="IVF cells scanned per query (default: knn_graph's, ~3%%)")
     parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.93, 0.94, 0.945, 0.95, 0.955, 0.96, 0.965])
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        help="clustering cosine thresholds (default: a sweep around dlib's 0.95, or 0.30-0.85 with --model)",
+    )
+    parser.add_argument("--model", help="cluster LFW with this checkpoint's embeddings of --aligned-lfw, not dlib's")
+    parser.add_argument("--aligned-lfw", type=Path, help="LFW aligned by `faceforge data align`, for --model")
     parser.add_argument("--skip-knn", action="store_true")
     parser.add_argument("--skip-lfw", action="store_true")
     args = parser.parse_args()
     print(
         machine_line(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads", f"numpy {np.__version__}")
     )
-    if not args.skip_lfw:
+    if not args.skip_lfw and args.model:
+        if not args.aligned_lfw:
+            raise SystemExit("--model needs --aligned-lfw")
+        thresholds = args.thresholds or [round(t, 2) for t in np.arange(0.30, 0.86, 0.05)]
+        features, names = model_lfw(args.model, args.aligned_lfw)
+        bench_lfw_clustering(thresholds, features, names, f"{args.model} on aligned LFW")
+        bench_album_merge(features, names)
+    elif not args.skip_lfw:
         if not FEATURES.is_file():
             raise SystemExit(f"{FEATURES} not found (use --skip-lfw)")
-        bench_lfw_clustering(args.thresholds)
-        bench_album_merge()
+        thresholds = args.thresholds or [0.93, 0.94, 0.945, 0.95, 0.955, 0.96, 0.965]
+        features, names = dlib_lfw()
+        bench_lfw_clustering(thresholds, features, names, "dlib LFW embeddings")
+        bench_album_merge(features, names)
     if not args.skip_knn:
         bench_knn(args)
 

@@ -6,9 +6,11 @@ from faceforge.data_pipeline.cluster import CLUSTERERS, chinese_whispers, infoma
 from faceforge.data_pipeline.cluster_metrics import ClusterScores, cluster_scores, score_files
 from faceforge.data_pipeline.dedup import (
     Calibration,
+    CopyEvidence,
     Decision,
     calibrate_threshold,
     cluster_centroids,
+    crop_fingerprint,
     drop_evaluation_identities,
     exact_duplicates,
     match_known_identities,
@@ -29,6 +31,7 @@ __all__ = [
     "Calibration",
     "CenterDetector",
     "ClusterScores",
+    "CopyEvidence",
     "Decision",
     "Detections",
     "Detector",
@@ -41,6 +44,7 @@ __all__ = [
     "chinese_whispers",
     "cluster_centroids",
     "cluster_scores",
+    "crop_fingerprint",
     "drop_evaluation_identities",
     "error_versus_reject",
     "exact_duplicates",

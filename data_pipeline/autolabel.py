@@ -41,9 +41,11 @@ from faceforge.data_pipeline.align import align_face, write_atomic
 from faceforge.data_pipeline.autolabel_state import FaceOutcome, InboxFile, Round, StateDB
 from faceforge.data_pipeline.cluster import CLUSTERERS
 from faceforge.data_pipeline.dedup import (
+    CopyEvidence,
     Decision,
     calibrate_threshold,
     cluster_centroids,
+    crop_fingerprint,
     drop_evaluation_identities,
     match_known_identities,
     merge_albums,
@@ -60,6 +62,7 @@ CROP_SIZE = 112
 ROOT_ALBUM = "_unsorted"  # files put straight into the inbox, not into an album folder
 STATE = "state.db"
 OUTCOMES = ("labelled", "rejected", "error")
+FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
 
 # (file, sha256 of its bytes, outcome, reason, faces): what a batch commits for each file.
 Decided = tuple[InboxFile, str | None, str, str | None, list[FaceOutcome]]
@@ -80,6 +83,7 @@ class ClusterSettings:
 @dataclass
 class DedupSettings:
     near_threshold: float = 0.95
+    copy_pixel_threshold: float = 0.92
     album_threshold: float = 0.5
     album_margin: float = 0.01
     known_root: str | None = None
@@ -147,6 +151,7 @@ def check_config(config: AutolabelConfig) -> None:
         (config.cluster.min_size >= 1 and config.cluster.neighbours >= 1, "cluster.min_size and neighbours >= 1"),
         (config.batch_files >= 1 and config.embed_batch >= 1, "batch_files and embed_batch must be >= 1"),
         (0 < config.dedup.fmr < 1, f"dedup.fmr must be in (0, 1), got {config.dedup.fmr}"),
+        (-1 <= config.dedup.copy_pixel_threshold <= 1, "dedup.copy_pixel_threshold is a cosine, in [-1, 1]"),
         (config.max_file_mb > 0, "max_file_mb must be positive"),
     ]
     for ok, message in checks:
@@ -415,15 +420,37 @@ class Autolabeller:
         """The model's embedding of every face; faces it has not embedded yet (a new champion) are re-embedded."""
         return self.cached_embeddings(model, [f["face"] for f in faces], lambda face: self.crops / f"{face}.jpg")
 
+    def fingerprints_of(self, faces: list[dict]) -> np.ndarray:
+        """Every face's crop fingerprint (see `crop_fingerprint`), computed once per face."""
+        keys = [f["face"] for f in faces]
+        return self.cached_vectors(
+            FINGERPRINT_KEY,
+            keys,
+            lambda key: self.crops / f"{key}.jpg",
+            lambda crops: np.stack([crop_fingerprint(crop) for crop in crops]),
+        )
+
     def cached_embeddings(self, model: EmbeddingModel, keys: list[str], crop_path: Callable[[str], Path]) -> np.ndarray:
         """Embeddings by key from the state database, computing and storing only those this model lacks."""
-        stored = self.state.embeddings(model.key, keys)
+        return self.cached_vectors(
+            model.key, keys, crop_path, lambda crops: embed_crops(model, crops, self.config.embed_batch)[0]
+        )
+
+    def cached_vectors(
+        self,
+        kind: str,
+        keys: list[str],
+        crop_path: Callable[[str], Path],
+        compute: Callable[[list[np.ndarray]], np.ndarray],
+    ) -> np.ndarray:
+        """Vectors of one kind (a model's embeddings, or fingerprints) by key from the state database, computing and
+        storing only those missing."""
+        stored = self.state.embeddings(kind, keys)
         missing = [key for key in dict.fromkeys(keys) if key not in stored]
         for start in range(0, len(missing), 1024):
             chunk = missing[start : start + 1024]
-            crops = [read_crop(crop_path(key)) for key in chunk]
-            vectors, _ = embed_crops(model, crops, self.config.embed_batch)
-            self.state.store_embeddings(model.key, chunk, vectors)
+            vectors = compute([read_crop(crop_path(key)) for key in chunk])
+            self.state.store_embeddings(kind, chunk, vectors)
             stored.update(zip(chunk, vectors, strict=True))
         return np.stack([stored[key] for key in keys]) if keys else np.zeros((0, 1), dtype=np.float32)
 
@@ -431,7 +458,8 @@ class Autolabeller:
         self.state.beat(f"round {current.number}: clustering and writing the version")
         faces = self.state.kept_faces()
         features = self.features_of(faces, model)
-        labelled = label_identities(faces, features, self.config, self.reference_sets(model))
+        fingerprints = self.fingerprints_of(faces)
+        labelled = label_identities(faces, features, fingerprints, self.config, self.reference_sets(model))
         previous = list_versions(self.versions)
         new_people = count_new_identities(labelled.records, current.number)
         stats = {
@@ -578,7 +606,9 @@ def _decision(decision: Decision, names: Callable[[int | str], str]) -> dict:
     return record
 
 
-def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelConfig, references: dict) -> Labelled:
+def label_identities(
+    faces: list[dict], features: np.ndarray, fingerprints: np.ndarray, config: AutolabelConfig, references: dict
+) -> Labelled:
     """Drop near copies, cluster each album, merge albums, match known and evaluation identities, name people."""
     thresholds = calibrated_thresholds(config.dedup, references.get("known"))
     if not faces:
@@ -586,7 +616,8 @@ def label_identities(faces: list[dict], features: np.ndarray, config: AutolabelC
     face_name = [f["face"] for f in faces]
     quality = np.array([f["score"] for f in faces])
     # A re-encoded or resized copy is a copy wherever it was put: any two faces, before clustering counts them.
-    near = near_duplicates(features, quality, None, config.dedup.near_threshold)
+    copies = CopyEvidence(fingerprints, config.dedup.copy_pixel_threshold, thresholds["album"])
+    near = near_duplicates(features, quality, None, config.dedup.near_threshold, copies=copies)
     decisions = [_decision(d, lambda i: face_name[i]) for d in near]
     keep = np.ones(len(faces), dtype=bool)
     keep[[d.subject for d in near]] = False

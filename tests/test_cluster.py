@@ -18,6 +18,7 @@ from faceforge.cli import main as faceforge
 from faceforge.data import center_crop_resize, read_image
 from faceforge.data_pipeline import (
     CLUSTERERS,
+    CopyEvidence,
     calibrate_threshold,
     chinese_whispers,
     cluster_centroids,
@@ -330,6 +331,32 @@ def test_near_duplicates_keep_the_best_quality_copy(lfw_dlib: tuple[np.ndarray, 
     assert not near_duplicates(np.r_[features[rows], copies], quality, elsewhere, 0.995)
     anywhere = near_duplicates(np.r_[features[rows], copies], quality, None, 0.995)
     assert sorted((d.subject, d.target) for d in anywhere) == [(i, len(rows) + i) for i in range(20)]
+
+
+def test_copies_the_embedding_misses_are_dropped_by_their_crops(
+    lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    features, names, _ = lfw_dlib
+    rows, others = recurring(names)[:200], recurring(names)[-10:]
+    assert not set(names[others]) & set(names[rows])
+    rng = np.random.default_rng(0)
+    fingerprints = l2_normalise(rng.standard_normal((len(rows) + 20, 256)))
+    # 10 copies the model moved to cosine ~0.99 (< the 0.995 near threshold), with their originals' crops.
+    copies = l2_normalise(features[rows[:10]] + rng.standard_normal((10, features.shape[1])) * 0.02)
+    # 10 faces of other people whose crops happen to look like those of faces 10-19.
+    strangers = features[others]
+    assert (np.einsum("nd,nd->n", copies, features[rows[:10]]) < 0.995).all()
+    fingerprints[len(rows) : len(rows) + 10] = fingerprints[:10]
+    fingerprints[len(rows) + 10 :] = fingerprints[10:20]
+    stacked = np.r_[features[rows], copies, strangers]
+    quality = np.r_[np.full(len(rows), 0.9), np.full(20, 0.5)]
+    assert not near_duplicates(stacked, quality, None, 0.995)
+    person = 0.95  # dlib's same-person cosine: its impostor pairs sit near 0.84
+    decisions = near_duplicates(stacked, quality, None, 0.995, copies=CopyEvidence(fingerprints, 0.92, person))
+    assert sorted((d.subject, d.target) for d in decisions) == [(len(rows) + i, i) for i in range(10)]
+    assert all("near-identical crop" in d.detail for d in decisions)
+    with pytest.raises(ValueError, match="fingerprints"):
+        near_duplicates(stacked, quality, None, 0.995, copies=CopyEvidence(fingerprints[:5], 0.92, person))
 
 
 def test_calibrated_threshold_holds_on_unseen_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:

@@ -21,6 +21,7 @@ from faceforge.data_pipeline import (
     HaarDetector,
     align_face,
     align_tree,
+    crop_fingerprint,
     get_detector,
     template_transform,
 )
@@ -157,6 +158,29 @@ def test_a_large_face_aligns_like_the_small_one(mtcnn: MTCNN) -> None:
     large = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
     small_crop, large_crop = align_face(image, landmarks), align_face(large, (landmarks + 0.5) * 4 - 0.5)
     assert np.abs(small_crop.astype(np.float32) - large_crop).mean() < 4.0
+
+
+def test_a_resized_or_reencoded_copy_aligns_to_the_same_fingerprint(mtcnn: MTCNN) -> None:
+    """What the auto-labeller's near-copy check relies on, whatever the embedding model makes of the copy."""
+    photos = [read_image(path) for path in lfw_images(12)]
+    shrunk = [cv2.resize(image, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA) for image in photos]
+    copies = [
+        cv2.imdecode(cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 40])[1], cv2.IMREAD_COLOR)[
+            :, :, ::-1
+        ]
+        for image in shrunk
+    ]
+    similarities = []
+    for image, copy, original, again in zip(photos, copies, mtcnn.detect(photos), mtcnn.detect(copies), strict=True):
+        first = crop_fingerprint(align_face(image, original.landmarks[0]))
+        second = crop_fingerprint(align_face(np.ascontiguousarray(copy), again.landmarks[0]))
+        similarities.append(float(first @ second))
+    assert min(similarities) >= 0.92, similarities
+    found = mtcnn.detect(photos)
+    others = np.stack([crop_fingerprint(align_face(p, d.landmarks[0])) for p, d in zip(photos, found, strict=True)])
+    assert (others @ others.T)[~np.eye(len(photos), dtype=bool)].mean() < 0.8  # different people
+    flat = crop_fingerprint(np.full((112, 112, 3), 128, dtype=np.uint8))
+    assert np.isclose(np.linalg.norm(flat), 1) and flat @ crop_fingerprint(np.zeros((112, 112, 3), np.uint8)) == 1
 
 
 def test_haar_fallback_finds_the_faces_of_lfw() -> None:
