@@ -28,6 +28,7 @@ from faceforge.export import (
     export_file,
     export_onnx,
     fold_batchnorm,
+    int8_fidelity,
     largest_activation,
     list_exports,
     open_calibration_images,
@@ -153,6 +154,10 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
     # The largest map: the first bottleneck expands the 16-channel stem 2x before its stride-2 depthwise conv.
     assert card["largest_activation"]["bytes"] == 32 * 56 * 56, "int8: one byte per value"
     assert largest_activation(c_array_export / "model.onnx").bytes == 4 * 32 * 56 * 56
+    # 240 training images, all read by the 256-image calibration: fidelity is measured on those.
+    fidelity = card["int8_fidelity"]
+    assert fidelity["faces"] == 128 and fidelity["held_out"] == 0.0
+    assert 0.9 < fidelity["p1_cosine"] <= fidelity["mean_cosine"] <= 1.0
 
     with pytest.raises(SystemExit, match=r"faceforge export: error: .*neither an existing checkpoint"):
         faceforge(["export", "/nonexistent/checkpoint"])
@@ -169,6 +174,7 @@ def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained:
     for key in ("params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms"):
         assert export.metrics[key] == pytest.approx(card[key]), key
     assert export.metrics["largest_activation_bytes"] == card["largest_activation"]["bytes"]
+    assert export.metrics["int8_fidelity.mean_cosine"] == pytest.approx(card["int8_fidelity"]["mean_cosine"])
     assert export.params["model.name"] == "mobilefacenet" and export.params["largest_activation.shape"] == "1x32x56x56"
     logged = export_file(uri, export.run_id, "model_int8.onnx")
     assert logged.read_bytes() == (c_array_export / "model_int8.onnx").read_bytes()
@@ -290,6 +296,20 @@ def test_compaction_keeps_int8_outputs_bit_identical(tmp_path: Path, monkeypatch
     batch = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (4, 3, 56, 56)).astype(np.float32))
     assert np.array_equal(OnnxEmbedder(compacted)(batch), OnnxEmbedder(original)(batch))
     assert largest_activation(compacted).bytes == largest_activation(original).bytes
+
+
+def test_int8_fidelity_is_measured_on_faces_calibration_did_not_read(tmp_path: Path) -> None:
+    faces = open_calibration_images(shared_data() / "celeba_ids")
+    reader = FaceCalibrationReader(faces, input_size=56, crop_fraction=0.75, count=8)
+
+    def squeezenet(name: str) -> Path:  # each call draws new random weights
+        model = models.create("squeezenet", width=0.25, input_size=56, embedding_dim=32)
+        return export_onnx(_random_batchnorm_statistics(model), 56, tmp_path / f"{name}.onnx")
+
+    first, other = squeezenet("first"), squeezenet("other")
+    same = int8_fidelity(first, first, reader, count=20)
+    assert same["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and same["faces"] == 20 and same["held_out"] == 1.0
+    assert int8_fidelity(first, other, reader, count=20)["mean_cosine"] < 0.9  # unrelated embeddings
 
 
 def test_calibration_sets(tmp_path: Path) -> None:

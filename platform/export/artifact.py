@@ -10,7 +10,13 @@ from torch import nn
 from faceforge.export.c_array import write_c_array
 from faceforge.export.card import ArtifactCard, artifact_card
 from faceforge.export.onnx_export import DEFAULT_OPSET, export_onnx
-from faceforge.export.quantize import CALIBRATION_COUNT, CalibrationImages, FaceCalibrationReader, quantize_int8
+from faceforge.export.quantize import (
+    CALIBRATION_COUNT,
+    CalibrationImages,
+    FaceCalibrationReader,
+    int8_fidelity,
+    quantize_int8,
+)
 from faceforge.export.runtime import LATENCY_RUNS
 
 FORMATS = ("onnx", "onnx-int8", "c-array")
@@ -38,7 +44,8 @@ def export_artifact(
     """Write model.onnx, then model_int8.onnx (int8 formats) and faceforge_model.c/.h (c-array), and card.json.
 
     `calibration` (required by the int8 formats) is read with `crop_fraction`, the crop the model saw.
-    `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is.
+    `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is; int8
+    fidelity is measured on calibration-set faces that calibration did not read.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -46,14 +53,15 @@ def export_artifact(
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
     fp32_path = export_onnx(model, model.input_size, out_dir / FP32_FILE, opset)
-    int8_path = None
+    int8_path, fidelity = None, None
     if fmt != "onnx":
         reader = FaceCalibrationReader(
             calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
         )
         int8_path = quantize_int8(fp32_path, out_dir / INT8_FILE, reader)
+        fidelity = int8_fidelity(fp32_path, int8_path, reader)
     if fmt == "c-array":
         write_c_array(int8_path, out_dir, C_SYMBOL)
-    card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy)
+    card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
     (out_dir / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return card

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from faceforge.export.c_array import Activation, largest_activation
+from faceforge.export.quantize import FIDELITY_BARS
 from faceforge.export.runtime import LATENCY_RUNS, onnx_latency_ms
 from faceforge.models.card import count_macs, count_params
 from faceforge.registry.selection import DEFAULT_METRIC, TIE_BREAK
@@ -28,6 +29,8 @@ class ArtifactCard:
     largest_activation: Activation
     # The source run's verification metrics (the fp32 model as trained, short names); int8 is not re-evaluated.
     accuracy: dict[str, float] = field(default_factory=dict)
+    # int8 against fp32 embeddings on held-out calibration faces (quantize.int8_fidelity); empty without int8.
+    int8_fidelity: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +47,19 @@ class ArtifactCard:
         if self.int8_bytes is not None and self.int8_latency_ms is not None:
             speedup = self.fp32_latency_ms / self.int8_latency_ms
             rows["int8"] = f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x)"
+        if self.int8_fidelity:
+            fidelity = self.int8_fidelity
+            below = [key for key, bar in FIDELITY_BARS.items() if fidelity[key] < bar]
+            rows["int8 fidelity"] = (
+                f"cosine to fp32 mean {fidelity['mean_cosine']:.4f}, 1st percentile {fidelity['p1_cosine']:.4f} "
+                f"({fidelity['faces']:.0f} {'held-out' if fidelity['held_out'] else 'calibration'} faces)"
+                + (
+                    f"; BELOW the bars (mean {FIDELITY_BARS['mean_cosine']}, 1st percentile "
+                    f"{FIDELITY_BARS['p1_cosine']}): check int8 accuracy before deploying"
+                    if below
+                    else ""
+                )
+            )
         shape = "x".join(str(d) for d in act.shape)
         rows["largest activation"] = f"{act.bytes / 1024:.1f} KiB ({act.name}, {shape})"
         measured = [f"{key} {self.accuracy[key]:.4f}" for key in (TIE_BREAK, DEFAULT_METRIC) if key in self.accuracy]
@@ -59,6 +75,7 @@ def artifact_card(
     int8_path: Path | None = None,
     latency_runs: int = LATENCY_RUNS,
     accuracy: dict[str, float] | None = None,
+    int8_fidelity: dict[str, float] | None = None,
 ) -> ArtifactCard:
     """Latencies are onnxruntime's at batch 1 on one thread (median of `latency_runs`)."""
     input_size = model.input_size
@@ -74,4 +91,5 @@ def artifact_card(
         int8_latency_ms=onnx_latency_ms(int8_path, input_size, latency_runs) if int8_path else None,
         largest_activation=largest_activation(deployed),
         accuracy=dict(accuracy or {}),
+        int8_fidelity=dict(int8_fidelity or {}),
     )

@@ -106,6 +106,7 @@ def log_export(tracking_uri: str, source: ExportSource, out_dir: str | Path, car
         figures = {key: getattr(card, key) for key in CARD_METRICS if getattr(card, key) is not None}
         figures[ACTIVATION_METRIC] = card.largest_activation.bytes
         figures |= {f"eval.{key}": value for key, value in card.accuracy.items()}
+        figures |= {f"int8_fidelity.{key}": value for key, value in card.int8_fidelity.items()}
         act = card.largest_activation
         params = {"format": card.format, **{f"model.{key}": value for key, value in card.model.items()}}
         params |= {"largest_activation.name": act.name, "largest_activation.shape": "x".join(map(str, act.shape))}
