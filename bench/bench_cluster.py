@@ -52,7 +52,7 @@ from faceforge.data_pipeline import (
     pair_scores,
 )
 from faceforge.data_pipeline.dedup import deal_into_albums
-from faceforge.data_pipeline.knn import IVF_SCAN_FRACTION, IVFPQ_REFINE, ivf_cells
+from faceforge.data_pipeline.knn import IVFPQ_REFINE, default_nprobe, ivf_cells
 from faceforge.eval.embed import embed_images
 from faceforge.eval.sources import load_model
 
@@ -100,7 +100,7 @@ def bench_knn(args: argparse.Namespace) -> None:
     context = multiprocessing.get_context("spawn")
     for n in args.sizes:
         for method in args.methods:
-            nprobe = args.nprobe or max(32, round(ivf_cells(n) * IVF_SCAN_FRACTION))
+            nprobe = args.nprobe or default_nprobe(ivf_cells(n))
             params = {
                 "ivfpq": f"nlist {ivf_cells(n)}, nprobe {nprobe}, PQ{args.dim // 2}x4fs, re-rank {IVFPQ_REFINE}k",
                 "ivf": f"nlist {ivf_cells(n)}, nprobe {nprobe}",

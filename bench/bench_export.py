@@ -28,17 +28,15 @@ import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 import torch
 from machine import machine_line
 from torch import nn
 
 from faceforge import models
-from faceforge.eval import embed_images
 from faceforge.export import (
     FaceCalibrationReader,
-    OnnxEmbedder,
+    embedding_agreement,
     export_onnx,
     largest_activation,
     onnx_latency_ms,
@@ -132,10 +130,8 @@ def measure(label: str, model: nn.Module, args: argparse.Namespace, work: Path, 
     fp32_ms, int8_ms = best_latencies([fp32, int8], input_size, args.runs, args.repeats)
     fidelity = "- | -"
     if lfw is not None:
-        embed = dict(input_size=input_size, crop_fraction=LFW_CROP, flip=False)
-        reference, quantised = (embed_images(OnnxEmbedder(path), lfw, **embed) for path in (fp32, int8))
-        cosine = (reference * quantised).sum(axis=1)
-        fidelity = f"{cosine.mean():.4f} | {np.percentile(cosine, 1):.4f}"
+        agreement = embedding_agreement(fp32, int8, lfw, input_size=input_size, crop_fraction=LFW_CROP)
+        fidelity = f"{agreement['mean_cosine']:.4f} | {agreement['p1_cosine']:.4f}"
     print(
         f"| {label} | {input_size} | {count_params(model) / 1e6:.2f} | {count_macs(model, input_size) / 1e6:.0f} | "
         f"{fp32.stat().st_size / MB:.3f} | {int8.stat().st_size / MB:.3f} | {fp32_ms:.2f} | {int8_ms:.2f} | "

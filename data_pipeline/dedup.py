@@ -141,8 +141,9 @@ def near_duplicates(
             *knn_graph(copies.fingerprints, min(neighbours, n - 1)), copies.pixel_threshold
         )
         person_sims = np.einsum("nd,nd->n", features[pixel_a], features[pixel_b]).astype(np.float64)
-        same = person_sims >= copies.person_threshold
-        a, b, pair_sims = np.r_[a, pixel_a[same]], np.r_[b, pixel_b[same]], np.r_[pair_sims, person_sims[same]]
+        same_person = person_sims >= copies.person_threshold
+        a, b = np.r_[a, pixel_a[same_person]], np.r_[b, pixel_b[same_person]]
+        pair_sims = np.r_[pair_sims, person_sims[same_person]]
         _, first = np.unique(a * n + b, return_index=True)  # a pair found both ways counts once
         a, b, pair_sims = a[first], b[first], pair_sims[first]
     if identities is not None:

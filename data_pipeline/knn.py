@@ -41,6 +41,11 @@ def ivf_cells(n: int) -> int:
     return int(max(1, min(4 * np.sqrt(n), n // 39, 65536)))
 
 
+def default_nprobe(nlist: int) -> int:
+    """Cells an IVF query scans unless told: ~3% of them, never fewer than 32."""
+    return max(32, round(nlist * IVF_SCAN_FRACTION))
+
+
 def knn_graph(
     features: np.ndarray,
     k: int,
@@ -82,7 +87,7 @@ def knn_graph(
         index.cp.niter = IVF_KMEANS_ITERATIONS
         sample = np.random.default_rng(0).choice(n, min(n, nlist * IVF_TRAIN_PER_CELL), replace=False)
         index.train(features[np.sort(sample)])
-        index.nprobe = nprobe or max(32, round(nlist * IVF_SCAN_FRACTION))
+        index.nprobe = nprobe or default_nprobe(nlist)
     else:
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION

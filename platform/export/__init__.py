@@ -14,7 +14,7 @@ from faceforge.export.quantize import (
     quantize_int8,
     training_data_of,
 )
-from faceforge.export.runtime import OnnxEmbedder, onnx_latency_ms, onnx_session
+from faceforge.export.runtime import OnnxEmbedder, embedding_agreement, onnx_latency_ms, onnx_session
 from faceforge.export.tracking import (
     EXPORTS_EXPERIMENT,
     ExportSource,
@@ -40,6 +40,7 @@ __all__ = [
     "OnnxEmbedder",
     "artifact_card",
     "artifact_files",
+    "embedding_agreement",
     "equalize_channels",
     "export_artifact",
     "export_file",

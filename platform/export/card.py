@@ -49,7 +49,7 @@ class ArtifactCard:
             rows["int8"] = f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x)"
         if self.int8_fidelity:
             fidelity = self.int8_fidelity
-            below = [key for key, bar in FIDELITY_BARS.items() if fidelity[key] < bar]
+            below = any(fidelity[key] < bar for key, bar in FIDELITY_BARS.items())
             rows["int8 fidelity"] = (
                 f"cosine to fp32 mean {fidelity['mean_cosine']:.4f}, 1st percentile {fidelity['p1_cosine']:.4f} "
                 f"({fidelity['faces']:.0f} {'held-out' if fidelity['held_out'] else 'calibration'} faces)"

@@ -17,6 +17,7 @@ from faceforge.data import EvalTransform, open_dataset, read_image
 from faceforge.data.folder import list_images
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.export.onnx_export import INPUT_NAME
+from faceforge.export.runtime import embedding_agreement
 
 CALIBRATION_COUNT = 256
 CALIBRATION_BATCH = 16
@@ -125,24 +126,14 @@ def int8_fidelity(
     percentile, the number of faces, and `held_out` 1.0 when calibration did not read them (0.0 when it read the
     whole set). Every export measures it, because int8 can fail a whole architecture (MobileNetV2 kept a mean of
     0.90 after 80 training steps, docs/benchmarks.md)."""
-    from faceforge.eval.embed import embed_images
-    from faceforge.export.runtime import OnnxEmbedder
-
     unseen = np.setdiff1d(np.arange(len(reader.images)), reader.indices)
     pool = unseen if len(unseen) else reader.indices
     faces = [reader.images.read_image(int(i)) for i in pool[spread_indices(len(pool), count)]]
-    size, crop = reader.transform.input_size, reader.transform.crop_fraction
-    fp32, int8 = (
-        embed_images(OnnxEmbedder(path), faces, input_size=size, crop_fraction=crop, flip=False)
-        for path in (fp32_path, int8_path)
+    transform = reader.transform
+    agreement = embedding_agreement(
+        fp32_path, int8_path, faces, input_size=transform.input_size, crop_fraction=transform.crop_fraction
     )
-    cosine = (fp32 * int8).sum(axis=1)
-    return {
-        "mean_cosine": float(cosine.mean()),
-        "p1_cosine": float(np.percentile(cosine, 1)),
-        "faces": float(len(faces)),
-        "held_out": float(len(unseen) > 0),
-    }
+    return agreement | {"faces": float(len(faces)), "held_out": float(len(unseen) > 0)}
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: FaceCalibrationReader) -> Path:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from faceforge.eval.embed import embed_images
 
 WARMUP_RUNS = 5
 LATENCY_RUNS = 50
@@ -53,3 +56,16 @@ def onnx_latency_ms(path: str | Path, input_size: int, runs: int = LATENCY_RUNS)
         if i >= WARMUP_RUNS:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
+
+
+def embedding_agreement(
+    first: str | Path, second: str | Path, faces: Sequence[bytes | np.ndarray], *, input_size: int, crop_fraction: float
+) -> dict[str, float]:
+    """Mean and 1st-percentile cosine between two exported graphs' embeddings (unflipped) of the same faces: how
+    much of the fp32 model an int8 one keeps."""
+    first_embeddings, second_embeddings = (
+        embed_images(OnnxEmbedder(path), faces, input_size=input_size, crop_fraction=crop_fraction, flip=False)
+        for path in (first, second)
+    )
+    cosine = (first_embeddings * second_embeddings).sum(axis=1)
+    return {"mean_cosine": float(cosine.mean()), "p1_cosine": float(np.percentile(cosine, 1))}
