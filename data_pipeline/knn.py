@@ -98,7 +98,7 @@ def knn_graph(
     sims = np.empty((len(rows), k + 1), dtype=np.float32)
     for start in range(0, len(rows), SEARCH_CHUNK):
         chunk = slice(start, start + SEARCH_CHUNK)
-        queries = features[rows[chunk]]
+        queries = features[chunk] if query_rows is None else features[rows[chunk]]  # a view when searching all
         if method == "ivfpq":
             _, candidates = index.search(queries, (k + 1) * IVFPQ_REFINE)
             sims[chunk], indices[chunk] = _rerank(features, queries, candidates, k + 1)
