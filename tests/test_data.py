@@ -41,6 +41,7 @@ from faceforge.data import (
     write_bin,
 )
 from faceforge.data.recordio import MAGIC, MAGIC_BYTES
+from faceforge.data.transforms import similarity_jitter
 
 DATA = Path("/work/shared/data")
 IMAGES_PER_IDENTITY = 4
@@ -430,6 +431,30 @@ def test_train_transform_is_deterministic_per_seed(face_tree: Path) -> None:
     assert not torch.equal(blurred(img, np.random.default_rng(0)), sharp)
     with pytest.raises(ValueError, match="grey_prob"):
         TrainTransform(64, grey_prob=1.5)
+
+
+def test_similarity_jitter_moves_and_scales_the_face_within_its_bounds() -> None:
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[24:40, 24:40] = 255  # a 16-pixel square centred at (31.5, 31.5)
+
+    def centre_and_area(out: np.ndarray) -> tuple[np.ndarray, float]:
+        mass = out[..., 0].astype(np.float64) / 255
+        ys, xs = np.indices(mass.shape)
+        return np.array([(xs * mass).sum(), (ys * mass).sum()]) / mass.sum(), mass.sum()
+
+    moves, areas = [], []
+    for seed in range(10):
+        shifted = similarity_jitter(img, 0.1, 0.0, 0.0, np.random.default_rng(seed))
+        moves.append(np.abs(centre_and_area(shifted)[0] - 31.5))
+        areas.append(centre_and_area(similarity_jitter(img, 0.0, 0.2, 0.0, np.random.default_rng(seed)))[1])
+    assert max(m.max() for m in moves) <= 6.4 + 0.5 and max(m.max() for m in moves) > 2.0
+    assert all(256 * 0.8**2 - 4 <= a <= 256 * 1.2**2 + 4 for a in areas) and max(areas) - min(areas) > 20
+    unchanged = TrainTransform(64, flip=False, lowres_prob=0.0, jitter=0.0, shift=0.0, scale=0.0, rotate=0.0)
+    assert torch.equal(unchanged(img, np.random.default_rng(0)), to_tensor(img))
+    rotated = TrainTransform(64, flip=False, lowres_prob=0.0, jitter=0.0, rotate=30.0)
+    assert not torch.equal(rotated(img, np.random.default_rng(0)), to_tensor(img))
+    with pytest.raises(ValueError, match="shift"):
+        TrainTransform(64, shift=0.6)
 
 
 def test_inspect_every_format(face_tree: Path, packed: Path, tmp_path: Path) -> None:

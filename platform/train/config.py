@@ -62,6 +62,9 @@ class AugmentConfig:
     lowres_min: float = 0.25
     jitter: float = 0.2
     grey_prob: float = 0.0
+    shift: float = 0.0
+    scale: float = 0.0
+    rotate: float = 0.0
 
 
 @dataclass
@@ -308,6 +311,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("data.augment.lowres_prob", augment.lowres_prob, 0.0, 1.0),
         ("data.augment.grey_prob", augment.grey_prob, 0.0, 1.0),
         ("data.augment.lowres_min", augment.lowres_min, 0.01, 1.0),
+        ("data.augment.shift", augment.shift, 0.0, 0.49),
+        ("data.augment.scale", augment.scale, 0.0, 0.99),
+        ("data.augment.rotate", augment.rotate, 0.0, 180.0),
     ]
     for key, value, low, high in ranges:
         _require(low <= value <= high, f"{key} must be between {low:g} and {high:g}, got {value}")

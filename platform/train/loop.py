@@ -72,6 +72,9 @@ def train_transform(cfg: TrainConfig) -> TrainTransform:
         lowres_min=aug.lowres_min,
         jitter=aug.jitter,
         grey_prob=aug.grey_prob,
+        shift=aug.shift,
+        scale=aug.scale,
+        rotate=aug.rotate,
     )
 
 
