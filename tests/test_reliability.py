@@ -114,6 +114,8 @@ def hidden(folder: Path) -> list[str]:
         ("trainer.device=quantum", "trainer.device must be auto, cpu or cuda"),
         ("data.num_workers=-1", "data.num_workers must be between"),
         ("data.augment.lowres_prob=5", "data.augment.lowres_prob must be between"),
+        ("data.augment.shift=0.5", "data.augment.shift must be between"),
+        ("data.augment.rotate=-5", "data.augment.rotate must be between"),
         ("model=[1,2]", "could not compose the config from these overrides"),
     ],
 )
