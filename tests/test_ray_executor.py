@@ -1,4 +1,5 @@
-"""The Ray executor against a real local Ray head: a 2-rank gloo job, idempotent start, stop, forgotten ids."""
+"""The Ray executor against a real local Ray head: a 2-rank gloo job, idempotent start, stop, retry, forgotten
+ids."""
 
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from faceforge.jobs import CANCELLED, LOST, RUNNING, SUCCEEDED, TERMINAL, Job, make_jobs
+from faceforge.jobs import (
+    CANCELLED,
+    LOST,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Job,
+    JobStore,
+    job_dir,
+    make_jobs,
+    retry,
+    store_path,
+)
 from faceforge.jobs.executors.base import Status
-from faceforge.jobs.executors.ray_jobs import RayExecutor, local_head
+from faceforge.jobs.executors.ray_jobs import RayExecutor, local_head, submission_id
 
 pytestmark = pytest.mark.slow
 
@@ -70,13 +83,13 @@ def test_two_rank_job_runs_to_success_once(ray_address: str, home: Path, tiny_tr
     job = tiny_job(home, tiny_train_root, nproc=2, steps=3)
     assert job.slots == 2
     job.handle = executor.start(job, home / "jobs" / job.id)
-    assert job.handle == job.id
-    first = executor.client.get_job_info(job.id)
+    assert job.handle == submission_id(job) and job.handle.startswith(job.id)
+    first = executor.client.get_job_info(job.handle)
 
     # At-least-once delivery: a second scheduler starting the same job must find it, not run it twice.
     assert executor.start(job, home / "jobs" / job.id) == job.handle
-    assert [info.submission_id for info in executor.client.list_jobs()].count(job.id) == 1
-    assert executor.client.get_job_info(job.id).start_time == first.start_time
+    assert [info.submission_id for info in executor.client.list_jobs()].count(job.handle) == 1
+    assert executor.client.get_job_info(job.handle).start_time == first.start_time
 
     status = wait_for(executor, job, TERMINAL, timeout=150)
     log, offset = executor.read_log(job)
@@ -106,6 +119,29 @@ def test_stop_ends_a_running_job_cancelled(ray_address: str, home: Path, tiny_tr
     executor.stop(job)
     status = wait_for(executor, job, TERMINAL, timeout=60)
     assert status.state == CANCELLED, status
+
+
+def test_a_retried_job_runs_again_as_a_new_submission(ray_address: str, home: Path, tiny_train_root: Path) -> None:
+    """Ray keeps the ended submission: the retry's start must not find it and report its ending again."""
+    executor, store = RayExecutor(ray_address), JobStore(store_path(home))
+    (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=100_000)])
+
+    def start() -> Job:
+        claimed = store.claim("ray", "me", 2, 30)
+        assert claimed is not None and claimed.id == job.id
+        store.update(job.id, "me", handle=executor.start(claimed, job_dir(home, job.id)))
+        return store.get(job.id)
+
+    first = start()
+    executor.stop(first)
+    assert wait_for(executor, first, TERMINAL, timeout=60).state == CANCELLED
+    assert store.finish(job.id, "me", CANCELLED)
+    retry(store, home, job.id)
+    second = start()
+    assert second.handle != first.handle and executor.status(second).state == RUNNING
+    assert executor.status(first).state == CANCELLED  # the first start's record is untouched
+    executor.stop(second)
+    assert wait_for(executor, second, TERMINAL, timeout=60).state == CANCELLED
 
 
 def test_unknown_submission_is_lost(ray_address: str, home: Path, tiny_train_root: Path) -> None:

@@ -45,6 +45,13 @@ STATES = {
 }
 
 
+def submission_id(job: Job) -> str:
+    """The Ray submission of this start of the job. Ray keeps an ended submission under its id for good, so a
+    retried job needs a new one; the lease's start time tells the starts apart and stays the same when another
+    scheduler adopts the start (a job never started gets suffix 0)."""
+    return f"{job.id}-{round((job.started_at or 0.0) * 1000):x}"
+
+
 def cluster_cpus(address: str) -> int:
     """CPUs of the live nodes; 0 until the head's own node has registered, a few seconds after its dashboard."""
     nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")])
@@ -57,7 +64,7 @@ def _is_missing(err: RuntimeError) -> bool:
 
 
 class RayExecutor:
-    """One Ray cluster, addressed by its dashboard URL. The Ray submission id is the job id.
+    """One Ray cluster, addressed by its dashboard URL. Each start of a job is one submission (`submission_id`).
 
     start, status and stop raise OSError while the head is unreachable, so the scheduler retries on its next
     tick instead of declaring running jobs lost over a network blip.
@@ -90,14 +97,15 @@ class RayExecutor:
         return cpus
 
     def start(self, job: Job, job_dir: Path) -> str:
-        """Submit the trainer under the job's id, or find the submission a previous scheduler already made.
+        """Submit the trainer under this start's `submission_id`, or find the submission a previous scheduler
+        already made for it.
 
         Ray runs the entrypoint through a shell, hence one string. No shell injection is possible: every
         override was validated by compose_config when the job was made, and shlex.join quotes each argument,
         so the shell sees exactly the argv the local executor runs.
         """
         if self._info(job) is not None:
-            return job.id
+            return submission_id(job)
         job_dir = job_dir.resolve()
         env = {
             "FACEFORGE_HOME": str(faceforge_home().resolve()),
@@ -109,7 +117,7 @@ class RayExecutor:
         try:
             self.client.submit_job(
                 entrypoint=shlex.join(train_command(job, job_dir)),
-                submission_id=job.id,
+                submission_id=submission_id(job),
                 entrypoint_num_cpus=job.slots,
                 runtime_env={"env_vars": env},
                 metadata={"faceforge.job_id": job.id, "faceforge.name": job.name},
@@ -117,12 +125,14 @@ class RayExecutor:
         except RuntimeError:
             if self._info(job) is None:  # not a lost race with another scheduler submitting the same id
                 raise
-        return job.id
+        return submission_id(job)
 
     def status(self, job: Job) -> Status:
         info = self._info(job)
         if info is None:
-            return Status(LOST, error=f"Ray at {self.address} has no submission {job.id} (did its head restart?)")
+            return Status(
+                LOST, error=f"Ray at {self.address} has no submission {submission_id(job)} (did its head restart?)"
+            )
         state = STATES[info.status]
         if state == RUNNING:
             return Status(RUNNING)
@@ -132,7 +142,7 @@ class RayExecutor:
     def stop(self, job: Job) -> None:
         """Ray sends SIGTERM (the trainer checkpoints) and kills the process tree after its grace period."""
         try:
-            self.client.stop_job(job.id)
+            self.client.stop_job(submission_id(job))
         except RuntimeError as err:
             if not _is_missing(err):
                 raise
@@ -140,7 +150,7 @@ class RayExecutor:
     def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
         """Ray serves only the whole log, so slice it here; a forgotten submission has no log left."""
         try:
-            data = self.client.get_job_logs(job.id).encode()
+            data = self.client.get_job_logs(submission_id(job)).encode()
         except RuntimeError as err:
             if _is_missing(err):
                 return "", offset
@@ -149,7 +159,7 @@ class RayExecutor:
 
     def _info(self, job: Job) -> JobDetails | None:
         try:
-            return self.client.get_job_info(job.id)
+            return self.client.get_job_info(submission_id(job))
         except RuntimeError as err:
             if _is_missing(err):
                 return None
