@@ -8,8 +8,8 @@ daemon calibrates its thresholds on (FMR --fmr). One `faceforge autolabel run` r
 or model URI; a model trained by `faceforge demo` on aligned crops is the intended one), then, from the version:
 
 - copies removed: of an exact copy and its original, the one processed second must be rejected as a duplicate
-  file; a re-encoded or resized copy must leave only one of the pair in the dataset (the near-duplicate drop
-  keeps the better quality);
+  file; a re-encoded or resized copy must leave the faces of only one of the two photos in the dataset (the
+  near-duplicate drop keeps the better quality; a photo of two people keeps both faces);
 - album merges: a merge is false when the two album clusters' majority people differ; recall is the share of
   same-person album-cluster pairs that end in one identity; pairwise P/R of the identities against the truth.
 
@@ -141,8 +141,8 @@ def report_figures(
     for copy, (kind, original) in injected.items():
         if kind == "exact":  # whichever of the two was processed second is rejected
             removed[kind] += outcome[copy].startswith("duplicate") or outcome[original].startswith("duplicate")
-        else:  # one of the pair left (a copy with no face kept counts as removed too)
-            removed[kind] += in_dataset[copy] + in_dataset[original] <= 1
+        else:  # faces of one photo of the pair left at most (a copy with no face kept counts as removed too)
+            removed[kind] += min(in_dataset[copy], in_dataset[original]) == 0
     count = Counter(kind for kind, _ in injected.values())
     # Album clusters: majority person of each (album, cluster) of the version.
     members: dict[str, list[str]] = {}
