@@ -118,7 +118,7 @@ def main() -> None:
         model = labeller.model_for(opened.model, opened.model_source)
         threshold = args.cluster_threshold  # by default the album clustering too is at the calibrated FMR
         if threshold is None:
-            threshold = calibrated_thresholds(labeller.config.dedup, labeller.reference_sets(model)["known"])["album"]
+            threshold = calibrated_thresholds(labeller.config.dedup, labeller.reference_sets(model))["album"]
         labeller.config.cluster.threshold = threshold
         start = time.perf_counter()
         report = labeller.run_once()

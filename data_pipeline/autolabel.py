@@ -92,6 +92,7 @@ class DedupSettings:
     eval_threshold: float = 0.5
     fmr: float = 1e-3
     calibrate: bool = True
+    calibration_root: str | None = None
 
 
 @dataclass
@@ -151,6 +152,7 @@ def check_config(config: AutolabelConfig) -> None:
         (config.cluster.min_size >= 1 and config.cluster.neighbours >= 1, "cluster.min_size and neighbours >= 1"),
         (config.batch_files >= 1 and config.embed_batch >= 1, "batch_files and embed_batch must be >= 1"),
         (0 < config.dedup.fmr < 1, f"dedup.fmr must be in (0, 1), got {config.dedup.fmr}"),
+        (config.dedup.calibrate or not config.dedup.calibration_root, "dedup.calibration_root needs dedup.calibrate"),
         (-1 <= config.dedup.copy_pixel_threshold <= 1, "dedup.copy_pixel_threshold is a cosine, in [-1, 1]"),
         (config.max_file_mb > 0, "max_file_mb must be positive"),
     ]
@@ -485,9 +487,14 @@ class Autolabeller:
         )
 
     def reference_sets(self, model: EmbeddingModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Embeddings and names of the known (training) and evaluation identity folders, if configured."""
+        """Embeddings and names of the known (training), evaluation and calibration identity folders, if configured."""
+        dedup = self.config.dedup
         sets = {}
-        for kind, root in (("known", self.config.dedup.known_root), ("eval", self.config.dedup.eval_root)):
+        for kind, root in (
+            ("known", dedup.known_root),
+            ("eval", dedup.eval_root),
+            ("calibration", dedup.calibration_root),
+        ):
             if root:
                 sets[kind] = self.embed_folder(Path(root), model)
         return sets
@@ -610,7 +617,7 @@ def label_identities(
     faces: list[dict], features: np.ndarray, fingerprints: np.ndarray, config: AutolabelConfig, references: dict
 ) -> Labelled:
     """Drop near copies, cluster each album, merge albums, match known and evaluation identities, name people."""
-    thresholds = calibrated_thresholds(config.dedup, references.get("known"))
+    thresholds = calibrated_thresholds(config.dedup, references)
     if not faces:
         return Labelled([], [], thresholds, 0)
     face_name = [f["face"] for f in faces]
@@ -683,12 +690,15 @@ def match_references(
     return [renamed.get(n, n) for n in names.tolist()]
 
 
-def calibrated_thresholds(settings: DedupSettings, known: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
-    """The configured cosine thresholds, or with `calibrate` and a known identity folder, the threshold at
-    `fmr` on that folder's genuine and impostor pairs for all three cross-cluster matches."""
+def calibrated_thresholds(
+    settings: DedupSettings, references: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, float]:
+    """The configured cosine thresholds, or with `calibrate`, the threshold at `fmr` on the genuine and impostor
+    pairs of the calibration folder (else the known one) for all three cross-cluster matches."""
     thresholds = {"album": settings.album_threshold, "known": settings.known_threshold, "eval": settings.eval_threshold}
-    if settings.calibrate and known is not None:
-        genuine, impostor = pair_scores(*known)
+    labelled = references.get("calibration", references.get("known"))
+    if settings.calibrate and labelled is not None:
+        genuine, impostor = pair_scores(*labelled)
         if len(genuine) and settings.fmr * len(impostor) >= 1:
             value = round(calibrate_threshold(genuine, impostor, settings.fmr).threshold, 6)
             thresholds = dict.fromkeys(thresholds, value)

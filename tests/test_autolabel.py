@@ -23,8 +23,10 @@ from faceforge.data_pipeline.autolabel import (
     Autolabeller,
     exclusive,
     load_config,
+    resolve_model,
     status,
 )
+from faceforge.data_pipeline.dedup import calibrate_threshold, pair_scores
 from faceforge.data_pipeline.versions import adjusted_rand_index, list_versions, read_manifest, read_stats
 from faceforge.jobs import JobStore
 
@@ -232,6 +234,30 @@ def test_reference_folders_are_embedded_once_per_model(photos: Path, model_a: Pa
     assert len(after) == 7, "the image added to the known folder was not embedded"
 
 
+def test_thresholds_are_calibrated_on_the_calibration_folder(photos: Path, model_a: Path, tmp_path: Path) -> None:
+    """A calibration folder, not the known (training) people, sets the thresholds: the model separates the people
+    it trained on too well for their false match rate to hold on new faces."""
+    lfw = shared_data() / "lfw"
+    people = sorted(d for d in lfw.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2)[-10:]
+    roots = {"known": tmp_path / "known", "calibration": tmp_path / "calibration"}
+    for index, person in enumerate(people):
+        folder = roots["known" if index % 2 else "calibration"] / person.name
+        folder.mkdir(parents=True)
+        for photo in sorted(person.glob("*.jpg"))[:2]:
+            shutil.copy(photo, folder / photo.name)
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album0").mkdir(parents=True)
+    shutil.copy(sorted((photos / "album0").glob("*.jpg"))[0], inbox / "album0")
+    folders = [f"dedup.{kind}_root={root}" for kind, root in roots.items()]
+    labeller = Autolabeller(inbox, workdir, config(model_a, *folders, "dedup.fmr=0.1"), log=lambda _: None)
+    report = labeller.run_once()
+    assert report is not None
+    references = labeller.reference_sets(labeller.model_for(*resolve_model(str(model_a), None)))
+    at_fmr = {kind: round(calibrate_threshold(*pair_scores(*references[kind]), fmr=0.1).threshold, 6) for kind in roots}
+    assert at_fmr["calibration"] != at_fmr["known"]
+    assert report.stats["thresholds"] == dict.fromkeys(("album", "eval", "known"), at_fmr["calibration"])
+
+
 def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(AutolabelError, match=r"unknown config key\(s\) cluster.treshold"):
         load_config(None, ["cluster.treshold=0.5"])
@@ -241,6 +267,8 @@ def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
         load_config(None, ["cluster.method=kmeans"])
     with pytest.raises(AutolabelError, match="quality: need max_yaw"):
         load_config(None, ["quality.max_yaw=120"])
+    with pytest.raises(AutolabelError, match=r"calibration_root needs dedup\.calibrate"):
+        load_config(None, ["dedup.calibration_root=/people", "dedup.calibrate=false"])
     (tmp_path / "inbox").mkdir()
     with pytest.raises(AutolabelError, match="must not be inside the inbox"):
         Autolabeller(tmp_path / "inbox", tmp_path / "inbox" / "work", load_config(None))
