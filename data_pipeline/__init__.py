@@ -16,6 +16,7 @@ from faceforge.data_pipeline.dedup import (
     match_known_identities,
     merge_albums,
     near_duplicates,
+    open_set_threshold,
     pair_scores,
 )
 from faceforge.data_pipeline.detect import DETECTORS, CenterDetector, Detector, HaarDetector, get_detector
@@ -57,6 +58,7 @@ __all__ = [
     "match_known_identities",
     "merge_albums",
     "near_duplicates",
+    "open_set_threshold",
     "pair_scores",
     "score_face",
     "score_files",

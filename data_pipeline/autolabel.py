@@ -50,6 +50,7 @@ from faceforge.data_pipeline.dedup import (
     match_known_identities,
     merge_albums,
     near_duplicates,
+    open_set_threshold,
     pair_scores,
 )
 from faceforge.data_pipeline.detect import Detector, get_detector
@@ -93,6 +94,7 @@ class DedupSettings:
     fmr: float = 1e-3
     calibrate: bool = True
     calibration_root: str | None = None
+    fpir: float = 0.01
 
 
 @dataclass
@@ -152,6 +154,7 @@ def check_config(config: AutolabelConfig) -> None:
         (config.cluster.min_size >= 1 and config.cluster.neighbours >= 1, "cluster.min_size and neighbours >= 1"),
         (config.batch_files >= 1 and config.embed_batch >= 1, "batch_files and embed_batch must be >= 1"),
         (0 < config.dedup.fmr < 1, f"dedup.fmr must be in (0, 1), got {config.dedup.fmr}"),
+        (0 < config.dedup.fpir < 1, f"dedup.fpir must be in (0, 1), got {config.dedup.fpir}"),
         (config.dedup.calibrate or not config.dedup.calibration_root, "dedup.calibration_root needs dedup.calibrate"),
         (-1 <= config.dedup.copy_pixel_threshold <= 1, "dedup.copy_pixel_threshold is a cosine, in [-1, 1]"),
         (config.max_file_mb > 0, "max_file_mb must be positive"),
@@ -693,15 +696,26 @@ def match_references(
 def calibrated_thresholds(
     settings: DedupSettings, references: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, float]:
-    """The configured cosine thresholds, or with `calibrate`, the threshold at `fmr` on the genuine and impostor
-    pairs of the calibration folder (else the known one) for all three cross-cluster matches."""
+    """The configured cosine thresholds, or with `calibrate`: all three at `fmr` on the genuine and impostor pairs
+    of the calibration folder (else the known one); then, with a calibration folder, the known and evaluation
+    thresholds at `fpir` of its people searched against all of the known (evaluation) people."""
     thresholds = {"album": settings.album_threshold, "known": settings.known_threshold, "eval": settings.eval_threshold}
+    if not settings.calibrate:
+        return thresholds
     labelled = references.get("calibration", references.get("known"))
-    if settings.calibrate and labelled is not None:
+    if labelled is not None:
         genuine, impostor = pair_scores(*labelled)
         if len(genuine) and settings.fmr * len(impostor) >= 1:
             value = round(calibrate_threshold(genuine, impostor, settings.fmr).threshold, 6)
             thresholds = dict.fromkeys(thresholds, value)
+    if "calibration" in references:
+        people, centroids = cluster_centroids(*references["calibration"])
+        for kind in ("known", "eval"):
+            if kind in references:
+                names, centres = cluster_centroids(*references[kind])
+                outsiders = centroids[~np.isin(people, names)]
+                if settings.fpir * len(outsiders) >= 1:
+                    thresholds[kind] = round(open_set_threshold(outsiders, centres, settings.fpir), 6)
     return thresholds
 
 

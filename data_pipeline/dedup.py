@@ -189,9 +189,27 @@ def calibrate_threshold(genuine: np.ndarray, impostor: np.ndarray, fmr: float) -
             f"an FMR of {fmr:g} needs at least {int(np.ceil(1 / fmr))} impostor scores and some genuine ones; "
             f"got {len(impostor)} impostor, {len(genuine)} genuine"
         )
-    allowed = int(np.floor(fmr * len(impostor)))  # impostors that may reach the threshold
-    threshold = float(np.nextafter(impostor[allowed], np.inf))
+    threshold = _threshold_at_rate(impostor, fmr)
     return Calibration(threshold, float((impostor >= threshold).mean()), float((genuine < threshold).mean()))
+
+
+def _threshold_at_rate(descending: np.ndarray, rate: float) -> float:
+    """The lowest threshold that at most a share `rate` of these scores (sorted high to low) reach."""
+    allowed = int(np.floor(rate * len(descending)))
+    return float(np.nextafter(descending[allowed], np.inf))
+
+
+def open_set_threshold(outsiders: np.ndarray, centres: np.ndarray, fpir: float) -> float:
+    """The lowest threshold at which at most a share `fpir` of outsiders (centroids of people not among `centres`)
+    find any centre at or above it: the false positive identification rate of a 1:N search.
+
+    A pair threshold at FMR f lets a new person match one of N people about N·f times as often, so matching new
+    clusters against a training or evaluation set of N people needs a threshold chosen against all N at once.
+    """
+    if not 0 < fpir < 1 or fpir * len(outsiders) < 1:
+        raise ValueError(f"an FPIR of {fpir:g} needs at least {int(np.ceil(1 / fpir))} outsiders, got {len(outsiders)}")
+    best = (l2_normalise(outsiders) @ l2_normalise(centres).T).max(axis=1)
+    return _threshold_at_rate(np.sort(best)[::-1], fpir)
 
 
 def pair_scores(

@@ -26,7 +26,7 @@ from faceforge.data_pipeline.autolabel import (
     resolve_model,
     status,
 )
-from faceforge.data_pipeline.dedup import calibrate_threshold, pair_scores
+from faceforge.data_pipeline.dedup import calibrate_threshold, cluster_centroids, open_set_threshold, pair_scores
 from faceforge.data_pipeline.versions import adjusted_rand_index, list_versions, read_manifest, read_stats
 from faceforge.jobs import JobStore
 
@@ -236,7 +236,8 @@ def test_reference_folders_are_embedded_once_per_model(photos: Path, model_a: Pa
 
 def test_thresholds_are_calibrated_on_the_calibration_folder(photos: Path, model_a: Path, tmp_path: Path) -> None:
     """A calibration folder, not the known (training) people, sets the thresholds: the model separates the people
-    it trained on too well for their false match rate to hold on new faces."""
+    it trained on too well for their false match rate to hold on new faces. Matching against the known people is
+    then calibrated as a search of all of them (FPIR)."""
     lfw = shared_data() / "lfw"
     people = sorted(d for d in lfw.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2)[-10:]
     roots = {"known": tmp_path / "known", "calibration": tmp_path / "calibration"}
@@ -249,13 +250,22 @@ def test_thresholds_are_calibrated_on_the_calibration_folder(photos: Path, model
     (inbox / "album0").mkdir(parents=True)
     shutil.copy(sorted((photos / "album0").glob("*.jpg"))[0], inbox / "album0")
     folders = [f"dedup.{kind}_root={root}" for kind, root in roots.items()]
-    labeller = Autolabeller(inbox, workdir, config(model_a, *folders, "dedup.fmr=0.1"), log=lambda _: None)
+    labeller = Autolabeller(
+        inbox, workdir, config(model_a, *folders, "dedup.fmr=0.1", "dedup.fpir=0.2"), log=lambda _: None
+    )
     report = labeller.run_once()
     assert report is not None
     references = labeller.reference_sets(labeller.model_for(*resolve_model(str(model_a), None)))
     at_fmr = {kind: round(calibrate_threshold(*pair_scores(*references[kind]), fmr=0.1).threshold, 6) for kind in roots}
     assert at_fmr["calibration"] != at_fmr["known"]
-    assert report.stats["thresholds"] == dict.fromkeys(("album", "eval", "known"), at_fmr["calibration"])
+    outsiders, known = (cluster_centroids(*references[kind])[1] for kind in ("calibration", "known"))
+    at_fpir = round(open_set_threshold(outsiders, known, fpir=0.2), 6)
+    assert report.stats["thresholds"] == {
+        "album": at_fmr["calibration"],
+        "eval": at_fmr["calibration"],
+        "known": at_fpir,
+    }
+    assert at_fpir != at_fmr["calibration"]
 
 
 def test_config_mistakes_are_one_line(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from faceforge.data_pipeline import (
     match_known_identities,
     merge_albums,
     near_duplicates,
+    open_set_threshold,
     pair_scores,
     threshold_components,
 )
@@ -366,6 +367,30 @@ def test_calibrated_threshold_holds_on_unseen_identities(lfw_dlib: tuple[np.ndar
     calibration = calibrate_threshold(*pair_scores(features[first_half], names[first_half], 200_000), fmr=1e-3)
     _, impostor = pair_scores(features[~first_half], names[~first_half], 200_000, seed=1)
     assert 0.3e-3 <= (impostor >= calibration.threshold).mean() <= 3e-3
+
+
+def test_open_set_threshold_holds_for_new_people(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """New people searched against 400 known ones: the pair threshold at FMR 1e-3 matches most of them to someone;
+    the threshold calibrated on other outsiders' best matches keeps that rate near its FPIR."""
+    features, names, _ = lfw_dlib
+    people, counts = np.unique(names, return_counts=True)
+    known_people, calibration_people, new_people = np.split(
+        np.random.default_rng(0).permutation(people[counts >= 2]), [400, 630]
+    )
+
+    def centroids(group: np.ndarray) -> np.ndarray:
+        rows = np.isin(names, group)
+        return cluster_centroids(features[rows], names[rows])[1]
+
+    known, calibration, new = centroids(known_people), centroids(calibration_people), centroids(new_people)
+    best_match = (new @ known.T).max(axis=1)
+    threshold = open_set_threshold(calibration, known, fpir=0.02)
+    assert (best_match >= threshold).mean() <= 0.05
+    rows = np.isin(names, calibration_people)
+    pair_threshold = calibrate_threshold(*pair_scores(features[rows], names[rows]), fmr=1e-3).threshold
+    assert pair_threshold < threshold and (best_match >= pair_threshold).mean() > 0.5
+    with pytest.raises(ValueError, match=r"FPIR of 0\.02 needs at least 50 outsiders"):
+        open_set_threshold(calibration[:10], known, fpir=0.02)
 
 
 def album_merge_errors(
