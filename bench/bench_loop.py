@@ -3,11 +3,12 @@
 LFW's pairs.txt folds are identity-disjoint. The pairs of --eval-folds are the test. Of the other folds' people,
 --calibration-people with >= 2 crops are drawn at random as the small labelled set a team keeps for calibration;
 the raw photos of all the rest go, unlabelled, into one inbox album. One daemon round labels them with --model:
-thresholds calibrated at FMR --fmr on the calibration people (not on the training set: the model separates the
-people it trained on too well), clustering at that threshold, the training set as the known identities and the
-test people's aligned crops as the evaluation folder whose matches it must drop. The demo recipe (64 px
-MobileFaceNet, CosFace s=32 m=0.35, global batch 64, one rank of one thread per arm) is then trained, with the same
-steps and seed, on three sets and evaluated on the test pairs:
+thresholds calibrated on the calibration people (not on the training set: the model separates the people it trained
+on too well), at FMR --fmr for pairs and clustering (or --cluster-threshold) and at the config's FPIR for matches
+against the known and test people, the training set as the known identities and the test people's aligned crops as
+the evaluation folder whose matches it must drop. The demo recipe (64 px MobileFaceNet, CosFace s=32 m=0.35, global
+batch 64, one rank of one thread per arm) is then trained, with the same steps and seed, on three sets and
+evaluated on the test pairs:
 
 - base: the training set alone;
 - pseudo: plus the daemon's new version (its images/ folder, identities as the daemon named them);
@@ -107,9 +108,10 @@ def label_round(args: argparse.Namespace, inbox: Path, known: Path, test_crops: 
     assert opened is not None
     model = labeller.model_for(opened.model, opened.model_source)
     references = labeller.reference_sets(model)
-    threshold = calibrated_thresholds(labeller.config.dedup, references)["album"]
+    at_fmr = calibrated_thresholds(labeller.config.dedup, references)["album"]
     on_training_set = calibrated_thresholds(labeller.config.dedup, {"known": references["known"]})["album"]
-    print(f"threshold at FMR {args.fmr:g}: {threshold:.3f} on the calibration people, {on_training_set:.3f} on the "
+    threshold = args.cluster_threshold or at_fmr
+    print(f"threshold at FMR {args.fmr:g}: {at_fmr:.3f} on the calibration people, {on_training_set:.3f} on the "
           "training set")  # fmt: skip
     labeller.config.cluster.threshold = threshold
     start = time.perf_counter()
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--eval-folds", default="0-4", help="test folds of pairs.txt, first-last")
     parser.add_argument("--calibration-people", type=int, default=100, help="labelled, taken out of the inbox")
     parser.add_argument("--fmr", type=float, default=1e-3)
+    parser.add_argument("--cluster-threshold", type=float, help="default: the threshold at --fmr")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
