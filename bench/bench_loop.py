@@ -40,7 +40,7 @@ from faceforge.data import load_pairs
 from faceforge.data_pipeline import cluster_scores
 from faceforge.data_pipeline.autolabel import Autolabeller, calibrated_thresholds, load_config
 from faceforge.data_pipeline.versions import IMAGES, read_manifest
-from faceforge.eval import embed_images, evaluate_verification
+from faceforge.eval import evaluate_model
 from faceforge.eval.sources import load_model
 from faceforge.registry.database import prepare_tracking
 
@@ -163,13 +163,6 @@ def train_arms(args: argparse.Namespace, roots: dict[str, Path]) -> dict[str, Pa
     return {name: args.out / name / "checkpoints" for name in roots}
 
 
-def evaluate(source: str, pairs_txt: Path, root: Path) -> dict[str, float]:
-    model = load_model(source)
-    vset = load_pairs(pairs_txt, root)
-    features = embed_images(model, vset.images, input_size=model.input_size, crop_fraction=1.0)
-    return evaluate_verification(features, vset)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="labelling model: checkpoint directory or MLflow model URI")
@@ -221,8 +214,10 @@ def main() -> None:
           "TAR@FAR=1e-2 | TAR@FAR=1e-3 |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")  # fmt: skip
     rows = {"labelling model": (args.model, ("-", "-"))}
     rows.update({name: (str(path), counts[name]) for name, path in checkpoints.items()})
+    test = load_pairs(pairs_txt, args.lfw_aligned)
     for name, (source, (identities, images)) in rows.items():
-        m = evaluate(source, pairs_txt, args.lfw_aligned)
+        model = load_model(source)
+        m = evaluate_model(model, test, input_size=model.input_size, crop_fraction=1.0)
         tail = f"{m['roc_auc']:.3f} | {m['eer']:.3f} | {m['tar_far_1e-02']:.3f} | {m['tar_far_1e-03']:.3f} |"
         print(f"| {name} | {identities} | {images} | {m['accuracy']:.4f} ± {m['accuracy_std']:.3f} | {tail}")
 
