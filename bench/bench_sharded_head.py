@@ -8,6 +8,12 @@ is rerun once if another job got in. Run from the repo root:
 
     .venv/bin/python bench/bench_sharded_head.py                    # the full table, a few minutes
     .venv/bin/python bench/bench_sharded_head.py --classes 1e6 --naive-classes
+    .venv/bin/python bench/bench_sharded_head.py --classes 1e5 1e6 --naive-classes --arcface-torch DIR
+
+`--arcface-torch DIR` also times arcface_torch's own PartialFC_V2 and ArcFace, read from DIR (a checkout of
+insightface's `recognition/arcface_torch`, which FaceForge neither ships nor imports), in the same ranks and
+under the same SGD, so both heads are measured on one machine. Its code calls `.cuda()`; in its ranks
+`Tensor.cuda` returns the tensor itself, so it runs on the CPU unchanged otherwise.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and (inherited) in every rank
 
 import argparse
+import importlib.util
 import socket
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -40,7 +49,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 @dataclass(frozen=True)
 class Config:
-    kind: str  # "sharded" or "naive"
+    kind: str  # "sharded", "naive" or "arcface_torch"
     classes: int
     sample_rate: float
     world_size: int
@@ -50,6 +59,7 @@ class Config:
     steps: int
     malloc: str  # "keep": the trainer's allocator settings; "default": glibc's
     head_step: str  # "backward": inside the head's backward, as the trainer does; "after": a separate step
+    arcface_torch: Path | None = None  # the arcface_torch folder, for kind "arcface_torch"
 
 
 @dataclass(frozen=True)
@@ -103,9 +113,32 @@ class ReplicatedArcFace(nn.Module):
         return F.cross_entropy(cos.index_put((rows, labels), target) * self.margin.scale, labels)
 
 
+def load_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A closure running one training step of the configured head on a batch."""
     margin = margin_spec("arcface")
+    if config.kind == "arcface_torch":
+        assert config.arcface_torch is not None
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # its code moves tensors to CUDA; here they stay
+        pfc = load_module(config.arcface_torch / "partial_fc_v2.py")
+        losses = load_module(config.arcface_torch / "losses.py")
+        module = pfc.PartialFC_V2(losses.ArcFace(64.0, 0.5), config.dim, config.classes, config.sample_rate)
+        baseline_optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+        def arcface_torch_step(features: torch.Tensor, labels: torch.Tensor) -> None:
+            baseline_optimizer.zero_grad(set_to_none=False)
+            module(features, labels).backward()
+            baseline_optimizer.step()
+
+        return arcface_torch_step
     if config.kind == "sharded":
         head = ShardedMarginSoftmax(config.classes, config.dim, margin, sample_rate=config.sample_rate)
         head_optimizer = HeadOptimizer(head, kind="sgd", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -187,7 +220,7 @@ def state_bytes(config: Config) -> int:
     """Weight + gradient + momentum held per rank: C/W · D · 4 bytes × 3 (replicated: C · D · 4 × 3); a sharded
     head stepping inside its backward holds no gradient buffer, so × 2."""
     in_backward = config.kind == "sharded" and config.head_step == "backward"
-    rows = config.classes / config.world_size if config.kind == "sharded" else config.classes
+    rows = config.classes if config.kind == "naive" else config.classes / config.world_size
     return int(rows * config.dim * FLOAT_BYTES * (2 if in_backward else 3))
 
 
@@ -207,6 +240,7 @@ def main() -> None:
     parser.add_argument("--classes", type=float, nargs="*", default=[1e4, 1e5, 1e6])
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--naive-classes", type=float, nargs="*", default=[1e5, 1e6])
+    parser.add_argument("--arcface-torch", type=Path, help="also time arcface_torch's PartialFC_V2 from this folder")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64, help="per rank")
@@ -237,6 +271,12 @@ def main() -> None:
     common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
     common.update(malloc=args.malloc, head_step=args.head_step)
     runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
+    if args.arcface_torch:
+        runs += [
+            Config("arcface_torch", int(c), r, **common, arcface_torch=args.arcface_torch.resolve())
+            for c in args.classes
+            for r in args.rates
+        ]
     runs += [Config("naive", int(c), 1.0, **common) for c in sorted(args.naive_classes)]
     naive_bytes_per_class = None
     for config in runs:
