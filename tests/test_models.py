@@ -161,3 +161,31 @@ def test_prelu_matches_torch_prelu_in_value_and_gradients(shape: tuple[int, ...]
     torch.testing.assert_close(ours.eval()(x), out_ref)
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+
+
+
+def test_prelu_on_bfloat16_input_keeps_a_float32_slope_and_its_gradient() -> None:
+    """`trainer.amp=true` feeds PReLU bfloat16 activations while its slope stays a float32 parameter."""
+    ours, reference = PReLU(5), torch.nn.PReLU(5)
+    ours.weight.data.uniform_(-1.0, 1.0)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 5, 6, 6).bfloat16()
+    upstream = torch.randn(8, 5, 6, 6).bfloat16()
+    x_ours, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    out = ours(x_ours)
+    out.backward(upstream)
+    reference.double()(x_ref).backward(upstream.double())
+    assert out.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.weight.grad.double(), reference.weight.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18"])
+def test_backbones_train_under_bfloat16_autocast(name: str) -> None:
+    model = models.create(name, embedding_dim=32, width=0.25, input_size=56).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 56, 56))
+    out.float().square().mean().backward()
+    for parameter_name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, parameter_name
+        assert torch.isfinite(parameter.grad).all(), parameter_name

@@ -28,17 +28,19 @@ class _PReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        return torch._prelu_kernel(x, _channel_view(weight, x))
+        return torch._prelu_kernel(x, _channel_view(weight.to(x.dtype), x))  # bfloat16 x under autocast
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         positive_grad = torch.ops.aten.threshold_backward(grad, x, 0)  # grad where x > 0, else 0
         negative_grad = grad - positive_grad
-        grad_x = torch.addcmul(positive_grad, negative_grad, _channel_view(weight, x))
+        grad_x = torch.addcmul(positive_grad, negative_grad, _channel_view(weight.to(x.dtype), x))
         channel_dims = [d for d in range(grad.dim()) if d != 1] if grad.dim() > 1 else []
         grad_weight = negative_grad * x
-        return grad_x, grad_weight.sum(channel_dims) if channel_dims else grad_weight
+        if channel_dims:  # summed in the weight's dtype: a float32 slope under bfloat16 autocast stays exact
+            grad_weight = grad_weight.sum(channel_dims, dtype=weight.dtype)
+        return grad_x, grad_weight.to(weight.dtype)
 
 
 def _channel_view(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
