@@ -163,7 +163,6 @@ def test_prelu_matches_torch_prelu_in_value_and_gradients(shape: tuple[int, ...]
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
 
 
-
 def test_prelu_on_bfloat16_input_keeps_a_float32_slope_and_its_gradient() -> None:
     """`trainer.amp=true` feeds PReLU bfloat16 activations while its slope stays a float32 parameter."""
     ours, reference = PReLU(5), torch.nn.PReLU(5)
