@@ -246,3 +246,25 @@ print((resident() - before) / 2**20)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     kept_mib = float(result.stdout)
     assert (kept_mib > 60) if keep else (kept_mib < 32), kept_mib
+
+
+def test_mixed_precision_training_runs_to_a_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
+    """trainer.amp=true: the PReLU backbone under bfloat16 autocast, the float32 head shard; weights stay float32."""
+    out = tmp_path / "run"
+    result = run_cli(
+        f"data.root={tiny_train_root}",
+        "eval=none",
+        "model.width=0.25",
+        "model.input_size=56",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.steps=3",
+        "trainer.amp=true",
+        "mlflow.log_model=false",
+        f"hydra.run.dir={out}",
+        env={"FACEFORGE_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    tensors = checkpoint_tensors(out / "checkpoints")
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    assert floats and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in floats.values())
