@@ -13,6 +13,7 @@ workers' CPU time). A run above --max-other is repeated once the machine is quie
     .venv/bin/python bench/bench_train_throughput.py                      # the full table, ~15 minutes
     .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet --ranks 2 --loader 0 1
     .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet --ranks 2 --malloc default
+    .venv/bin/python bench/bench_train_throughput.py --models mobilefacenet iresnet18 --amp
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Run:
     data_root: str = str(CELEBA_IDS)
     independent: bool = False  # world_size concurrent single-rank trainers: no DDP, no communication
     channels_last: bool = False
+    amp: bool = False  # the trainer's trainer.amp: bfloat16 autocast of the backbone
     bucket_cap_mb: float | None = None
     grad_as_bucket_view: bool = False
     malloc: str = "keep"  # the trainer's keep_freed_memory(), or glibc's "default"
@@ -135,6 +137,7 @@ def time_steps(run: Run, rank: int, world_size: int) -> dict[str, float]:
     cfg = TrainConfig()
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if run.amp else nullcontext()
     model = models.create(run.model, embedding_dim=512, width=1.0, input_size=112, act=run.act).to(
         memory_format=memory_format
     )
@@ -155,7 +158,7 @@ def time_steps(run: Run, rank: int, world_size: int) -> dict[str, float]:
         images, labels = next(batches)
         images = images.to(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(net, head, images, labels, 1, nullcontext())
+        forward_backward(net, head, images, labels, 1, amp)
         optimizer.step()
         head_optimizer.step(o.lr)
 
@@ -299,6 +302,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=299, help="synthetic labels (celeba_ids has 299 identities)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--act", choices=["prelu", "relu"], default="prelu", help="backbone activation")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the backbone (trainer.amp=true)")
     parser.add_argument("--images", choices=["random", "real"], default="random", help="in-memory batches")
     parser.add_argument(
         "--independent", action="store_true", help="2 ranks = 2 concurrent single-rank trainers (no DDP)"
@@ -332,6 +336,7 @@ def main() -> None:
         independent=args.independent,
         data_root=args.data_root,
         channels_last=args.memory_format == "channels_last",
+        amp=args.amp,
         malloc=args.malloc,
         bucket_cap_mb=args.bucket_cap_mb,
         grad_as_bucket_view=args.grad_as_bucket_view,
@@ -341,7 +346,7 @@ def main() -> None:
     classes = f"{args.classes} random labels" if args.images == "random" else "the identities of --data-root"
     print(
         f"112 px, width 1, embedding 512, {args.act}, ArcFace over {classes}, batch {args.batch}/rank, gloo, "
-        f"{args.threads} thread(s)/rank, {args.memory_format}, malloc={args.malloc}, "
+        f"{args.threads} thread(s)/rank, {args.memory_format}, amp={args.amp}, malloc={args.malloc}, "
         f"bucket_cap_mb={args.bucket_cap_mb}, gradient_as_bucket_view={args.grad_as_bucket_view}"
         + (", 2 ranks = 2 independent single-rank trainers (no DDP)" if args.independent else "")
     )
