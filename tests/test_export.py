@@ -19,6 +19,7 @@ from torch import nn
 from faceforge import models
 from faceforge.cli import main as faceforge
 from faceforge.data import load_pairs
+from faceforge.data_pipeline import align_tree
 from faceforge.eval import embed_images, evaluate_verification
 from faceforge.export import (
     FaceCalibrationReader,
@@ -46,8 +47,6 @@ from faceforge.train.launch import RUN_ID_FILE, launch
 from faceforge.train.tracking import RunTracker
 
 from conftest import shared_data, tiny_config
-
-LFW_CROP = 0.5  # configs/eval/demo.yaml: LFW's 250 px images hold the face in their central half
 
 
 def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
@@ -226,26 +225,50 @@ def test_micro_config_fits_250_kb_as_int8(c_array_export: Path) -> None:
     assert card["int8_bytes"] <= 250_000
 
 
-def test_int8_matches_fp32_on_lfw(c_array_export: Path, tmp_path: Path) -> None:
-    """Over 500+ real faces: embeddings keep their direction, and verification accuracy holds."""
-    lines = (shared_data() / "lfw" / "pairs.txt").read_text().splitlines()
-    folds, per_fold = (int(x) for x in lines[0].split())
-    kept = []
-    for fold in range(folds):  # 30 matched and 30 mismatched pairs from each fold
-        block = lines[1 + fold * 2 * per_fold : 1 + (fold + 1) * 2 * per_fold]
-        kept += block[:30] + block[per_fold : per_fold + 30]
-    pairs = tmp_path / "pairs.txt"
-    pairs.write_text(f"{folds}\t30\n" + "\n".join(kept) + "\n")
-    vset = load_pairs(pairs, shared_data() / "lfw")
+@pytest.fixture(scope="module")
+def verifying_micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The micro config trained as the demo trains its models, on ArcFace-aligned CelebA crops, to about 0.75 LFW
+    accuracy; (its checkpoints, aligned LFW). Int8 is judged on a model that verifies: one near chance, such as the
+    60-step model above, has so many pairs at its threshold that any perturbation of its embeddings moves its
+    accuracy by more than half a point (0.7 point at int8 cosine 0.999 on all of LFW)."""
+    aligned = tmp_path_factory.mktemp("aligned")
+    align_tree(shared_data() / "celeba_ids", aligned / "celeba", min_face_size=32, progress=False)
+    align_tree(shared_data() / "lfw", aligned / "lfw", min_face_size=60, fallbacks=("haar", "center"), progress=False)
+    out = tmp_path_factory.mktemp("micro") / "run"
+    recipe = ["model=mobilefacenet_micro", "head=cosface", "head.s=32", "head.m3=0.35", "trainer=demo", "eval=none"]
+    cfg = compose_config(
+        [
+            *recipe,
+            "trainer.steps=600",
+            "trainer.checkpoint_every=600",
+            f"data.root={aligned / 'celeba'}",
+            "data.crop_fraction=1.0",
+            f"mlflow.tracking_uri=sqlite:///{out.parent}/mlflow.db",
+            "mlflow.log_model=false",
+        ],
+        output_dir=str(out),
+    )
+    launch(cfg)
+    return out / "checkpoints", aligned / "lfw"
+
+
+def test_int8_keeps_a_trained_micro_models_lfw_accuracy(verifying_micro: tuple[Path, Path], tmp_path: Path) -> None:
+    """The c-array artifact over all 6,000 LFW pairs (5,203 faces): embeddings keep their direction, and
+    verification accuracy holds."""
+    checkpoints, lfw = verifying_micro
+    out = tmp_path / "export"
+    faceforge(["export", str(checkpoints), "--format", "c-array", "--out", str(out), "--no-log"])
+    vset = load_pairs(shared_data() / "lfw" / "pairs.txt", lfw)
     assert len(vset.images) >= 500
 
-    embed = dict(input_size=112, crop_fraction=LFW_CROP, batch_size=64)
-    fp32 = embed_images(OnnxEmbedder(c_array_export / "model.onnx"), vset.images, **embed)
-    int8 = embed_images(OnnxEmbedder(c_array_export / "model_int8.onnx"), vset.images, **embed)
+    embed = dict(input_size=112, crop_fraction=1.0, batch_size=64)
+    fp32 = embed_images(OnnxEmbedder(out / "model.onnx"), vset.images, **embed)
+    int8 = embed_images(OnnxEmbedder(out / "model_int8.onnx"), vset.images, **embed)
     cosine = (fp32 * int8).sum(axis=1)
     assert cosine.mean() >= 0.99 and np.percentile(cosine, 1) >= 0.97, (cosine.mean(), np.percentile(cosine, 1))
-    drop = evaluate_verification(fp32, vset)["accuracy"] - evaluate_verification(int8, vset)["accuracy"]
-    assert drop <= 0.005
+    fp32_accuracy = evaluate_verification(fp32, vset)["accuracy"]
+    assert fp32_accuracy >= 0.65, "the premise: a model well above chance"
+    assert fp32_accuracy - evaluate_verification(int8, vset)["accuracy"] <= 0.005
 
 
 def test_c_array_holds_the_model_bytes(c_array_export: Path, tmp_path: Path) -> None:
