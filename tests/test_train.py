@@ -49,6 +49,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> 
     )
 
 
+def tiny_cli_run(train_root: Path, out: Path, *overrides: str) -> list[str]:
+    """`faceforge train` overrides for a width-0.25, 56 px model on `train_root`, run in `out`, plus `overrides`."""
+    tiny = ["eval=none", "model.width=0.25", "model.input_size=56", "data.batch_size=8", "data.num_workers=0"]
+    return [f"data.root={train_root}", *tiny, "mlflow.log_model=false", f"hydra.run.dir={out}", *overrides]
+
+
 def test_platform_folder_never_shadows_the_stdlib() -> None:
     assert not (REPO / "platform" / "__init__.py").exists(), "platform/__init__.py would shadow stdlib platform"
     probe = subprocess.run(
@@ -186,18 +192,7 @@ def test_gradient_accumulation_averages_over_micro_batches() -> None:
 
 def test_sigterm_writes_a_resumable_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [
-        f"data.root={tiny_train_root}",
-        "eval=none",
-        "model.width=0.25",
-        "model.input_size=56",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "trainer.steps=100000",
-        "trainer.checkpoint_every=100000",
-        "mlflow.log_model=false",
-        f"hydra.run.dir={out}",
-    ]
+    args = tiny_cli_run(tiny_train_root, out, "trainer.steps=100000", "trainer.checkpoint_every=100000")
     env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
     proc = subprocess.Popen(
         [PYTHON, "-m", "faceforge.train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
@@ -251,19 +246,8 @@ print((resident() - before) / 2**20)
 def test_mixed_precision_training_runs_to_a_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
     """trainer.amp=true: the PReLU backbone under bfloat16 autocast, the float32 head shard; weights stay float32."""
     out = tmp_path / "run"
-    result = run_cli(
-        f"data.root={tiny_train_root}",
-        "eval=none",
-        "model.width=0.25",
-        "model.input_size=56",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "trainer.steps=3",
-        "trainer.amp=true",
-        "mlflow.log_model=false",
-        f"hydra.run.dir={out}",
-        env={"FACEFORGE_HOME": str(tmp_path)},
-    )
+    args = tiny_cli_run(tiny_train_root, out, "trainer.steps=3", "trainer.amp=true")
+    result = run_cli(*args, env={"FACEFORGE_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     tensors = checkpoint_tensors(out / "checkpoints")
     floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
