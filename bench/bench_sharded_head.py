@@ -60,6 +60,7 @@ class Config:
     malloc: str  # "keep": the trainer's allocator settings; "default": glibc's
     head_step: str  # "backward": inside the head's backward, as the trainer does; "after": a separate step
     arcface_torch: Path | None = None  # the arcface_torch folder, for kind "arcface_torch"
+    bf16: bool = False  # bfloat16 matmuls: ours via matmul_dtype, arcface_torch via its fp16 flag
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,13 @@ def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
     if config.kind == "arcface_torch":
         assert config.arcface_torch is not None
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # its code moves tensors to CUDA; here they stay
+        if config.bf16:  # its fp16 flag opens a CUDA autocast; here it becomes the CPU's bfloat16 autocast
+            torch.cuda.amp.autocast = lambda enabled=True: torch.autocast("cpu", torch.bfloat16, enabled=enabled)
         pfc = load_module(config.arcface_torch / "partial_fc_v2.py")
         losses = load_module(config.arcface_torch / "losses.py")
-        module = pfc.PartialFC_V2(losses.ArcFace(64.0, 0.5), config.dim, config.classes, config.sample_rate)
+        module = pfc.PartialFC_V2(
+            losses.ArcFace(64.0, 0.5), config.dim, config.classes, config.sample_rate, fp16=config.bf16
+        )
         baseline_optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
         def arcface_torch_step(features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -140,7 +145,10 @@ def build_step(config: Config) -> Callable[[torch.Tensor, torch.Tensor], None]:
 
         return arcface_torch_step
     if config.kind == "sharded":
-        head = ShardedMarginSoftmax(config.classes, config.dim, margin, sample_rate=config.sample_rate)
+        matmul_dtype = torch.bfloat16 if config.bf16 else torch.float32
+        head = ShardedMarginSoftmax(
+            config.classes, config.dim, margin, sample_rate=config.sample_rate, matmul_dtype=matmul_dtype
+        )
         head_optimizer = HeadOptimizer(head, kind="sgd", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
         def sharded_step(features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -250,6 +258,9 @@ def main() -> None:
     parser.add_argument(
         "--head-step", choices=["backward", "after"], default="backward", help="where the head's SGD step runs"
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 matmuls in the sharded head (and arcface_torch's fp16 path)"
+    )
     parser.add_argument("--max-other", type=float, default=0.2, help="cores other jobs may use before a rerun")
     parser.add_argument("--retries", type=int, default=1)
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -259,7 +270,8 @@ def main() -> None:
     print("machine: " + machine_line(f"torch {torch.__version__}", threads))
     print(
         f"W={args.world_size} gloo ranks, D={args.dim}, B={args.batch}/rank, ArcFace (s=64, m=0.5), "
-        f"malloc={args.malloc}, the sharded head steps {'in' if args.head_step == 'backward' else 'after'} its backward"
+        f"malloc={args.malloc}, the sharded head steps {'in' if args.head_step == 'backward' else 'after'} its "
+        f"backward, {'bfloat16' if args.bf16 else 'float32'} matmuls"
     )
     print(f"step = forward + backward + SGD(momentum {MOMENTUM}, wd {WEIGHT_DECAY}); median of {args.steps}")
     print("memory: peak RSS per rank; increment = peak minus RSS just before the head was built;")
@@ -269,7 +281,7 @@ def main() -> None:
     print("| head | C | r | s/step | peak RSS (GB) | increment (GB) | formula (GB) | ratio | comm/step (MB) | other |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     common = dict(world_size=args.world_size, dim=args.dim, batch=args.batch, warmup=args.warmup, steps=args.steps)
-    common.update(malloc=args.malloc, head_step=args.head_step)
+    common.update(malloc=args.malloc, head_step=args.head_step, bf16=args.bf16)
     runs = [Config("sharded", int(c), r, **common) for c in args.classes for r in args.rates]
     if args.arcface_torch:
         runs += [

@@ -157,6 +157,31 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_bfloat16_matmuls_stay_close_to_float32(rate: float) -> None:
+    """trainer.amp's head: bfloat16 operands, float32 softmax; close to the float32 head but not equal to it."""
+    gen = torch.Generator().manual_seed(4)
+    num_classes, dim, batch = 2000, 128, 64
+    features = torch.randn(batch, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    results = []
+    for matmul_dtype in (torch.float32, torch.bfloat16):
+        head = ShardedMarginSoftmax(num_classes, dim, margin_spec("arcface"), rate, matmul_dtype=matmul_dtype)
+        head.weight.copy_(weight)
+        feats = features.clone().requires_grad_()
+        loss = head(feats, labels)
+        loss.backward()
+        assert head.weight.dtype == head.grad.dtype == loss.dtype == feats.grad.dtype == torch.float32
+        rows = head.grad_rows()
+        results.append((loss.detach(), feats.grad, head.grad if rows is None else head.grad[rows]))
+    (loss32, feats32, weight32), (loss16, feats16, weight16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=1e-3, atol=0.0)
+    assert not torch.equal(feats16, feats32), "the bfloat16 path must actually round its operands"
+    for grad16, grad32 in ((feats16, feats32), (weight16, weight32)):
+        assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_step_in_backward_equals_step_after_backward(kind: str, rate: float) -> None:
     """The fused step must give the same bits as backward-then-step, for dense and Partial FC steps, and hold

@@ -244,7 +244,7 @@ print((resident() - before) / 2**20)
 
 
 def test_mixed_precision_training_runs_to_a_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
-    """trainer.amp=true: the PReLU backbone under bfloat16 autocast, the float32 head shard; weights stay float32."""
+    """trainer.amp=true: bfloat16 autocast and head matmuls; the weights, head shard included, stay float32."""
     out = tmp_path / "run"
     args = tiny_cli_run(tiny_train_root, out, "trainer.steps=3", "trainer.amp=true")
     result = run_cli(*args, env={"FACEFORGE_HOME": str(tmp_path)})

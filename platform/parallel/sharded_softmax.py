@@ -68,6 +68,18 @@ def shard_range(num_classes: int, num_shards: int, shard: int) -> tuple[int, int
     return start, start + base + (1 if shard < extra else 0)
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with both operands in `dtype`, the product in a's dtype (written into `out` if given).
+
+    bfloat16 operands run on AMX or tensor cores at several times the float32 rate; the product, and
+    so the softmax, the gradients and the optimizer, stay float32, as under arcface_torch's fp16 flag.
+    """
+    if a.dtype == dtype:
+        return torch.mm(a, b, out=out)
+    product = torch.mm(a.to(dtype), b.to(dtype))
+    return product.to(a.dtype) if out is None else out.copy_(product)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums every rank's gradient and returns each slice to its owner.
 
@@ -113,9 +125,10 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         num_rows = head.num_local if rows is None else len(rows)
         logits = head.take_logits_buffer(num_rows, len(inputs))
         inv_weight_norm = logits.new_empty(num_rows) if margin.normalized else None
+        matmul_inputs = inputs.to(head.matmul_dtype)
         for block in row_blocks(num_rows):
             weight = head.weight_block(rows, block)
-            block_logits = torch.mm(weight, inputs.T, out=logits[block])
+            block_logits = _matmul(weight, matmul_inputs.T, head.matmul_dtype, out=logits[block])
             if inv_weight_norm is not None:
                 inv_weight_norm[block] = weight.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
                 block_logits.mul_(inv_weight_norm[block, None])
@@ -137,7 +150,9 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         sum_exp = all_reduce_sum(exps.sum(dim=0), group)
 
         ctx.head, ctx.rows = head, rows
-        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin)
+        ctx.save_for_backward(
+            exps, sum_exp, inputs, matmul_inputs, target_classes, target_samples, cos_target, target_margin
+        )
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
@@ -147,7 +162,9 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None, None, torch.Tensor | None]:
         head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin = ctx.saved_tensors
+        exps, sum_exp, inputs, matmul_inputs, target_classes, target_samples, cos_target, target_margin = (
+            ctx.saved_tensors
+        )
         # d loss / d logit = softmax − one-hot = (exp − S·one-hot) / S for a sample's sum of exponentials S;
         # then through the scale and, for targets, through ψ. Per-sample factors wait for the block loop.
         grad = exps
@@ -174,8 +191,10 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             if inv_weight_norm is not None:
                 # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
                 block_grad.mul_(inv_weight_norm[block, None])
-            grad_inputs.addmm_(block_grad.T, weight)
-            grad_weight = torch.mm(block_grad, inputs, out=None if dense_grad is None else dense_grad[block])
+            grad_inputs += _matmul(block_grad.T, weight, head.matmul_dtype)
+            grad_weight = _matmul(
+                block_grad, matmul_inputs, head.matmul_dtype, out=None if dense_grad is None else dense_grad[block]
+            )
             if inv_weight_norm is not None:
                 radial = torch.linalg.vecdot(weight, grad_weight) * inv_weight_norm[block].square()
                 grad_weight.addcmul_(weight, radial[:, None], value=-1.0)
@@ -199,6 +218,9 @@ class ShardedMarginSoftmax(nn.Module):
     was not sampled therefore receives no update at all in that step: neither a momentum step nor weight
     decay, and its optimizer state is left as it was (the "lazy" rule of sparse optimizers). This makes
     the optimizer cost proportional to r, and with r = 1 it is ordinary dense SGD/AdamW.
+
+    `matmul_dtype=torch.bfloat16` runs the three matmuls of a step (most of its time) in bfloat16 while
+    weight, logits, gradients and optimizer state stay in `dtype`; the trainer sets it with `trainer.amp`.
     """
 
     def __init__(
@@ -212,12 +234,14 @@ class ShardedMarginSoftmax(nn.Module):
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin, self.sample_rate, self.group, self.seed = margin, sample_rate, group, seed
+        self.matmul_dtype = matmul_dtype or dtype
         self.rank, self.world_size = rank(group), world_size(group)
         self.class_start, self.class_end = shard_range(num_classes, self.world_size, self.rank)
         num_local = self.class_end - self.class_start

@@ -184,6 +184,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             cfg.head.sample_rate,
             seed=cfg.seed,
             device=ctx.device,
+            matmul_dtype=torch.bfloat16 if cfg.trainer.amp else None,
         )
         head_optimizer = HeadOptimizer(
             head,
