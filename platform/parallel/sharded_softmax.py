@@ -69,10 +69,11 @@ def shard_range(num_classes: int, num_shards: int, shard: int) -> tuple[int, int
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with both operands in `dtype`, the product in a's dtype (written into `out` if given).
+    """a @ b with both operands in `dtype`, the product returned in a's dtype (written into `out` if given).
 
-    bfloat16 operands run on AMX or tensor cores at several times the float32 rate; the product, and
-    so the softmax, the gradients and the optimizer, stay float32, as under arcface_torch's fp16 flag.
+    bfloat16 operands run on AMX or tensor cores at several times the float32 rate. The CPU's mm rounds
+    the product to bfloat16 too; it comes back to float32 at once, so the softmax, the gradients and the
+    optimizer stay float32, as under arcface_torch's fp16 flag.
     """
     if a.dtype == dtype:
         return torch.mm(a, b, out=out)
