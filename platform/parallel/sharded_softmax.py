@@ -68,17 +68,21 @@ def shard_range(num_classes: int, num_shards: int, shard: int) -> tuple[int, int
     return start, start + base + (1 if shard < extra else 0)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with both operands in `dtype`, the product returned in a's dtype (written into `out` if given).
+def _matmul(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
+    """a @ b with both operands in `dtype`, the product in a's dtype: returned, or written (added) into `out`.
 
     bfloat16 operands run on AMX or tensor cores at several times the float32 rate. The CPU's mm rounds
     the product to bfloat16 too; it comes back to float32 at once, so the softmax, the gradients and the
     optimizer stay float32, as under arcface_torch's fp16 flag.
     """
     if a.dtype == dtype:
-        return torch.mm(a, b, out=out)
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
     product = torch.mm(a.to(dtype), b.to(dtype))
-    return product.to(a.dtype) if out is None else out.copy_(product)
+    if out is None:
+        return product.to(a.dtype)
+    return out.add_(product) if accumulate else out.copy_(product)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -192,7 +196,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             if inv_weight_norm is not None:
                 # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
                 block_grad.mul_(inv_weight_norm[block, None])
-            grad_inputs += _matmul(block_grad.T, weight, head.matmul_dtype)
+            _matmul(block_grad.T, weight, head.matmul_dtype, out=grad_inputs, accumulate=True)
             grad_weight = _matmul(
                 block_grad, matmul_inputs, head.matmul_dtype, out=None if dense_grad is None else dense_grad[block]
             )
