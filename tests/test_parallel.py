@@ -156,6 +156,25 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
 
 
+def test_pending_steps_each_see_the_other_steps_update() -> None:
+    """Backward reuses the forward's gathered rows only while the weight is unchanged: when two steps are
+    pending and the first updates the weight, the second must use and update the new rows, as r = 1 does."""
+    features, weight, labels = make_problem(2, torch.float64, seed=5)
+    results = []
+    for rate in (1.0, 0.9999):
+        head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec("arcface"), sample_rate=rate, dtype=torch.float64)
+        head.weight.copy_(weight)
+        optimizer = HeadOptimizer(head, kind="sgd", momentum=0.9, weight_decay=5e-4)
+        feats = features.clone().requires_grad_()
+        losses = [head(feats[half], labels[half]) for half in (slice(0, BATCH), slice(BATCH, None))]
+        for loss in losses:
+            optimizer.step_in_next_backward(lr=0.1)
+            loss.backward()
+        results.append((head.weight.clone(), feats.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("rate", [1.0, 0.5])
 def test_bfloat16_matmuls_stay_close_to_float32(rate: float) -> None:
     """trainer.amp's head: bfloat16 operands, float32 softmax; close to the float32 head but not equal to it."""
