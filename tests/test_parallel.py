@@ -157,8 +157,8 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
 
 
 def test_pending_steps_each_see_the_other_steps_update() -> None:
-    """Backward reuses the forward's gathered rows only while the weight is unchanged: when two steps are
-    pending and the first updates the weight, the second must use and update the new rows, as r = 1 does."""
+    """When two steps are pending and the first one's backward updates the weight, the second must use and update
+    the new rows under Partial FC as r = 1 does: reusing rows gathered in its forward would undo the first update."""
     features, weight, labels = make_problem(2, torch.float64, seed=5)
     results = []
     for rate in (1.0, 0.9999):

@@ -45,13 +45,11 @@ class HeadOptimizer:
         self.step_count += 1
         rows = head.grad_rows()
         if rows is None:
-            self._update_rows(slice(None), head.weight, head.grad, lr)
+            self._update_rows(slice(None), head.grad, lr)
         else:
             # A block of rows at a time, so the gathered copies stay small.
             for block in row_blocks(len(rows)):
-                block_rows = rows[block]
-                weight = head.weight.index_select(0, block_rows)
-                self._update_rows(block_rows, weight, head.grad.index_select(0, block_rows), lr)
+                self._update_rows(rows[block], head.grad.index_select(0, rows[block]), lr)
         head.zero_grad()
 
     def step_in_next_backward(self, lr: float) -> None:
@@ -67,13 +65,13 @@ class HeadOptimizer:
         self.head.update_in_backward = functools.partial(self._update_rows, lr=lr)
 
     @torch.no_grad()
-    def _update_rows(self, rows: slice | torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Update the rows' weight and state: a slice in place through views; for indices, `weight` is their
-        gathered copy, and it and the gathered state are written back."""
+    def _update_rows(self, rows: slice | torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """Update weight and state rows: a slice in place through views, indices gathered and written back."""
         head = self.head
         if isinstance(rows, slice):
-            self._update(weight, grad, {name: t[rows] for name, t in self.state.items()}, lr)
+            self._update(head.weight[rows], grad, {name: t[rows] for name, t in self.state.items()}, lr)
             return
+        weight = head.weight.index_select(0, rows)
         state = {name: tensor.index_select(0, rows) for name, tensor in self.state.items()}
         self._update(weight, grad, state, lr)
         head.weight.index_copy_(0, rows, weight)

@@ -34,8 +34,7 @@ sample's own rank, so it counts once per sample like the cross-entropy.
 Cosine logits are computed as (x/|x|)·w · 1/|w| so the C/W × D weight is never copied to normalise it.
 Both passes walk the used rows in blocks (`row_blocks`): a block of weight is read once per pass, and
 everything done to it (its norms, the matmuls, the radial projection of its gradient) runs while it is
-in cache. Under Partial FC the forward gathers the sampled rows once (r·C/W × D); the backward, and a
-step taken in it, reuse that copy unless the weight has changed in between.
+in cache. Under Partial FC only a block at a time is gathered.
 """
 
 from __future__ import annotations
@@ -132,8 +131,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         logits = head.take_logits_buffer(num_rows, len(inputs))
         inv_weight_norm = logits.new_empty(num_rows) if margin.normalized else None
         matmul_inputs = inputs.to(head.matmul_dtype)
-        weights = [head.weight_block(rows, block) for block in row_blocks(num_rows)]
-        for block, weight in zip(row_blocks(num_rows), weights, strict=True):
+        for block in row_blocks(num_rows):
+            weight = head.weight_block(rows, block)
             block_logits = _matmul(weight, matmul_inputs.T, head.matmul_dtype, out=logits[block])
             if inv_weight_norm is not None:
                 inv_weight_norm[block] = weight.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
@@ -155,9 +154,10 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         exps = logits.exp_()
         sum_exp = all_reduce_sum(exps.sum(dim=0), group)
 
-        # Backward and the optimizer reuse the blocks (a copy under Partial FC) unless the weight changes first.
-        ctx.head, ctx.rows, ctx.weights, ctx.weight_version = head, rows, weights, head.weight._version
-        ctx.save_for_backward(exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin)
+        ctx.head, ctx.rows = head, rows
+        ctx.save_for_backward(
+            exps, sum_exp, inputs, matmul_inputs, target_classes, target_samples, cos_target, target_margin
+        )
         ctx.feature_norm, ctx.inv_weight_norm = feature_norm, inv_weight_norm
         return (sum_exp.log() - target_logit).mean()
 
@@ -167,9 +167,11 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None, None, torch.Tensor | None]:
         head, rows, inv_weight_norm = ctx.head, ctx.rows, ctx.inv_weight_norm
         margin = head.margin
-        exps, sum_exp, inputs, target_classes, target_samples, cos_target, target_margin = ctx.saved_tensors
+        exps, sum_exp, inputs, matmul_inputs, target_classes, target_samples, cos_target, target_margin = (
+            ctx.saved_tensors
+        )
         # d loss / d logit = softmax − one-hot = (exp − S·one-hot) / S for a sample's sum of exponentials S;
-        # then through the scale and, for targets, through ψ. The per-sample factor 1/S is applied below.
+        # then through the scale and, for targets, through ψ. Per-sample factors wait for the block loop.
         grad = exps
         grad[target_classes, target_samples] -= sum_exp[target_samples]
         sample_scale = grad_loss * margin.scale / (len(sum_exp) * sum_exp)
@@ -185,32 +187,27 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
                 grad_margin[target_samples] = grad_target * sample_scale[target_samples] * dpsi_dmargin[0]
             grad[target_classes, target_samples] = grad_target * dpsi
 
-        # The per-sample factor goes onto the inputs before the loop and onto the feature gradient after it,
-        # both N × D, rather than onto every block of the rows × N gradient.
-        scaled_inputs = (inputs * sample_scale[:, None]).to(head.matmul_dtype)
         grad_inputs = torch.zeros_like(inputs)
         update, head.update_in_backward = head.update_in_backward, None
         dense_grad = head.claim_dense_grad() if rows is None and update is None else None
-        weights = ctx.weights if head.weight._version == ctx.weight_version else None
-        for index, block in enumerate(row_blocks(len(grad))):
-            weight = head.weight_block(rows, block) if weights is None else weights[index]
-            block_grad = grad[block]
+        for block in row_blocks(len(grad)):
+            weight = head.weight_block(rows, block)
+            block_grad = grad[block].mul_(sample_scale)
             if inv_weight_norm is not None:
                 # cos_ij = u_i·w_j / |w_j|: fold 1/|w_j| into the gradient, then remove w_j's radial part.
                 block_grad.mul_(inv_weight_norm[block, None])
             _matmul(block_grad.T, weight, head.matmul_dtype, out=grad_inputs, accumulate=True)
             grad_weight = _matmul(
-                block_grad, scaled_inputs, head.matmul_dtype, out=None if dense_grad is None else dense_grad[block]
+                block_grad, matmul_inputs, head.matmul_dtype, out=None if dense_grad is None else dense_grad[block]
             )
             if inv_weight_norm is not None:
                 radial = torch.linalg.vecdot(weight, grad_weight) * inv_weight_norm[block].square()
                 grad_weight.addcmul_(weight, radial[:, None], value=-1.0)
             if update is not None:  # the weight block was read above for the last time this step
-                update(block if rows is None else rows[block], weight, grad_weight)
+                update(block if rows is None else rows[block], grad_weight)
             elif dense_grad is None:
                 head.accumulate_weight_grad(head.block_rows(rows, block), grad_weight)
         head.keep_logits_buffer(grad)
-        grad_inputs.mul_(sample_scale[:, None])
 
         if margin.normalized:
             radial_inputs = (grad_inputs * inputs).sum(dim=1, keepdim=True)
@@ -259,9 +256,8 @@ class ShardedMarginSoftmax(nn.Module):
         self.grad: torch.Tensor | None = None
         self._has_grad = torch.zeros(num_local, dtype=torch.bool, device=device)
         self._spare_logits: torch.Tensor | None = None
-        # Set by HeadOptimizer.step_in_next_backward: (rows as a slice or indices, their weight as a view or a
-        # gathered copy, their gradient) -> None.
-        self.update_in_backward: Callable[[slice | torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        # Set by HeadOptimizer.step_in_next_backward: (rows as a slice or indices, their gradient) -> None.
+        self.update_in_backward: Callable[[slice | torch.Tensor, torch.Tensor], None] | None = None
         self.steps_sampled = 0
 
     @property
