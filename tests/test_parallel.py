@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -139,40 +140,42 @@ def test_partial_fc_keeps_positives_and_matches_reference(world_size: int) -> No
     run_ranks(check_partial_fc_rates, world_size)
 
 
-def test_sample_rate_one_equals_sampling_every_class() -> None:
-    """r = 1 takes the dense path; sampling every row through the sparse path must give the same step."""
-    features, weight, labels = make_problem(1, torch.float64, seed=2)
+def check_sampling_every_row_equals_dense(margin_name: str, seed: int, world_size: int, train: Callable) -> None:
+    """r = 1 takes the dense path and r = 0.9999 samples every row through the sparse one: after
+    `train(head, optimizer, features, labels)` both must hold the same weight and feature gradient."""
+    features, weight, labels = make_problem(world_size, torch.float64, seed=seed)
     results = []
     for rate in (1.0, 0.9999):
-        head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec("cosface"), sample_rate=rate, dtype=torch.float64)
+        head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec(margin_name), sample_rate=rate, dtype=torch.float64)
         head.weight.copy_(weight)
         optimizer = HeadOptimizer(head, kind="sgd", momentum=0.9, weight_decay=5e-4)
         feats = features.clone().requires_grad_()
+        train(head, optimizer, feats, labels)
+        results.append((head.weight.clone(), feats.grad.clone()))
+    for dense, sampled in zip(*results, strict=True):
+        torch.testing.assert_close(dense, sampled, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_rate_one_equals_sampling_every_class() -> None:
+    def train(head: ShardedMarginSoftmax, optimizer: HeadOptimizer, feats: torch.Tensor, labels: torch.Tensor) -> None:
         for _ in range(2):
             head(feats, labels).backward()
             optimizer.step(lr=0.1)
-        results.append((head.weight.clone(), feats.grad.clone()))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+    check_sampling_every_row_equals_dense("cosface", seed=2, world_size=1, train=train)
 
 
 def test_pending_steps_each_see_the_other_steps_update() -> None:
     """When two steps are pending and the first one's backward updates the weight, the second must use and update
     the new rows under Partial FC as r = 1 does: reusing rows gathered in its forward would undo the first update."""
-    features, weight, labels = make_problem(2, torch.float64, seed=5)
-    results = []
-    for rate in (1.0, 0.9999):
-        head = ShardedMarginSoftmax(NUM_CLASSES, DIM, margin_spec("arcface"), sample_rate=rate, dtype=torch.float64)
-        head.weight.copy_(weight)
-        optimizer = HeadOptimizer(head, kind="sgd", momentum=0.9, weight_decay=5e-4)
-        feats = features.clone().requires_grad_()
+
+    def train(head: ShardedMarginSoftmax, optimizer: HeadOptimizer, feats: torch.Tensor, labels: torch.Tensor) -> None:
         losses = [head(feats[half], labels[half]) for half in (slice(0, BATCH), slice(BATCH, None))]
         for loss in losses:
             optimizer.step_in_next_backward(lr=0.1)
             loss.backward()
-        results.append((head.weight.clone(), feats.grad.clone()))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+    check_sampling_every_row_equals_dense("arcface", seed=5, world_size=2, train=train)
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.5])
