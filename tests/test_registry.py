@@ -31,7 +31,7 @@ from faceforge.registry import (
     sweep_candidates,
     versions,
 )
-from faceforge.registry.champion import registered_version
+from faceforge.registry.champion import registered_version, registry_lock
 from faceforge.registry.selection import JOB_TAG, SWEEP_TAG, Candidate
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
@@ -214,6 +214,23 @@ def test_concurrent_registrations_of_a_sweep_add_one_version(sweep: tuple[str, d
     with ThreadPoolExecutor(4) as pool:
         registered = list(pool.map(lambda _: select_and_register(uri, SWEEP, Policy(), "race")[1], range(4)))
     assert len({version.version for version in registered}) == 1 and len(versions(uri, "race")) == 1
+
+
+def test_versions_wait_for_a_registration_to_move_the_alias(sweep: tuple[str, dict[str, str]]) -> None:
+    """A registration adds the version, then moves the alias; the sweep page, which stops polling once it sees
+    a registered version, must never read the version without the alias (it failed this way in CI once)."""
+    uri, runs = sweep
+    client = MlflowClient(uri)
+    client.create_registered_model("midway")
+    source = client.get_run(runs["fast"]).outputs.model_outputs[0].model_id
+    reader = ThreadPoolExecutor(1)
+    with registry_lock(uri, exclusive=True):
+        mv = client.create_model_version("midway", client.get_logged_model(source).artifact_location, runs["fast"])
+        seen = reader.submit(versions, uri, "midway")
+        time.sleep(1.0)  # time enough for an unlocked reader to see the version without its alias
+        client.set_registered_model_alias("midway", CHAMPION_ALIAS, mv.version)
+    assert [v.aliases for v in seen.result(timeout=60)] == [[CHAMPION_ALIAS]]
+    reader.shutdown()
 
 
 def test_trained_run_logs_its_card_and_registers(

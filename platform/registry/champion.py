@@ -96,10 +96,12 @@ def _version(client: MlflowClient, mv: ModelVersion) -> Version:
 
 
 @contextmanager
-def _registering(tracking_uri: str) -> Iterator[None]:
-    """One registration at a time per database, so two finishers of a sweep never add two versions."""
+def registry_lock(tracking_uri: str, exclusive: bool) -> Iterator[None]:
+    """Exclusive: one registration at a time per database, so two finishers of a sweep never add two versions.
+    Shared: a reader waits for a registration to finish, so it never sees a new version before its alias moves.
+    """
     with database_path(tracking_uri).with_suffix(".registry.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # released when the file closes
         yield
 
 
@@ -111,7 +113,7 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
     assert winner.model_id is not None, "selection only lets runs with a logged model win"
     check_id(name, "registered model name")
     client = open_database(tracking_uri)
-    with _registering(tracking_uri):
+    with registry_lock(tracking_uri, exclusive=True):
         try:
             client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
         except MlflowException as err:
@@ -177,5 +179,6 @@ def versions(tracking_uri: str, name: str = REGISTERED_MODEL) -> list[Version]:
     """Every version of the registered model, newest first, with aliases (search results omit them)."""
     client = open_database(tracking_uri)
     check_id(name, "registered model name")
-    found = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
-    return [_version(client, client.get_model_version(name, mv.version)) for mv in found]
+    with registry_lock(tracking_uri, exclusive=False):
+        found = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
+        return [_version(client, client.get_model_version(name, mv.version)) for mv in found]
