@@ -140,7 +140,10 @@ def test_partial_fc_keeps_positives_and_matches_reference(world_size: int) -> No
     run_ranks(check_partial_fc_rates, world_size)
 
 
-def check_sampling_every_row_equals_dense(margin_name: str, seed: int, world_size: int, train: Callable) -> None:
+Train = Callable[[ShardedMarginSoftmax, HeadOptimizer, torch.Tensor, torch.Tensor], None]
+
+
+def check_sampling_every_row_equals_dense(margin_name: str, seed: int, world_size: int, train: Train) -> None:
     """r = 1 takes the dense path and r = 0.9999 samples every row through the sparse one: after
     `train(head, optimizer, features, labels)` both must hold the same weight and feature gradient."""
     features, weight, labels = make_problem(world_size, torch.float64, seed=seed)

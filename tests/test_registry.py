@@ -222,15 +222,15 @@ def test_versions_wait_for_a_registration_to_move_the_alias(sweep: tuple[str, di
     uri, runs = sweep
     client = MlflowClient(uri)
     client.create_registered_model("midway")
-    source = client.get_run(runs["fast"]).outputs.model_outputs[0].model_id
-    reader = ThreadPoolExecutor(1)
-    with registry_lock(uri, exclusive=True):
-        mv = client.create_model_version("midway", client.get_logged_model(source).artifact_location, runs["fast"])
-        seen = reader.submit(versions, uri, "midway")
-        time.sleep(1.0)  # time enough for an unlocked reader to see the version without its alias
-        client.set_registered_model_alias("midway", CHAMPION_ALIAS, mv.version)
-    assert [v.aliases for v in seen.result(timeout=60)] == [[CHAMPION_ALIAS]]
-    reader.shutdown()
+    model_id = client.get_run(runs["fast"]).outputs.model_outputs[0].model_id
+    source = client.get_logged_model(model_id).artifact_location
+    with ThreadPoolExecutor(1) as reader:
+        with registry_lock(uri, exclusive=True):
+            mv = client.create_model_version("midway", source, runs["fast"])
+            seen = reader.submit(versions, uri, "midway")
+            time.sleep(1.0)  # time enough for an unlocked reader to see the version without its alias
+            client.set_registered_model_alias("midway", CHAMPION_ALIAS, mv.version)
+        assert [v.aliases for v in seen.result(timeout=60)] == [[CHAMPION_ALIAS]]
 
 
 def test_trained_run_logs_its_card_and_registers(
