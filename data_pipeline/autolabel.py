@@ -16,6 +16,7 @@ renamed into place whole. A restarted daemon finishes the open round, and writes
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -60,9 +61,10 @@ from faceforge.data_pipeline.quality import QualityConfig, score_face
 from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_name, write_version
 
 CROP_SIZE = 112
-ROOT_ALBUM = "_unsorted"  # files put straight into the inbox, not into an album folder
+ROOT_ALBUM = "."  # files put straight into the inbox: the inbox itself, a name no album folder can have
 STATE = "state.db"
 OUTCOMES = ("labelled", "rejected", "error")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
 
 # (file, sha256 of its bytes, outcome, reason, faces): what a batch commits for each file.
@@ -167,20 +169,57 @@ def check_config(config: AutolabelConfig) -> None:
 # One file
 
 
-def file_problem(path: Path, data: bytes, max_bytes: float) -> str | None:
-    """Why a file cannot be an image at all ("<code>: detail"), before decoding; None if it may be one."""
+def file_problem(path: Path, size: int, max_bytes: float) -> str | None:
+    """Why a file cannot be an image at all ("<code>: detail"), judged before reading it; None if it may be one."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"unsupported: {path.suffix or 'no extension'} is not one of {' '.join(sorted(IMAGE_EXTENSIONS))}"
-    if not data:
+    if not size:
         return "empty: 0 bytes"
-    if len(data) > max_bytes:
-        return f"huge: {len(data) / 1e6:.1f} MB exceeds max_file_mb={max_bytes / 1e6:g}"
-    # A cut-off JPEG or PNG still decodes (grey below the cut); its end marker is what is missing.
-    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-4096:]:
+    if size > max_bytes:
+        return f"huge: {size / 1e6:.1f} MB exceeds max_file_mb={max_bytes / 1e6:g}"
+    return None
+
+
+def truncation_problem(data: bytes) -> str | None:
+    """A cut-off JPEG or PNG still decodes (grey below the cut); what it lacks is its end. The format is read from
+    the bytes, not the name, and anything after the end is allowed: phones append a video to "motion photos"."""
+    if data.startswith(b"\xff\xd8") and data.find(b"\xff\xd9", jpeg_scan_start(data)) < 0:
         return "truncated: the JPEG has no end-of-image marker"
-    if path.suffix.lower() == ".png" and b"IEND" not in data[-64:]:
+    if data.startswith(PNG_SIGNATURE) and png_cut_short(data):
         return "truncated: the PNG has no IEND chunk"
     return None
+
+
+def jpeg_scan_start(data: bytes) -> int:
+    """Offset of the first start-of-scan marker, found by walking the segments, so that the end marker of a
+    thumbnail inside the EXIF segment is skipped; a file whose segments do not parse is searched whole."""
+    offset = 2
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xDA:
+            return offset
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, or a marker with no length
+            offset += 1 if marker == 0xFF else 2
+            continue
+        offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+    return 2
+
+
+def png_cut_short(data: bytes) -> bool:
+    """Whether the chain of chunks (length, type, data, CRC) runs off the end of the data before IEND. A chain that
+    breaks (a type that is not four letters) is corruption, which decoding reports."""
+    offset = len(PNG_SIGNATURE)
+    while offset + 8 <= len(data):
+        kind = data[offset + 4 : offset + 8]
+        if kind == b"IEND" or not kind.isalpha():
+            return False
+        offset += 12 + int.from_bytes(data[offset : offset + 4], "big")
+    return True
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def decode_problem(err: ImageDecodeError) -> str:
@@ -265,6 +304,7 @@ class Autolabeller:
         self.stop = threading.Event()
         self._detector: Detector | None = None
         self._model: EmbeddingModel | None = None
+        self.unmovable: set[int] = set()  # files whose move failed, each reported once
 
     # Inbox
 
@@ -273,40 +313,65 @@ class Autolabeller:
         known = self.state.unmoved_sources()
         settled_before = time.time() - self.config.settle_seconds
         found = []
-        for path in sorted(self.inbox.rglob("*")):
-            relative = path.relative_to(self.inbox)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-                continue
-            album, name = (
-                (relative.parts[0], Path(*relative.parts[1:]).as_posix())
-                if len(relative.parts) > 1
-                else (
-                    ROOT_ALBUM,
-                    relative.as_posix(),
-                )
-            )
+        for path in self.inbox_files():
+            album, *rest = path.relative_to(self.inbox).parts
+            album, name = (album, Path(*rest).as_posix()) if rest else (ROOT_ALBUM, album)
             if (album, name) not in known and path.stat().st_mtime <= settled_before:
                 found.append((album, name))
         if found:
             self.state.register(found)
         return len(found)
 
+    def inbox_files(self) -> list[Path]:
+        """Every file of the inbox but hidden ones, in a fixed order. Album folders that are links are followed (each
+        real folder once); a name that is not UTF-8 (the database stores text) is first renamed to its escaped form."""
+        files, seen = [], set()
+        for folder, subfolders, names in os.walk(self.inbox, followlinks=True):
+            if (real := os.path.realpath(folder)) in seen:
+                subfolders.clear()
+                continue
+            seen.add(real)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            files += [Path(folder, name) for name in names if not name.startswith(".")]
+        return sorted(self.utf8_named(path) for path in files if path.is_file())
+
+    def utf8_named(self, path: Path) -> Path:
+        relative = path.relative_to(self.inbox).as_posix()
+        try:
+            relative.encode()
+            return path
+        except UnicodeEncodeError:
+            escaped = os.fsencode(relative).decode(errors="backslashreplace")
+        renamed = self.inbox / escaped
+        if renamed.exists():  # never rename over a file: the inode number tells the two apart
+            renamed = renamed.with_name(f"{renamed.stem}~{path.stat().st_ino}{renamed.suffix}")
+        renamed.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, renamed)
+        self.log(f"{escaped}: renamed from a file name that is not UTF-8")
+        return renamed
+
     def inbox_path(self, album: str, name: str) -> Path:
-        return self.inbox / name if album == ROOT_ALBUM else self.inbox / album / name
+        return self.inbox / album / name
 
     def move_decided(self) -> None:
-        """Move every decided file to its outcome folder; redone safely after a crash."""
-        for file_id, album, name, destination in self.state.unmoved_outcomes():
-            source, target = self.inbox_path(album, name), self.workdir / destination
-            if source.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(source, target)
-                except OSError:  # another file system: copy whole, then remove
-                    temporary = target.with_name(f".{target.name}.tmp")
-                    shutil.copyfile(source, temporary)
-                    os.replace(temporary, target)
-                    source.unlink()
+        """Move every decided file to its outcome folder; redone safely after a crash.
+
+        A file whose bytes are no longer those decided (replaced under the same name) is not moved: the database
+        lets it go, and the next scan registers it as a new file. A file that cannot be moved (permissions) stays
+        in the inbox, and the move is tried again on every pass.
+        """
+        for file_id, album, name, sha256, destination in self.state.unmoved_outcomes():
+            source = self.inbox_path(album, name)
+            try:
+                if source.exists() and (sha256 is None or sha256_of(source) == sha256):
+                    move_file(source, self.workdir / destination)
+                elif source.exists():
+                    self.log(f"{album}/{name}: replaced after it was decided; it will be decided as a new file")
+            except OSError as err:
+                if file_id not in self.unmovable:
+                    self.unmovable.add(file_id)
+                    self.log(f"{album}/{name}: cannot move it out of the inbox ({err.strerror or err}); will retry")
+                continue
             self.state.mark_moved(file_id)
 
     # Models
@@ -365,13 +430,15 @@ class Autolabeller:
         for file in batch:
             path = self.inbox_path(file.album, file.name)
             try:
-                data = path.read_bytes()
+                with path.open("rb") as stream:  # a huge file is hashed as a stream, never read whole
+                    problem = file_problem(path, os.fstat(stream.fileno()).st_size, self.config.max_file_mb * 1e6)
+                    data = b"" if problem else stream.read()
+                    sha256 = (hashlib.file_digest(stream, "sha256") if problem else hashlib.sha256(data)).hexdigest()
             except OSError as err:
                 decided[file.id] = (file, None, "error", f"unreadable: {err.strerror or err}", [])
                 continue
-            sha256 = hashlib.sha256(data).hexdigest()
             try:
-                if problem := file_problem(path, data, self.config.max_file_mb * 1e6):
+                if problem := problem or truncation_problem(data):
                     decided[file.id] = (file, sha256, "error", problem, [])
                     continue
                 image = decode_image(data, file.source)
@@ -477,7 +544,7 @@ class Autolabeller:
         }
         name = version_name(current.number)
         path = write_version(self.versions, current.number, labelled.records, self.crops, labelled.decisions, stats)
-        job_id = self.maybe_retrain(path, new_people)
+        job_id = self.maybe_retrain(path, new_people, current.started)
         self.state.finish_round(current.number, name, job_id)
         seconds = time.time() - current.started
         self.log(
@@ -518,15 +585,26 @@ class Autolabeller:
         names = np.array([folder.classes[label] for _, label in folder.samples])
         return self.cached_embeddings(model, keys, paths.__getitem__), names
 
-    def maybe_retrain(self, version: Path, new_people: int) -> str | None:
+    def maybe_retrain(self, version: Path, new_people: int, round_started: float) -> str | None:
+        """Enqueue retraining on a version once: its job id derives from the version and its round, so a daemon
+        killed after the submit and before the round was recorded finds the job instead of submitting another."""
         settings = self.config.retrain
         if settings.min_new_identities <= 0 or new_people < settings.min_new_identities:
             return None
         from faceforge.jobs import JobStore, make_jobs
         from faceforge.jobs.paths import store_path
 
+        store, key = JobStore(store_path()), f"{version.resolve()}@{round_started!r}"
+        job_id = f"job-autolabel-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        try:
+            store.get(job_id)
+            return job_id
+        except KeyError:
+            pass
         overrides = ["data=folder", f"data.root={(version / 'images').resolve()}", *settings.overrides]
-        (job,) = JobStore(store_path()).submit(make_jobs(overrides, name=f"retrain on autolabel {version.name}"))
+        (job,) = make_jobs(overrides, name=f"retrain on autolabel {version.name}")
+        job.id = job_id
+        store.submit([job])
         self.log(f"{new_people} new identities: enqueued retraining job {job.id}")
         return job.id
 
@@ -589,6 +667,25 @@ def outcome_of(file: InboxFile, sha256: str, faces: list[FaceOutcome]) -> Decide
         return file, sha256, "labelled", None, faces
     reasons = sorted({r for face in faces for r in (face.reason or "").split(", ")})
     return file, sha256, "rejected", f"low_quality: {', '.join(reasons)}", faces
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Rename, or across file systems copy whole then remove; a source that cannot be removed leaves no copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+        return
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+    try:
+        source.unlink()
+    except OSError:
+        target.unlink()
+        raise
 
 
 def encode_jpeg(crop: np.ndarray) -> bytes:

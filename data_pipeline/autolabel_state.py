@@ -189,11 +189,12 @@ class StateDB:
                 ],
             )
 
-    def unmoved_outcomes(self) -> list[tuple[int, str, str, str]]:
-        """(id, album, name, destination) of decided files still to be moved out of the inbox."""
+    def unmoved_outcomes(self) -> list[tuple[int, str, str, str | None, str]]:
+        """(id, album, name, sha256, destination) of decided files still to be moved out of the inbox."""
         return list(
             self.db.execute(
-                "SELECT id, album, name, destination FROM files WHERE outcome IS NOT NULL AND moved = 0 ORDER BY id"
+                "SELECT id, album, name, sha256, destination FROM files "
+                "WHERE outcome IS NOT NULL AND moved = 0 ORDER BY id"
             )
         )
 

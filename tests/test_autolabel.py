@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -18,6 +20,7 @@ import torch
 
 from faceforge import models
 from faceforge.data_pipeline.autolabel import (
+    OUTCOMES,
     AutolabelConfig,
     AutolabelError,
     Autolabeller,
@@ -25,6 +28,7 @@ from faceforge.data_pipeline.autolabel import (
     load_config,
     resolve_model,
     status,
+    truncation_problem,
 )
 from faceforge.data_pipeline.dedup import calibrate_threshold, cluster_centroids, open_set_threshold, pair_scores
 from faceforge.data_pipeline.versions import adjusted_rand_index, list_versions, read_manifest, read_stats
@@ -130,6 +134,130 @@ def test_every_file_ends_in_exactly_one_place(photos: Path, model_a: Path, tmp_p
 
     # A second pass over an empty inbox with the same model has nothing to do.
     assert Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once() is None
+
+
+def lfw_photos(count: int) -> list[bytes]:
+    person = next(d for d in sorted((shared_data() / "lfw").iterdir()) if len(list(d.glob("*.jpg"))) >= count)
+    return [photo.read_bytes() for photo in sorted(person.glob("*.jpg"))[:count]]
+
+
+def test_file_checks_read_the_format_from_the_bytes() -> None:
+    """Truncation is judged by the format the bytes hold, after the end marker of an EXIF thumbnail; data after
+    the image's own end (the video of a phone's motion photo) is not truncation."""
+    photo = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))[1]
+    photo, small = photo.tobytes(), cv2.imencode(".jpg", np.full((64, 64, 3), 128, dtype=np.uint8))[1].tobytes()
+    exif = b"Exif\0\0" + small  # a thumbnail, with its own end-of-image marker, in an APP1 segment
+    with_thumbnail = small[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + small[2:]
+    png = cv2.imencode(".png", np.full((64, 64), 7, dtype=np.uint8))[1].tobytes()
+    motion_photo = photo + b"\x00\x00\x00\x18ftypmp42" + bytes(8000)
+    assert [truncation_problem(data) for data in (photo, with_thumbnail, png, motion_photo)] == [None] * 4
+    for cut in (photo[: len(photo) // 2], with_thumbnail[: len(with_thumbnail) - 40], png[: len(png) - 20]):
+        assert (truncation_problem(cut) or "").startswith("truncated: "), len(cut)
+
+
+def test_awkward_names_and_layouts_each_end_in_one_place(model_a: Path, tmp_path: Path) -> None:
+    """A photo at the inbox root beside an album folder named `_unsorted` (once the root's name) holding a photo
+    of the same name, an album that links to a folder elsewhere, a name that is not UTF-8, and a motion photo."""
+    a, b, c, d, e = lfw_photos(5)
+    inbox, elsewhere, workdir = tmp_path / "inbox", tmp_path / "elsewhere" / "trip", tmp_path / "work"
+    for folder in (inbox / "_unsorted", inbox / "album", elsewhere):
+        folder.mkdir(parents=True)
+    (inbox / "root.jpg").write_bytes(a)
+    (inbox / "_unsorted" / "root.jpg").write_bytes(b)
+    (elsewhere / "c.jpg").write_bytes(c)
+    (inbox / "trip").symlink_to(elsewhere, target_is_directory=True)
+    (inbox / "album" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(d)
+    motion = e + b"\x00\x00\x00\x18ftypmp42" + bytes(8000)
+    (inbox / "album" / "motion.jpg").write_bytes(motion)
+    labeller = Autolabeller(inbox, workdir, config(model_a), log=lambda _: None)
+    assert labeller.run_once() is not None
+    assert labeller.run_once() is None, "nothing is left to decide: no second round"
+    assert inputs(inbox) == [] and list(elsewhere.iterdir()) == []
+    with sqlite3.connect(workdir / "state.db") as db:
+        rows = dict(db.execute("SELECT album || '/' || name, outcome FROM files"))
+    assert sorted(rows) == ["./root.jpg", "_unsorted/root.jpg", "album/caf\\xe9.jpg", "album/motion.jpg", "trip/c.jpg"]
+    assert "error" not in rows.values(), rows
+    landed = sorted(p.read_bytes() for outcome in OUTCOMES for p in (workdir / outcome).rglob("*") if p.is_file())
+    assert landed == sorted([a, b, c, d, motion])
+
+
+def test_a_huge_file_is_judged_by_its_size_without_being_read(model_a: Path, tmp_path: Path) -> None:
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    with (inbox / "album" / "huge.jpg").open("wb") as sparse:
+        sparse.truncate(2 * 10**9)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kb < 500_000, "the file was read whole"
+    with sqlite3.connect(workdir / "state.db") as db:
+        (reason,) = db.execute("SELECT reason FROM files").fetchone()
+    assert reason == "huge: 2000.0 MB exceeds max_file_mb=50"
+    assert (workdir / "error" / "album" / "1_huge.jpg").stat().st_size == 2 * 10**9
+
+
+def test_a_file_that_cannot_be_moved_waits_in_the_inbox(model_a: Path, tmp_path: Path) -> None:
+    """A move that fails (here a file stands where the outcome folder must go) stops nothing: the daemon reports
+    it once, and moves the file on a later pass."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    (inbox / "album" / "a.jpg").write_bytes(lfw_photos(1)[0])
+    blockers = [workdir / outcome / "album" for outcome in OUTCOMES]
+    for blocker in blockers:
+        blocker.parent.mkdir(parents=True)
+        blocker.write_text("not a folder")
+    logs: list[str] = []
+    labeller = Autolabeller(inbox, workdir, config(model_a), log=logs.append)
+    assert labeller.run_once() is not None and labeller.run_once() is None
+    assert (inbox / "album" / "a.jpg").is_file()
+    assert sum("album/a.jpg: cannot move it out of the inbox" in line for line in logs) == 1, logs
+    for blocker in blockers:
+        blocker.unlink()
+    assert labeller.run_once() is None
+    assert not (inbox / "album" / "a.jpg").exists()
+    assert [p.name for outcome in OUTCOMES for p in (workdir / outcome).rglob("*.jpg")] == ["1_a.jpg"]
+
+
+def test_a_file_replaced_after_its_decision_is_decided_again(model_a: Path, tmp_path: Path) -> None:
+    """New bytes under a decided file's name (before its move, or after a move a kill cut short) are a new file:
+    never moved under the old file's decision."""
+    old, new = lfw_photos(2)
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    (inbox / "album" / "a.jpg").write_bytes(old)
+    labeller = Autolabeller(inbox, workdir, config(model_a), log=lambda _: None)
+    labeller.scan()
+    current = labeller.next_round()
+    assert current is not None
+    model = labeller.model_for(current.model, current.model_source)
+    labeller.state.record_batch(labeller.decide(labeller.state.pending_files(current.number), model))
+    (inbox / "album" / "a.jpg").write_bytes(new)
+    assert labeller.run_once() is not None and labeller.run_once() is not None
+    assert not (inbox / "album" / "a.jpg").exists()
+    with sqlite3.connect(workdir / "state.db") as db:
+        rows = list(db.execute("SELECT id, sha256, round, moved FROM files ORDER BY id"))
+    assert [(i, sha, r, moved) for i, sha, r, moved in rows] == [
+        (1, hashlib.sha256(old).hexdigest(), 1, 1),
+        (2, hashlib.sha256(new).hexdigest(), 2, 1),
+    ]
+    landed = {p.name: p.read_bytes() for outcome in OUTCOMES for p in (workdir / outcome).rglob("*.jpg")}
+    assert landed == {"2_a.jpg": new}
+
+
+def test_retraining_is_enqueued_once_per_round(model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon killed after enqueueing and before recording its round does the round's end again on restart: it
+    must find its job, not enqueue a second."""
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path / "home"))
+    (tmp_path / "inbox").mkdir()
+    version = tmp_path / "work" / "versions" / "v0001"
+    (version / "images").mkdir(parents=True)
+    retrain = ["retrain.min_new_identities=1", "retrain.overrides=[trainer.steps=5]"]
+    labeller = Autolabeller(tmp_path / "inbox", tmp_path / "work", config(model_a, *retrain), log=lambda _: None)
+    first = labeller.maybe_retrain(version, 3, round_started=1000.25)
+    assert labeller.maybe_retrain(version, 3, round_started=1000.25) == first
+    assert [job.id for job in JobStore(tmp_path / "home" / "jobs.db").list()] == [first]
+    # The same version path in a later work folder (its round started later) is another round: another job.
+    again = labeller.maybe_retrain(version, 3, round_started=2000.5)
+    assert again != first and len(JobStore(tmp_path / "home" / "jobs.db").list()) == 2
 
 
 def run_cli(inbox: Path, workdir: Path, model: Path, home: Path) -> subprocess.Popen:
