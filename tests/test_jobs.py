@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +30,7 @@ from faceforge.jobs import (
 )
 from faceforge.jobs.executors import Status
 from faceforge.jobs.executors.local import LocalExecutor
+from faceforge.jobs.scheduler import Scheduler
 from faceforge.jobs.store import new_id
 from faceforge.train.config import ConfigError
 
@@ -147,6 +149,38 @@ def test_cancel_queued_at_once_and_running_on_request(template: Job, tmp_path: P
     assert store.claim("local", "me", 1, 30) is None
     with pytest.raises(KeyError):
         store.cancel("job-missing")
+
+
+def test_a_cancel_that_lands_before_the_start_or_during_a_requeue_is_kept(template: Job, tmp_path: Path) -> None:
+    """A job leased but not started yet (its scheduler died, or the executor was unreachable), or whose lost run is
+    being requeued, must end cancelled: never start after the user cancelled it."""
+    store = JobStore(store_path(tmp_path))
+    (leased,) = store.submit(copies(template, 1, slots=1))
+    scheduler = Scheduler(store, {"local": LocalExecutor(slots=1)}, tmp_path)
+    assert store.claim("local", scheduler.owner, 2, 30).id == leased.id  # as if its start had failed
+    store.cancel(leased.id)
+    scheduler.run_once()
+    assert store.get(leased.id).state == CANCELLED and not job_dir(tmp_path, leased.id).exists()
+
+    (lost,) = store.submit(copies(template, 1, slots=1))
+    assert store.claim("local", "me", 2, 30).id == lost.id
+    store.cancel(lost.id)
+    ended = store.requeue(lost.id, "me", "attempt 1 lost")
+    assert (ended.state, ended.error) == (CANCELLED, "attempt 1 lost") and ended.finished_at and ended.cancelled_at
+    assert store.claim("local", "me", 2, 30) is None
+
+
+def test_a_locked_database_reports_itself(template: Job, tmp_path: Path) -> None:
+    """When BEGIN times out, the error says the database is locked (not that there was nothing to roll back)."""
+    store = JobStore(tmp_path / "jobs.db", busy_seconds=0.2)
+    holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            store.submit(copies(template, 1))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_retry_queues_an_ended_job_again_under_its_own_id(template: Job, tmp_path: Path) -> None:

@@ -185,11 +185,13 @@ def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, 
     with torch.no_grad():
         assert loaded(torch.zeros(3, 3, 56, 56)).shape == (3, TINY["embedding_dim"])
 
-    # Without a policy, selection uses the one the sweep was launched with.
-    save_policy(uri, prepare_tracking(uri, "tests"), SWEEP, Policy(max_latency_ms=10))
-    assert saved_policy(uri, SWEEP) == Policy(max_latency_ms=10) and saved_policy(uri, "sweep-x") == Policy()
-    _, launched = select_and_register(uri, SWEEP, name="reg")
-    assert launched.version == limited.version and champion(uri, "reg").version == limited.version
+    # Without a policy or a name (as the scheduler selects), those the sweep was launched with.
+    save_policy(uri, prepare_tracking(uri, "tests"), SWEEP, Policy(max_latency_ms=10), "reg")
+    assert saved_policy(uri, SWEEP) == (Policy(max_latency_ms=10), "reg")
+    assert saved_policy(uri, "sweep-x") == (Policy(), None)
+    _, launched = select_and_register(uri, SWEEP)
+    assert (launched.name, launched.version) == ("reg", limited.version)
+    assert champion(uri, "reg").version == limited.version
 
 
 def test_registry_uris_resolve_to_versions_or_a_clear_error(sweep: tuple[str, dict[str, str]]) -> None:

@@ -402,9 +402,9 @@ def _scheduler(args: argparse.Namespace) -> None:
 
 
 def _registry_champion(args: argparse.Namespace) -> None:
-    from faceforge.registry import champion, default_tracking_uri
+    from faceforge.registry import REGISTERED_MODEL, champion, default_tracking_uri
 
-    print(champion(args.tracking_uri or default_tracking_uri(), args.name).describe())
+    print(champion(args.tracking_uri or default_tracking_uri(), args.name or REGISTERED_MODEL).describe())
 
 
 def _registry_select(args: argparse.Namespace) -> None:
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = commands.add_parser("registry", help="the MLflow model registry: champion and sweep selection")
     registry.add_argument("--tracking-uri", default=None, help="default: sqlite:///$FACEFORGE_HOME/mlflow.db")
-    registry.add_argument("--name", default="faceforge", help="registered model name")
+    registry.add_argument("--name", default=None, help="registered model name (default: the sweep's, else faceforge)")
     registry_cmds = registry.add_subparsers(dest="registry_command", required=True)
     champ = registry_cmds.add_parser("champion", help="print the champion version, its run, metric and card")
     champ.set_defaults(func=_registry_champion)

@@ -98,7 +98,10 @@ class Scheduler:
         if executor is None:  # owned through a lease, but this scheduler does not drive that executor
             return
         if job.handle is None:  # leased, but the start never finished (or its scheduler died first)
-            self._start(job, executor)
+            if job.cancel_requested:  # cancelled meanwhile: nothing runs, so nothing needs stopping
+                self.store.finish(job.id, self.owner, CANCELLED)
+            else:
+                self._start(job, executor)
             return
         try:
             if job.cancel_requested:

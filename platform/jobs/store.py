@@ -109,12 +109,12 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 class JobStore:
     """All reads and writes of the jobs table. Every method opens its own short transaction."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, busy_seconds: float = 30.0) -> None:
+        """`busy_seconds`: how long a transaction waits for another writer before "database is locked"."""
+        self.path, self.busy_seconds = Path(path), busy_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
         try:
-            db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
             db.executescript(SCHEMA)
         finally:
@@ -122,15 +122,15 @@ class JobStore:
 
     @contextmanager
     def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=self.busy_seconds, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=30000")
         try:
             db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # not when BEGIN itself failed (database locked): keep that error
+                db.execute("ROLLBACK")
             raise
         finally:
             db.close()
@@ -274,14 +274,18 @@ class JobStore:
         return cursor.rowcount == 1
 
     def requeue(self, job_id: str, owner: str, error: str) -> Job:
-        """Put a job whose run was lost back in the queue, or mark it lost after max_attempts."""
+        """Put a job whose run was lost back in the queue, or mark it lost after max_attempts; a job whose cancel
+        was asked for meanwhile is cancelled instead."""
+        now = time.time()
         with self._connect(immediate=True) as db:
             row = db.execute(
-                "UPDATE jobs SET state = CASE WHEN attempts < max_attempts THEN ? ELSE ? END, "
-                "finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ? END, "
+                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN ? WHEN attempts < max_attempts THEN ? "
+                "ELSE ? END, "
+                "finished_at = CASE WHEN cancel_requested OR attempts >= max_attempts THEN ? END, "
+                "cancelled_at = CASE WHEN cancel_requested THEN ? ELSE cancelled_at END, "
                 "lease_owner = NULL, lease_expires = NULL, handle = NULL, error = ? "
                 "WHERE id = ? AND lease_owner = ? RETURNING *",
-                (QUEUED, LOST, time.time(), error, job_id, owner),
+                (CANCELLED, QUEUED, LOST, now, now, error, job_id, owner),
             ).fetchone()
         if row is None:
             raise KeyError(f"job {job_id!r} is not leased by {owner}")

@@ -139,15 +139,15 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
 
 
 def select_and_register(
-    tracking_uri: str, sweep_id: str, policy: Policy | None = None, name: str = REGISTERED_MODEL
+    tracking_uri: str, sweep_id: str, policy: Policy | None = None, name: str | None = None
 ) -> tuple[Selection, Version]:
     """Select over the sweep's runs and register the winner; ValueError when no run qualifies.
 
-    Without a policy, the one the sweep was launched with (`save_policy`), else the default.
+    Without a policy or a name, those the sweep was launched with (`save_policy`), else the defaults.
     """
-    policy = policy or saved_policy(tracking_uri, sweep_id)
-    selection = select(sweep_candidates(tracking_uri, sweep_id), policy, sweep_id)
-    return selection, register(tracking_uri, selection, name)
+    launched_with, launched_name = saved_policy(tracking_uri, sweep_id)
+    selection = select(sweep_candidates(tracking_uri, sweep_id), policy or launched_with, sweep_id)
+    return selection, register(tracking_uri, selection, name or launched_name or REGISTERED_MODEL)
 
 
 def registered_version(client: MlflowClient, uri: str) -> ModelVersion | None:

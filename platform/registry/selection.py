@@ -17,6 +17,7 @@ from faceforge.registry.database import open_database
 
 SWEEP_TAG, JOB_TAG = "faceforge.sweep_id", "faceforge.job_id"
 POLICY_TAG = "faceforge.policy."  # + sweep id: an experiment tag holding how that sweep's champion is chosen
+REGISTERED_MODEL_TAG = "faceforge.registered_model."  # + sweep id: the model name that champion is registered under
 LATENCY, PARAMS, MACS = "model.latency_ms", "model.params", "model.macs"
 LOWER_IS_BETTER = frozenset({"eer", "accuracy_std"})
 # TAR at FAR 1e-4 needs >= 10,000 impostor pairs (LFW has 3,000): a run without it competes on the tie-break.
@@ -139,19 +140,23 @@ def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
     ]
 
 
-def save_policy(tracking_uri: str, experiment_id: str, sweep_id: str, policy: Policy) -> None:
-    """Remember how a sweep is judged, so whoever selects when it ends (the scheduler) uses the same policy."""
+def save_policy(tracking_uri: str, experiment_id: str, sweep_id: str, policy: Policy, registered_model: str) -> None:
+    """Remember how a sweep is judged and where its champion goes, so that whoever selects when it ends (the
+    scheduler) does the same."""
     check_id(sweep_id, "sweep id")
-    open_database(tracking_uri).set_experiment_tag(experiment_id, POLICY_TAG + sweep_id, json.dumps(asdict(policy)))
+    client = open_database(tracking_uri)
+    client.set_experiment_tag(experiment_id, POLICY_TAG + sweep_id, json.dumps(asdict(policy)))
+    client.set_experiment_tag(experiment_id, REGISTERED_MODEL_TAG + sweep_id, registered_model)
 
 
-def saved_policy(tracking_uri: str, sweep_id: str) -> Policy:
-    """The policy the sweep was launched with, or the default one."""
+def saved_policy(tracking_uri: str, sweep_id: str) -> tuple[Policy, str | None]:
+    """The policy the sweep was launched with (or the default one) and its registered model name, if saved."""
     client = open_database(tracking_uri)
     for experiment in client.search_experiments():
         if POLICY_TAG + sweep_id in experiment.tags:
-            return Policy(**json.loads(experiment.tags[POLICY_TAG + sweep_id]))
-    return Policy()
+            policy = Policy(**json.loads(experiment.tags[POLICY_TAG + sweep_id]))
+            return policy, experiment.tags.get(REGISTERED_MODEL_TAG + sweep_id)
+    return Policy(), None
 
 
 def _logged_model(run: Run) -> str | None:

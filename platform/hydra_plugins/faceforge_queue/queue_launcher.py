@@ -68,7 +68,7 @@ class QueueLauncher(Launcher):
             policy = Policy(self.metric or Policy.metric, self.max_latency_ms, self.max_params)
             jobs, tracking_uri, experiment = self._make_jobs(job_overrides, initial_job_idx)
             experiment_id = prepare_tracking(tracking_uri, experiment)
-            save_policy(tracking_uri, experiment_id, self.sweep_id, policy)  # the scheduler selects with it too
+            save_policy(tracking_uri, experiment_id, self.sweep_id, policy, self.registered_model)  # for the scheduler
             store.submit(jobs)
         except ValueError as err:
             print(f"faceforge train: error: {err}", file=sys.stderr)
