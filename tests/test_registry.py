@@ -257,7 +257,7 @@ def test_trained_run_logs_its_card_and_registers(
 def test_cli_champion_select_and_mlflow_ui(sweep: tuple[str, dict[str, str]]) -> None:
     uri, runs = sweep
     uri_args = ("--tracking-uri", uri)
-    selected = faceforge("registry", *uri_args, "select", SWEEP, "--max-latency-ms", "10")
+    selected = faceforge("registry", *uri_args, "--name", "faceforge", "select", SWEEP, "--max-latency-ms", "10")
     assert selected.returncode == 0, selected.stderr
     assert runs["fast"] in selected.stdout and "latency 20.00 ms > 10 ms" in selected.stdout
     shown = faceforge("registry", *uri_args, "champion")
