@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,14 @@ from conftest import REPO, SHARED, tiny_config
 PYTHON = sys.executable
 
 
-def faceforge(*args: str) -> subprocess.CompletedProcess:
+def faceforge(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PYTHON, "-c", "from faceforge.cli import main; main()", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=600,
+        env={**os.environ, "FACEFORGE_HOME": str(home)} if home else None,
     )
 
 
@@ -49,18 +51,21 @@ def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pai
     )  # fmt: skip
     assert by_checkpoint.returncode == 0, by_checkpoint.stderr
     assert "accuracy" in by_checkpoint.stdout and (tmp_path / "roc.png").stat().st_size > 0
+    # Without --tracking-uri, MLflow URIs resolve in the platform's database ($FACEFORGE_HOME/mlflow.db).
     by_uri = faceforge(
-        "eval", f"runs:/{run_id}/model", "--tracking-uri", cfg.mlflow.tracking_uri, "--bin", str(tmp_path / "tiny.bin"),
-        "--gallery", str(tiny_train_root), *common,
+        "eval", f"runs:/{run_id}/model", "--bin", str(tmp_path / "tiny.bin"), "--gallery", str(tiny_train_root),
+        *common, home=tmp_path,
     )  # fmt: skip
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert by_uri.returncode == 0, by_uri.stderr
     # Same weights, same images: the checkpoint and the MLflow model score the pairs identically.
     accuracy = [line for line in by_checkpoint.stdout.splitlines() if line.startswith("accuracy ")]
     assert accuracy and accuracy[0] in by_uri.stdout
     assert "rank-1=" in by_uri.stdout
 
-    missing = faceforge("eval", str(tmp_path / "nope"), "--pairs", str(tiny_pairs))
-    assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+    for source, home in ((str(tmp_path / "nope"), None), ("runs:/0123456789abcdef/model", tmp_path)):
+        missing = faceforge("eval", source, "--pairs", str(tiny_pairs), home=home)
+        assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:

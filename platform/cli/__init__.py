@@ -481,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--crop-fraction", type=float, default=1.0)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--roc", type=Path, help="write the ROC curve to this PNG")
-    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ sources")
+    ev.add_argument(
+        "--tracking-uri", default=None, help="for models:/ sources; default: sqlite:///$FACEFORGE_HOME/mlflow.db"
+    )
     ev.set_defaults(func=_eval)
 
     mdl = commands.add_parser("models", help="model card of every backbone: params, MACs, CPU latency")
@@ -503,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-channels", type=int, default=8, help="hidden channels every block keeps at least")
     prune.add_argument("--out", type=Path, default=None, help="default: $FACEFORGE_HOME/pruned/<model>-<time>")
     prune.add_argument("--no-finetune", action="store_true", help="only write the pruned checkpoint")
-    prune.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ sources")
+    prune.add_argument(
+        "--tracking-uri", default=None, help="for models:/ sources; default: sqlite:///$FACEFORGE_HOME/mlflow.db"
+    )
     prune.add_argument("overrides", nargs="*", help="Hydra overrides of the fine-tuning run, as for `faceforge train`")
     prune.set_defaults(func=_prune)
 

@@ -10,13 +10,22 @@ MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 def load_model(source: str, tracking_uri: str | None = None) -> nn.Module:
-    """A checkpoint directory (or its parent holding `latest`), or an MLflow URI such as models:/name@champion."""
+    """A checkpoint directory (or its parent holding `latest`), or an MLflow URI such as models:/name@champion,
+    looked up in `tracking_uri`, by default the platform's database (never MLflow's ./mlflow.db)."""
     if source.startswith(MLFLOW_SCHEMES):
         import mlflow
+        from mlflow.exceptions import MlflowException
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        return mlflow.pytorch.load_model(source, map_location="cpu").eval()
+        from faceforge.registry.database import default_tracking_uri, open_database
+
+        tracking_uri = tracking_uri or default_tracking_uri()
+        if tracking_uri.startswith("sqlite:///"):
+            open_database(tracking_uri)  # a clear error where MLflow would create an empty database
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            return mlflow.pytorch.load_model(source, map_location="cpu").eval()
+        except MlflowException as err:
+            raise ValueError(f"{source}: {err.message}") from None
     from faceforge.train.checkpoint import load_backbone
 
     if not Path(source).exists():
