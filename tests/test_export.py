@@ -164,6 +164,25 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
         faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
 
 
+def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trained: Path, tmp_path: Path) -> None:
+    """Calibration fails after the fp32 model is built: the earlier export must not be mixed with the new model."""
+    out = tmp_path / "export"
+    shutil.copytree(c_array_export, out)
+    (out / "model.onnx").write_bytes(b"the earlier export's model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    corrupt = tmp_path / "faces" / "person"
+    corrupt.mkdir(parents=True)
+    (corrupt / "face.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"faceforge export: error: .*face\.jpg: not a decodable image"):
+        faceforge(["export", str(trained), "--format", "c-array", "--out", str(out), "--calibration",
+                   str(tmp_path / "faces"), "--crop-fraction", "1.0", "--no-log"])  # fmt: skip
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "the building folder is removed"
+
+    faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"])
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "model.onnx"], "no int8 files of the last export"
+
+
 def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained: Path, tmp_path: Path) -> None:
     uri = _database(trained)
     [export] = [e for e in list_exports(uri) if e.format == "c-array"]

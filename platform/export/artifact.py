@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from torch import nn
@@ -46,22 +48,32 @@ def export_artifact(
     `calibration` (required by the int8 formats) is read with `crop_fraction`, the crop the model saw.
     `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is; int8
     fidelity is measured on calibration-set faces that calibration did not read.
+
+    The files are built in a folder beside `out_dir` and moved in only when all exist, so a failed export (bad
+    calibration images, say) leaves an earlier export in `out_dir` whole, never mixed with a new model.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt != "onnx" and calibration is None:
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
-    fp32_path = export_onnx(model, model.input_size, out_dir / FP32_FILE, opset)
-    int8_path, fidelity = None, None
-    if fmt != "onnx":
-        reader = FaceCalibrationReader(
-            calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
-        )
-        int8_path = quantize_int8(fp32_path, out_dir / INT8_FILE, reader)
-        fidelity = int8_fidelity(fp32_path, int8_path, reader)
-    if fmt == "c-array":
-        write_c_array(int8_path, out_dir, C_SYMBOL)
-    card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
-    (out_dir / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as temporary:
+        building = Path(temporary)
+        fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
+        int8_path, fidelity = None, None
+        if fmt != "onnx":
+            reader = FaceCalibrationReader(
+                calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
+            )
+            int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
+            fidelity = int8_fidelity(fp32_path, int8_path, reader)
+        if fmt == "c-array":
+            write_c_array(int8_path, building, C_SYMBOL)
+        card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
+        (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        for name in artifact_files(fmt):
+            os.replace(building / name, out_dir / name)
+    for stale in {name for f in FORMATS for name in artifact_files(f)} - set(artifact_files(fmt)):
+        (out_dir / stale).unlink(missing_ok=True)  # an earlier export's in another format: the card no longer lists it
     return card
