@@ -25,6 +25,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -609,7 +610,8 @@ class Autolabeller:
         return job.id
 
     def watch(self) -> None:
-        """Run rounds until stopped (SIGTERM or SIGINT finish the batch in flight, then exit)."""
+        """Run rounds until stopped (SIGTERM or SIGINT finish the batch in flight, then exit). A pass that fails
+        is logged and tried again after `poll_seconds`, like the scheduler's ticks: the daemon outlives it."""
         waiting = ""
         with self._signals_stop():
             while not self.stop.is_set():
@@ -617,8 +619,12 @@ class Autolabeller:
                     report, idle = self.run_once(), "idle"
                 except AutolabelError as err:  # no champion registered yet: the files wait in the inbox
                     report, idle = None, f"waiting: {err}"
+                except Exception as err:  # a full disk, say: a batch commits whole or not at all, so try again later
+                    report, idle = None, f"error: {type(err).__name__}: {err}"
                     if idle != waiting:
-                        self.log(idle)
+                        self.log(traceback.format_exc().rstrip())
+                if idle not in (waiting, "idle"):
+                    self.log(idle)
                 waiting = idle
                 if report is None and not self.stop.is_set():
                     self.state.beat(idle)

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,6 +242,35 @@ def test_a_file_replaced_after_its_decision_is_decided_again(model_a: Path, tmp_
     ]
     landed = {p.name: p.read_bytes() for outcome in OUTCOMES for p in (workdir / outcome).rglob("*.jpg")}
     assert landed == {"2_a.jpg": new}
+
+
+def test_watch_outlives_a_failing_pass(model_a: Path, tmp_path: Path) -> None:
+    """A pass that fails (here a file stands where the crops folder must go, as a full disk would fail it) is logged
+    and tried again; once the cause is gone the daemon carries on, with no file lost."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    (inbox / "album" / "a.jpg").write_bytes(lfw_photos(1)[0])
+    workdir.mkdir()
+    (workdir / "crops").write_text("not a folder")
+    logs: list[str] = []
+    labeller = Autolabeller(inbox, workdir, config(model_a, "poll_seconds=0.1"), log=logs.append)
+
+    def unblock_then_stop() -> None:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("error: ") for line in logs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (workdir / "crops").unlink()
+        while not list_versions(workdir / "versions") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        labeller.stop.set()
+
+    helper = threading.Thread(target=unblock_then_stop)
+    helper.start()
+    labeller.watch()  # in the main thread: it installs signal handlers
+    helper.join()
+    assert [v.name for v in list_versions(workdir / "versions")] == ["v0001"], logs
+    assert sum(line.startswith("error: FileExistsError") for line in logs) == 1, logs
+    assert not (inbox / "album" / "a.jpg").exists()
 
 
 def test_retraining_is_enqueued_once_per_round(model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
