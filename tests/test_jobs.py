@@ -258,6 +258,17 @@ def test_sweep_expands_to_one_job_per_point_under_one_sweep_id() -> None:
     assert single.sweep_id is None
 
 
+def test_a_sweep_past_the_cap_is_refused_before_it_is_listed() -> None:
+    assert len(expand_sweep(["optim.lr=range(0,10)", "trainer.steps=range(1,101)"])) == spec.MAX_SWEEP_POINTS
+    for overrides in [
+        ["optim.lr=range(0,10)", "trainer.steps=range(1,102)"],
+        ["optim.lr=range(0,100000)", "trainer.steps=range(1,100000)"],  # 10^10 points
+        ["trainer.steps=shuffle(range(1,10000000000))"],  # Hydra would list all of them to shuffle them
+    ]:
+        with pytest.raises(ConfigError, match=f"more than {spec.MAX_SWEEP_POINTS} points"):
+            expand_sweep(overrides)
+
+
 @pytest.mark.parametrize(
     ("overrides", "slots", "message"),
     [
@@ -266,6 +277,9 @@ def test_sweep_expands_to_one_job_per_point_under_one_sweep_id() -> None:
         (["optim.lr=((("], None, "bad override"),
         (["output_dir=/tmp/elsewhere"], None, "set by the queue"),
         (["trainer.nproc=2"], 1, "needs at least as many slots"),
+        (["optim.lr=interval(0,1)"], None, "interval.*not a sweep the queue can run"),
+        (["optim.lr=glob(*)"], None, "glob.*not a sweep the queue can run"),
+        (["trainer.steps=range(1,9,0)"], None, "not a sweep the queue can run"),
     ],
 )
 def test_bad_overrides_raise_one_line(overrides: list[str], slots: int | None, message: str) -> None:

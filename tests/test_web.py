@@ -27,6 +27,7 @@ from faceforge.registry import prepare_tracking, select_and_register
 from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 from faceforge.web import confine, create_app
+from faceforge.web.app import LOG_CHUNK
 from faceforge.web.security import resolve_token
 
 from conftest import shared_data
@@ -163,6 +164,10 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"model": "resnet9000"}, "resnet9000"),
         ({"sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
         ({"priority": "high"}, "priority must be a whole number"),
+        ({"priority": str(2**63)}, "priority must be between"),
+        ({"slots": "99999999999999999999"}, "slots must be between"),
+        ({"sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),
+        ({"sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
         ({"executor": "slurm"}, "unknown executor"),
     ]:
         reply = server.post("/jobs", data=job_form(tiny_train_root, **fields), headers=BEARER)
@@ -178,6 +183,9 @@ def test_sweep_preview_counts_points_and_submits_them(server: Server, tiny_train
     assert server.get("/jobs/preview", params=params).text == "8 points"
     assert server.get("/jobs/preview", params={"sweep": "optim.lr=0.1"}).text == "1 point"
     assert "error" in server.get("/jobs/preview", params={"sweep": "optim.lr=0.1,,"}).text
+    assert "not a sweep the queue can run" in server.get("/jobs/preview", params={"sweep": "optim.lr=glob(*)"}).text
+    too_many = {"sweep": "optim.lr=range(0,40) trainer.steps=range(1,31)"}
+    assert "more than 1000 points" in server.get("/jobs/preview", params=too_many).text
     form = job_form(tiny_train_root, sweep="optim.lr=0.1,0.05")
     reply = server.post("/jobs", data=form, headers=BEARER)
     assert reply.status_code == 303 and reply.headers["location"].startswith("/sweeps/sweep-")
@@ -214,6 +222,19 @@ def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Pa
     assert confine(roots[0] / ".." / roots[0].name, [roots[0]]) == confine(".", [roots[0]]) == roots[0].resolve()
 
 
+def test_a_relative_path_is_stored_as_the_absolute_path_it_was_checked_as(server: Server, roots: list[Path]) -> None:
+    """The trainer takes a relative path from the scheduler's working directory, not from the data root."""
+    overrides = job_form(roots[0])["overrides"]
+    for fields in [{"overrides": f"{overrides} data.root=."}, {"sweep": f"data.root=.,{roots[0]}"}]:
+        reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
+        assert reply.status_code == 303, reply.text
+        kind, _, found = reply.headers["location"].strip("/").partition("/")
+        jobs = server.store.list(sweep_id=found) if kind == "sweeps" else [server.store.get(found)]
+        assert len(jobs) == (2 if kind == "sweeps" else 1)
+        for job in jobs:
+            assert [o for o in job.overrides if o.startswith("data.root=")] == [f"data.root={roots[0].resolve()}"]
+
+
 def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: Path) -> None:
     [template] = make_jobs(["data=folder", f"data.root={tiny_train_root}"], name="bulk")
     server.store.submit([replace(template, id=f"job-bulk{i:05d}") for i in range(1000)])
@@ -226,6 +247,7 @@ def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: P
     queued = server.get("/queue/table", params={"page": 2, "state": "queued"}).text
     assert queued.count('<span class="state queued">') == 50 and "job-bulk00949" in queued
     assert server.get("/queue", params={"state": "bogus"}).status_code == 400
+    assert server.get("/queue", params={"page": 10**18}).status_code == 400
 
 
 def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_root: Path, tmp_path: Path) -> None:
@@ -255,6 +277,7 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
 
     [(first_id, _, text)] = events({}, until_end=False)
     assert text == "first line\nsecond line" and int(first_id) == len(b"first line\nsecond line\n")
+    assert events({"Last-Event-ID": "\u00b2"}, until_end=False) == [(first_id, "message", text)]  # a digit, not ASCII
     resume = len(b"first line\n")
     [(_, _, text)] = events({"Last-Event-ID": str(resume)}, until_end=False)
     assert text == "second line"
@@ -264,6 +287,20 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
     rest = events({"Last-Event-ID": first_id}, until_end=True)
     assert rest[0][2] == "half done\n12%|##\nlast" and int(rest[0][0]) == log.stat().st_size
     assert rest[-1][1:] == ("end", "succeeded")
+
+
+def test_log_stream_keeps_a_character_whole_across_chunks(
+    server: Server, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], priority=99))
+    log = tmp_path / "job.log"
+    log.write_bytes(b"a" * (LOG_CHUNK - 1) + "é\n".encode())  # é's two bytes straddle the first chunk's end
+    assert server.store.claim("local", "test-owner", capacity=1000, lease_seconds=60).id == job.id
+    server.store.update(job.id, log_path=str(log))
+    server.store.finish(job.id, "test-owner", "succeeded", exit_code=0)
+    stream = server.get(f"/jobs/{job.id}/logs").text
+    text = "".join(line.removeprefix("data: ") for line in stream.splitlines() if line.startswith("data: "))
+    assert "a" * (LOG_CHUNK - 1) + "é" in text and "\ufffd" not in text
 
 
 def test_job_page_plots_metrics_links_mlflow_and_diffs(server: Server, tiny_train_root: Path) -> None:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
+from faceforge.jobs.executors.local import whole_characters
 from faceforge.jobs.store import EXECUTORS
 from faceforge.models import list_models
 from faceforge.registry import (
@@ -44,7 +45,7 @@ from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
 from faceforge.web.datasets import data_roots, describe, list_datasets
-from faceforge.web.forms import JobForm, tokens
+from faceforge.web.forms import LARGEST_NUMBER, JobForm, tokens
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
     CSRF_COOKIE,
@@ -82,7 +83,10 @@ def _duration(start: float | None, end: float | None) -> str:
 
 
 def read_log(path: str | None, offset: int, final: bool) -> tuple[str, int]:
-    """Log text from byte `offset`, cut after the last line break unless the job has ended (no half lines)."""
+    """Log text from byte `offset`, cut after the last line break unless the job has ended (no half lines).
+
+    A chunk also ends before a UTF-8 character it would cut in two: the next read starts with that character.
+    """
     if not path or not Path(path).is_file():
         return "", offset
     with open(path, "rb") as file:
@@ -90,6 +94,7 @@ def read_log(path: str | None, offset: int, final: bool) -> tuple[str, int]:
         data = file.read(LOG_CHUNK)
     if not final and len(data) < LOG_CHUNK:
         data = data[: max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
+    data = whole_characters(data)
     return data.decode("utf-8", errors="replace"), offset + len(data)
 
 
@@ -196,6 +201,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     def queue_context(state: str | None, page: int) -> dict[str, Any]:
         if state is not None and state not in STATES:
             raise HTTPException(400, f"unknown state {state!r}; choose from {', '.join(STATES)}")
+        if page > LARGEST_NUMBER:
+            raise HTTPException(400, f"page must be at most {LARGEST_NUMBER}")
         page = max(page, 1)
         found = store.list(states=[state] if state else None, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
         return {
@@ -297,7 +304,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         """Server-sent log lines; a reconnecting EventSource resumes after the last byte it got."""
         get_job(job_id)
         last_id = request.headers.get("last-event-id", "")
-        start = int(last_id) if last_id.isdigit() else max(offset, 0)
+        start = int(last_id) if last_id.isascii() and last_id.isdigit() else max(offset, 0)
 
         async def events() -> AsyncIterator[str]:
             position = start

@@ -1,7 +1,8 @@
 """The job form as Hydra overrides, and back (for clone-with-edits).
 
 Later overrides replace earlier ones with the same key: the form's fields, then the free overrides, then the
-sweep grammar. Paths in overrides are confined to the data roots before anything is composed.
+sweep grammar. Paths in overrides are confined to the data roots, and stored as the absolute paths checked,
+before anything is composed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ HYPERPARAMETERS = {
     "input_size": "model.input_size",
 }
 PATH_KEYS = ("data.root", "eval.pairs", "eval.root", "eval.bin")
+LARGEST_NUMBER = 2**31 - 1  # for numbers from the user, far inside SQLite's 64-bit integers (and their sums)
 
 
 @dataclass
@@ -89,14 +91,7 @@ class JobForm:
                 put(f"{key}={value}")
         for override in [*tokens(self.overrides, "overrides"), *tokens(self.sweep, "sweep")]:
             put(override)
-        overrides = list(chosen.values())
-        for point in expand_sweep(overrides):
-            for override in point:
-                key, _, value = override.partition("=")
-                path = value.strip("'\"")
-                if override_key(key) in PATH_KEYS and path not in ("", "null") and not confine(path, roots).exists():
-                    raise ValueError(f"{override}: no such file or directory")
-        return overrides
+        return [confined(override, roots) for override in chosen.values()]
 
     def number(self, name: str) -> int | None:
         """A whole-number field; None when left blank."""
@@ -104,9 +99,12 @@ class JobForm:
         if not value:
             return None
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        if abs(number) > LARGEST_NUMBER:
+            raise ValueError(f"{name} must be between -{LARGEST_NUMBER} and {LARGEST_NUMBER}")
+        return number
 
 
 def tokens(text: str, what: str) -> list[str]:
@@ -115,6 +113,27 @@ def tokens(text: str, what: str) -> list[str]:
         return shlex.split(text, posix=False)
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
+
+
+def confined(override: str, roots: list[Path]) -> str:
+    """A path override with each value (one, or a sweep's) the absolute path `confine` checked.
+
+    The trainer would take a relative path from the scheduler's working directory, not from the root it was checked in.
+    """
+    key = override.partition("=")[0]
+    if override_key(key) not in PATH_KEYS:
+        return override
+    values = []
+    for [point] in expand_sweep([override]):
+        value = point.partition("=")[2]
+        path = value.strip("'\"")
+        if path not in ("", "null"):
+            resolved = confine(path, roots)
+            if not resolved.exists():
+                raise ValueError(f"{point}: no such file or directory")
+            value = str(resolved)
+        values.append(value)
+    return f"{key}={','.join(values)}"
 
 
 def override_key(override: str) -> str:

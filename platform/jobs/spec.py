@@ -14,6 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, RangeSweep
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,9 +25,11 @@ from faceforge.train.config import ConfigError, TrainConfig, from_dict
 
 # Set per job by the executor, never by the user: the job's own directory and identity.
 RESERVED_KEYS = ("output_dir", "hydra.run.dir", "mlflow.job_id", "mlflow.sweep_id", "trainer.resume")
+# A sweep is composed point by point under a lock, and previewed by anyone: `range(0,100000)` twice is 10^10 points.
+MAX_SWEEP_POINTS = 1000
 
 
-def _one_line(err: HydraException) -> str:
+def _one_line(err: Exception) -> str:
     """Hydra's parse errors span lines and end with a link to the grammar; keep what went wrong, on one line."""
     return ": ".join(line for line in str(err).splitlines() if line and not line.startswith("See https://"))
 
@@ -37,16 +40,29 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         raise ConfigError(f"bad override: {_one_line(err)}") from None
-    axes = []
+    axes, points = [], 1
     for override in parsed:
         if override.key_or_group in RESERVED_KEYS or override.key_or_group.startswith("hydra."):
             raise ConfigError(f"{override.key_or_group} is set by the queue for each job; leave it out")
         if override.is_sweep_override():
+            points *= _axis_length(override)
+            if points > MAX_SWEEP_POINTS:
+                raise ConfigError(f"the sweep has more than {MAX_SWEEP_POINTS} points; split it into smaller sweeps")
             key = override.get_key_element()
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             axes.append([override.input_line])
     return [list(point) for point in itertools.product(*axes)]
+
+
+def _axis_length(override: Override) -> int:
+    """How many values a sweep takes, counted only to just past the cap (Hydra lists a shuffled range in full)."""
+    value = override.value()
+    try:
+        values = value.range() if isinstance(value, RangeSweep) else override.sweep_string_iterator()
+        return sum(1 for _ in itertools.islice(values, MAX_SWEEP_POINTS + 1))
+    except (HydraException, ValueError) as err:  # interval() and glob() have no values to list; a zero range step
+        raise ConfigError(f"{override.input_line}: not a sweep the queue can run ({_one_line(err)})") from None
 
 
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:

@@ -128,7 +128,7 @@ class LocalExecutor:
         try:
             with open(job.log_path, "rb") as log:
                 log.seek(offset)
-                data = _whole_characters(log.read())
+                data = whole_characters(log.read())
         except FileNotFoundError:
             return "", offset
         return data.decode("utf-8", errors="replace"), offset + len(data)
@@ -187,7 +187,7 @@ def _read_exit_code(job_dir: Path) -> int | None:
     return int(path.read_text()) if path.exists() else None
 
 
-def _whole_characters(data: bytes) -> bytes:
+def whole_characters(data: bytes) -> bytes:
     """`data` without a UTF-8 character cut off at its end; the next read starts with that character."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
