@@ -8,19 +8,25 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from faceforge import models
+from faceforge.data import VerificationSet, write_bin
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
+from faceforge.train import TrainConfig, from_dict
 from faceforge.train.checkpoint import load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
-from faceforge.train.config import ScheduleConfig
-from faceforge.train.launch import launch
-from faceforge.train.loop import forward_backward
+from faceforge.train.config import ConfigError, ScheduleConfig
+from faceforge.train.launch import check_against_disk, launch
+from faceforge.train.loop import build_optimizer, forward_backward
 from faceforge.train.schedule import lr_at
 
 from conftest import REPO, tiny_config
@@ -70,6 +76,8 @@ def test_platform_folder_never_shadows_the_stdlib() -> None:
         (["data.root=/nonexistent/faces", "eval=none"], "data.root /nonexistent/faces does not exist"),
         (["data.batch_size=63", "trainer.nproc=2"], "does not divide"),
         (["trainer.nproc=7", "data.batch_size=70", "eval=none"], "cannot be sharded over trainer.nproc=7"),
+        (["data.batch_size=32", "trainer.nproc=2", "eval=none"], "24 images cannot fill one global batch"),
+        (["schedule.min_lr_ratio=-1"], "schedule.min_lr_ratio must be between 0 and 1"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_train_root: Path, tmp_path) -> None:
@@ -80,6 +88,141 @@ def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_t
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def config_error(check: Callable[[], object]) -> str:
+    """The message of the ConfigError `check` raises, asserted to be one line as the CLI prints it."""
+    with pytest.raises(ConfigError) as raised:
+        check()
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
+def disk_error(cfg: TrainConfig) -> str:
+    """The one-line ConfigError `check_against_disk` raises: what launch reports before any run starts."""
+    return config_error(lambda: check_against_disk(cfg))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("min_lr_ratio", -1, "schedule.min_lr_ratio must be between 0 and 1, got -1.0"),
+        ("min_lr_ratio", 1.5, "schedule.min_lr_ratio must be between 0 and 1, got 1.5"),
+        ("power", -2, "schedule.power must be between 0.01 and 10, got -2.0"),
+        ("power", 0, "schedule.power must be between 0.01 and 10, got 0.0"),
+        ("warmup_steps", -5, "schedule.warmup_steps must be between 0 and inf, got -5"),
+    ],
+)
+def test_schedule_values_that_would_negate_or_raise_the_lr_are_refused(
+    key: str, value: float, message: str, tmp_path: Path
+) -> None:
+    values = tiny_config(tmp_path / "run", tmp_path, None).to_dict()
+    values["schedule"][key] = value
+    assert message in config_error(lambda: from_dict(values))
+
+
+def test_a_dataset_too_small_for_one_step_is_refused_before_training(tiny_train_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None)
+    cfg.data.batch_size = 32
+    assert "24 images cannot fill one global batch of data.batch_size=32" in disk_error(cfg)
+    cfg.head.type, cfg.head.p, cfg.head.k, cfg.data.batch_size = "triplet", 16, 4, 64
+    message = "6 identities cannot fill one triplet step of head.p=16 identities x trainer.nproc=1 ranks"
+    assert message in disk_error(cfg)
+    cfg.head.p, cfg.trainer.nproc = 4, 2
+    assert "head.p=4 identities x trainer.nproc=2 ranks" in disk_error(cfg)
+
+
+def save_untrained_checkpoint(directory: Path, cfg: TrainConfig, num_classes: int) -> Path:
+    """A checkpoint of cfg's network and optimizer with a `num_classes` margin head, written without training."""
+    model = models.create(**asdict(cfg.model))
+    head = ShardedMarginSoftmax(num_classes, cfg.model.embedding_dim, margin_spec("arcface"))
+    return save_checkpoint(
+        directory,
+        1,
+        model=model,
+        optimizer=build_optimizer(list(model.parameters()), cfg),
+        head=head,
+        head_optimizer=HeadOptimizer(head, kind=cfg.optim.name),
+        train_config=cfg.to_dict(),
+        is_main=True,
+    )
+
+
+def test_a_resume_checkpoint_the_config_cannot_load_is_refused_before_training(
+    tiny_train_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None)
+    saved = save_untrained_checkpoint(tmp_path / "six", cfg, 6)
+    seven = save_untrained_checkpoint(tmp_path / "seven", cfg, 7)
+    cfg.trainer.resume = str(tmp_path / "six")
+    assert check_against_disk(cfg) == 6  # the matching checkpoint passes
+
+    cases = [
+        ("model", "width", 0.5, "holds a different model: width=0.25 (config: 0.5)"),
+        ("optim", "name", "adamw", "was trained with optim=sgd, not adamw"),
+        ("trainer", "resume", str(tmp_path / "missing"), "trainer.resume: no checkpoint at"),
+        ("trainer", "resume", str(seven), "holds a 7-class classifier, data.root has 6 identities"),
+    ]
+    for section, key, value, message in cases:
+        changed = tiny_config(tmp_path / "run", tiny_train_root, None, resume=str(saved))
+        setattr(getattr(changed, section), key, value)
+        assert message in disk_error(changed)
+
+    state = torch.load(saved / "model.pt", weights_only=True)
+    torch.save({key: state[key] for key in ("model_config", "model")}, saved / "model.pt")  # backbone only, as pruned
+    message = "model.pt has no optimizer, step: not a FaceForge training checkpoint"
+    assert message in disk_error(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_training(tiny_train_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None, device="cuda")
+    message = "trainer.device=cuda with trainer.nproc=1 needs 1 CUDA device(s), found 0"
+    assert message in disk_error(cfg)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"junk" * 64, "model.pt is not a readable PyTorch checkpoint"), (None, "model.pt has no model_config, model")],
+)
+def test_init_from_a_foreign_checkpoint_is_a_config_error(content: bytes | None, message: str, tmp_path: Path) -> None:
+    """A corrupt model.pt, or a plain state dict with no model_config (someone else's weights)."""
+    if content is None:
+        torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "model.pt")
+    else:
+        (tmp_path / "model.pt").write_bytes(content)
+    values = tiny_config(tmp_path / "run", tmp_path, None).to_dict()
+    values["trainer"]["init_from"] = str(tmp_path)
+    error = config_error(lambda: from_dict(values))
+    assert error.startswith("trainer.init_from: ") and message in error
+
+
+def test_an_evaluation_set_that_cannot_be_scored_is_refused_before_training(
+    tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, tiny_pairs)
+    check_against_disk(cfg)  # the 10-fold pairs pass
+    header, *lines = tiny_pairs.read_text().splitlines()
+    one_fold = tmp_path / "one_fold.txt"
+    one_fold.write_text("1\t2\n" + "\n".join(lines[:4]) + "\n")
+    missing = tmp_path / "missing.txt"
+    name, first, _ = lines[0].split()
+    missing.write_text("\n".join([header, f"{name}\t{first}\t9999", *lines[1:]]) + "\n")
+    matched_only = tmp_path / "matched.bin"
+    folds = np.arange(10)
+    write_bin(matched_only, VerificationSet("m", [b"a", b"b"], folds * 0, folds * 0 + 1, folds >= 0, folds))
+
+    cases = [
+        ({"pairs": str(one_fold)}, "has 1 fold; k-fold accuracy needs at least 2"),
+        ({"pairs": str(missing)}, f"{name}_9999.jpg not found"),
+        ({"root": None}, "needs eval.root"),
+        ({"bin": str(matched_only)}, "needs both matched and mismatched pairs"),
+    ]
+    for changes, message in cases:
+        changed = tiny_config(tmp_path / "run", tiny_train_root, tiny_pairs)
+        for key, value in changes.items():
+            setattr(changed.eval, key, value)
+        assert message in disk_error(changed)
 
 
 def test_learning_rate_schedule() -> None:

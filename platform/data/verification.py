@@ -72,10 +72,12 @@ def _lfw_path(root: Path, name: str, number: str, where: str) -> Path:
     return path
 
 
-def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None) -> VerificationSet:
-    """Read an LFW-protocol pairs file: `folds<TAB>n`, then per fold n matched and n mismatched lines.
+def read_pairs(pairs_txt: str | Path, root: str | Path) -> tuple[list[tuple[Path, Path]], np.ndarray, np.ndarray]:
+    """Parse an LFW-protocol pairs file into (image path pairs, issame, folds), checking every image exists but
+    reading none, so a trainer can refuse a broken evaluation set before training instead of after it.
 
-    A first line holding only `n` (pairsDevTrain.txt style) means one fold.
+    The file is `folds<TAB>n`, then per fold n matched and n mismatched lines; a first line holding only `n`
+    (pairsDevTrain.txt style) means one fold.
     """
     pairs_txt, root = Path(pairs_txt), Path(root)
     text = pairs_txt.read_text(errors="replace")  # binary junk fails the header check, naming the file
@@ -91,8 +93,7 @@ def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None)
         raise ValueError(
             f"{pairs_txt}: header announces {num_folds} folds x {2 * per_half} pairs, found {len(body)} lines"
         )
-    table, read = _ImageTable(), functools.cache(Path.read_bytes)
-    left, right, issame = [], [], []
+    pairs, issame = [], []
     for i, (no, fields) in enumerate(body):
         where = f"{pairs_txt}:{no}"
         same = (i // per_half) % 2 == 0
@@ -103,17 +104,26 @@ def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None)
         else:
             expected = "'name i j' (matched)" if same else "'name1 i name2 j' (mismatched)"
             raise ValueError(f"{where}: expected {expected}, got {' '.join(fields)!r}")
-        path_a, path_b = _lfw_path(root, name_a, i, where), _lfw_path(root, name_b, j, where)
+        pairs.append((_lfw_path(root, name_a, i, where), _lfw_path(root, name_b, j, where)))
+        issame.append(same)
+    return pairs, np.array(issame, dtype=bool), np.repeat(np.arange(num_folds), 2 * per_half)
+
+
+def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None) -> VerificationSet:
+    """Read an LFW-protocol pairs file (see `read_pairs`) with its images."""
+    pairs, issame, folds = read_pairs(pairs_txt, root)
+    table, read = _ImageTable(), functools.cache(Path.read_bytes)
+    left, right = [], []
+    for path_a, path_b in pairs:
         left.append(table.add(read(path_a)))
         right.append(table.add(read(path_b)))
-        issame.append(same)
     return VerificationSet(
-        name=name or root.name,
+        name=name or Path(root).name,
         images=table.images,
         left=np.array(left, dtype=np.int64),
         right=np.array(right, dtype=np.int64),
-        issame=np.array(issame, dtype=bool),
-        folds=np.repeat(np.arange(num_folds), 2 * per_half),
+        issame=issame,
+        folds=folds,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,21 @@ def resolve_checkpoint(path: Path) -> Path:
     if not (path / "model.pt").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected model.pt or a 'latest' pointer)")
     return path
+
+
+def read_model_state(path: Path, *keys: str) -> dict[str, Any]:
+    """model.pt of a checkpoint (memory-mapped), refused with one ValueError line unless it is a readable dict with
+    `keys`: a foreign or corrupt file handed to trainer.resume or init_from is then a config error, not a KeyError."""
+    file = resolve_checkpoint(path) / "model.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        # torch's own messages run to paragraphs of unpickling advice, or blame mmap for a file of junk.
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{file} has no {', '.join(missing)}: not a FaceForge training checkpoint")
+    return state
 
 
 def load_checkpoint(

@@ -8,7 +8,6 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import torch
 import yaml
 
 from faceforge import models
@@ -230,14 +229,16 @@ def adopt_init_model(cfg: TrainConfig) -> None:
     """trainer.init_from's backbone is where training starts, so its model config replaces model.* (the loop
     builds the network, pruned widths included, from the checkpoint itself). Read at submission too, so a
     queued job with a mistyped path is refused at once."""
-    from faceforge.train.checkpoint import resolve_checkpoint
+    from faceforge.train.checkpoint import read_model_state
 
+    keys = [f.name for f in fields(ModelConfig)]
     try:
-        path = resolve_checkpoint(Path(cfg.trainer.init_from))
-    except FileNotFoundError as err:
+        saved = read_model_state(Path(cfg.trainer.init_from), "model_config", "model")["model_config"]
+    except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"trainer.init_from: {err}") from None
-    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)["model_config"]
-    for key in (f.name for f in fields(ModelConfig)):
+    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    _require(not missing, f"trainer.init_from {cfg.trainer.init_from}: its model_config has no {', '.join(missing)}")
+    for key in keys:
         setattr(cfg.model, key, saved[key])
 
 
@@ -303,6 +304,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("optim.lr", optim.lr, 1e-12, 100.0),
         ("optim.momentum", optim.momentum, 0.0, 1.0),
         ("optim.weight_decay", optim.weight_decay, 0.0, 1.0),
+        # A negative floor or power would turn the decay into gradient ascent or a growing learning rate.
+        ("schedule.warmup_steps", cfg.schedule.warmup_steps, 0, math.inf),
+        ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio, 0.0, 1.0),
+        ("schedule.power", cfg.schedule.power, 0.01, 10.0),
         ("trainer.grad_clip", trainer.grad_clip, 0.0, math.inf),
         ("trainer.log_every", trainer.log_every, 1, math.inf),
         ("trainer.checkpoint_every", trainer.checkpoint_every, 1, math.inf),
@@ -317,9 +322,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     ]
     for key, value, low, high in ranges:
         _require(low <= value <= high, f"{key} must be between {low:g} and {high:g}, got {value}")
+    # No cuda:N: each rank takes the CUDA device numbered by its local rank.
     _require(
-        trainer.device in ("auto", "cpu") or trainer.device.startswith("cuda"),
-        f"trainer.device must be auto, cpu or cuda[:N], got {trainer.device!r}",
+        trainer.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto, cpu or cuda, got {trainer.device!r}"
     )
 
 

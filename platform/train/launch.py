@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from faceforge.data import open_dataset
+import numpy as np
+import torch
+
+from faceforge.data import load_bin, open_dataset
+from faceforge.data.verification import read_pairs
+from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
 
@@ -32,7 +39,7 @@ def resolve_data(cfg: TrainConfig) -> None:
 
 
 def check_against_disk(cfg: TrainConfig) -> int:
-    """Errors a user should see before any process starts; returns the number of classes."""
+    """Errors a user should see before any process starts or an MLflow run exists; returns the number of classes."""
     root = Path(cfg.data.root)
     if not root.exists():
         raise ConfigError(f"data.root {root} does not exist")
@@ -40,15 +47,94 @@ def check_against_disk(cfg: TrainConfig) -> int:
         dataset = open_dataset(root)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.root {root}: {err}") from None
-    if cfg.head.type == "margin" and dataset.num_classes < cfg.trainer.nproc:
+    nproc = cfg.trainer.nproc
+    if cfg.head.type == "margin":
+        if dataset.num_classes < nproc:
+            raise ConfigError(f"{dataset.num_classes} identities cannot be sharded over trainer.nproc={nproc} ranks")
+        if len(dataset) < cfg.data.batch_size:
+            raise ConfigError(
+                f"data.root {root}: {len(dataset)} images cannot fill one global batch of "
+                f"data.batch_size={cfg.data.batch_size}"
+            )
+    elif (identities := len(np.unique(dataset.labels))) < cfg.head.p * nproc:
         raise ConfigError(
-            f"{dataset.num_classes} identities cannot be sharded over trainer.nproc={cfg.trainer.nproc} ranks"
+            f"data.root {root}: {identities} identities cannot fill one {cfg.head.type} step of head.p={cfg.head.p} "
+            f"identities x trainer.nproc={nproc} ranks"
         )
     for key in ("pairs", "root", "bin"):
         value = getattr(cfg.eval, key)
         if value and not cfg.eval.disabled and not Path(value).exists():
             raise ConfigError(f"eval.{key} {value} does not exist")
+    check_verification_set(cfg)
+    check_device(cfg)
+    check_resume(cfg, dataset.num_classes)
     return dataset.num_classes
+
+
+def check_verification_set(cfg: TrainConfig) -> None:
+    """The evaluation set is scored only after the last step, so it is read now (a pairs file without its images):
+    a missing image or a set k-fold accuracy cannot score would otherwise fail the run after all its training."""
+    if cfg.eval.disabled or not (cfg.eval.bin or cfg.eval.pairs):
+        return
+    if cfg.eval.bin:
+        source = f"eval.bin {cfg.eval.bin}"
+        try:
+            vset = load_bin(cfg.eval.bin)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"eval.bin: {err}") from None
+        issame, folds = vset.issame, vset.folds
+    else:
+        source = f"eval.pairs {cfg.eval.pairs}"
+        if not cfg.eval.root:
+            raise ConfigError(f"{source} needs eval.root, the folder its image names refer to")
+        try:
+            _, issame, folds = read_pairs(cfg.eval.pairs, cfg.eval.root)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"eval.pairs: {err}") from None
+    if len(np.unique(folds)) < 2:
+        raise ConfigError(f"{source} has 1 fold; k-fold accuracy needs at least 2")
+    if issame.all() or not issame.any():
+        raise ConfigError(f"{source} needs both matched and mismatched pairs")
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """Each local rank takes the CUDA device of its local rank, so a CUDA run needs one device per rank."""
+    device = cfg.trainer.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    found = torch.cuda.device_count()
+    if found < cfg.trainer.nproc:
+        raise ConfigError(
+            f"trainer.device={device} with trainer.nproc={cfg.trainer.nproc} needs {cfg.trainer.nproc} CUDA "
+            f"device(s), found {found}"
+        )
+
+
+def check_resume(cfg: TrainConfig, num_classes: int) -> None:
+    """trainer.resume must hold a checkpoint this config can load: the same network, optimizer and class count."""
+    resume, checkpoints = cfg.trainer.resume, Path(cfg.output_dir) / "checkpoints"
+    if not resume or (resume == "auto" and not (checkpoints / LATEST).is_file()):
+        return  # "auto" with no checkpoints yet starts fresh
+    try:
+        path = resolve_checkpoint(checkpoints if resume == "auto" else Path(resume))
+        state = read_model_state(path, "model_config", "model", "optimizer", "step")
+        meta = json.loads((path / "meta.json").read_text())
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"trainer.resume: {err}") from None
+    # The loop builds the network from init_from's checkpoint when set (pruned widths included), else from model.*.
+    init = cfg.trainer.init_from
+    expected = read_model_state(Path(init))["model_config"] if init else asdict(cfg.model)
+    saved = state["model_config"]
+    differ = sorted(key for key in saved.keys() | expected.keys() if saved.get(key) != expected.get(key))
+    if differ:
+        got = ", ".join(f"{key}={saved.get(key)!r} (config: {expected.get(key)!r})" for key in differ)
+        raise ConfigError(f"trainer.resume {path} holds a different model: {got}")
+    saved_optim = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"  # only AdamW's have betas
+    if saved_optim != cfg.optim.name:
+        raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
+    if cfg.head.type == "margin" and (saved_classes := meta.get("num_classes")) != num_classes:
+        held = f"a {saved_classes}-class classifier" if saved_classes else "no margin-head classifier"
+        raise ConfigError(f"trainer.resume {path} holds {held}, data.root has {num_classes} identities")
 
 
 def launch(cfg: TrainConfig) -> dict[str, float]:
