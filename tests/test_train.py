@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,6 +363,29 @@ def test_sigterm_writes_a_resumable_checkpoint(tiny_train_root: Path, tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert resolve_checkpoint(out / "checkpoints").name == f"step_{step + 2:08d}"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_an_unreadable_training_image_stops_every_rank_with_a_checkpoint(
+    nproc: int, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    """The rank that meets the file and its peers stop at the same step (a peer would otherwise wait in the next
+    collective), the steps done are checkpointed, and once the file is fixed the run resumes from them."""
+    root = tmp_path / "faces"
+    shutil.copytree(tiny_train_root, root)
+    corrupt = sorted(root.iterdir())[2] / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a JPEG")
+    cfg = tiny_config(tmp_path / "run", root, None, nproc=nproc, steps=30, checkpoint_every=1000)
+    stopped_by = RuntimeError if nproc > 1 else SystemExit  # torchrun's ranks report the file above that line
+    with pytest.raises(stopped_by, match=None if nproc > 1 else r"corrupt\.jpg: not a decodable image"):
+        launch(cfg)
+    stopped = resolve_checkpoint(tmp_path / "run" / "checkpoints")
+    step = json.loads((stopped / "meta.json").read_text())["step"]
+    assert step < 30
+    shutil.copy(next(corrupt.parent.glob("0*.jpg")), corrupt)
+    cfg.trainer.resume = "auto"
+    launch(cfg)
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000030"
 
 
 @pytest.mark.parametrize("keep", [False, True])

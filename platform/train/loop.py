@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from faceforge import models
-from faceforge.data import DistributedBatchSampler, PKBatchSampler, TrainTransform, open_dataset
+from faceforge.data import DistributedBatchSampler, ImageDecodeError, PKBatchSampler, TrainTransform, open_dataset
 from faceforge.data.verification import VerificationSet, load_bin, load_pairs
 from faceforge.distill import Distiller, WithIndex
 from faceforge.eval import embed_images, evaluate_verification, save_roc_plot
@@ -57,9 +57,10 @@ class _StopSignal:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """Every rank must stop at the same step, so the flag is summed over ranks."""
-        return bool(all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0)
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether any rank raised its flag: every rank must stop at the same step, so flags are summed over ranks."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
 def train_transform(cfg: TrainConfig) -> TrainTransform:
@@ -241,8 +242,34 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     metrics: dict[str, float] = {}
     tick, images_seen = time.perf_counter(), 0
     step = start_step
+
+    def save(step: int) -> None:
+        saved = save_checkpoint(
+            checkpoints,
+            step,
+            model=model,
+            optimizer=optimizer,
+            head=head,
+            head_optimizer=head_optimizer,
+            train_config=cfg.to_dict(),
+            is_main=ctx.is_main,
+        )
+        if distiller is not None and ctx.is_main:
+            distiller.save(saved)
+
     while step < steps:
-        images, labels, *indices = next(batches)
+        try:
+            images, labels, *indices = next(batches)
+            unreadable = None
+        except ImageDecodeError as err:  # from a DataLoader worker its message ends with the original line
+            unreadable = str(err).strip().splitlines()[-1]
+        if _any_rank(unreadable is not None, ctx.device):  # every rank stops at this step, checkpointed
+            save(step)
+            progress.close()
+            raise SystemExit(
+                f"{unreadable or 'another rank met an unreadable training image'}; the {step} steps done are "
+                "checkpointed: fix or remove the file, then resume with trainer.resume=auto"
+            )
         images = images.to(ctx.device, memory_format=memory_format)
         labels = labels.to(ctx.device)
         lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
@@ -273,20 +300,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate, **distill_terms}, step)
             progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
             tick, images_seen = time.perf_counter(), 0
-        stopping = stop.agreed(ctx.device)
+        stopping = _any_rank(stop.requested, ctx.device)
         if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
-            saved = save_checkpoint(
-                checkpoints,
-                step,
-                model=model,
-                optimizer=optimizer,
-                head=head,
-                head_optimizer=head_optimizer,
-                train_config=cfg.to_dict(),
-                is_main=ctx.is_main,
-            )
-            if distiller is not None and ctx.is_main:
-                distiller.save(saved)
+            save(step)
         if stopping:
             progress.close()
             raise SystemExit(f"stopped by SIGTERM at step {step}; resume with trainer.resume=auto")
