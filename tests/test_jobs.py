@@ -269,6 +269,15 @@ def test_a_sweep_past_the_cap_is_refused_before_it_is_listed() -> None:
             expand_sweep(overrides)
 
 
+def test_numbers_past_the_store_limit_are_refused(template: Job, tmp_path: Path) -> None:
+    """The CLI and the web form both submit through the store, which SQLite would refuse with an OverflowError."""
+    store = JobStore(tmp_path / "jobs.db")
+    for changes in ({"priority": 2**63}, {"priority": -(2**31)}, {"slots": 2**40}):
+        with pytest.raises(ValueError, match="must be within"):
+            store.submit(copies(template, 1, **changes))
+    assert store.list() == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "slots", "message"),
     [

@@ -164,8 +164,8 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"model": "resnet9000"}, "resnet9000"),
         ({"sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
         ({"priority": "high"}, "priority must be a whole number"),
-        ({"priority": str(2**63)}, "priority must be between"),
-        ({"slots": "99999999999999999999"}, "slots must be between"),
+        ({"priority": str(2**63)}, "priority, slots and nodes must be within"),
+        ({"slots": "99999999999999999999"}, "priority, slots and nodes must be within"),
         ({"sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),
         ({"sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
         ({"executor": "slurm"}, "unknown executor"),
@@ -278,6 +278,8 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
     [(first_id, _, text)] = events({}, until_end=False)
     assert text == "first line\nsecond line" and int(first_id) == len(b"first line\nsecond line\n")
     assert events({"Last-Event-ID": "\u00b2"}, until_end=False) == [(first_id, "message", text)]  # a digit, not ASCII
+    past_any_file = requests.get(f"{server.url}/jobs/{job.id}/logs", headers={"Last-Event-ID": "9" * 20}, timeout=30)
+    assert past_any_file.status_code == 400 and "past the end of any file" in past_any_file.text
     resume = len(b"first line\n")
     [(_, _, text)] = events({"Last-Event-ID": str(resume)}, until_end=False)
     assert text == "second line"

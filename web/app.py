@@ -29,7 +29,7 @@ from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
 from faceforge.jobs.executors.local import whole_characters
-from faceforge.jobs.store import EXECUTORS
+from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
 from faceforge.models import list_models
 from faceforge.registry import (
     CHAMPION_ALIAS,
@@ -45,7 +45,7 @@ from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
 from faceforge.web.datasets import data_roots, describe, list_datasets
-from faceforge.web.forms import LARGEST_NUMBER, JobForm, tokens
+from faceforge.web.forms import JobForm, tokens
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
     CSRF_COOKIE,
@@ -305,6 +305,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         get_job(job_id)
         last_id = request.headers.get("last-event-id", "")
         start = int(last_id) if last_id.isascii() and last_id.isdigit() else max(offset, 0)
+        if start > 2**63 - 1:  # past any file offset: seek would fail after the response began
+            raise HTTPException(400, f"log offset {start} is past the end of any file")
 
         async def events() -> AsyncIterator[str]:
             position = start

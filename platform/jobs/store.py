@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST = "queued", "running", "succeeded", "failed", "cancelled", "lost"
+LARGEST_NUMBER = 2**31 - 1  # for numbers from users: far inside SQLite's 64-bit integers, and their sums
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, LOST)
 RETRYABLE = (CANCELLED, FAILED, LOST)
@@ -145,6 +146,8 @@ class JobStore:
                     raise ValueError(f"unknown executor {job.executor!r}; choose from {', '.join(EXECUTORS)}")
                 if job.slots < 1 or job.nodes < 1:
                     raise ValueError(f"a job needs at least 1 slot and 1 node, got {job.slots} and {job.nodes}")
+                if max(abs(job.priority), job.slots, job.nodes) > LARGEST_NUMBER:
+                    raise ValueError(f"priority, slots and nodes must be within ±{LARGEST_NUMBER}")
                 job.state, job.created_at = QUEUED, now
                 values = {key: getattr(job, key) for key in _COLUMNS if key not in ("seq", "overrides", "metrics")}
                 values |= {"overrides": json.dumps(job.overrides), "metrics": json.dumps(job.metrics)}
