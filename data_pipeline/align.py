@@ -106,7 +106,8 @@ class AlignSettings:
 
 
 def _face_records(source: str, image: np.ndarray, found: Detections, by: str, settings: AlignSettings) -> list[dict]:
-    """Write the aligned crop(s) of one photo; its manifest records."""
+    """Write the aligned crop(s) of one photo; its manifest records, each with the photo's number of them (`faces`)
+    so that a resumed run can tell a photo whose records a kill tore apart."""
     if not len(found):
         return [{"source": source, "status": "no_face", "detector": by}]
     picks = range(len(found)) if settings.all_faces else [central_face(found, *image.shape[:2])]
@@ -127,13 +128,15 @@ def _face_records(source: str, image: np.ndarray, found: Detections, by: str, se
                 "score": round(float(found.scores[k]), 4),
                 "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in found.landmarks[k]],
                 "detector": by,
+                "faces": len(picks),
             }
         )
     return records
 
 
 def align_sources(settings: AlignSettings, sources: list[str], detectors: Sequence[Detector]) -> list[dict]:
-    """Decode, detect (one batch per detector) and align a chunk of photos; an unreadable one is an error record."""
+    """Decode, detect (one batch per detector) and align a chunk of photos; one that cannot be read or aligned is an
+    error record, so that one bad photo neither stops the run nor loses the rest of its chunk."""
     records, decoded = [], []
     for source in sources:
         try:
@@ -147,7 +150,10 @@ def align_sources(settings: AlignSettings, sources: list[str], detectors: Sequen
         for i, faces in zip(missing, detector.detect([decoded[i][1] for i in missing]) if missing else [], strict=True):
             found[i], by[i] = faces, detector.name
     for (source, image), faces, name in zip(decoded, found, by, strict=True):
-        records += _face_records(source, image, faces, name, settings)
+        try:
+            records += _face_records(source, image, faces, name, settings)
+        except ValueError as err:
+            records.append({"source": source, "status": "error", "error": f"{settings.src / source}: {err}"})
     return records
 
 
@@ -180,7 +186,8 @@ def list_sources(src: Path, exclude: Path) -> list[str]:
 
 def read_manifest(dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
     """Records per source already handled; the manifest is rewritten without a torn last line (crash mid-write),
-    the sources whose crop has gone and those with a status in `redo`, so that those run again."""
+    the sources with fewer records than their `faces` (the rest lost to that crash), those whose crop has gone and
+    those with a status in `redo`, so that those run again."""
     path = dst / MANIFEST
     if not path.is_file():
         return {}
@@ -195,10 +202,14 @@ def read_manifest(dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
         by_source.setdefault(record["source"], []).append(record)
         parsed += 1
 
-    def again(record: dict) -> bool:
-        return record["status"] in redo or (record["status"] == "aligned" and not (dst / record["output"]).is_file())
+    def again(record: dict, recorded: int) -> bool:
+        return (
+            record["status"] in redo
+            or record.get("faces", recorded) != recorded
+            or (record["status"] == "aligned" and not (dst / record["output"]).is_file())
+        )
 
-    rerun = {source for source, records in by_source.items() if any(map(again, records))}
+    rerun = {source for source, records in by_source.items() if any(again(r, len(records)) for r in records)}
     for source in rerun:
         del by_source[source]
     if rerun or parsed < len(lines):
@@ -239,7 +250,8 @@ def align_tree(
     One face per photo, the largest and most central (identity folders), or every face (`all_faces`, raw albums:
     `<stem>_<k>.jpg`). Photos the detector finds no face in go to each of `fallbacks` in turn ("haar", then
     "center" makes sure every photo of a pre-cropped evaluation set gets a crop). Each photo gets records in
-    dst/manifest.jsonl: aligned (box, score, landmarks, detector), no_face or error (why it could not be read).
+    dst/manifest.jsonl: aligned (box, score, landmarks, detector, the photo's number of faces), no_face or error
+    (why it could not be read or aligned).
     A photo with records is done, so a rerun resumes where a run stopped; `redo` ("no_face", "error") runs the
     photos with those records again, after adding a fallback for instance.
     `workers` processes (default: one per core) each detect `chunk_size` photos per batch; 1 runs in this process.
@@ -263,7 +275,7 @@ def align_tree(
     todo = [source for source in sources if source not in done and source not in clashing]
     settings = AlignSettings(src, dst, size, all_faces, detector, tuple(fallbacks), dict(detector_options))
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-    counts = Counter(images=len(sources), skipped=len(done))
+    counts = Counter(images=len(sources), skipped=len(done.keys() & set(sources)))
     with (
         (dst / MANIFEST).open("a") as manifest,
         tqdm(total=len(todo), unit="img", disable=not (progress and todo)) as bar,

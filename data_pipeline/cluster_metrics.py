@@ -48,15 +48,19 @@ def _entropy(counts: np.ndarray, n: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _numbered(labels: np.ndarray | list) -> np.ndarray:
+    """Each label's number, by Python equality: numpy would turn [1, "1"] into one string label and cannot sort None."""
+    number = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+    return np.array([number[label] for label in labels], dtype=np.int64)
+
+
 def cluster_scores(predicted: np.ndarray | list, truth: np.ndarray | list) -> ClusterScores:
     """Scores of predicted cluster labels against true identity labels (any hashable values, one per face)."""
-    predicted, truth = np.asarray(predicted), np.asarray(truth)
-    if predicted.shape != truth.shape or predicted.ndim != 1 or len(predicted) == 0:
-        raise ValueError(f"need two equal-length, non-empty label lists, got {predicted.shape} and {truth.shape}")
+    shapes = np.shape(predicted), np.shape(truth)
+    if shapes[0] != shapes[1] or len(shapes[0]) != 1 or shapes[0][0] == 0:
+        raise ValueError(f"need two equal-length, non-empty label lists, got {shapes[0]} and {shapes[1]}")
     n = len(predicted)
-    _, pred = np.unique(predicted, return_inverse=True)
-    _, true = np.unique(truth, return_inverse=True)
-    pred, true = pred.ravel(), true.ravel()
+    pred, true = _numbered(predicted), _numbered(truth)
     cells, cell_of = np.unique(pred * (true.max() + 1) + true, return_inverse=True)
     n_ij = np.bincount(cell_of.ravel()).astype(np.float64)
     pred_of_cell, true_of_cell = cells // (true.max() + 1), cells % (true.max() + 1)
@@ -110,6 +114,8 @@ def read_assignments(path: str | Path) -> dict[str, str]:
         for row in reader:
             if row["path"] in assignments:
                 raise ValueError(f"{path}: {row['path']} is listed twice")
+            if row["label"] is None:
+                raise ValueError(f"{path}: row for {row['path']} has no label")
             assignments[row["path"]] = row["label"]
     return assignments
 

@@ -34,8 +34,14 @@ class Detector(Protocol):
 
 
 def onet_in_boxes(onet: ONet, image: np.ndarray, boxes: Tensor) -> Detections:
-    """O-Net on boxes found some other way: its face probability as the score, its landmarks; the boxes kept."""
-    crops, _ = square_crops(boxes)
+    """O-Net on boxes found some other way: its face probability as the score, its landmarks; the boxes kept.
+
+    A box under a pixel (a 1 px photo's central box) has no crop for O-Net to look at, so it is no face.
+    """
+    crops, usable = square_crops(boxes)
+    if not usable.any():
+        return Detections.empty()
+    boxes, crops = boxes[usable], crops[usable]
     image_index = torch.zeros(len(boxes), dtype=torch.long, device=boxes.device)
     table = summed_area_table(images_to_batch([image], boxes.device))
     scores, _, landmarks = onet_stage(onet, table, image_index, crops)

@@ -124,6 +124,13 @@ def test_metrics_reject_mismatched_labels() -> None:
         cluster_scores([0, 1], [0, 1, 2])
 
 
+def test_labels_are_compared_as_python_values() -> None:
+    """1 and "1" are two clusters (numpy would make both the text "1"); None is a label like any other."""
+    mixed = cluster_scores([1, "1", 2], ["a", "b", "c"])
+    assert mixed.clusters == mixed.singletons == 3 and mixed.pairwise_precision == mixed.bcubed_precision == 1.0
+    assert cluster_scores([None, 1, 1], [0, 0, 1]) == cluster_scores([5, 1, 1], [0, 0, 1])
+
+
 def write_assignments(path: Path, assignments: dict[str, object]) -> Path:
     if path.suffix == ".json":
         path.write_text(json.dumps(assignments))
@@ -149,6 +156,10 @@ def test_cluster_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "bad.csv").write_text("file,id\nx,1\n")
     with pytest.raises(SystemExit, match="header row with the columns path,label"):
         faceforge(["data", "cluster-eval", str(tmp_path / "bad.csv"), str(truth)])
+    rows = [f"{face},{label}" for face, label in zip(faces, [7, 7, 7, 3, 3, 9], strict=True)]
+    (tmp_path / "short.csv").write_text("\n".join(["path,label", *rows[:5], faces[5]]) + "\n")  # no label, no comma
+    with pytest.raises(SystemExit, match=r"short\.csv: row for album/5\.jpg has no label"):
+        faceforge(["data", "cluster-eval", str(tmp_path / "short.csv"), str(truth)])
 
 
 # --- kNN graph -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from faceforge.data_pipeline import (
     get_detector,
     template_transform,
 )
+from faceforge.data_pipeline.align import AlignSettings, align_sources
 from faceforge.data_pipeline.detection_eval import AnnotatedImage, DetectionScore, read_imglab
 from faceforge.data_pipeline.mtcnn import area_crops, load_mtcnn_nets, nms, summed_area_table, weights_dir
 
@@ -234,3 +235,61 @@ def test_align_tree_records_every_photo_and_resumes(tmp_path: Path, capsys: pyte
     assert counts == dict(images=5, skipped=4, aligned=1, no_face=0, error=0)
     wall = json.loads((dst / "manifest.jsonl").read_text().splitlines()[-1])
     assert wall["source"] == "odd/wall.png" and wall["detector"] == "center" and wall["score"] < 0.5
+
+
+class TemplateOrNan:
+    """A stand-in detector: landmarks on the template, or NaN (what O-Net gave for a 1 px crop) in 1 px high photos."""
+
+    name = "template"
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        return [
+            Detections(
+                np.array([[0, 0, 112, 112]], np.float32),
+                np.ones(1, np.float32),
+                np.full((1, 5, 2), np.nan, np.float32) if image.shape[0] < 2 else ARCFACE_TEMPLATE[None],
+            )
+            for image in images
+        ]
+
+
+def test_a_photo_under_two_pixels_stops_no_align_run(tmp_path: Path) -> None:
+    """The central box of a 1 px photo holds no pixel for O-Net: no face. A photo that still cannot be aligned is an
+    error record naming it, and the other photos of its chunk are aligned."""
+    strip, dot = np.full((1, 400, 3), 90, np.uint8), np.full((1, 1, 3), 90, np.uint8)
+    assert [len(faces) for faces in get_detector("center").detect([strip, dot])] == [0, 0]
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in lfw_images(2):
+        (src / path.name).write_bytes(path.read_bytes())
+    cv2.imwrite(str(src / "strip.png"), strip)
+    sources = sorted(path.name for path in src.iterdir())
+    settings = AlignSettings(src, tmp_path / "dst", 112, False, "template")
+    records = {r["source"]: r for r in align_sources(settings, sources, [TemplateOrNan()])}
+    assert [records[source]["status"] for source in sources] == ["aligned", "aligned", "error"]
+    assert records["strip.png"]["error"].startswith(f"{src / 'strip.png'}: degenerate landmarks")
+
+
+def test_a_resumed_all_faces_run_redoes_a_photo_whose_records_were_torn(tmp_path: Path) -> None:
+    """A kill between the write() calls of a chunk's records leaves a photo's first faces and a torn line."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "group.jpg").write_bytes((detection_dir() / "2008_002506.jpg").read_bytes())
+    assert align_tree(src, dst, workers=1, all_faces=True, progress=False)["aligned"] == 3
+    lines = (dst / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (dst / "manifest.jsonl").write_text(lines[0] + lines[1][:60])
+    counts = align_tree(src, dst, workers=1, all_faces=True, progress=False)
+    assert counts == dict(images=1, skipped=0, aligned=3, no_face=0, error=0)
+    assert (dst / "manifest.jsonl").read_text().splitlines(keepends=True) == lines
+
+
+def test_skipped_counts_only_photos_still_in_the_source(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for path in lfw_images(3):
+        (src / path.name).write_bytes(path.read_bytes())
+    assert align_tree(src, dst, workers=1, progress=False)["aligned"] == 3
+    for path in sorted(src.iterdir())[:2]:  # pruned; their records stay in the manifest
+        path.unlink()
+    assert align_tree(src, dst, workers=1, progress=False) == dict(images=1, skipped=1, aligned=0, no_face=0, error=0)
