@@ -115,6 +115,34 @@ def test_projection_trains_but_is_dropped_from_the_saved_model(
     assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
 
 
+def test_a_checkpoint_is_published_only_with_its_distillation_state(tmp_path: Path) -> None:
+    """`latest` never names a checkpoint that lacks distill.pt (a kill between the two writes used to leave one that
+    no resume could load): an extra file that fails to save keeps the checkpoint from being published."""
+    model = models.create("mobilefacenet", embedding_dim=8, width=0.25, input_size=56)
+    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), head=None, head_optimizer=None)
+    save_checkpoint(tmp_path, 1, **common, train_config={}, is_main=True, extra={STATE_FILE: {"teacher": "a"}})
+    assert torch.load(resolve_checkpoint(tmp_path) / STATE_FILE, weights_only=True) == {"teacher": "a"}
+    with pytest.raises(Exception, match="lambda"):  # cannot be pickled: the save fails after model.pt was written
+        save_checkpoint(tmp_path, 2, **common, train_config={}, is_main=True, extra={STATE_FILE: {"f": lambda: 0}})
+    assert resolve_checkpoint(tmp_path).name == "step_00000001" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_00000001",
+    ]
+
+
+def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tmp_path: Path) -> None:
+    """The teacher is resolved again on resume; weights other than those the projection learnt to match (a checkpoint
+    retrained in place, an alias moved) are one line, not a size mismatch deep in the run or a silent switch."""
+    teacher = save_teacher(tmp_path / "teacher", seed=1)
+    launch(distill_config(tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0))
+    save_teacher(teacher, seed=2)
+    resumed = distill_config(
+        tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 3, "resume": "auto"}, embedding_weight=1.0
+    )
+    with pytest.raises(ConfigError, match=r"was distilled from teacher sha256:.* now holds other weights"):
+        launch(resumed)
+
+
 def test_embedding_loss_decreases_and_is_logged(tiny_train_root: Path, teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     values = distill_config(out, tiny_train_root, teacher, head_weight=0.0, embedding_weight=1.0).to_dict()

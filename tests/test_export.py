@@ -162,6 +162,9 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
         faceforge(["export", "/nonexistent/checkpoint"])
     with pytest.raises(SystemExit, match=r"faceforge export: error: calibration set .* not found"):
         faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
+    an_image = next((shared_data() / "lfw").rglob("*.jpg"))
+    with pytest.raises(SystemExit, match=r"calibration set .*\.jpg is not a folder or a \.txt list of images"):
+        faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", str(an_image)])
 
 
 def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trained: Path, tmp_path: Path) -> None:

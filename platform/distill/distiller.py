@@ -9,7 +9,6 @@ MLflow model never contain it.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ class Distiller:
         assert settings.teacher is not None, "Distiller needs distill.teacher"
         self.settings, self.ctx = settings, ctx
         teacher = load_teacher(settings.teacher, cfg.mlflow.tracking_uri, ctx.device)
+        self.teacher_id = teacher_identity(settings.teacher, cfg.mlflow.tracking_uri)
         self.teacher_dim, self.teacher_size = teacher.embedding_dim, teacher.input_size
         table, centres = None, None
         if settings.cache or settings.centre_weight > 0:
@@ -72,7 +72,7 @@ class Distiller:
                 cfg.data.num_workers,
                 ctx,
                 cache_dir=Path(settings.cache_dir) if settings.cache else None,
-                teacher_id=teacher_identity(settings.teacher, cfg.mlflow.tracking_uri) if settings.cache else None,
+                teacher_id=self.teacher_id if settings.cache else None,
             )
             if ctx.is_main and table.path is not None:
                 print(f"distill: teacher features {'reused from' if table.reused else 'cached to'} {table.path}")
@@ -128,13 +128,9 @@ class Distiller:
             if param.grad is not None:
                 all_reduce_sum(param.grad).div_(self.ctx.world_size)
 
-    def save(self, checkpoint: Path) -> None:
-        """Rank 0 only; written after the backbone checkpoint is published, atomically."""
-        if not self.parameters():
-            return
-        staging = checkpoint / f".{STATE_FILE}.tmp"
-        torch.save({"projection": self.projection.state_dict()}, staging)
-        os.replace(staging, checkpoint / STATE_FILE)
+    def checkpoint_files(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint keeps to resume: the projection, and which teacher it was trained against."""
+        return {STATE_FILE: {"projection": self.projection.state_dict(), "teacher": self.teacher_id}}
 
     def load(self, checkpoint: Path) -> None:
         if not self.parameters():

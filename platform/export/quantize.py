@@ -52,7 +52,10 @@ def open_calibration_images(source: str | Path) -> CalibrationImages:
     """A training-set directory (identity folders or train.rec), a flat folder of images, or a .txt list."""
     path = Path(source)
     if path.is_file():
-        lines = (line.strip() for line in path.read_text().splitlines())
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines()]
+        except UnicodeDecodeError:  # an image or a train.rec given as the set itself
+            raise ValueError(f"calibration set {path} is not a folder or a .txt list of images") from None
         return ImageList([path.parent / line for line in lines if line and not line.startswith("#")])
     if not path.is_dir():
         raise FileNotFoundError(f"calibration set {path} not found (expected a folder or a .txt list of images)")

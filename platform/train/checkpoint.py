@@ -39,8 +39,10 @@ def save_checkpoint(
     head_optimizer: HeadOptimizer | None,
     train_config: dict[str, Any],
     is_main: bool,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Collective: every rank writes its head rows, rank 0 the rest, then rank 0 publishes it."""
+    """Collective: every rank writes its head rows, rank 0 the rest (and `extra`, {file name: state}), then rank 0
+    publishes it: what a resume needs is in the folder before `latest` names it."""
     final = directory / f"step_{step:08d}"
     staging = directory / f".step_{step:08d}.tmp"
     try:
@@ -63,6 +65,8 @@ def save_checkpoint(
                 },
                 staging / "model.pt",
             )
+            for name, state in (extra or {}).items():
+                _save(state, staging / name)
             meta = {"step": step}
             if head is not None and head_optimizer is not None:
                 meta |= {

@@ -14,6 +14,7 @@ import torch
 
 from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
+from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
@@ -132,6 +133,17 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     saved_optim = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"  # only AdamW's have betas
     if saved_optim != cfg.optim.name:
         raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
+    if cfg.distill.teacher and (distilled := path / DISTILL_STATE).is_file():
+        from faceforge.distill.teacher import teacher_identity
+
+        saved_teacher = torch.load(distilled, map_location="cpu", weights_only=True).get("teacher")
+        if saved_teacher is not None and saved_teacher != teacher_identity(
+            cfg.distill.teacher, cfg.mlflow.tracking_uri
+        ):
+            raise ConfigError(
+                f"trainer.resume {path} was distilled from teacher {saved_teacher}; distill.teacher "
+                f"{cfg.distill.teacher} now holds other weights: resume with that teacher or start a new run"
+            )
     if cfg.head.type == "margin" and (saved_classes := meta.get("num_classes")) != num_classes:
         held = f"a {saved_classes}-class classifier" if saved_classes else "no margin-head classifier"
         raise ConfigError(f"trainer.resume {path} holds {held}, data.root has {num_classes} identities")

@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     step = start_step
 
     def save(step: int) -> None:
-        saved = save_checkpoint(
+        save_checkpoint(
             checkpoints,
             step,
             model=model,
@@ -253,9 +253,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             head_optimizer=head_optimizer,
             train_config=cfg.to_dict(),
             is_main=ctx.is_main,
+            extra=distiller.checkpoint_files() if distiller else None,
         )
-        if distiller is not None and ctx.is_main:
-            distiller.save(saved)
 
     while step < steps:
         try:
