@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from faceforge import models
 from faceforge.cli import build_parser
 from faceforge.data.folder import identity_images, list_images
 from faceforge.data.image import read_image
@@ -199,6 +202,73 @@ def test_a_demo_home_resumes_restarts_or_refuses(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="did not make"):
         open_home(other, TINY, fresh=True)
     assert (other / "precious.txt").exists()
+
+
+def test_a_wipe_killed_part_way_is_finished_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file goes last, whatever order the folder lists in: without it the home's leftovers would look like
+    someone else's files, refused even with --fresh."""
+    home = tmp_path / "home"
+    state = open_home(home, TINY, fresh=False) | {"complete": True}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    for name in ("data", "logs", CACHE):
+        (home / name).mkdir()
+    iterdir, rmtree = Path.iterdir, shutil.rmtree
+
+    def state_file_first(path: Path) -> list[Path]:
+        return sorted(iterdir(path), key=lambda entry: entry.name != STATE_FILE)
+
+    def killed(path: Path) -> None:
+        raise InterruptedError(f"killed while deleting {path}")
+
+    monkeypatch.setattr(Path, "iterdir", state_file_first)
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(InterruptedError):
+        open_home(home, TINY, fresh=False)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert open_home(home, TINY, fresh=False)["stages"] == {}, "the next run finishes the wipe"
+    assert sorted(p.name for p in home.iterdir()) == [CACHE, STATE_FILE]
+
+    state = open_home(home, TINY, fresh=False)  # an unfinished demo, cleared with --fresh: killed, rerun without
+    state["stages"]["data"] = {"name": "data", "seconds": 1.0, "figures": {}, "values": {}}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    (home / "data").mkdir()
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(InterruptedError):
+        open_home(home, TINY, fresh=True)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert open_home(home, TINY, fresh=False)["stages"] == {}, "the wipe, not a resume with its files gone"
+    assert not (home / "data").exists()
+
+
+def test_a_label_round_killed_after_its_version_is_taken_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the auto-labeller published the round's version, before demo.json recorded the stage: the
+    rerun has nothing new to label, so it scores that version, labelled with the current champion."""
+    import faceforge.demo.loop as loop
+    from faceforge.data_pipeline import autolabel
+
+    torch.manual_seed(0)
+    model = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56)
+    (tmp_path / "champion").mkdir()
+    torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "champion" / "model.pt")
+    resolve = autolabel.resolve_model  # the champion is a checkpoint here: no registry needed
+    monkeypatch.setattr(autolabel, "resolve_model", lambda source, uri: resolve(str(tmp_path / "champion"), uri))
+    demo = Demo(tmp_path / "home", TINY, SAMPLE, [], port=8000, fresh=False)
+    demo.stage("data", demo.prepare)
+    score = loop.score_version
+
+    def killed(*args: object) -> None:
+        raise InterruptedError("killed after the round")
+
+    monkeypatch.setattr(loop, "score_version", killed)
+    with pytest.raises(InterruptedError):
+        demo.stage("label round 1", lambda: demo.label(1))
+    monkeypatch.setattr(loop, "score_version", score)
+    assert "label round 1" not in json.loads((demo.home / STATE_FILE).read_text())["stages"]
+    stage = demo.stage("label round 1", lambda: demo.label(1))
+    assert stage.figures["version"].startswith("v0001 (") and Path(stage.values["version"]).name == "v0001"
+    assert (demo.home / "clusters-v0001.json").is_file()
+    os.close(demo.lock)
 
 
 def test_bad_overrides_stop_the_demo_before_it_starts() -> None:

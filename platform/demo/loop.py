@@ -111,8 +111,11 @@ def open_home(home: Path, profile: Profile, fresh: bool) -> dict[str, Any]:
                 "or start over with --fresh"
             )
         if fresh or state["complete"]:
+            # Marked complete, and kept until the new state replaces it below: a wipe killed part-way leaves a home
+            # the next run recognises and wipes again, with or without --fresh.
+            write_atomic(path, json.dumps(state | {"complete": True}, indent=1))
             for entry in home.iterdir():
-                if entry.name == CACHE:
+                if entry.name in (CACHE, STATE_FILE):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -391,7 +394,8 @@ class Demo:
     def label(self, number: int) -> tuple[dict[str, str], dict[str, Any]]:
         """One auto-label round with the current champion: the first labels the inbox, the second re-labels
         everything because the champion changed; each version is scored against the ground truth."""
-        from faceforge.data_pipeline.autolabel import Autolabeller, exclusive, load_config
+        from faceforge.data_pipeline.autolabel import Autolabeller, exclusive, load_config, resolve_model
+        from faceforge.data_pipeline.versions import list_versions, read_stats
 
         overrides = [
             f"model=models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}",
@@ -407,13 +411,20 @@ class Demo:
                 report = labeller.run_once()
             finally:
                 labeller.state.close()
-        if report is None:
-            raise DemoError(f"round {number}: nothing to label (no new photos and the same champion)")
-        version = workdir / "versions" / report.version
-        scores = score_version(version, sets.truth, self.home / f"clusters-{report.version}.json")
-        stats, files = report.stats, report.stats["files"]
+        if report is not None:
+            version, stats = workdir / "versions" / report.version, report.stats
+        else:
+            # Nothing new. A run killed after the auto-labeller published this round's version, before demo.json
+            # recorded the stage, left it as the newest version, labelled with the current champion: take it up.
+            versions = list_versions(workdir / "versions")
+            stats = read_stats(versions[-1]) if versions else {}
+            if stats.get("model") != resolve_model(labeller.config.model, labeller.config.tracking_uri)[0]:
+                raise DemoError(f"round {number}: nothing to label (no new photos and the same champion)")
+            version = versions[-1]
+        scores = score_version(version, sets.truth, self.home / f"clusters-{version.name}.json")
+        files = stats["files"]
         figures = {
-            "version": f"{report.version} ({stats['identities']} identities, {stats['images']} images)",
+            "version": f"{version.name} ({stats['identities']} identities, {stats['images']} images)",
             "files": ", ".join(f"{k} {v}" for k, v in sorted(files.items())),
             "merges": str(stats["merges"]),
             "clustering": f"pairwise F {scores.pairwise_f:.3f}, BCubed F {scores.bcubed_f:.3f}, NMI {scores.nmi:.3f}",
