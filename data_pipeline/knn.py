@@ -78,6 +78,8 @@ def knn_graph(
         method = "exact" if n <= EXACT_MAX_N else "ivf" if dim % 2 else "ivfpq"
     if method == "ivfpq" and dim % 2:
         raise ValueError(f"ivfpq codes pairs of dimensions, so D must be even, got {dim}")
+    if method == "ivfpq" and n < 16:
+        raise ValueError(f"ivfpq trains 16 centroids per code, so it needs at least 16 faces, got {n}; use exact")
     if method == "exact":
         index = faiss.IndexFlatIP(dim)
     elif method in ("ivf", "ivfpq"):

@@ -208,6 +208,8 @@ def test_knn_graph_rejects_bad_input_and_caps_k() -> None:
         knn_graph(features, 3, "lsh")
     with pytest.raises(ValueError, match="D must be even"):
         knn_graph(clustered(40, 7, 2, 0.5)[0], 3, "ivfpq")
+    with pytest.raises(ValueError, match="needs at least 16 faces, got 5"):
+        knn_graph(features, 3, "ivfpq")
     assert knn_graph(features, 30)[0].shape == (5, 4)
 
 
