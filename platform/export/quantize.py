@@ -75,10 +75,9 @@ def training_data_of(source: str, tracking_uri: str | None = None) -> tuple[Path
         params = mlflow.MlflowClient().get_run(run_id).data.params if run_id else {}
         root, crop = params.get("data.root"), params.get("data.crop_fraction")
     else:
-        from faceforge.train.checkpoint import resolve_checkpoint
+        from faceforge.train.checkpoint import read_model_state
 
-        state = torch.load(resolve_checkpoint(Path(source)) / "model.pt", map_location="cpu", weights_only=True)
-        data = state.get("train_config", {}).get("data", {})
+        data = read_model_state(Path(source)).get("train_config", {}).get("data", {})
         root, crop = data.get("root"), data.get("crop_fraction")
     if not root:
         raise ValueError(f"{source} does not record its training data; give the calibration set and crop")

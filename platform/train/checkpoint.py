@@ -161,7 +161,7 @@ def load_checkpoint(
 
 def load_backbone(path: str | Path) -> nn.Module:
     """Rebuild the backbone from a checkpoint alone (eval, export, embedding)."""
-    state = torch.load(resolve_checkpoint(Path(path)) / "model.pt", map_location="cpu", weights_only=True)
+    state = read_model_state(Path(path), "model_config", "model")
     model = models.create(**state["model_config"])
     model.load_state_dict(state["model"])
     return model.eval()

@@ -15,6 +15,7 @@ import torch
 from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
+from faceforge.distill.teacher import teacher_identity
 from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
@@ -134,8 +135,6 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     if saved_optim != cfg.optim.name:
         raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
     if cfg.distill.teacher and (distilled := path / DISTILL_STATE).is_file():
-        from faceforge.distill.teacher import teacher_identity
-
         saved_teacher = torch.load(distilled, map_location="cpu", weights_only=True).get("teacher")
         if saved_teacher is not None and saved_teacher != teacher_identity(
             cfg.distill.teacher, cfg.mlflow.tracking_uri
