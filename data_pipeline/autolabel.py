@@ -592,7 +592,7 @@ class Autolabeller:
         settings = self.config.retrain
         if settings.min_new_identities <= 0 or new_people < settings.min_new_identities:
             return None
-        from faceforge.jobs import JobStore, make_jobs
+        from faceforge.jobs import JobStore, make_jobs, quoted_path
         from faceforge.jobs.paths import store_path
 
         store, key = JobStore(store_path()), f"{version.resolve()}@{round_started!r}"
@@ -602,7 +602,7 @@ class Autolabeller:
             return job_id
         except KeyError:
             pass
-        overrides = ["data=folder", f"data.root={(version / 'images').resolve()}", *settings.overrides]
+        overrides = ["data=folder", f"data.root={quoted_path((version / 'images').resolve())}", *settings.overrides]
         (job,) = make_jobs(overrides, name=f"retrain on autolabel {version.name}")
         job.id = job_id
         store.submit([job])

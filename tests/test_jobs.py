@@ -20,10 +20,13 @@ from faceforge.jobs import (
     SUCCEEDED,
     Job,
     JobStore,
+    compose_config,
     expand_sweep,
     job_dir,
     make_jobs,
     merge_overrides,
+    override_value,
+    quoted_path,
     retry,
     spec,
     store_path,
@@ -256,6 +259,16 @@ def test_sweep_expands_to_one_job_per_point_under_one_sweep_id() -> None:
     assert {(job.priority, job.slots) for job in jobs} == {(3, 1)}
     (single,) = make_jobs(TINY)
     assert single.sweep_id is None
+
+
+def test_quoted_paths_reach_the_config_as_written() -> None:
+    """Paths the platform writes into overrides (datasets, checkpoints, the tracking URI) may hold Hydra's syntax."""
+    for path in ["/a,b c/it's", "/ends/in\\", "/x/${y}", "/q/[1]{2}=:", "/m/a\\'b", '/d/"q"']:
+        override = f"data.root={quoted_path(path)}"
+        assert expand_sweep([override]) == [[override]]
+        assert override_value(override) == path
+        assert compose_config([*TINY, override]).data.root == path
+    assert override_value("data.root=null") is None
 
 
 def test_a_sweep_past_the_cap_is_refused_before_it_is_listed() -> None:

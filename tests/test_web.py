@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import requests
 import uvicorn
+from markupsafe import escape
 from mlflow.tracking import MlflowClient
 
 from faceforge import models
 from faceforge.data_pipeline.autolabel_state import StateDB
 from faceforge.data_pipeline.versions import FaceRecord, write_version
 from faceforge.export import ExportSource, export_artifact, log_export, open_calibration_images, resolve_source
-from faceforge.jobs import CANCELLED, QUEUED, JobStore, make_jobs
+from faceforge.jobs import CANCELLED, QUEUED, JobStore, compose_config, make_jobs, quoted_path
 from faceforge.registry import prepare_tracking, select_and_register
 from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
@@ -138,7 +139,7 @@ def test_mutations_need_the_token(server: Server, tiny_train_root: Path) -> None
     assert reply.status_code == 303, reply.text
     job = server.store.get(reply.headers["location"].removeprefix("/jobs/"))
     assert job.name == "by-token" and job.state == QUEUED
-    assert f"data.root={tiny_train_root.resolve()}" in job.overrides and "optim.lr=0.05" in job.overrides
+    assert f"data.root={quoted_path(tiny_train_root.resolve())}" in job.overrides and "optim.lr=0.05" in job.overrides
 
 
 def test_cross_site_posts_are_refused(server: Server, tiny_train_root: Path) -> None:
@@ -169,6 +170,7 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),
         ({"sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
         ({"executor": "slurm"}, "unknown executor"),
+        ({"overrides": "trainer.nproc=1 data.root='/open"}, "overrides: a quote is not closed"),
     ]:
         reply = server.post("/jobs", data=job_form(tiny_train_root, **fields), headers=BEARER)
         assert reply.status_code == 400, fields
@@ -232,7 +234,33 @@ def test_a_relative_path_is_stored_as_the_absolute_path_it_was_checked_as(server
         jobs = server.store.list(sweep_id=found) if kind == "sweeps" else [server.store.get(found)]
         assert len(jobs) == (2 if kind == "sweeps" else 1)
         for job in jobs:
-            assert [o for o in job.overrides if o.startswith("data.root=")] == [f"data.root={roots[0].resolve()}"]
+            assert [o for o in job.overrides if o.startswith("data.root=")] == [
+                f"data.root={quoted_path(roots[0].resolve())}"
+            ]
+
+
+def test_a_path_with_commas_spaces_and_quotes_is_one_path_not_a_sweep(server: Server, roots: list[Path]) -> None:
+    """Hydra reads an unquoted `a,b` as a sweep of two values; the form quotes the paths it checked."""
+    odd, spaced = roots[1] / "faces, it's ${not} [a list]", roots[1] / "faces, take 2"
+    shutil.copytree(roots[0], odd)
+    shutil.copytree(roots[0], spaced)
+    try:
+        reply = server.post("/jobs", data=job_form(odd), headers=BEARER)
+        assert reply.status_code == 303, reply.text
+        job = server.store.get(reply.headers["location"].removeprefix("/jobs/"))
+        assert compose_config(job.overrides).data.root == str(odd.resolve())
+        clone = server.get("/jobs/new", params={"clone": job.id}).text
+        assert f'<option value="{escape(str(odd.resolve()))}" selected>' in clone
+
+        typed = {"sweep": f"data.root='{spaced}',{roots[0]}"}
+        reply = server.post("/jobs", data=job_form(roots[0], **typed), headers=BEARER)
+        assert reply.status_code == 303, reply.text
+        jobs = server.store.list(sweep_id=reply.headers["location"].removeprefix("/sweeps/"))
+        trained = sorted(compose_config(job.overrides).data.root for job in jobs)
+        assert trained == sorted([str(spaced.resolve()), str(roots[0].resolve())])
+    finally:
+        shutil.rmtree(odd)
+        shutil.rmtree(spaced)
 
 
 def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: Path) -> None:
@@ -412,5 +440,5 @@ def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server:
     assert f"<code>{images}</code>" in page  # listed with the training sets
     reply = server.post("/jobs", data=job_form(images), headers=BEARER)
     assert reply.status_code == 303, reply.text
-    (job,) = [j for j in server.store.list() if f"data.root={images}" in j.overrides]
+    (job,) = [j for j in server.store.list() if f"data.root={quoted_path(images)}" in j.overrides]
     assert job.state == QUEUED

@@ -23,12 +23,11 @@ DEMO = "demo"
 
 @dataclass(frozen=True)
 class Dataset:
-    """A training set: `overrides` select it in a job (`data=demo`, or `data=folder data.root=...`)."""
+    """A training set the job form offers: the demo set, or a folder (`data=folder data.root=<path>`)."""
 
     name: str
     path: Path
     source: str
-    overrides: tuple[str, ...]
 
 
 def data_roots() -> list[Path]:
@@ -81,7 +80,7 @@ def _source(folder: Path) -> str:
 def list_datasets(roots: list[Path]) -> list[Dataset]:
     """The demo set, then every training set that is a data root or a folder directly inside one."""
     demo = demo_data_paths()
-    found = [Dataset(DEMO, demo.train_root, demo.source, ("data=demo",))]
+    found = [Dataset(DEMO, demo.train_root, demo.source)]
     for root in roots:
         if not root.is_dir():
             continue
@@ -90,8 +89,7 @@ def list_datasets(roots: list[Path]) -> list[Dataset]:
             images = _training_folder(folder)
             if folder.name.startswith(".") or images is None:
                 continue
-            resolved = images.resolve()
-            found.append(Dataset(folder.name, resolved, _source(folder), ("data=folder", f"data.root={resolved}")))
+            found.append(Dataset(folder.name, images.resolve(), _source(folder)))
     return found
 
 

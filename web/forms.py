@@ -7,13 +7,13 @@ before anything is composed.
 
 from __future__ import annotations
 
-import shlex
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from starlette.datastructures import FormData
 
-from faceforge.jobs import Job, expand_sweep
+from faceforge.jobs import Job, expand_sweep, override_value, quoted_path
 from faceforge.web.datasets import DEMO, confine
 
 # Form field -> config key; blank means the config's default.
@@ -61,7 +61,7 @@ class JobForm:
             elif key in by_key:
                 setattr(form, by_key[key], value)
             elif key == "data.root":
-                form.dataset = value
+                form.dataset = override_value(override) or ""
             elif override not in ("data=folder", "data=demo"):
                 rest.append(override)
         form.overrides = "\n".join(rest)
@@ -82,7 +82,7 @@ class JobForm:
             if not root.is_dir():
                 raise ValueError(f"dataset {self.dataset}: not a directory")
             put("data=folder")
-            put(f"data.root={root}")
+            put(f"data.root={quoted_path(root)}")
         put(f"model={self.model}")
         put(f"head={self.head}")
         for name, key in HYPERPARAMETERS.items():
@@ -103,12 +103,16 @@ class JobForm:
             raise ValueError(f"{name} must be a whole number, got {value!r}") from None
 
 
+# An override runs to the next space or newline outside quotes; a quote may open mid-word (`data.root='/a b'`), as
+# Hydra's grammar allows, and a backslash escapes the next character inside one.
+OVERRIDE = re.compile(r"""(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|[^\s'"])+""")
+
+
 def tokens(text: str, what: str) -> list[str]:
     """Overrides separated by spaces or newlines; quotes are kept for Hydra's own parser."""
-    try:
-        return shlex.split(text, posix=False)
-    except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
+    if OVERRIDE.sub(" ", text).strip():  # all that no override took is a quote left open
+        raise ValueError(f"{what}: a quote is not closed")
+    return OVERRIDE.findall(text)
 
 
 def confined(override: str, roots: list[Path]) -> str:
@@ -122,12 +126,11 @@ def confined(override: str, roots: list[Path]) -> str:
     values = []
     for [point] in expand_sweep([override]):
         value = point.partition("=")[2]
-        path = value.strip("'\"")
-        if path not in ("", "null"):
+        if path := override_value(point):
             resolved = confine(path, roots)
             if not resolved.exists():
                 raise ValueError(f"{point}: no such file or directory")
-            value = str(resolved)
+            value = quoted_path(resolved)
         values.append(value)
     return f"{key}={','.join(values)}"
 

@@ -39,6 +39,7 @@ from faceforge.jobs import (
     JobStore,
     make_jobs,
     merge_overrides,
+    quoted_path,
     retry,
     store_path,
 )
@@ -331,10 +332,10 @@ class Demo:
             *RECIPE,
             f"data.batch_size={p.batch_size}",
             "data.crop_fraction=1.0",  # aligned crops: the whole crop is the face, as the auto-labeller embeds it
-            f"eval.pairs={sets.pairs}",
-            f"eval.root={sets.pairs_root}",
+            f"eval.pairs={quoted_path(sets.pairs)}",
+            f"eval.root={quoted_path(sets.pairs_root)}",
             "eval.crop_fraction=1.0",
-            f"mlflow.tracking_uri={self.uri}",
+            f"mlflow.tracking_uri={quoted_path(self.uri)}",
         ]
         return merge_overrides(merge_overrides(merge_overrides(common, list(p.model)), list(extra)), self.overrides)
 
@@ -378,7 +379,8 @@ class Demo:
 
     def train_base(self) -> tuple[dict[str, str], dict[str, Any]]:
         """Issue 2's recipe on 2 ranks through the queue, as a sweep of one, so the scheduler registers it."""
-        overrides = self.training(f"data.root={self.sets.base}", f"trainer.steps={self.profile.base_steps}")
+        base = quoted_path(self.sets.base)
+        overrides = self.training(f"data.root={base}", f"trainer.steps={self.profile.base_steps}")
         (job,) = self.submit("base", make_jobs(overrides, name="demo-base", sweep_id=new_id("sweep")))
         follow_jobs(self.store, [job.id], "base model", self.scheduler)
         assert job.sweep_id is not None
@@ -443,8 +445,9 @@ class Demo:
         identities, images = union_folder(self.sets.base, Path(self.value("label round 1", "version")), union)
         base_dir = self.checkpoints(self.value("base model", "job"))
         overrides = self.training(
-            f"data.root={union}",
-            f"++trainer.init_from={base_dir}",  # a key the trainer configs leave out: added, not overridden
+            f"data.root={quoted_path(union)}",
+            # ++: a key the trainer configs leave out, so added, not overridden
+            f"++trainer.init_from={quoted_path(base_dir)}",
             f"trainer.steps={self.profile.sweep_steps}",
             f"schedule.warmup_steps={FINE_TUNE_WARMUP}",
             "trainer.nproc=1",
@@ -476,7 +479,7 @@ class Demo:
             "distill=embedding",
             f"distill.teacher={teacher}",
             "distill.cache=true",
-            f"data.root={self.value('sweep', 'union')}",
+            f"data.root={quoted_path(self.value('sweep', 'union'))}",
             f"trainer.steps={self.profile.distill_steps}",
             *self.profile.student,
         )

@@ -7,11 +7,27 @@ from faceforge.jobs.scheduler import retry
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, JobStore
 
 if TYPE_CHECKING:
-    from faceforge.jobs.spec import compose_config, expand_sweep, make_jobs, merge_overrides, train_command
+    from faceforge.jobs.spec import (
+        compose_config,
+        expand_sweep,
+        make_jobs,
+        merge_overrides,
+        override_value,
+        quoted_path,
+        train_command,
+    )
 
 # Job specs compose Hydra configs, which imports torch and MLflow (seconds); they load on first use, so that
 # users of the store alone (`faceforge queue list/show/cancel/logs`) start at once.
-_SPEC = ("compose_config", "expand_sweep", "make_jobs", "merge_overrides", "train_command")
+_SPEC = (
+    "compose_config",
+    "expand_sweep",
+    "make_jobs",
+    "merge_overrides",
+    "override_value",
+    "quoted_path",
+    "train_command",
+)
 
 
 def __getattr__(name: str) -> object:
@@ -39,6 +55,8 @@ __all__ = [
     "job_dir",
     "make_jobs",
     "merge_overrides",
+    "override_value",
+    "quoted_path",
     "retry",
     "store_path",
     "train_command",

@@ -7,6 +7,7 @@ refused with one clear line before anything is enqueued.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,25 @@ MAX_SWEEP_POINTS = 1000
 def _one_line(err: Exception) -> str:
     """Hydra's parse errors span lines and end with a link to the grammar; keep what went wrong, on one line."""
     return ": ".join(line for line in str(err).splitlines() if line and not line.startswith("See https://"))
+
+
+def quoted_path(path: str | Path) -> str:
+    """A path quoted for Hydra's override grammar: a comma, space, bracket or quote in it is then not a sweep or a list.
+
+    Inside Hydra's quotes only backslashes before a quote or the end need doubling; `${` is escaped for OmegaConf.
+    """
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), str(path))
+    escaped = escaped.replace("${", "\\${")
+    return f"'{escaped}'"
+
+
+def override_value(override: str) -> str | None:
+    """The value an override sets, unquoted and unescaped as the trainer will read it (None for null)."""
+    try:
+        value = OmegaConf.create({"value": OverridesParser.create().parse_override(override).value()}).value
+        return None if value is None else str(value)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad override: {_one_line(err)}") from None
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

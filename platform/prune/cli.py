@@ -52,7 +52,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"pruned checkpoint: {out}", flush=True)
     if args.no_finetune:
         return
+    from faceforge.jobs import quoted_path
     from faceforge.train.app import main as train_main
 
     # ++ adds the key even under a trainer preset that does not declare it.
-    train_main([f"++trainer.init_from={out}", *args.overrides])
+    train_main([f"++trainer.init_from={quoted_path(out)}", *args.overrides])
