@@ -280,6 +280,8 @@ def test_a_sweep_past_the_cap_is_refused_before_it_is_listed() -> None:
     ]:
         with pytest.raises(ConfigError, match=f"more than {spec.MAX_SWEEP_POINTS} points"):
             expand_sweep(overrides)
+    with pytest.raises(ConfigError, match="the sweep has no points"):
+        expand_sweep(["trainer.steps=range(1,1)"])
 
 
 def test_numbers_past_the_store_limit_are_refused(template: Job, tmp_path: Path) -> None:

@@ -72,7 +72,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             axes.append([override.input_line])
-    return [list(point) for point in itertools.product(*axes)]
+    points = [list(point) for point in itertools.product(*axes)]
+    if not points:
+        raise ConfigError("the sweep has no points (an empty range or choice?)")
+    return points
 
 
 def _axis_length(override: Override) -> int:
