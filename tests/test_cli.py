@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from faceforge.cli import build_parser
 from faceforge.data import load_pairs, write_bin
 from faceforge.train.launch import launch
 
@@ -74,3 +77,10 @@ def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:
             result = faceforge(*command, "--port", port)
             assert result.returncode == 2 and f"{port} is not a TCP port (1-65535)" in result.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_queue_logs_reads_ray_jobs_from_the_cluster_the_scheduler_drives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FACEFORGE_RAY_ADDRESS", "http://head.example:8265")
+    args = build_parser().parse_args(["queue", "logs", "job-1"])
+    assert args.ray_address == "http://head.example:8265"
+    assert build_parser().parse_args(["scheduler"]).ray_address == "http://head.example:8265"

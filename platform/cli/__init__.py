@@ -619,7 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs = queue_cmds.add_parser("logs", help="a job's log")
     logs.add_argument("id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    logs.add_argument("--ray-address", default="http://127.0.0.1:8265", help="the Ray dashboard of ray jobs")
+    logs.add_argument(
+        "--ray-address",
+        default=os.environ.get("FACEFORGE_RAY_ADDRESS") or "http://127.0.0.1:8265",
+        help="the Ray dashboard of ray jobs (default $FACEFORGE_RAY_ADDRESS, else the local head)",
+    )
     logs.set_defaults(func=_queue_logs)
     cancel = queue_cmds.add_parser("cancel", help="cancel a queued job, or stop a running one")
     cancel.add_argument("id")
