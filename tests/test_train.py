@@ -79,6 +79,8 @@ def test_platform_folder_never_shadows_the_stdlib() -> None:
         (["trainer.nproc=7", "data.batch_size=70", "eval=none"], "cannot be sharded over trainer.nproc=7"),
         (["data.batch_size=32", "trainer.nproc=2", "eval=none"], "24 images cannot fill one global batch"),
         (["schedule.min_lr_ratio=-1"], "schedule.min_lr_ratio must be between 0 and 1"),
+        (["seed=-1"], "seed must be >= 0, got -1"),
+        (["head=triplet", "head.p=8", "head.k=1"], "triplet loss needs head.p >= 2 and head.k >= 2"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_train_root: Path, tmp_path) -> None:

@@ -280,7 +280,13 @@ def validate(cfg: TrainConfig) -> None:
         f"data.batch_size={batch} does not divide into trainer.nproc={trainer.nproc} x "
         f"trainer.accumulate={trainer.accumulate} equal micro-batches",
     )
+    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
     if cfg.head.type != "margin":
+        _require(
+            cfg.head.p >= 2 and cfg.head.k >= 2,
+            f"{cfg.head.type} loss needs head.p >= 2 and head.k >= 2 (a positive and a negative for each face), "
+            f"got p={cfg.head.p} k={cfg.head.k}",
+        )
         _require(
             cfg.per_rank_batch == cfg.head.p * cfg.head.k,
             f"{cfg.head.type} loss needs data.batch_size = nproc x p x k = "
