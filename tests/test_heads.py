@@ -22,6 +22,9 @@ def test_presets_reduce_to_their_papers() -> None:
         margin_spec("magic")
     with pytest.raises(ValueError, match="m1 >= 1"):
         margin_spec("arcface", m1=0.5)
+    for bad in ({"s": math.nan}, {"s": math.inf}, {"m1": math.nan}, {"m2": math.nan}, {"m3": math.inf}):
+        with pytest.raises(ValueError, match="must be finite"):
+            margin_spec("arcface", **bad)
 
 
 def _unit(angles_deg: list[float]) -> torch.Tensor:
