@@ -50,6 +50,14 @@ def test_batch_hard_triplet_picks_farthest_positive_and_nearest_negative() -> No
         batch_hard_triplet_loss(emb, torch.tensor([0, 1, 2, 3]))
 
 
+def test_pair_losses_have_finite_gradients_in_float16() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    for loss_fn in (batch_hard_triplet_loss, contrastive_loss):
+        emb = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).half().requires_grad_()
+        loss_fn(emb, labels).backward()
+        assert emb.grad is not None and torch.isfinite(emb.grad).all(), loss_fn.__name__
+
+
 def test_contrastive_balances_positive_and_negative_pairs() -> None:
     emb = _unit([0.0, 0.0, 180.0])
     labels = torch.tensor([0, 0, 1])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 def _pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
     """Euclidean distances between L2-normalised embeddings, via 2 − 2·cos (safe gradient at 0)."""
-    unit = F.normalize(embeddings, dim=1)
+    unit = F.normalize(embeddings.float(), dim=1)  # in float16 the 1e-12 below is 0: sqrt(0)'s gradient is NaN
     squared = (2.0 - 2.0 * unit @ unit.T).clamp_min(0.0)
     return torch.sqrt(squared + 1e-12)
 
