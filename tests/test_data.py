@@ -107,6 +107,27 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path)[0]
 
 
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """Insert an APP1 segment carrying only the EXIF orientation tag, as a phone camera writes it."""
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def test_decoding_follows_exif_orientation_and_keeps_16_bit_levels() -> None:
+    import cv2
+
+    landscape = np.zeros((20, 40, 3), np.uint8)
+    landscape[:, :10] = 255  # white on the left edge
+    jpeg = cv2.imencode(".jpg", landscape)[1].tobytes()
+    rotated = decode_image(_with_exif_orientation(jpeg, 6))  # 6: the camera was turned a quarter clockwise
+    assert rotated.shape == (40, 20, 3)
+    assert rotated[:10].mean() > 200 and rotated[-10:].mean() < 50  # the left edge is now the top
+
+    dim = np.full((4, 4, 3), 0x1000, np.uint16)  # a dark 16-bit image: 1/16 of full scale
+    assert (decode_image(cv2.imencode(".png", dim)[1].tobytes()) == 0x10).all()  # not stretched to white
+
+
 # ---------------------------------------------------------------- RecordIO framing and headers
 
 

@@ -86,17 +86,13 @@ def decode_image(data: bytes | bytearray | memoryview, source: str = "<bytes>") 
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{source}: {size[0]}x{size[1]} exceeds the {MAX_PIXELS} pixel limit")
     try:
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        # IMREAD_COLOR applies the EXIF orientation (phone photos), maps 16-bit to 8-bit by the fixed >> 8 rather
+        # than by each image's own maximum, replicates greyscale and drops alpha.
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:  # OpenCV's own limits and assertions
         img = None
     if img is None:
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated or unsupported)")
-    if img.dtype != np.uint8:
-        img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
