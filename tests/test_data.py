@@ -224,6 +224,21 @@ def test_pack_folder_writes_insightface_layout(face_tree: Path, packed: Path) ->
         pack_folder(face_tree, packed)
 
 
+def test_a_pack_interrupted_between_its_renames_is_refused_not_read(face_tree: Path, tmp_path: Path) -> None:
+    pack_folder(face_tree, tmp_path)
+    (tmp_path / "property").unlink()
+    (tmp_path / "property").mkdir()  # renaming the new property over a non-empty directory fails midway
+    (tmp_path / "property" / "keep").touch()
+    with pytest.raises(OSError):
+        pack_folder(face_tree, tmp_path, reencode=True, overwrite=True)
+    with pytest.raises(ValueError, match="interrupted"):
+        RecordDataset(tmp_path)  # new train.rec and train.idx, no property: not a consistent pack
+    shutil.rmtree(tmp_path / "property")
+    pack_folder(face_tree, tmp_path, overwrite=True)
+    assert len(RecordDataset(tmp_path)) == len(ImageFolderDataset(face_tree))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["property", "train.idx", "train.rec"]
+
+
 def test_record_dataset_matches_the_folder(face_tree: Path, packed: Path) -> None:
     transform = TrainTransform(56, lowres_prob=0.5, grey_prob=0.5)
     folder, records = ImageFolderDataset(face_tree, transform), RecordDataset(packed, transform)

@@ -25,6 +25,8 @@ from faceforge.data.transforms import item_rng
 
 # Identity spans and the header are float32 labels (the format's), exact only up to 2**24.
 FLOAT32_EXACT_INTS = 1 << 24
+# Present while pack renames its three files into place: a directory holding it mixes two packs.
+INTERRUPTED_PACK_MARKER = ".pack-incomplete"
 
 
 def read_property(path: Path) -> tuple[int, int, int]:
@@ -49,6 +51,8 @@ class RecordDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset directory not found")
+        if (self.root / INTERRUPTED_PACK_MARKER).exists():
+            raise ValueError(f"{self.root}: a pack into it was interrupted and its files are mixed; pack it again")
         self.transform = transform
         self.reader = IndexedRecordReader(self.root / "train")
         self.keys, self.labels = self._index()
@@ -157,7 +161,8 @@ def pack_folder(
     Original file bytes are stored unless `reencode` (JPEG at `quality`); every image is decoded
     once either way, so a corrupt file fails the pack rather than a training run. The files are
     written under temporary names and renamed into place at the end, so a corrupt image or a full
-    disk leaves a previous pack in `dst_root` as it was.
+    disk leaves a previous pack in `dst_root` as it was; a marker file spans the three renames, so a
+    pack killed between them is refused by RecordDataset rather than read as one.
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
@@ -165,7 +170,7 @@ def pack_folder(
     dst_root = Path(dst_root)
     dst_root.mkdir(parents=True, exist_ok=True)
     if (dst_root / "train.rec").exists() and not overwrite:
-        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pack with --overwrite to replace it)")
     end = len(folder) + 1 + folder.num_classes
     if end > FLOAT32_EXACT_INTS:
         raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
@@ -173,12 +178,14 @@ def pack_folder(
     written = {suffix: Path(f"{staging}{suffix}") for suffix in (".rec", ".idx", ".property")}
     try:
         sizes = _write_pack(folder, staging, quality, reencode)
-    except BaseException:
+        marker = dst_root / INTERRUPTED_PACK_MARKER
+        marker.touch()
+        for suffix, name in ((".rec", "train.rec"), (".idx", "train.idx"), (".property", "property")):
+            os.replace(written[suffix], dst_root / name)
+        marker.unlink()
+    finally:
         for path in written.values():
             path.unlink(missing_ok=True)
-        raise
-    for suffix, name in ((".rec", "train.rec"), (".idx", "train.idx"), (".property", "property")):
-        os.replace(written[suffix], dst_root / name)
     height, width = sizes[0]
     return {
         "dst": str(dst_root),
