@@ -200,9 +200,10 @@ def test_damaged_record_files_raise_clear_errors(packed: Path, tmp_path: Path) -
         IndexedRecordReader(damaged(lying)).read(1)
     with pytest.raises(ValueError, match="truncated record header"):
         list(iter_records(damaged(data + b"\n#\xd7").with_suffix(".rec")))
-    (tmp_path / "bad.idx").write_text("0\t0\n1 oops\n")
-    with pytest.raises(ValueError, match=r"bad\.idx:2: expected 'key<TAB>offset'"):
-        IndexedRecordReader(tmp_path / "bad")
+    for line in ("1 oops", "--5\t0", "\u00b2\t0"):
+        (tmp_path / "bad.idx").write_text(f"0\t0\n{line}\n")
+        with pytest.raises(ValueError, match=r"bad\.idx:2: expected 'key<TAB>offset'"):
+            IndexedRecordReader(tmp_path / "bad")
 
 
 # ---------------------------------------------------------------- InsightFace layout
@@ -325,6 +326,14 @@ def test_malformed_pairs_files(face_tree: Path, tmp_path: Path) -> None:
     pairs.write_text("2\t1\nann 1 2\nann 1 ben 3\n")
     with pytest.raises(ValueError, match="found 2 lines"):
         load_pairs(pairs, root)
+    pairs.write_text("2\t1\nann 1 2\nann 1 ann 3\nben 2 4\nben 1 ann 4\n")
+    with pytest.raises(ValueError, match=r"pairs\.txt:3: a mismatched pair names one identity twice"):
+        load_pairs(pairs, root)
+    pairs.write_text("2\t1\nann 1 2\nann 1 ben \u00b2\nben 2 4\nben 1 ann 4\n")  # a superscript two
+    with pytest.raises(ValueError, match=r"pairs\.txt:3: image number '\u00b2' is not a positive integer"):
+        load_pairs(pairs, root)
+    pairs.write_text("\ufeff2\t1\nann 1 2\nann 1 ben 3\nben 2 4\nben 1 ann 4\n")  # saved by Notepad
+    assert load_pairs(pairs, root).num_pairs == 4
 
 
 def small_vset(face_tree: Path, num_pairs: int = 23) -> VerificationSet:
@@ -380,6 +389,13 @@ def test_bin_refuses_malicious_and_broken_pickles(face_tree: Path, tmp_path: Pat
     (tmp_path / "odd.bin").write_bytes(pickle.dumps(([b"a"] * 19, [True] * 10)))
     with pytest.raises(ValueError, match="19 images for 10 pairs"):
         load_bin(tmp_path / "odd.bin")
+    (tmp_path / "ints.bin").write_bytes(pickle.dumps((5, 6)))
+    with pytest.raises(ValueError, match=r"ints\.bin: expected a pickled \(bins, issame_list\) pair of lists"):
+        load_bin(tmp_path / "ints.bin")
+    huge = b"\x80\x02c__builtin__\nbytes\n\x8a\x08" + (2**62).to_bytes(8, "little") + b"\x85R."  # bytes(2**62)
+    (tmp_path / "huge.bin").write_bytes(huge)
+    with pytest.raises(ValueError, match=r"huge\.bin: not a valid verification \.bin .*bytes\(\) with arguments"):
+        load_bin(tmp_path / "huge.bin")
 
 
 # ---------------------------------------------------------------- samplers

@@ -13,6 +13,7 @@ is `flag` float32 values stored right after the header and the header's own labe
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ LENGTH_BITS = 29
 MAX_RECORD_BYTES = (1 << LENGTH_BITS) - 1
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)
+INTEGER = re.compile(r"-?[0-9]+")  # an .idx field; str.isdigit also accepts "²", which int() refuses
 
 
 class IRHeader(NamedTuple):
@@ -166,7 +168,7 @@ def _read_index(idx_path: Path, rec_size: int) -> dict[int, int]:
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not all(v.lstrip("-").isdigit() for v in fields):
+            if len(fields) != 2 or not all(INTEGER.fullmatch(v) for v in fields):
                 raise ValueError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()[:60]!r}")
             key, offset = int(fields[0]), int(fields[1])
             if key in offsets:

@@ -64,7 +64,7 @@ class _ImageTable:
 def _lfw_path(root: Path, name: str, number: str, where: str) -> Path:
     if name in (".", "..") or "/" in name:  # `../x` or `/x` would read outside the image root
         raise ValueError(f"{where}: identity {name!r} is not a folder name")
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise ValueError(f"{where}: image number {number!r} is not a positive integer")
     path = root / name / f"{name}_{int(number):04d}.jpg"
     if not path.is_file():
@@ -80,12 +80,12 @@ def read_pairs(pairs_txt: str | Path, root: str | Path) -> tuple[list[tuple[Path
     (pairsDevTrain.txt style) means one fold.
     """
     pairs_txt, root = Path(pairs_txt), Path(root)
-    text = pairs_txt.read_text(errors="replace")  # binary junk fails the header check, naming the file
+    text = pairs_txt.read_text(encoding="utf-8-sig", errors="replace")  # junk fails the header check, named
     lines = [(no, line.split()) for no, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{pairs_txt}: empty pairs file")
     first_no, head = lines[0]
-    if not 1 <= len(head) <= 2 or not all(v.isdigit() and int(v) > 0 for v in head):
+    if not 1 <= len(head) <= 2 or not all(v.isascii() and v.isdigit() and int(v) > 0 for v in head):
         raise ValueError(f"{pairs_txt}:{first_no}: expected 'folds<TAB>n', got {' '.join(head)!r}")
     num_folds, per_half = (int(head[0]), int(head[1])) if len(head) == 2 else (1, int(head[0]))
     body = lines[1:]
@@ -104,6 +104,8 @@ def read_pairs(pairs_txt: str | Path, root: str | Path) -> tuple[list[tuple[Path
         else:
             expected = "'name i j' (matched)" if same else "'name1 i name2 j' (mismatched)"
             raise ValueError(f"{where}: expected {expected}, got {' '.join(fields)!r}")
+        if not same and name_a == name_b:
+            raise ValueError(f"{where}: a mismatched pair names one identity twice ({name_a!r})")
         pairs.append((_lfw_path(root, name_a, i, where), _lfw_path(root, name_b, j, where)))
         issame.append(same)
     return pairs, np.array(issame, dtype=bool), np.repeat(np.arange(num_folds), 2 * per_half)
@@ -134,6 +136,13 @@ def _latin1(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: object) -> bytes:
+    """Python 3 pickles b"" at protocol < 3 as `bytes()`; with an argument, bytes(2**62) would allocate it."""
+    if args:
+        raise pickle.UnpicklingError("refusing bytes() with arguments")
+    return b""
+
+
 def _numpy_scalar(dtype: np.dtype, data: bytes) -> np.bool_:
     """numpy bool scalars pickle as `multiarray.scalar(dtype('bool'), raw_byte)`."""
     if dtype != np.dtype(bool) or not isinstance(data, bytes) or len(data) != 1:
@@ -150,11 +159,11 @@ def _bool_dtype(name: str, *args: object) -> np.dtype:
 _ALLOWED = {
     ("builtins", "list"): list,
     ("builtins", "tuple"): tuple,
-    ("builtins", "bytes"): bytes,
+    ("builtins", "bytes"): _empty_bytes,
     ("builtins", "bool"): bool,
     ("__builtin__", "list"): list,
     ("__builtin__", "tuple"): tuple,
-    ("__builtin__", "bytes"): bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
     ("__builtin__", "bool"): bool,
     ("_codecs", "encode"): _latin1,
     ("numpy", "dtype"): _bool_dtype,
@@ -186,6 +195,8 @@ def load_bin(path: str | Path, name: str | None = None) -> VerificationSet:
     if not (isinstance(loaded, tuple | list) and len(loaded) == 2):
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair")
     bins, issame_list = loaded
+    if not (isinstance(bins, tuple | list) and isinstance(issame_list, tuple | list)):
+        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair of lists")
     if not all(isinstance(b, bytes) for b in bins) or not all(type(s) in (bool, np.bool_) for s in issame_list):
         raise ValueError(f"{path}: bins must be encoded image bytes and issame_list booleans")
     n = len(issame_list)
