@@ -518,8 +518,8 @@ def test_inspect_every_format(face_tree: Path, packed: Path, tmp_path: Path) -> 
     assert {k: v for k, v in record.items() if k not in ("kind", "path", "num_classes")} == {
         k: v for k, v in folder.items() if k not in ("kind", "path")
     }
-    write_bin(tmp_path / "tiny.bin", small_vset(face_tree, 30))
-    binary = inspect_dataset(tmp_path / "tiny.bin")
+    write_bin(tmp_path / "tiny.BIN", small_vset(face_tree, 30))  # copied from a case-insensitive file system
+    binary = inspect_dataset(tmp_path / "tiny.BIN")
     assert binary["kind"] == "bin" and binary["pairs"] == 30 and binary["folds"] == 10
     lines = format_summary(binary).splitlines()
     assert len(lines) == len(binary) and lines[4].split() == ["pairs", "30"]

@@ -65,9 +65,9 @@ def inspect_dataset(path: str | Path, root: str | Path | None = None) -> dict[st
             summary["num_classes"] = dataset.num_classes
             return summary
         return _training_summary("folder", path, dataset)
-    if path.suffix == ".bin":
+    if path.suffix.lower() == ".bin":
         return _verification_summary("bin", path, load_bin(path))
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         vset = load_pairs(path, root if root is not None else path.parent)
         return _verification_summary("pairs", path, vset)
     raise ValueError(f"{path}: unknown dataset format (expected a directory, a .bin or a pairs .txt)")
