@@ -25,6 +25,8 @@ def test_presets_reduce_to_their_papers() -> None:
     for bad in ({"s": math.nan}, {"s": math.inf}, {"m1": math.nan}, {"m2": math.nan}, {"m3": math.inf}):
         with pytest.raises(ValueError, match="must be finite"):
             margin_spec("arcface", **bad)
+    with pytest.raises(ValueError, match="plain softmax has no scale or margin"):
+        margin_spec("softmax", s=64.0)
 
 
 def _unit(angles_deg: list[float]) -> torch.Tensor:

@@ -117,6 +117,9 @@ def test_bad_magface_parameters_are_refused() -> None:
         margin_spec("magface", l_m=0.9)
     with pytest.raises(ValueError, match="unknown parameter"):
         margin_spec("arcface", lambda_g=35.0)
+    for bad in ({"u_a": math.inf}, {"u_m": math.inf}, {"lambda_g": math.nan}):
+        with pytest.raises(ValueError, match="MagFace parameters must be finite"):
+            margin_spec("magface", **bad)
     from faceforge.jobs.spec import compose_config  # not at the top: see test_magface_trains_end_to_end
 
     with pytest.raises(ConfigError, match="head: MagFace needs 0 < l_a < u_a"):

@@ -168,6 +168,13 @@ def test_sample_rate_one_equals_sampling_every_class() -> None:
     check_sampling_every_row_equals_dense("cosface", seed=2, world_size=1, train=train)
 
 
+def test_labels_outside_the_classes_are_refused() -> None:
+    head = ShardedMarginSoftmax(10, 8, margin_spec("arcface"))
+    for labels in ([0, 10], [-1, 3]):
+        with pytest.raises(ValueError, match="outside the head's 10 classes"):
+            head(torch.randn(2, 8), torch.tensor(labels))
+
+
 def test_pending_steps_each_see_the_other_steps_update() -> None:
     """When two steps are pending and the first one's backward updates the weight, the second must use and update
     the new rows under Partial FC as r = 1 does: reusing rows gathered in its forward would undo the first update."""

@@ -7,6 +7,7 @@ the norm ranks face quality, with no extra model. Both pull on the norm, so thei
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ class MagFaceMargin:
     lambda_g: float = 35.0
 
     def __post_init__(self) -> None:
+        values = (self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g)
+        if not all(math.isfinite(value) for value in values):
+            raise ValueError(f"MagFace parameters must be finite; got l_a, u_a, l_m, u_m, lambda_g = {values}")
         if not 0.0 < self.l_a < self.u_a:
             raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={self.l_a} u_a={self.u_a}")
         if not 0.0 <= self.l_m <= self.u_m:

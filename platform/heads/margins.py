@@ -36,6 +36,11 @@ class MarginSpec:
     def __post_init__(self) -> None:
         if not all(math.isfinite(value) for value in (self.s, self.m1, self.m2, self.m3)):
             raise ValueError(f"s, m1, m2, m3 must be finite; got s={self.s} m1={self.m1} m2={self.m2} m3={self.m3}")
+        if not self.normalized and (self.s, self.m1, self.m2, self.m3) != (1.0, 1.0, 0.0, 0.0):
+            raise ValueError(
+                f"plain softmax has no scale or margin (they would be ignored); "
+                f"got s={self.s} m1={self.m1} m2={self.m2} m3={self.m3}"
+            )
         if self.normalized and self.s <= 0:
             raise ValueError(f"margin scale s must be positive, got {self.s}")
         if self.m1 < 1.0 or self.m2 < 0.0 or self.m3 < 0.0:

@@ -269,6 +269,11 @@ class ShardedMarginSoftmax(nn.Module):
             raise ValueError(f"features have dim {features.shape[1]}, the head expects {self.embedding_dim}")
         all_features = all_gather_with_grad(features.to(self.weight.dtype), self.group)
         all_labels = all_gather_tensor(labels.to(self.weight.device, torch.long), self.group)
+        # Checked on the gathered batch so every rank raises together; a label in no shard would be trained
+        # with no positive logit at all.
+        low, high = (int(all_labels.min()), int(all_labels.max())) if all_labels.numel() else (0, 0)
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"labels span {low}..{high}, outside the head's {self.num_classes} classes")
         rows, targets = self._sample(all_labels)
         magface = self.margin.magface
         if magface is None:
