@@ -210,6 +210,12 @@ def test_registered_teacher_is_frozen_and_its_identity_follows_the_alias(tmp_pat
     assert teacher_identity("models:/teacher@champion", uri) == "models:/teacher/2"  # a new cache key
     with pytest.raises(ConfigError, match=r"distill\.teacher models:/teacher@nope: .*alias nope not found"):
         teacher_identity("models:/teacher@nope", uri)
+    with pytest.raises(ConfigError, match=r"distill\.teacher: models:/teacher@nope: .*alias nope not found"):
+        load_teacher("models:/teacher@nope", uri, torch.device("cpu"))
+    (tmp_path / "foreign").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "foreign" / "model.pt")  # another project's checkpoint
+    with pytest.raises(ConfigError, match=r"distill\.teacher: .*foreign/model\.pt .*not a FaceForge"):
+        load_teacher(str(tmp_path / "foreign"), uri, torch.device("cpu"))
 
 
 def _distill_loss_grads(

@@ -21,14 +21,10 @@ def _mlflow_error(source: str, err: Exception) -> ConfigError:
 
 def load_teacher(source: str, tracking_uri: str | None, device: torch.device) -> nn.Module:
     """Eval mode with every parameter frozen: BatchNorm statistics and weights never move."""
-    from mlflow.exceptions import MlflowException
-
     try:
         teacher = load_model(source, tracking_uri)
-    except FileNotFoundError as err:
-        raise ConfigError(f"distill.teacher: {err}") from None
-    except MlflowException as err:
-        raise _mlflow_error(source, err) from None
+    except (FileNotFoundError, ValueError) as err:  # no checkpoint, a foreign one, or an unknown MLflow model
+        raise ConfigError(f"distill.teacher: {str(err).splitlines()[0]}") from None
     for attribute in ("input_size", "embedding_dim"):
         if not isinstance(getattr(teacher, attribute, None), int):
             raise ConfigError(f"distill.teacher {source} is not a FaceForge backbone (no {attribute})")
