@@ -143,6 +143,12 @@ def test_pruned_checkpoint_round_trips_through_load_backbone(tmp_path: Path) -> 
     model = trained_like("mobilenet_v2", "prelu")
     pruned = prune(model, macs_ratio=0.5).eval()
     save_pruned(pruned, tmp_path / "pruned", {"criterion": "bn"})
+    with pytest.raises(FileExistsError, match=r"pruned already holds a checkpoint \(model\.pt\)"):
+        save_pruned(pruned, tmp_path / "pruned", {"criterion": "l1"})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("step_00000010")  # a run's checkpoints folder
+    with pytest.raises(FileExistsError, match=r"run already holds a checkpoint \(latest\)"):
+        save_pruned(pruned, tmp_path / "run", {"criterion": "bn"})
     loaded = load_backbone(tmp_path / "pruned")
     assert loaded.config == pruned.config and "hidden" not in model.config
     assert count_params(loaded) == count_params(models.create(**pruned.config)) < count_params(model)

@@ -17,9 +17,18 @@ from torch import nn
 
 
 def save_pruned(model: nn.Module, directory: Path, record: dict[str, Any]) -> Path:
-    """A checkpoint directory that `load_backbone` and `trainer.init_from` read; `record` says how it was made."""
+    """A checkpoint directory that `load_backbone` and `trainer.init_from` read; `record` says how it was made.
+
+    A directory already holding a checkpoint is refused: its model.pt would be lost, and beside a `latest`
+    pointer the pruned weights would never be the ones loaded.
+    """
     import torch
 
+    from faceforge.train.checkpoint import LATEST
+
+    held = [name for name in ("model.pt", LATEST) if (directory / name).exists()]
+    if held:
+        raise FileExistsError(f"{directory} already holds a checkpoint ({', '.join(held)}); choose a new --out")
     directory.mkdir(parents=True, exist_ok=True)
     state = {"model_config": model.config, "model": model.state_dict(), "prune": record}
     torch.save(state, directory / "model.pt")
