@@ -65,6 +65,8 @@ def test_unknown_model_names_the_known_ones() -> None:
         ({"act": "gelu"}, "activation"),
         ({"width": 0}, "width"),
         ({"width": -0.5}, "width"),
+        ({"width": float("nan")}, "width must be a positive finite number"),
+        ({"width": float("inf")}, "width must be a positive finite number"),
         ({"input_size": 16}, "input_size"),
         ({"input_size": 112.0}, "input_size"),
         ({"embedding_dim": 0}, "embedding_dim"),

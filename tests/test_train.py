@@ -81,6 +81,8 @@ def test_platform_folder_never_shadows_the_stdlib() -> None:
         (["schedule.min_lr_ratio=-1"], "schedule.min_lr_ratio must be between 0 and 1"),
         (["seed=-1"], "seed must be >= 0, got -1"),
         (["head=triplet", "head.p=8", "head.k=1"], "triplet loss needs head.p >= 2 and head.k >= 2"),
+        (["model=shufflefacenet", "model.width=0.25"], "model: shufflefacenet width must be one of"),
+        (["model.input_size=20"], "model.input_size must be between 32 and 1024, got 20"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_train_root: Path, tmp_path) -> None:

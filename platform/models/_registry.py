@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable
 from numbers import Real
 
@@ -47,8 +48,8 @@ def create(
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-    if isinstance(width, bool) or not isinstance(width, Real) or width <= 0:
-        raise ValueError(f"width must be a positive number, got {width!r}")
+    if isinstance(width, bool) or not isinstance(width, Real) or not 0 < width < math.inf:
+        raise ValueError(f"width must be a positive finite number, got {width!r}")
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE:
         raise ValueError(f"input_size must be an int >= {MIN_INPUT_SIZE}, got {input_size!r}")
     if act not in ACTIVATIONS:

@@ -8,10 +8,12 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from faceforge import models
 from faceforge.heads import MARGIN_PRESETS, margin_spec
+from faceforge.models.layers import MIN_INPUT_SIZE
 
 
 class ConfigError(ValueError):
@@ -296,6 +298,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
     _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")
     _check_ranges(cfg)
+    try:
+        with torch.device("meta"):  # shapes only, no memory: each backbone's own limits, refused at submission
+            models.create(**asdict(cfg.model))
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
     if cfg.distill.teacher is not None:
         validate_distill(cfg.distill)
 
@@ -305,7 +312,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
     model, optim, trainer, augment = cfg.model, cfg.optim, cfg.trainer, cfg.data.augment
     ranges = [
         ("model.width", model.width, 0.05, 8.0),
-        ("model.input_size", model.input_size, 16, 1024),
+        ("model.input_size", model.input_size, MIN_INPUT_SIZE, 1024),
         ("model.embedding_dim", model.embedding_dim, 2, 65536),
         ("optim.lr", optim.lr, 1e-12, 100.0),
         ("optim.momentum", optim.momentum, 0.0, 1.0),
