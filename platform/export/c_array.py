@@ -35,8 +35,9 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
 def largest_activation(path: str | Path) -> Activation:
     """The biggest tensor a batch-1 inference holds, from ONNX shape inference; device RAM must fit it.
 
-    In a QDQ graph only the int8 tensors count: the float ones between DequantizeLinear and the next op
-    are how the format describes an int8 kernel, not memory an int8 runtime allocates.
+    In a QDQ graph only the int8 tensors and the graph's own inputs and outputs count: the float ones
+    between DequantizeLinear and the next op are how the format describes an int8 kernel, not memory an
+    int8 runtime allocates, but the float input image is a buffer the application fills.
     """
     model = onnx.load(str(path))
     for value in model.graph.input:
@@ -45,6 +46,7 @@ def largest_activation(path: str | Path) -> Activation:
         batch.dim_value = 1
     graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     constant = _constant_tensors(graph)
+    boundary = {value.name for value in (*graph.input, *graph.output)}
     tensors = []
     for value in (*graph.input, *graph.value_info, *graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -53,9 +55,15 @@ def largest_activation(path: str | Path) -> Activation:
         tensors.append((value.name, tuple(d.dim_value for d in dims), value.type.tensor_type.elem_type))
     if not tensors:
         raise ValueError(f"{path}: shape inference gave no activation shapes")
-    quantised = [t for t in tensors if t[2] in _QUANTISED]
-    name, shape, elem_type = max(quantised or tensors, key=lambda t: math.prod(t[1]))
-    return Activation(name, shape, math.prod(shape) * onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
+    held = [t for t in tensors if t[2] in _QUANTISED or t[0] in boundary]
+    if not any(t[2] in _QUANTISED for t in tensors):  # a float graph holds all its tensors
+        held = tensors
+    name, shape, elem_type = max(held, key=lambda t: math.prod(t[1]) * _itemsize(t[2]))
+    return Activation(name, shape, math.prod(shape) * _itemsize(elem_type))
+
+
+def _itemsize(elem_type: int) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
 
 
 def write_c_array(onnx_path: str | Path, out_dir: str | Path, symbol: str = "faceforge_model") -> tuple[Path, Path]:
