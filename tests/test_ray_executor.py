@@ -3,11 +3,15 @@ ids."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,8 +30,10 @@ from faceforge.jobs import (
     retry,
     store_path,
 )
+from faceforge.jobs.executors import ray_jobs
 from faceforge.jobs.executors.base import Status
 from faceforge.jobs.executors.ray_jobs import RayExecutor, local_head, submission_id
+from faceforge.jobs.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +157,117 @@ def test_unknown_submission_is_lost(ray_address: str, home: Path, tiny_train_roo
     assert status.state == LOST and job.id in (status.error or "")
     assert executor.read_log(job, 7) == ("", 7)
     executor.stop(job)  # nothing to stop is not an error
+
+
+def test_cancelling_a_start_whose_handle_was_not_recorded_stops_it_on_ray(
+    ray_address: str, home: Path, tiny_train_root: Path
+) -> None:
+    """The scheduler died between Ray accepting the submission and recording its handle: the job still runs."""
+    store = JobStore(store_path(home))
+    executor = RayExecutor(ray_address)
+    scheduler = Scheduler(store, {"ray": executor}, home, poll_seconds=0.2)
+    (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=100_000)])
+    claimed = store.claim("ray", scheduler.owner, 2, 30)
+    assert claimed is not None and claimed.id == job.id
+    executor.start(claimed, job_dir(home, job.id))  # landed on Ray; its handle is never stored
+    assert store.get(job.id).handle is None and store.cancel(job.id).cancel_requested
+    deadline = time.monotonic() + 90
+    while not store.get(job.id).terminal:
+        assert time.monotonic() < deadline, executor.read_log(claimed)[0]
+        scheduler.run_once()
+        time.sleep(0.2)
+    assert store.get(job.id).state == CANCELLED
+    assert executor.status(claimed).state == CANCELLED  # Ray's own view: it was stopped, not left running
+
+
+def test_a_bare_host_port_address_is_read_as_the_dashboard(ray_address: str) -> None:
+    executor = RayExecutor(ray_address.removeprefix("http://"))  # Ray alone would take it for a GCS address
+    assert executor.address == ray_address and executor.capacity() == 2
+    with pytest.raises(ValueError, match="must be the dashboard's http"):
+        RayExecutor("ray://127.0.0.1:10001")
+
+
+@contextmanager
+def fake_head(answer: Callable[[str], tuple[int, dict] | None]) -> Iterator[str]:
+    """A real HTTP peer speaking as a Ray dashboard: /api/version as Ray 2.x, other GETs as `answer` says
+    (status and JSON body; None: never answer, like a hung head)."""
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            version = (200, {"ray_version": "2.60.0", "version": "4"})
+            reply = version if self.path == "/api/version" else answer(self.path)
+            if reply is None:
+                release.wait(60)
+                return
+            body = json.dumps(reply[1]).encode()
+            self.send_response(reply[0])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hung_head_times_out_as_a_transient_error(
+    home: Path, tiny_train_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_jobs, "REQUEST_TIMEOUT_SECONDS", 1.0)
+    job = tiny_job(home, tiny_train_root, nproc=1, steps=1)
+    outcome: list[BaseException | Status] = []
+    with fake_head(lambda path: None) as address:
+        executor = RayExecutor(address)
+
+        def ask() -> None:
+            try:
+                outcome.append(executor.status(job))
+            except BaseException as err:
+                outcome.append(err)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(15)
+        assert outcome and isinstance(outcome[0], OSError), outcome or "status() still waiting after 15 s"
+
+
+def test_a_server_error_is_transient_and_one_jobs_failure_does_not_stop_the_others(
+    home: Path, tiny_train_root: Path
+) -> None:
+    store = JobStore(store_path(home))
+    store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=1) for _ in range(3)])
+    owner = "me"
+    for _ in range(3):
+        claimed = store.claim("ray", owner, 3, 30)
+        assert claimed is not None
+        store.update(claimed.id, owner, handle=submission_id(claimed))
+    polled = store.list(states=[RUNNING])  # the scheduler's order: only the last one's poll answers
+    broken, rejected, done = (submission_id(job) for job in polled)
+
+    def answer(path: str) -> tuple[int, dict]:
+        if path.endswith(broken):
+            return 503, {"error": "the head is restarting"}
+        if path.endswith(rejected):
+            return 400, {"error": "bad request"}
+        return 200, {"type": "SUBMISSION", "submission_id": done, "status": "SUCCEEDED", "entrypoint": "true"}
+
+    with fake_head(answer) as address:
+        with pytest.raises(OSError, match="503"):
+            RayExecutor(address).status(polled[0])
+        scheduler = Scheduler(store, {"ray": RayExecutor(address)}, home, poll_seconds=0.2)
+        scheduler.owner = owner
+        scheduler.run_once()
+    states = [store.get(job.id).state for job in polled]
+    assert states == [RUNNING, RUNNING, SUCCEEDED]  # 5xx: polled again later; 400 logged; the last still recorded

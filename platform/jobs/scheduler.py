@@ -59,7 +59,10 @@ class Scheduler:
             for job in self.store.adopt_expired(name, self.owner, self.lease_seconds):
                 log.warning("adopted %s: the scheduler that leased it stopped renewing the lease", job.id)
         for job in self._owned():
-            self._poll(job)
+            try:
+                self._poll(job)
+            except Exception:  # one job the executor cannot answer about must not stop the others being watched
+                log.exception("could not poll %s; trying again next tick", job.id)
         for name, executor in self.executors.items():
             capacity = executor.capacity()
             if capacity > 0:  # 0: the cluster is unreachable, so nothing can be judged too big
@@ -98,8 +101,8 @@ class Scheduler:
         if executor is None:  # owned through a lease, but this scheduler does not drive that executor
             return
         if job.handle is None:  # leased, but the start never finished (or its scheduler died first)
-            if job.cancel_requested:  # cancelled meanwhile: nothing runs, so nothing needs stopping
-                self.store.finish(job.id, self.owner, CANCELLED)
+            if job.cancel_requested:
+                self._cancel_unrecorded(job, executor)
             else:
                 self._start(job, executor)
             return
@@ -111,6 +114,22 @@ class Scheduler:
             log.warning("cannot reach the %s executor about %s: %s", job.executor, job.id, err)
             return
         if status.state != RUNNING:
+            self._record(job, status)
+
+    def _cancel_unrecorded(self, job: Job, executor: Executor) -> None:
+        """Cancel a job whose start may have landed before its handle was recorded: executors that name a start
+        by the job alone (Ray) find and stop it; ValueError means the executor needs a handle to find anything."""
+        try:
+            executor.stop(job)
+            status = executor.status(job)
+        except OSError as err:
+            log.warning("cannot reach the %s executor to cancel %s: %s", job.executor, job.id, err)
+            return
+        except ValueError:
+            status = Status(LOST)
+        if status.state == LOST:  # never started, so nothing needs stopping
+            self.store.finish(job.id, self.owner, CANCELLED)
+        elif status.state != RUNNING:  # ended; while it is still stopping, the next tick looks again
             self._record(job, status)
 
     def _record(self, job: Job, status: Status) -> None:

@@ -33,7 +33,8 @@ class Executor(Protocol):
         """Where the job stands, from its stored handle."""
 
     def stop(self, job: Job) -> None:
-        """Ask the job to stop (SIGTERM or its equivalent), then force it after a grace period."""
+        """Ask the job to stop (SIGTERM or its equivalent), then force it after a grace period. Without a stored
+        handle, stop and status find the start by the job alone, or raise ValueError if the executor cannot."""
 
     def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
         """Log text from byte `offset` on, and the offset to continue from."""

@@ -22,7 +22,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import requests
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 from ray.util.state import list_nodes
 
@@ -34,6 +36,8 @@ from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Jo
 log = logging.getLogger(__name__)
 
 CAPACITY_TTL_SECONDS = 10.0
+# A hung head must not stall the scheduler's tick: a request that takes longer fails as an OSError (retried).
+REQUEST_TIMEOUT_SECONDS = 30.0
 # Environment the trainer needs to resolve its config exactly as the scheduler did.
 PASSED_ENV = ("FACEFORGE_CONFIGS",)
 STATES = {
@@ -58,6 +62,29 @@ def cluster_cpus(address: str) -> int:
     return int(sum(node.resources_total.get("CPU", 0) for node in nodes))
 
 
+def dashboard_url(address: str) -> str:
+    """The dashboard URL, "http://" added when missing: Ray reads a bare host:port as a GCS address and stalls
+    connecting to it. Raises ValueError for another scheme (ray:// is the Ray Client, not the Jobs API)."""
+    url = address if "://" in address else f"http://{address}"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"Ray address {address!r} must be the dashboard's http(s)://host:port")
+    return url.rstrip("/")
+
+
+class TimedJobSubmissionClient(JobSubmissionClient):
+    """JobSubmissionClient whose requests time out, and whose server errors are transient: the SDK reports every
+    HTTP error as RuntimeError, which would fail a job over a head that is briefly unwell."""
+
+    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT_SECONDS)
+        response = super()._do_request(method, endpoint, **kwargs)
+        if response.status_code >= 500:
+            raise ConnectionError(
+                f"Ray at {self._address} answered {method} {endpoint} with {response.status_code}: {response.text}"
+            )
+        return response
+
+
 def _is_missing(err: RuntimeError) -> bool:
     """The Jobs SDK reports every HTTP error as RuntimeError; 404 is how Ray says it has no such submission."""
     return "status code 404" in str(err)
@@ -66,21 +93,22 @@ def _is_missing(err: RuntimeError) -> bool:
 class RayExecutor:
     """One Ray cluster, addressed by its dashboard URL. Each start of a job is one submission (`submission_id`).
 
-    start, status and stop raise OSError while the head is unreachable, so the scheduler retries on its next
-    tick instead of declaring running jobs lost over a network blip.
+    start, status and stop raise OSError while the head is unreachable, slow or answering 5xx, so the scheduler
+    retries on its next tick instead of declaring running jobs lost over a network blip. The submission id comes
+    from the job alone, so a start whose handle was never recorded can still be found and stopped.
     """
 
     name = "ray"
 
     def __init__(self, address: str = "http://127.0.0.1:8265") -> None:
-        self.address = address
+        self.address = dashboard_url(address)
         self._client: JobSubmissionClient | None = None
         self._capacity: tuple[float, int] | None = None  # (measured at, CPUs)
 
     @property
     def client(self) -> JobSubmissionClient:
         if self._client is None:  # the constructor calls the head, so only connect when first needed
-            self._client = JobSubmissionClient(self.address)
+            self._client = TimedJobSubmissionClient(self.address)
         return self._client
 
     def capacity(self) -> int:
