@@ -162,6 +162,8 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
 
     with pytest.raises(SystemExit, match=r"faceforge export: error: .*neither an existing checkpoint"):
         faceforge(["export", "/nonexistent/checkpoint"])
+    with pytest.raises(SystemExit, match=r"faceforge export: error: crop fraction must be in \(0, 1\], got 0\.0"):
+        faceforge(["export", str(trained), "--format", "onnx-int8", "--crop-fraction", "0"])  # not "the default"
     with pytest.raises(SystemExit, match=r"faceforge export: error: calibration set .* not found"):
         faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
     an_image = next((shared_data() / "lfw").rglob("*.jpg"))

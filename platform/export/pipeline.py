@@ -49,13 +49,16 @@ def export_model(
     Raises:
         ValueError, OSError: a bad format, source or calibration set, in one line.
     """
+    if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
     model = load_model(str(checkpoint or source), tracking_uri)
     found = resolve_source(tracking_uri, source)
     images = None
     if fmt != "onnx":
-        if not (calibration and crop_fraction):
+        if calibration is None or crop_fraction is None:
             train_root, train_crop = training_data_of(source, tracking_uri)
-            calibration, crop_fraction = calibration or train_root, crop_fraction or train_crop
+            calibration = train_root if calibration is None else calibration
+            crop_fraction = train_crop if crop_fraction is None else crop_fraction
         if say:
             say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
         images = open_calibration_images(calibration)
@@ -65,7 +68,7 @@ def export_model(
         fmt,
         out,
         calibration=images,
-        crop_fraction=crop_fraction or 1.0,
+        crop_fraction=1.0 if crop_fraction is None else crop_fraction,
         calibration_count=calibration_count,
         accuracy=found.accuracy,
     )
