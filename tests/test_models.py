@@ -144,6 +144,8 @@ def test_write_model_cards_has_a_row_per_model(tmp_path) -> None:
     assert [c.name for c in cards] == ALL_MODELS
     text = path.read_text()
     assert all(f"| {name} | 56 | 64 | 1 |" in text for name in ALL_MODELS)
+    with pytest.raises(IsADirectoryError, match="give the markdown file to write"):
+        write_model_cards(tmp_path, latency_runs=1)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 5)])

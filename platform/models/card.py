@@ -123,6 +123,9 @@ def write_model_cards(
     path: Path, input_size: int = 112, embedding_dim: int = 512, latency_runs: int = 30
 ) -> list[ModelCard]:
     """Card every registered backbone at width 1 and write the markdown page (docs/models.md)."""
+    path = Path(path)
+    if path.is_dir():  # found before minutes of benchmarking, not after
+        raise IsADirectoryError(f"{path} is a directory; give the markdown file to write, e.g. {path / 'models.md'}")
     cards = [
         model_card(name, input_size=input_size, embedding_dim=embedding_dim, latency_runs=latency_runs)
         for name in list_models()
@@ -133,7 +136,6 @@ def write_model_cards(
         "Every backbone downsamples by 16 and ends in a GDC head (global depthwise conv -> linear -> BN):\n"
         "the final map is 7x7 at 112 px and 4x4 at 56 or 64 px.\n\n"
     )
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(intro + cards_markdown(cards))
     return cards
