@@ -20,6 +20,7 @@ from faceforge.jobs import (
     SUCCEEDED,
     Job,
     JobStore,
+    JobStoreBusyError,
     compose_config,
     expand_sweep,
     job_dir,
@@ -174,16 +175,19 @@ def test_a_cancel_that_lands_before_the_start_or_during_a_requeue_is_kept(templa
 
 
 def test_a_locked_database_reports_itself(template: Job, tmp_path: Path) -> None:
-    """When BEGIN times out, the error says the database is locked (not that there was nothing to roll back)."""
+    """When BEGIN times out, the error names the database and says it was locked (not that there was nothing to
+    roll back); it is an OSError, which the CLI, the sweep launcher and the web form report in one line."""
     store = JobStore(tmp_path / "jobs.db", busy_seconds=0.2)
     holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        with pytest.raises(JobStoreBusyError, match=r"jobs\.db stayed locked by another process for 0\.2 s") as busy:
             store.submit(copies(template, 1))
+        assert isinstance(busy.value, OSError)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    assert store.list() == []  # nothing half-written
 
 
 def test_retry_queues_an_ended_job_again_under_its_own_id(template: Job, tmp_path: Path) -> None:

@@ -174,14 +174,16 @@ def test_launcher_rejects_objectives_that_cannot_work(
 ) -> None:
     """Caught before anything is queued: Optuna would only fail the trials after they had trained."""
     monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
-    cases = [  # objectives, wait, the sweeper's directions, the error
-        (None, True, ["maximize", "minimize"], "set hydra.launcher.objectives to as many metrics"),
-        (["accuracy"], True, ["maximize", "minimize"], "objectives has 1 metric(s) but hydra.sweeper.direction has 2"),
-        (["accuracy", "model.latency_ms"], False, None, "objectives needs hydra.launcher.wait=true"),
-        ([], True, None, "hydra.launcher.objectives is empty"),
+    cases = [  # objectives, wait, the sweeper's directions, poll seconds, the error
+        (None, True, ["maximize", "minimize"], 2, "set hydra.launcher.objectives to as many metrics"),
+        (["accuracy"], True, ["maximize", "minimize"], 2, "1 metric(s) but hydra.sweeper.direction has 2"),
+        (["accuracy", "model.latency_ms"], False, None, 2, "objectives needs hydra.launcher.wait=true"),
+        ([], True, None, 2, "hydra.launcher.objectives is empty"),
+        (None, True, None, 0, "hydra.launcher.poll_seconds must be positive, got 0"),
     ]
-    for objectives, wait, directions, message in cases:
-        launcher = instantiate(OmegaConf.structured(QueueLauncherConf(wait=wait, objectives=objectives)))
+    for objectives, wait, directions, poll, message in cases:
+        settings = QueueLauncherConf(wait=wait, objectives=objectives, poll_seconds=poll)
+        launcher = instantiate(OmegaConf.structured(settings))
         hydra = {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": {"direction": directions}}
         launcher.setup(hydra_context=None, task_function=lambda _: None, config=OmegaConf.create({"hydra": hydra}))
         with pytest.raises(SystemExit) as stopped:

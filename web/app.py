@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
-from faceforge.jobs import STATES, Job, JobStore, expand_sweep, make_jobs, store_path
+from faceforge.jobs import STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
 from faceforge.jobs.executors.local import whole_characters
 from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
 from faceforge.models import list_models
@@ -261,8 +261,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             jobs = await asyncio.to_thread(
                 compose_jobs, overrides, name=form.name or None, priority=priority, slots=slots, executor=form.executor
             )
-            store.submit(jobs)
-        except ValueError as err:
+            await asyncio.to_thread(store.submit, jobs)
+        except (ValueError, JobStoreBusyError) as err:  # the form comes back as typed: nothing is lost
             return form_page(request, form, str(err))
         target = f"/sweeps/{jobs[0].sweep_id}" if len(jobs) > 1 else f"/jobs/{jobs[0].id}"
         return RedirectResponse(target, 303)

@@ -4,7 +4,19 @@ from typing import TYPE_CHECKING
 
 from faceforge.jobs.paths import faceforge_home, job_dir, store_path
 from faceforge.jobs.scheduler import retry
-from faceforge.jobs.store import CANCELLED, FAILED, LOST, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, JobStore
+from faceforge.jobs.store import (
+    CANCELLED,
+    FAILED,
+    LOST,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL,
+    Job,
+    JobStore,
+    JobStoreBusyError,
+)
 
 if TYPE_CHECKING:
     from faceforge.jobs.spec import (
@@ -49,6 +61,7 @@ __all__ = [
     "TERMINAL",
     "Job",
     "JobStore",
+    "JobStoreBusyError",
     "compose_config",
     "expand_sweep",
     "faceforge_home",

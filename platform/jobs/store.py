@@ -107,6 +107,10 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(**values)
 
 
+class JobStoreBusyError(OSError):
+    """Another process held the job database locked for longer than `busy_seconds`: try again, nothing changed."""
+
+
 class JobStore:
     """All reads and writes of the jobs table. Every method opens its own short transaction."""
 
@@ -114,21 +118,35 @@ class JobStore:
         """`busy_seconds`: how long a transaction waits for another writer before "database is locked"."""
         self.path, self.busy_seconds = Path(path), busy_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
+        with self._busy_as_error():
+            db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
+                db.executescript(SCHEMA)
+            finally:
+                db.close()
+
+    @contextmanager
+    def _busy_as_error(self) -> Iterator[None]:
         try:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
+            yield
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            raise JobStoreBusyError(
+                f"job database {self.path} stayed locked by another process for {self.busy_seconds:g} s; "
+                "nothing was changed, try again"
+            ) from None
 
     @contextmanager
     def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=self.busy_seconds, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-            yield db
-            db.execute("COMMIT")
+            with self._busy_as_error():
+                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                yield db
+                db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # not when BEGIN itself failed (database locked): keep that error
                 db.execute("ROLLBACK")

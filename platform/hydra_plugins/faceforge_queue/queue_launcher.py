@@ -62,15 +62,17 @@ class QueueLauncher(Launcher):
         from faceforge.registry import Policy, prepare_tracking, save_policy
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweepers write their results there (Optuna's)
-        store = JobStore(store_path())
         try:  # a user's mistake is one line, and nothing of the batch is enqueued
+            store = JobStore(store_path())
+            if not self.poll_seconds > 0:  # 0 would spin a core while the sweep waits
+                raise ValueError(f"hydra.launcher.poll_seconds must be positive, got {self.poll_seconds}")
             self._check_objectives()
             policy = Policy(self.metric or Policy.metric, self.max_latency_ms, self.max_params)
             jobs, tracking_uri, experiment = self._make_jobs(job_overrides, initial_job_idx)
             experiment_id = prepare_tracking(tracking_uri, experiment)
             save_policy(tracking_uri, experiment_id, self.sweep_id, policy, self.registered_model)  # for the scheduler
             store.submit(jobs)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # OSError: unreadable paths, or the job database stayed locked
             print(f"faceforge train: error: {err}", file=sys.stderr)
             sys.exit(2)
         print(f"sweep {self.sweep_id}: {len(jobs)} job(s) queued in {store.path}", flush=True)
