@@ -84,3 +84,19 @@ def test_queue_logs_reads_ray_jobs_from_the_cluster_the_scheduler_drives(monkeyp
     args = build_parser().parse_args(["queue", "logs", "job-1"])
     assert args.ray_address == "http://head.example:8265"
     assert build_parser().parse_args(["scheduler"]).ray_address == "http://head.example:8265"
+
+
+def test_queue_logs_of_a_queued_ray_job_says_so_without_asking_the_cluster(
+    tiny_train_root: Path, tmp_path: Path
+) -> None:
+    from faceforge.jobs import JobStore, make_jobs, store_path
+
+    (job,) = make_jobs([f"data.root={tiny_train_root}"], executor="ray")
+    JobStore(store_path(tmp_path)).submit([job])
+    env = {**os.environ, "FACEFORGE_HOME": str(tmp_path), "FACEFORGE_RAY_ADDRESS": "http://127.0.0.1:9"}  # no head
+    result = subprocess.run(
+        [PYTHON, "-c", "from faceforge.cli import main; main()", "queue", "logs", job.id],
+        capture_output=True, text=True, cwd=REPO, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert f"{job.id} is queued; it has no log yet" in result.stderr

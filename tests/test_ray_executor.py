@@ -180,6 +180,24 @@ def test_cancelling_a_start_whose_handle_was_not_recorded_stops_it_on_ray(
     assert executor.status(claimed).state == CANCELLED  # Ray's own view: it was stopped, not left running
 
 
+def test_the_scheduler_copies_a_ray_jobs_log_where_the_web_page_reads_it(
+    ray_address: str, home: Path, tiny_train_root: Path
+) -> None:
+    store = JobStore(store_path(home))
+    executor = RayExecutor(ray_address)
+    scheduler = Scheduler(store, {"ray": executor}, home, poll_seconds=0.2)
+    (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=2)])
+    deadline = time.monotonic() + 150
+    while not (job := store.get(job.id)).terminal:
+        assert time.monotonic() < deadline, executor.read_log(job)[0] if job.handle else "never started"
+        scheduler.run_once()
+        time.sleep(0.2)
+    assert job.state == SUCCEEDED, job.error
+    assert job.log_path == str(job_dir(home, job.id) / f"{job.handle}.log")
+    copied = Path(job.log_path).read_text()
+    assert copied == executor.read_log(job)[0] and "mlflow:" in copied  # whole, and copied once
+
+
 def test_a_bare_host_port_address_is_read_as_the_dashboard(ray_address: str) -> None:
     executor = RayExecutor(ray_address.removeprefix("http://"))  # Ray alone would take it for a GCS address
     assert executor.address == ray_address and executor.capacity() == 2

@@ -349,6 +349,7 @@ def _queue_logs(args: argparse.Namespace) -> None:
     executor = get_executor(job.executor, **({"address": args.ray_address} if job.executor == "ray" else {}))
     if job.state == "queued" and not args.follow:
         print(f"{job.id} is queued; it has no log yet (--follow waits for it)", file=sys.stderr)
+        return
     offset = 0
     while True:
         finished = job.terminal  # known before the read, so the last read sees all the job wrote

@@ -93,7 +93,9 @@ class Scheduler:
             log.error("could not start %s: %s", job.id, err)
             self.store.finish(job.id, self.owner, FAILED, error=f"could not start: {err}")
             return
-        self.store.update(job.id, self.owner, handle=handle, log_path=str(directory / LOG_FILE))
+        # A remote log is copied per start: each Ray submission's log begins again at byte 0.
+        log_path = directory / (f"{handle}.log" if executor.remote_log else LOG_FILE)
+        self.store.update(job.id, self.owner, handle=handle, log_path=str(log_path))
         log.info("started %s (%s, attempt %d) in %s", job.id, job.name, job.attempts, directory)
 
     def _poll(self, job: Job) -> None:
@@ -110,11 +112,25 @@ class Scheduler:
             if job.cancel_requested:
                 executor.stop(job)
             status = executor.status(job)
+            if executor.remote_log:  # after the status, so an ended job's copy is complete before it is recorded
+                self._copy_log(job, executor)
         except OSError as err:
             log.warning("cannot reach the %s executor about %s: %s", job.executor, job.id, err)
             return
         if status.state != RUNNING:
             self._record(job, status)
+
+    @staticmethod
+    def _copy_log(job: Job, executor: Executor) -> None:
+        """Append what the executor's log holds past the local copy's end."""
+        if not job.log_path:
+            return
+        path = Path(job.log_path)
+        text, _ = executor.read_log(job, path.stat().st_size if path.exists() else 0)
+        if text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as copy:
+                copy.write(text.encode())
 
     def _cancel_unrecorded(self, job: Job, executor: Executor) -> None:
         """Cancel a job whose start may have landed before its handle was recorded: executors that name a start

@@ -22,6 +22,9 @@ class Status:
 
 class Executor(Protocol):
     name: str
+    # True when the job's output stays with the executor (a Ray head, which forgets it with the submission):
+    # the scheduler then copies it into job.log_path as it polls, where the web page and the demo read it.
+    remote_log: bool
 
     def capacity(self) -> int:
         """Slots this executor can run at once (cores here, cluster CPUs or GPUs for Ray)."""

@@ -40,6 +40,7 @@ HANDLE_WAIT_SECONDS = 30.0  # how long a runner that another scheduler just star
 
 class LocalExecutor:
     name = "local"
+    remote_log = False
 
     def __init__(self, slots: int | None = None, grace_seconds: float = 30.0) -> None:
         self.slots = slots if slots is not None else os.cpu_count() or 1

@@ -99,6 +99,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    remote_log = True
 
     def __init__(self, address: str = "http://127.0.0.1:8265") -> None:
         self.address = dashboard_url(address)
