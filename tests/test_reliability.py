@@ -351,12 +351,29 @@ def pickle_with(opcode: bytes, length_format: str, claimed: int) -> bytes:
         (pickle_with(b"\x8e", "<Q", 2**62), "not a valid verification .bin"),  # BINBYTES8
         (pickle.dumps({"bins": [], "issame": []}), r"expected a pickled \(bins, issame_list\) pair"),
         (pickle.dumps(([b"a"] * 20, [True] * 10, "extra")), r"expected a pickled \(bins, issame_list\) pair"),
-        (pickle.dumps((b"ab" * 10, [True] * 10)), "bins must be encoded image bytes and issame_list booleans"),
+        (pickle.dumps((b"ab" * 10, [True] * 10)), r"expected a pickled \(bins, issame_list\) pair of lists"),
+        (pickle.dumps((5, 6)), r"expected a pickled \(bins, issame_list\) pair of lists"),
+        # bytes(2**62) called by the pickle: a dozen bytes of file asking for 4 EiB
+        (
+            b"\x80\x02c__builtin__\nbytes\n\x8a\x08" + struct.pack("<Q", 2**62) + b"\x85R.",
+            r"not a valid .*bytes\(\) with arguments",
+        ),
         (pickle.dumps((["a.jpg"] * 20, [True] * 10)), "bins must be encoded image bytes"),
         (pickle.dumps(([b"a"] * 20, [1] * 10)), "bins must be encoded image bytes and issame_list booleans"),
         (pickle.dumps(([b"a"] * 8, [True] * 4)), "4 pairs cannot form 10 folds"),
     ],
-    ids=["bytes-claims-2GB", "bytes8-claims-2^62", "dict", "triple", "bytes-not-list", "str-bins", "int-issame", "few"],
+    ids=[
+        "bytes-claims-2GB",
+        "bytes8-claims-2^62",
+        "dict",
+        "triple",
+        "bytes-not-list",
+        "ints",
+        "bytes-call",
+        "str-bins",
+        "int-issame",
+        "few",
+    ],
 )
 def test_malformed_bin_files(payload: bytes, message: str, tmp_path: Path) -> None:
     (tmp_path / "odd.bin").write_bytes(payload)

@@ -14,6 +14,10 @@ import torch
 MAX_PIXELS = 40_000_000
 
 
+# A 16-bit image whose brightest level is below this decodes to at most 15 of 255: refused, not trained on.
+DIM_16_BIT = 4096
+
+
 class ImageDecodeError(ValueError):
     """An input file is not a decodable image."""
 
@@ -21,6 +25,7 @@ class ImageDecodeError(ValueError):
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); DHT, JPG and DAC share the range.
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 PNM_HEADER = re.compile(rb"P[1-6](?:\s|#[^\r\n]*)+(\d+)(?:\s|#[^\r\n]*)+(\d+)")
+PNM_MAXVAL = re.compile(rb"P[2356](?:(?:\s|#[^\r\n]*)+\d+){2}(?:\s|#[^\r\n]*)+(\d+)")  # greyscale and colour
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -86,14 +91,32 @@ def decode_image(data: bytes | bytearray | memoryview, source: str = "<bytes>") 
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageDecodeError(f"{source}: {size[0]}x{size[1]} exceeds the {MAX_PIXELS} pixel limit")
     try:
-        # IMREAD_COLOR applies the EXIF orientation (phone photos), maps 16-bit to 8-bit by the fixed >> 8 rather
-        # than by each image's own maximum, replicates greyscale and drops alpha.
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        # IMREAD_COLOR applies the EXIF orientation (phone photos), replicates greyscale and drops alpha.
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     except cv2.error:  # OpenCV's own limits and assertions
         img = None
     if img is None:
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated or unsupported)")
+    if img.dtype == np.uint16:
+        img = _to_8_bit(img, data, source)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _to_8_bit(img: np.ndarray, data: bytes, source: str) -> np.ndarray:
+    """Scale by the file's full scale, never by the image's own maximum, so every image keeps its brightness.
+
+    PNM states its full scale (maxval); a 16-bit PNG's is 65535, where 8- or 12-bit levels stored in 16 bits would
+    come out all but black: such an image is refused rather than trained on.
+    """
+    if match := PNM_MAXVAL.match(data, 0, 1024):
+        return np.round(img * (255.0 / max(int(match[1]), 1))).clip(0, 255).astype(np.uint8)
+    brightest = int(img.max())
+    if brightest < DIM_16_BIT:
+        raise ImageDecodeError(
+            f"{source}: a 16-bit image whose brightest level is {brightest} of 65535 would be black at 8 bits "
+            "(8- or 12-bit data in a 16-bit file?); convert it to 8 bits first"
+        )
+    return (img >> 8).astype(np.uint8)
 
 
 def read_image(path: str | Path) -> np.ndarray:
