@@ -52,7 +52,9 @@ class RecordDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset directory not found")
         if (self.root / INTERRUPTED_PACK_MARKER).exists():
-            raise ValueError(f"{self.root}: a pack into it was interrupted and its files are mixed; pack it again")
+            raise ValueError(
+                f"{self.root}: a pack into it was interrupted and its files are mixed; pack it again with --overwrite"
+            )
         self.transform = transform
         self.reader = IndexedRecordReader(self.root / "train")
         self.keys, self.labels = self._index()
