@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from faceforge.jobs import (
     CANCELLED,
+    FAILED,
     LOST,
     RUNNING,
     SUCCEEDED,
@@ -207,14 +208,18 @@ def test_a_bare_host_port_address_is_read_as_the_dashboard(ray_address: str) -> 
 
 @contextmanager
 def fake_head(answer: Callable[[str], tuple[int, dict] | None]) -> Iterator[str]:
-    """A real HTTP peer speaking as a Ray dashboard: /api/version as Ray 2.x, other GETs as `answer` says
+    """A real HTTP peer speaking as a Ray dashboard: /api/version as Ray 2.x, other requests as `answer` says
     (status and JSON body; None: never answer, like a hung head)."""
     release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.do_GET()
+
         def do_GET(self) -> None:
             version = (200, {"ray_version": "2.60.0", "version": "4"})
-            reply = version if self.path == "/api/version" else answer(self.path)
+            reply = version if self.path == "/api/version" else answer(f"{self.command} {self.path}")
             if reply is None:
                 release.wait(60)
                 return
@@ -275,7 +280,7 @@ def test_a_server_error_is_transient_and_one_jobs_failure_does_not_stop_the_othe
     broken, rejected, done = (submission_id(job) for job in polled)
 
     def answer(path: str) -> tuple[int, dict]:
-        if path.endswith(broken):
+        if path.endswith(broken):  # "GET /api/jobs/<id>"
             return 503, {"error": "the head is restarting"}
         if path.endswith(rejected):
             return 400, {"error": "bad request"}
@@ -289,3 +294,23 @@ def test_a_server_error_is_transient_and_one_jobs_failure_does_not_stop_the_othe
         scheduler.run_once()
     states = [store.get(job.id).state for job in polled]
     assert states == [RUNNING, RUNNING, SUCCEEDED]  # 5xx: polled again later; 400 logged; the last still recorded
+
+
+def test_a_submission_the_head_rejects_fails_the_job_rather_than_retrying_forever(
+    home: Path, tiny_train_root: Path
+) -> None:
+    """Ray answers 500, with a traceback as the body, when its job agent rejects a submission."""
+    store = JobStore(store_path(home))
+    (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=1)])
+
+    def answer(request: str) -> tuple[int, dict]:
+        if request == "POST /api/jobs/":
+            return 500, {"traceback": "Traceback (most recent call last):\n  ...\nValueError: bad runtime_env"}
+        return 404, {"error": "no such submission"}
+
+    with fake_head(answer) as address:
+        scheduler = Scheduler(store, {"ray": RayExecutor(address)}, home, poll_seconds=0.2)
+        assert store.claim("ray", scheduler.owner, 1, 30) is not None  # the fake head reports no CPUs to claim by
+        scheduler.run_once()
+    ended = store.get(job.id)
+    assert ended.state == FAILED and "could not start" in (ended.error or "") and "500" in (ended.error or "")

@@ -73,14 +73,20 @@ def dashboard_url(address: str) -> str:
 
 class TimedJobSubmissionClient(JobSubmissionClient):
     """JobSubmissionClient whose requests time out, and whose server errors are transient: the SDK reports every
-    HTTP error as RuntimeError, which would fail a job over a head that is briefly unwell."""
+    HTTP error as RuntimeError, which would fail a job over a head that is briefly unwell.
+
+    A submission is the exception: Ray answers 500 when its job agent rejects one, which no retry mends, so it
+    stays a RuntimeError and the job fails with "could not start".
+    """
 
     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", REQUEST_TIMEOUT_SECONDS)
         response = super()._do_request(method, endpoint, **kwargs)
-        if response.status_code >= 500:
+        submission = method == "POST" and endpoint.rstrip("/") == "/api/jobs"
+        if response.status_code >= 500 and not submission:
+            last_line = (response.text.strip().splitlines() or [""])[-1]  # the body may be a whole traceback
             raise ConnectionError(
-                f"Ray at {self._address} answered {method} {endpoint} with {response.status_code}: {response.text}"
+                f"Ray at {self._address} answered {method} {endpoint} with {response.status_code}: {last_line}"
             )
         return response
 
