@@ -171,6 +171,7 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
         ({"executor": "slurm"}, "unknown executor"),
         ({"overrides": "trainer.nproc=1 data.root='/open"}, "overrides: a quote is not closed"),
+        ({"sweep": "'\\" * 40_000}, "sweep: 80000 characters, more than the 65536 allowed"),
     ]:
         reply = server.post("/jobs", data=job_form(tiny_train_root, **fields), headers=BEARER)
         assert reply.status_code == 400, fields
@@ -214,10 +215,17 @@ def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Pa
             {"dataset": str(link)},
             {"overrides": "data.root=/etc"},
             {"overrides": f"eval=pairs eval.pairs={roots[1]}/../../../etc/passwd eval.root={roots[2]}"},
+            {"overrides": "trainer.init_from=/etc"},  # refused before the web process opens anything there
+            {"overrides": "distill=embedding distill.teacher=/etc"},
+            {"overrides": f"distill=embedding distill.teacher={outside} distill.cache_dir=/tmp/elsewhere"},
         ]:
             reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
             assert reply.status_code == 400, fields
             assert "outside the configured data roots" in reply.text, fields
+        reply = server.post(
+            "/jobs", data=job_form(roots[0], overrides="mlflow.tracking_uri=sqlite:////etc/passwd"), headers=BEARER
+        )
+        assert reply.status_code == 400 and "mlflow.tracking_uri cannot be set from the web form" in reply.text
         assert server.count() == before
     finally:
         link.unlink()
@@ -306,8 +314,8 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
     [(first_id, _, text)] = events({}, until_end=False)
     assert text == "first line\nsecond line" and int(first_id) == len(b"first line\nsecond line\n")
     assert events({"Last-Event-ID": "\u00b2"}, until_end=False) == [(first_id, "message", text)]  # a digit, not ASCII
-    past_any_file = requests.get(f"{server.url}/jobs/{job.id}/logs", headers={"Last-Event-ID": "9" * 20}, timeout=30)
-    assert past_any_file.status_code == 400 and "past the end of any file" in past_any_file.text
+    # An id past the file's end (the log was replaced or truncated since, or made up) starts the log again.
+    assert events({"Last-Event-ID": "9" * 20}, until_end=False) == [(first_id, "message", text)]
     resume = len(b"first line\n")
     [(_, _, text)] = events({"Last-Event-ID": str(resume)}, until_end=False)
     assert text == "second line"
@@ -317,6 +325,29 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
     rest = events({"Last-Event-ID": first_id}, until_end=True)
     assert rest[0][2] == "half done\n12%|##\nlast" and int(rest[0][0]) == log.stat().st_size
     assert rest[-1][1:] == ("end", "succeeded")
+
+
+def test_log_stream_follows_a_new_log_file_from_its_start(
+    server: Server, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    """A retried Ray job logs to a new file: the stream must start that one at byte 0, not at the old offset."""
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], priority=99))
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    first.write_bytes(b"attempt one wrote this long line\n")
+    assert server.store.claim("local", "test-owner", capacity=1000, lease_seconds=60).id == job.id
+    server.store.update(job.id, log_path=str(first))
+    with requests.get(f"{server.url}/jobs/{job.id}/logs", stream=True, timeout=30) as reply:
+        lines = reply.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("data: ")) == "data: attempt one wrote this long line"
+        second.write_bytes(b"attempt two\n")
+        server.store.update(job.id, log_path=str(second))
+        server.store.finish(job.id, "test-owner", "succeeded", exit_code=0)
+        rest = []
+        for line in lines:
+            rest.append(line)
+            if line == "event: end":
+                break
+    assert "data: attempt two" in rest, rest
 
 
 def test_log_stream_keeps_a_character_whole_across_chunks(

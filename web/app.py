@@ -90,6 +90,8 @@ def read_log(path: str | None, offset: int, final: bool) -> tuple[str, int]:
     if not path or not Path(path).is_file():
         return "", offset
     with open(path, "rb") as file:
+        if offset > os.fstat(file.fileno()).st_size:  # the log was replaced or truncated: start it again
+            offset = 0
         file.seek(offset)
         data = file.read(LOG_CHUNK)
     if not final and len(data) < LOG_CHUNK:
@@ -164,6 +166,10 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.exception_handler(StarletteHTTPException)
     async def error_page(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         return render(request, "error.html", exc.status_code, message=exc.detail)
+
+    @app.exception_handler(JobStoreBusyError)
+    async def busy_page(request: Request, exc: JobStoreBusyError) -> HTMLResponse:
+        return render(request, "error.html", 503, message=str(exc))  # nothing changed: the page can be retried
 
     @app.get("/")
     def index() -> RedirectResponse:
@@ -305,14 +311,15 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         get_job(job_id)
         last_id = request.headers.get("last-event-id", "")
         start = int(last_id) if last_id.isascii() and last_id.isdigit() else max(offset, 0)
-        if start > 2**63 - 1:  # past any file offset: seek would fail after the response began
-            raise HTTPException(400, f"log offset {start} is past the end of any file")
 
         async def events() -> AsyncIterator[str]:
-            position = start
+            position, log_path = start, None
             yield "retry: 1000\n\n"
             while not await request.is_disconnected():
                 job = await asyncio.to_thread(store.get, job_id)
+                if log_path is not None and job.log_path != log_path:  # a retry on Ray writes a new file
+                    position = 0
+                log_path = job.log_path
                 text, position_after = await asyncio.to_thread(read_log, job.log_path, position, job.terminal)
                 if text:
                     position = position_after

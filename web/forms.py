@@ -7,13 +7,13 @@ before anything is composed.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from starlette.datastructures import FormData
 
-from faceforge.jobs import Job, expand_sweep, override_value, quoted_path
+from faceforge.eval.sources import MLFLOW_SCHEMES
+from faceforge.jobs import Job, expand_sweep, faceforge_home, override_value, quoted_path
 from faceforge.web.datasets import DEMO, confine
 
 # Form field -> config key; blank means the config's default.
@@ -24,7 +24,12 @@ HYPERPARAMETERS = {
     "width": "model.width",
     "input_size": "model.input_size",
 }
+# Data a job reads: inside the data roots.
 PATH_KEYS = ("data.root", "eval.pairs", "eval.root", "eval.bin")
+# The platform's own files a job starts from or writes: inside the data roots or $FACEFORGE_HOME.
+HOME_PATH_KEYS = ("trainer.init_from", "distill.teacher", "distill.cache_dir")
+# Web jobs log to the platform's MLflow database, which the pages read: never chosen in the form.
+FIXED_KEYS = ("mlflow.tracking_uri",)
 
 
 @dataclass
@@ -103,16 +108,44 @@ class JobForm:
             raise ValueError(f"{name} must be a whole number, got {value!r}") from None
 
 
-# An override runs to the next space or newline outside quotes; a quote may open mid-word (`data.root='/a b'`), as
-# Hydra's grammar allows, and a backslash escapes the next character inside one.
-OVERRIDE = re.compile(r"""(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|[^\s'"])+""")
+# Far more than any real list of overrides; it bounds what a request can make the server parse.
+MAX_OVERRIDE_CHARS = 65_536
 
 
 def tokens(text: str, what: str) -> list[str]:
-    """Overrides separated by spaces or newlines; quotes are kept for Hydra's own parser."""
-    if OVERRIDE.sub(" ", text).strip():  # all that no override took is a quote left open
+    """Overrides separated by spaces or newlines; quotes are kept for Hydra's own parser.
+
+    An override runs to the next space or newline outside quotes; a quote may open mid-word (`data.root='/a b'`),
+    as Hydra's grammar allows, and a backslash escapes the next character inside one. One pass, so the time is
+    linear in the text (a backtracking regex took seconds on a few KB of quotes and backslashes).
+    """
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ValueError(f"{what}: {len(text)} characters, more than the {MAX_OVERRIDE_CHARS} allowed")
+    found: list[str] = []
+    current: list[str] = []
+    quote, escaped = "", False
+    for char in text:
+        if quote:
+            current.append(char)
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char.isspace():
+            if current:
+                found.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+            if char in "'\"":
+                quote = char
+    if quote:
         raise ValueError(f"{what}: a quote is not closed")
-    return OVERRIDE.findall(text)
+    if current:
+        found.append("".join(current))
+    return found
 
 
 def confined(override: str, roots: list[Path]) -> str:
@@ -121,14 +154,18 @@ def confined(override: str, roots: list[Path]) -> str:
     The trainer would take a relative path from the scheduler's working directory, not from the root it was checked in.
     """
     key = override.partition("=")[0]
-    if override_key(key) not in PATH_KEYS:
+    if override_key(key) in FIXED_KEYS:
+        raise ValueError(f"{override_key(key)} cannot be set from the web form: web jobs log to the platform's MLflow")
+    if override_key(key) not in (*PATH_KEYS, *HOME_PATH_KEYS):
         return override
+    allowed = roots if override_key(key) in PATH_KEYS else [*roots, faceforge_home()]
     values = []
     for [point] in expand_sweep([override]):
         value = point.partition("=")[2]
-        if path := override_value(point):
-            resolved = confine(path, roots)
-            if not resolved.exists():
+        path = override_value(point)
+        if path and not path.startswith(MLFLOW_SCHEMES):  # a registered teacher is a name, not a file
+            resolved = confine(path, allowed)
+            if override_key(key) != "distill.cache_dir" and not resolved.exists():  # the cache is made when missing
                 raise ValueError(f"{point}: no such file or directory")
             value = quoted_path(resolved)
         values.append(value)

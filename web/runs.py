@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from faceforge.jobs import Job
@@ -33,7 +34,7 @@ def database_ready(uri: str) -> bool:
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)) as db:
             return db.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is not None
-    except sqlite3.OperationalError:  # no tables yet, or locked by the migration in progress
+    except sqlite3.DatabaseError:  # no tables yet, locked by the migration in progress, or not a database at all
         return False
 
 
@@ -49,7 +50,10 @@ def job_run(job: Job) -> Run | None:
         return None
     mlflow = client(uri)
     if job.mlflow_run_id:
-        return mlflow.get_run(job.mlflow_run_id)
+        try:
+            return mlflow.get_run(job.mlflow_run_id)
+        except MlflowException:  # deleted, or the database was replaced: look for the job's tag instead
+            pass
     experiments = [e.experiment_id for e in mlflow.search_experiments()]
     if not experiments:
         return None
