@@ -64,6 +64,8 @@ from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_
 CROP_SIZE = 112
 ROOT_ALBUM = "."  # files put straight into the inbox: the inbox itself, a name no album folder can have
 STATE = "state.db"
+# A file that looks cut short waits this many times settle_seconds (a minute by default) before it is decided.
+INCOMPLETE_SETTLE_FACTOR = 30
 OUTCOMES = ("labelled", "rejected", "error")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
@@ -131,7 +133,9 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> AutolabelCo
     path = path or CONFIG_DIR / "autolabel.yaml"
     if not path.is_file():
         raise AutolabelError(f"{path}: autolabel config not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _yaml(path.read_text(), str(path)) or {}
+    if not isinstance(values, dict):
+        raise AutolabelError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
@@ -142,7 +146,7 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> AutolabelCo
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise AutolabelError(f"override {override!r}: {part} is not a group")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = _yaml(text, f"override {override!r}")
     try:
         config = build_typed(AutolabelConfig, values)
     except ConfigError as err:
@@ -151,8 +155,23 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> AutolabelCo
     return config
 
 
+def _yaml(text: str, where: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise AutolabelError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def check_config(config: AutolabelConfig) -> None:
+    """Every setting a round would trip over, checked before the daemon touches the inbox."""
+    from faceforge.data_pipeline.detect import DETECTORS
+
+    retrain = config.retrain.overrides
     checks = [
+        (config.detector in DETECTORS, f"detector must be one of {', '.join(sorted(DETECTORS))}"),
+        (config.min_face_size >= 1, f"min_face_size must be >= 1, got {config.min_face_size}"),
+        (config.settle_seconds >= 0, f"settle_seconds must be >= 0, got {config.settle_seconds}"),
+        (config.poll_seconds > 0, f"poll_seconds must be positive, got {config.poll_seconds}"),
         (config.cluster.method in CLUSTERERS, f"cluster.method must be one of {', '.join(sorted(CLUSTERERS))}"),
         (config.cluster.min_size >= 1 and config.cluster.neighbours >= 1, "cluster.min_size and neighbours >= 1"),
         (config.batch_files >= 1 and config.embed_batch >= 1, "batch_files and embed_batch must be >= 1"),
@@ -161,10 +180,22 @@ def check_config(config: AutolabelConfig) -> None:
         (config.dedup.calibrate or not config.dedup.calibration_root, "dedup.calibration_root needs dedup.calibrate"),
         (-1 <= config.dedup.copy_pixel_threshold <= 1, "dedup.copy_pixel_threshold is a cosine, in [-1, 1]"),
         (config.max_file_mb > 0, "max_file_mb must be positive"),
+        (
+            isinstance(retrain, list) and all(isinstance(o, str) for o in retrain),
+            "retrain.overrides must be a list of key=value",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise AutolabelError(message)
+    if config.retrain.min_new_identities > 0:  # composed now, not after a round has moved every file
+        from faceforge.jobs import compose_config
+        from faceforge.train.config import ConfigError
+
+        try:
+            compose_config(["data=folder", "data.root=/the/dataset/version", *retrain])
+        except ConfigError as err:
+            raise AutolabelError(f"retrain.overrides: {err}") from None
 
 
 # One file
@@ -310,18 +341,34 @@ class Autolabeller:
     # Inbox
 
     def scan(self) -> int:
-        """Register inbox files not seen before whose size and time have settled; returns how many."""
+        """Register inbox files not seen before that have been left alone for `settle_seconds`; returns how many.
+
+        A file that looks cut short (empty, or a JPEG or PNG without its end) waits INCOMPLETE_SETTLE_FACTOR times
+        as long: a copy that pauses would otherwise be decided as truncated and moved to error/ mid-copy.
+        """
         known = self.state.unmoved_sources()
-        settled_before = time.time() - self.config.settle_seconds
+        now, settle = time.time(), self.config.settle_seconds
         found = []
         for path in self.inbox_files():
             album, *rest = path.relative_to(self.inbox).parts
             album, name = (album, Path(*rest).as_posix()) if rest else (ROOT_ALBUM, album)
-            if (album, name) not in known and path.stat().st_mtime <= settled_before:
+            if (album, name) in known:
+                continue
+            age = now - path.stat().st_mtime
+            if age >= settle and (age >= settle * INCOMPLETE_SETTLE_FACTOR or not self.looks_cut_short(path)):
                 found.append((album, name))
         if found:
             self.state.register(found)
         return len(found)
+
+    def looks_cut_short(self, path: Path) -> bool:
+        try:
+            size = path.stat().st_size
+            if size > self.config.max_file_mb * 1e6:
+                return False  # decided as huge without reading it, at any age
+            return not size or truncation_problem(path.read_bytes()) is not None
+        except OSError:
+            return False  # decided (as unreadable) like any other file
 
     def inbox_files(self) -> list[Path]:
         """Every file of the inbox but hidden ones, in a fixed order. Album folders that are links are followed (each

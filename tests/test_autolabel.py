@@ -218,6 +218,28 @@ def test_a_file_that_cannot_be_moved_waits_in_the_inbox(model_a: Path, tmp_path:
     assert [p.name for outcome in OUTCOMES for p in (workdir / outcome).rglob("*.jpg")] == ["1_a.jpg"]
 
 
+def test_a_file_that_looks_cut_short_waits_longer_for_its_copy_to_finish(model_a: Path, tmp_path: Path) -> None:
+    """A copy that pauses past settle_seconds must not be decided as truncated and moved to error/ mid-copy."""
+    photo = lfw_photos(1)[0]
+    inbox = tmp_path / "inbox"
+    (inbox / "album").mkdir(parents=True)
+    files = {"whole.jpg": photo, "half.jpg": photo[: len(photo) // 2], "empty.jpg": b""}
+    for name, data in files.items():
+        (inbox / "album" / name).write_bytes(data)
+    labeller = Autolabeller(inbox, tmp_path / "work", config(model_a, "settle_seconds=1"), log=lambda _: None)
+
+    def registered_after(seconds_untouched: float) -> list[str]:
+        for name in files:
+            stamp = time.time() - seconds_untouched
+            os.utime(inbox / "album" / name, (stamp, stamp))
+        labeller.scan()
+        return sorted(name for _, name in labeller.state.unmoved_sources())
+
+    assert registered_after(0) == []  # nothing has settled
+    assert registered_after(5) == ["whole.jpg"]  # settled; the other two may still be arriving
+    assert registered_after(31) == ["empty.jpg", "half.jpg", "whole.jpg"]  # 30 x settle_seconds: decided as they are
+
+
 def test_a_file_replaced_after_its_decision_is_decided_again(model_a: Path, tmp_path: Path) -> None:
     """New bytes under a decided file's name (before its move, or after a move a kill cut short) are a new file:
     never moved under the old file's decision."""
@@ -437,6 +459,23 @@ def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
         load_config(None, ["quality.max_yaw=120"])
     with pytest.raises(AutolabelError, match=r"calibration_root needs dedup\.calibrate"):
         load_config(None, ["dedup.calibration_root=/people", "dedup.calibrate=false"])
+    for overrides, message in [
+        (["poll_seconds=-1"], "poll_seconds must be positive"),  # watch would spin a core
+        (["settle_seconds=-1"], "settle_seconds must be >= 0"),
+        (["detector=nope"], "detector must be one of center, haar, mtcnn"),
+        (["model=[x"], r"override 'model=\[x': not valid YAML"),
+        (["retrain.overrides=notalist"], "retrain.overrides must be a list of key=value"),
+        # found at start-up, not after a round has moved every file and written its version
+        (["retrain.min_new_identities=1", "retrain.overrides=[nosuchkey=1]"], "retrain.overrides: Could not override"),
+    ]:
+        with pytest.raises(AutolabelError, match=message):
+            load_config(None, overrides)
+    (tmp_path / "list.yaml").write_text("- model: x\n")
+    with pytest.raises(AutolabelError, match=r"list\.yaml: expected a mapping of settings, got list"):
+        load_config(tmp_path / "list.yaml", ["poll_seconds=1"])
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(AutolabelError, match=r"broken\.yaml: not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
     (tmp_path / "inbox").mkdir()
     with pytest.raises(AutolabelError, match="must not be inside the inbox"):
         Autolabeller(tmp_path / "inbox", tmp_path / "inbox" / "work", load_config(None))
