@@ -66,6 +66,7 @@ ROOT_ALBUM = "."  # files put straight into the inbox: the inbox itself, a name 
 STATE = "state.db"
 # A file that looks cut short waits this many times settle_seconds (a minute by default) before it is decided.
 INCOMPLETE_SETTLE_FACTOR = 30
+LOCK_PATIENCE_SECONDS = 1.0
 OUTCOMES = ("labelled", "rejected", "error")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
@@ -689,13 +690,23 @@ class Autolabeller:
 
 @contextmanager
 def exclusive(workdir: Path) -> Iterator[None]:
-    """One daemon per work folder: a second one fails at once instead of racing the first."""
+    """One daemon per work folder: a second one fails within a second instead of racing the first.
+
+    It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     with (workdir / "daemon.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AutolabelError(f"{workdir}: another autolabel daemon is running on this work folder") from None
+        deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AutolabelError(
+                        f"{workdir}: another autolabel daemon is running on this work folder"
+                    ) from None
+                time.sleep(0.02)
         yield
 
 

@@ -25,6 +25,7 @@ from faceforge.data_pipeline.autolabel import (
     AutolabelConfig,
     AutolabelError,
     Autolabeller,
+    daemon_running,
     exclusive,
     load_config,
     resolve_model,
@@ -494,6 +495,25 @@ def test_one_daemon_per_work_folder(tmp_path: Path) -> None:
         pass
     with exclusive(tmp_path):  # released
         pass
+
+
+def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None:
+    """`daemon_running` (autolabel status, the datasets page) takes the lock for an instant to test it."""
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            daemon_running(tmp_path)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(300):
+            with exclusive(tmp_path):
+                pass
+    finally:
+        done.set()
+        prober.join()
 
 
 def test_adjusted_rand_index() -> None:
