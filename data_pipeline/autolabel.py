@@ -411,11 +411,14 @@ class Autolabeller:
         """
         for file_id, album, name, sha256, destination in self.state.unmoved_outcomes():
             source = self.inbox_path(album, name)
+            present = os.path.lexists(source)  # a link whose target has gone is still moved, not left behind
             try:
-                if source.exists() and (sha256 is None or sha256_of(source) == sha256):
+                if present and (sha256 is None or sha256_of(source) == sha256):
                     move_file(source, self.workdir / destination)
-                elif source.exists():
+                elif present:
                     self.log(f"{album}/{name}: replaced after it was decided; it will be decided as a new file")
+                else:
+                    self.log(f"{album}/{name}: gone from the inbox before it was moved")
             except OSError as err:
                 if file_id not in self.unmovable:
                     self.unmovable.add(file_id)

@@ -197,6 +197,20 @@ def test_a_huge_file_is_judged_by_its_size_without_being_read(model_a: Path, tmp
     assert (workdir / "error" / "album" / "1_huge.jpg").stat().st_size == 2 * 10**9
 
 
+def test_a_link_to_a_photo_of_another_album_leaves_nothing_behind(model_a: Path, tmp_path: Path) -> None:
+    """Its target is decided and moved first; the link, dangling by then, is moved too, not recorded as moved."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    for album in ("a1", "a2"):
+        (inbox / album).mkdir(parents=True)
+    (inbox / "a1" / "x.jpg").write_bytes(lfw_photos(1)[0])
+    (inbox / "a2" / "same.jpg").symlink_to("../a1/x.jpg")
+    Autolabeller(inbox, workdir, config(model_a, "batch_files=1"), log=lambda _: None).run_once()
+    assert [p for p in inbox.rglob("*") if p.is_symlink() or p.is_file()] == []
+    with sqlite3.connect(workdir / "state.db") as db:
+        destinations = [row[0] for row in db.execute("SELECT destination FROM files WHERE moved = 1")]
+    assert len(destinations) == 2 and all(os.path.lexists(workdir / d) for d in destinations), destinations
+
+
 def test_a_file_that_cannot_be_moved_waits_in_the_inbox(model_a: Path, tmp_path: Path) -> None:
     """A move that fails (here a file stands where the outcome folder must go) stops nothing: the daemon reports
     it once, and moves the file on a later pass."""
