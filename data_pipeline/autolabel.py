@@ -692,25 +692,40 @@ class Autolabeller:
 
 
 @contextmanager
-def exclusive(workdir: Path) -> Iterator[None]:
-    """One daemon per work folder: a second one fails within a second instead of racing the first.
+def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
+    """One daemon per work folder and per inbox: a second one fails within a second instead of racing the first
+    (two work folders on one inbox would both label, and move, the same photos).
 
     It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
+    The inbox is locked as a directory, so nothing is written into it.
     """
+    if not inbox.is_dir():
+        raise AutolabelError(f"{inbox}: inbox folder not found")
     workdir.mkdir(parents=True, exist_ok=True)
-    with (workdir / "daemon.lock").open("w") as lock:
+    with (
+        _locked(workdir / "daemon.lock", f"{workdir}: another autolabel daemon is running on this work folder"),
+        _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
+    ):
+        yield
+
+
+@contextmanager
+def _locked(path: Path, taken: str) -> Iterator[None]:
+    """flock on `path`, a directory or a lock file (created if missing)."""
+    descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise AutolabelError(
-                        f"{workdir}: another autolabel daemon is running on this work folder"
-                    ) from None
+                    raise AutolabelError(taken) from None
                 time.sleep(0.02)
         yield
+    finally:
+        os.close(descriptor)
 
 
 def daemon_running(workdir: Path) -> bool:

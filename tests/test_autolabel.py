@@ -504,11 +504,20 @@ def test_config_mistakes_are_one_line(tmp_path: Path) -> None:
     assert "inbox folder not found" in result.stderr
 
 
-def test_one_daemon_per_work_folder(tmp_path: Path) -> None:
-    with exclusive(tmp_path), pytest.raises(AutolabelError, match="another autolabel daemon"), exclusive(tmp_path):
+def test_one_daemon_per_work_folder_and_per_inbox(tmp_path: Path) -> None:
+    inbox, other_inbox, work, other_work = (tmp_path / name for name in ("in", "in2", "work", "work2"))
+    inbox.mkdir()
+    other_inbox.mkdir()
+    same_work = pytest.raises(AutolabelError, match="another autolabel daemon is running on this work folder")
+    same_inbox = pytest.raises(AutolabelError, match="another autolabel daemon is taking files from this inbox")
+    with exclusive(work, inbox):
+        with same_work, exclusive(work, other_inbox):
+            pass
+        with same_inbox, exclusive(other_work, inbox):  # both would label, and move, the same photos
+            pass
+    with exclusive(work, inbox):  # released
         pass
-    with exclusive(tmp_path):  # released
-        pass
+    assert list(inbox.iterdir()) == []  # the inbox is locked as a directory: nothing is written into it
 
 
 def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None:
@@ -523,7 +532,7 @@ def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None
     prober.start()
     try:
         for _ in range(300):
-            with exclusive(tmp_path):
+            with exclusive(tmp_path, tmp_path):
                 pass
     finally:
         done.set()

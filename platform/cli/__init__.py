@@ -154,7 +154,7 @@ def _autolabel(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     workdir = _autolabel_workdir(args)
-    with exclusive(workdir):
+    with exclusive(workdir, args.inbox):
         labeller = Autolabeller(args.inbox, workdir, config)
         if args.autolabel_command == "watch":
             print(f"watching {args.inbox} every {config.poll_seconds:g} s (Ctrl-C stops after the batch in flight)")

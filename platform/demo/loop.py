@@ -407,7 +407,7 @@ class Demo:
         if self.on_sample:
             overrides += SMALL_PHOTOS
         workdir, sets = self.home / "autolabel", self.sets
-        with exclusive(workdir), inbox_bar(sets.inbox, f"label round {number}"):
+        with exclusive(workdir, sets.inbox), inbox_bar(sets.inbox, f"label round {number}"):
             labeller = Autolabeller(sets.inbox, workdir, load_config(None, overrides), log=self.out)
             try:
                 report = labeller.run_once()
