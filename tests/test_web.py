@@ -165,6 +165,8 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"model": "resnet9000"}, "resnet9000"),
         ({"sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
         ({"priority": "high"}, "priority must be a whole number"),
+        ({"priority": "\u0663"}, "priority must be a whole number"),  # an Arabic-Indic three
+        ({"slots": "1_0"}, "slots must be a whole number"),
         ({"priority": str(2**63)}, "priority, slots and nodes must be within"),
         ({"slots": "99999999999999999999"}, "priority, slots and nodes must be within"),
         ({"sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),

@@ -7,6 +7,7 @@ before anything is composed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -102,10 +103,9 @@ class JobForm:
         value = getattr(self, name)
         if not value:
             return None
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        if not re.fullmatch(r"[+-]?[0-9]+", value):  # int() also takes "١٢" and "1_000"
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
 
 
 # Far more than any real list of overrides; it bounds what a request can make the server parse.
