@@ -81,6 +81,21 @@ def wait_for(executor: RayExecutor, job: Job, done: tuple[str, ...], timeout: fl
     return status
 
 
+def ray_scheduler(ray_address: str, home: Path) -> tuple[JobStore, RayExecutor, Scheduler]:
+    store, executor = JobStore(store_path(home)), RayExecutor(ray_address)
+    return store, executor, Scheduler(store, {"ray": executor}, home, poll_seconds=0.2)
+
+
+def scheduled_until_ended(scheduler: Scheduler, executor: RayExecutor, job: Job, timeout: float) -> Job:
+    """Tick the scheduler until the job has ended; returns it as stored."""
+    deadline = time.monotonic() + timeout
+    while not (job := scheduler.store.get(job.id)).terminal:
+        assert time.monotonic() < deadline, executor.read_log(job)[0] if job.started_at else "never started"
+        scheduler.run_once()
+        time.sleep(0.2)
+    return job
+
+
 def test_capacity_is_the_cluster_cpus(ray_address: str) -> None:
     assert RayExecutor(ray_address).capacity() == 2
 
@@ -164,35 +179,22 @@ def test_cancelling_a_start_whose_handle_was_not_recorded_stops_it_on_ray(
     ray_address: str, home: Path, tiny_train_root: Path
 ) -> None:
     """The scheduler died between Ray accepting the submission and recording its handle: the job still runs."""
-    store = JobStore(store_path(home))
-    executor = RayExecutor(ray_address)
-    scheduler = Scheduler(store, {"ray": executor}, home, poll_seconds=0.2)
+    store, executor, scheduler = ray_scheduler(ray_address, home)
     (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=100_000)])
     claimed = store.claim("ray", scheduler.owner, 2, 30)
     assert claimed is not None and claimed.id == job.id
     executor.start(claimed, job_dir(home, job.id))  # landed on Ray; its handle is never stored
     assert store.get(job.id).handle is None and store.cancel(job.id).cancel_requested
-    deadline = time.monotonic() + 90
-    while not store.get(job.id).terminal:
-        assert time.monotonic() < deadline, executor.read_log(claimed)[0]
-        scheduler.run_once()
-        time.sleep(0.2)
-    assert store.get(job.id).state == CANCELLED
+    assert scheduled_until_ended(scheduler, executor, claimed, timeout=90).state == CANCELLED
     assert executor.status(claimed).state == CANCELLED  # Ray's own view: it was stopped, not left running
 
 
 def test_the_scheduler_copies_a_ray_jobs_log_where_the_web_page_reads_it(
     ray_address: str, home: Path, tiny_train_root: Path
 ) -> None:
-    store = JobStore(store_path(home))
-    executor = RayExecutor(ray_address)
-    scheduler = Scheduler(store, {"ray": executor}, home, poll_seconds=0.2)
+    store, executor, scheduler = ray_scheduler(ray_address, home)
     (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=2)])
-    deadline = time.monotonic() + 150
-    while not (job := store.get(job.id)).terminal:
-        assert time.monotonic() < deadline, executor.read_log(job)[0] if job.handle else "never started"
-        scheduler.run_once()
-        time.sleep(0.2)
+    job = scheduled_until_ended(scheduler, executor, job, timeout=150)
     assert job.state == SUCCEEDED, job.error
     assert job.log_path == str(job_dir(home, job.id) / f"{job.handle}.log")
     copied = Path(job.log_path).read_text()
