@@ -116,7 +116,7 @@ def test_two_rank_job_runs_to_success_once(ray_address: str, home: Path, tiny_tr
     status = wait_for(executor, job, TERMINAL, timeout=150)
     log, offset = executor.read_log(job)
     assert status == Status(SUCCEEDED, 0), log
-    assert first.entrypoint.startswith(shlex.quote(sys.executable) + " -m faceforge.train ")  # the venv's Python
+    assert first.entrypoint.startswith(f"exec {shlex.quote(sys.executable)} -m faceforge.train ")  # the venv's Python
 
     mlflow = MlflowClient(f"sqlite:///{home}/mlflow.db")
     experiments = [experiment.experiment_id for experiment in mlflow.search_experiments()]
@@ -164,6 +164,24 @@ def test_a_retried_job_runs_again_as_a_new_submission(ray_address: str, home: Pa
     assert executor.status(first).state == CANCELLED  # the first start's record is untouched
     executor.stop(second)
     assert wait_for(executor, second, TERMINAL, timeout=60).state == CANCELLED
+    # Stopped within a second or two of their submission: Ray's shell had not always forked the trainer yet, and
+    # a trainer started after the stop kept training, unseen, after Ray reported the job stopped.
+    for _ in range(10):
+        assert processes_naming(job.id) == []
+        time.sleep(0.5)
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (a job's id is in its trainer's arguments)."""
+    found = []
+    for process in Path("/proc").iterdir():
+        try:
+            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # not a process, or one that has just ended
+            continue
+        if process.name.isdigit() and text in command:
+            found.append(command)
+    return found
 
 
 def test_unknown_submission_is_lost(ray_address: str, home: Path, tiny_train_root: Path) -> None:
@@ -187,6 +205,7 @@ def test_cancelling_a_start_whose_handle_was_not_recorded_stops_it_on_ray(
     assert store.get(job.id).handle is None and store.cancel(job.id).cancel_requested
     assert scheduled_until_ended(scheduler, executor, claimed, timeout=90).state == CANCELLED
     assert executor.status(claimed).state == CANCELLED  # Ray's own view: it was stopped, not left running
+    assert processes_naming(job.id) == []  # and nothing of it trains on
 
 
 def test_the_scheduler_copies_a_ray_jobs_log_where_the_web_page_reads_it(

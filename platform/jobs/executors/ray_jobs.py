@@ -151,7 +151,9 @@ class RayExecutor:
         }
         try:
             self.client.submit_job(
-                entrypoint=shlex.join(train_command(job, job_dir)),
+                # exec: the trainer replaces Ray's shell, so a stop signals the trainer itself. Ray signals the
+                # process tree it sees at the stop; a shell whose child was not yet forked left the trainer running.
+                entrypoint="exec " + shlex.join(train_command(job, job_dir)),
                 submission_id=submission_id(job),
                 entrypoint_num_cpus=job.slots,
                 runtime_env={"env_vars": env},
