@@ -34,7 +34,8 @@ from tqdm import tqdm
 from faceforge.data import EvalTransform, ImageFolderDataset, RecordDataset
 from faceforge.parallel import DistContext, all_gather_tensor, barrier, broadcast_object
 
-FORMAT_VERSION = 1
+# 2: decoding follows EXIF orientation and no longer stretches 16-bit images, so version-1 features may differ.
+FORMAT_VERSION = 2
 
 
 def dataset_digest(dataset: ImageFolderDataset | RecordDataset) -> str:
