@@ -286,6 +286,9 @@ def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: P
     assert queued.count('<span class="state queued">') == 50 and "job-bulk00949" in queued
     assert server.get("/queue", params={"state": "bogus"}).status_code == 400
     assert server.get("/queue", params={"page": 10**18}).status_code == 400
+    malformed = server.get("/queue/table", params={"page": "x"})  # the error page, not FastAPI's JSON
+    assert malformed.status_code == 400 and malformed.headers["content-type"].startswith("text/html")
+    assert "page: Input should be a valid integer" in malformed.text
 
 
 def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_root: Path, tmp_path: Path) -> None:

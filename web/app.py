@@ -18,6 +18,7 @@ from typing import Any
 
 import mlflow
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -166,6 +167,12 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.exception_handler(StarletteHTTPException)
     async def error_page(request: Request, exc: StarletteHTTPException) -> HTMLResponse:
         return render(request, "error.html", exc.status_code, message=exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request_page(request: Request, exc: RequestValidationError) -> HTMLResponse:
+        """A malformed query (`?page=x`) gets the error page, not FastAPI's JSON."""
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return render(request, "error.html", 400, message=problems)
 
     @app.exception_handler(JobStoreBusyError)
     async def busy_page(request: Request, exc: JobStoreBusyError) -> HTMLResponse:
