@@ -271,7 +271,7 @@ class ShardedMarginSoftmax(nn.Module):
         all_labels = all_gather_tensor(labels.to(self.weight.device, torch.long), self.group)
         # Checked on the gathered batch so every rank raises together; a label in no shard would be trained
         # with no positive logit at all.
-        low, high = (int(all_labels.min()), int(all_labels.max())) if all_labels.numel() else (0, 0)
+        low, high = torch.stack(torch.aminmax(all_labels)).tolist() if all_labels.numel() else (0, 0)  # one sync
         if low < 0 or high >= self.num_classes:
             raise ValueError(f"labels span {low}..{high}, outside the head's {self.num_classes} classes")
         rows, targets = self._sample(all_labels)
