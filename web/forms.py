@@ -154,18 +154,19 @@ def confined(override: str, roots: list[Path]) -> str:
     The trainer would take a relative path from the scheduler's working directory, not from the root it was checked in.
     """
     key = override.partition("=")[0]
-    if override_key(key) in FIXED_KEYS:
-        raise ValueError(f"{override_key(key)} cannot be set from the web form: web jobs log to the platform's MLflow")
-    if override_key(key) not in (*PATH_KEYS, *HOME_PATH_KEYS):
+    name = override_key(key)
+    if name in FIXED_KEYS:
+        raise ValueError(f"{name} cannot be set from the web form: web jobs log to the platform's MLflow")
+    if name not in (*PATH_KEYS, *HOME_PATH_KEYS):
         return override
-    allowed = roots if override_key(key) in PATH_KEYS else [*roots, faceforge_home()]
+    allowed = roots if name in PATH_KEYS else [*roots, faceforge_home()]
     values = []
     for [point] in expand_sweep([override]):
         value = point.partition("=")[2]
         path = override_value(point)
         if path and not path.startswith(MLFLOW_SCHEMES):  # a registered teacher is a name, not a file
             resolved = confine(path, allowed)
-            if override_key(key) != "distill.cache_dir" and not resolved.exists():  # the cache is made when missing
+            if name != "distill.cache_dir" and not resolved.exists():  # the cache is made when missing
                 raise ValueError(f"{point}: no such file or directory")
             value = quoted_path(resolved)
         values.append(value)

@@ -55,9 +55,8 @@ def largest_activation(path: str | Path) -> Activation:
         tensors.append((value.name, tuple(d.dim_value for d in dims), value.type.tensor_type.elem_type))
     if not tensors:
         raise ValueError(f"{path}: shape inference gave no activation shapes")
-    held = [t for t in tensors if t[2] in _QUANTISED or t[0] in boundary]
-    if not any(t[2] in _QUANTISED for t in tensors):  # a float graph holds all its tensors
-        held = tensors
+    quantised = any(t[2] in _QUANTISED for t in tensors)  # a float graph holds all its tensors
+    held = [t for t in tensors if not quantised or t[2] in _QUANTISED or t[0] in boundary]
     name, shape, elem_type = max(held, key=lambda t: math.prod(t[1]) * _itemsize(t[2]))
     return Activation(name, shape, math.prod(shape) * _itemsize(elem_type))
 
