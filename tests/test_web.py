@@ -6,11 +6,13 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from faceforge.jobs import CANCELLED, QUEUED, JobStore, compose_config, make_job
 from faceforge.registry import prepare_tracking, select_and_register
 from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
+from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
 from faceforge.web.app import LOG_CHUNK
 from faceforge.web.security import resolve_token
@@ -181,6 +184,33 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         assert error and message in error.group(1), (fields, error and error.group(1))
         assert 'name="lr"' in reply.text  # the form is shown again to be fixed
     assert server.count() == before
+
+
+def test_a_locked_job_store_gets_a_retry_page_and_loses_nothing(
+    tmp_path: Path, roots: list[Path], tiny_train_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the write lock: a 503 page to retry (or the form, as typed), no half-done change."""
+    monkeypatch.setattr(web_app, "JobStore", partial(JobStore, busy_seconds=0.2))
+    served = Server(tmp_path, roots)
+    try:
+        [job] = served.store.submit(make_jobs([f"data.root={quoted_path(tiny_train_root)}"]))
+        holder = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            reply = served.post(f"/jobs/{job.id}/cancel", headers=BEARER)
+            assert reply.status_code == 503
+            assert "stayed locked" in reply.text and "try again" in reply.text
+            reply = served.post("/jobs", data=job_form(tiny_train_root, name="kept"), headers=BEARER)
+            assert reply.status_code == 400 and "stayed locked" in reply.text
+            assert 'value="kept"' in reply.text  # the form comes back as typed
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        [unchanged] = served.store.list()
+        assert unchanged.state == QUEUED and not unchanged.cancel_requested
+        assert served.post(f"/jobs/{job.id}/cancel", headers=BEARER).status_code == 303  # the retry works
+    finally:
+        served.stop()
 
 
 def test_sweep_preview_counts_points_and_submits_them(server: Server, tiny_train_root: Path) -> None:
