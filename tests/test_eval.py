@@ -13,6 +13,7 @@ from torch import nn
 from faceforge.data import ImageDecodeError, VerificationSet, decode_image, load_pairs
 from faceforge.eval import (
     best_threshold,
+    check_folds,
     eer,
     embed_images,
     evaluate_model,
@@ -131,6 +132,38 @@ def test_metric_input_errors() -> None:
         tar_at_far(np.array([np.nan, 0.9]), issame)
     with pytest.raises(ValueError, match="at least 2 folds"):
         kfold_accuracy(scores, issame, np.zeros(2))
+
+
+def test_a_fold_whose_other_folds_lack_impostors_is_refused_up_front() -> None:
+    folds = np.repeat(np.arange(10), 2)
+    issame = folds != 9  # every impostor pair sits in fold 9: its threshold would be fitted on genuine pairs only
+    with pytest.raises(ValueError, match="the folds other than fold 9 hold only genuine pairs"):
+        check_folds(issame, folds)
+    with pytest.raises(ValueError, match="fold 9"):
+        kfold_accuracy(np.linspace(0, 1, 20), issame, folds)
+    check_folds(folds % 2 == 0, folds)
+
+
+def test_a_threshold_between_scores_one_ulp_apart_separates_them() -> None:
+    low = np.nextafter(0.5, 1.0)  # an odd last mantissa bit: the midpoint rounds (to even) up onto `high`
+    high = np.nextafter(low, 1.0)
+    scores, issame = np.array([low, high]), np.array([False, True])
+    threshold, accuracy = best_threshold(scores, issame)
+    assert accuracy == 1.0
+    assert np.mean((scores > threshold) == issame) == 1.0  # the reported accuracy is the one the threshold gives
+
+
+def test_non_finite_or_zero_features_are_refused_not_scored() -> None:
+    gallery, labels = np.eye(3, dtype=np.float32), np.array([10, 20, 30])
+    for probe, message in [(np.nan, "NaN or infinity"), (np.inf, "NaN or infinity"), (0.0, "all zero")]:
+        probes = np.full((2, 3), probe, dtype=np.float32)
+        with pytest.raises(ValueError, match=message):
+            identification_rank_k(gallery, labels, probes, np.array([30, 30]))
+    with pytest.raises(ValueError, match="gallery features contain NaN"):
+        identification_rank_k(np.where(np.eye(3) > 0, np.nan, 0), labels, np.eye(3)[:1], np.array([10]))
+    vset = VerificationSet("v", [b"a", b"b"], np.array([0]), np.array([1]), np.array([True]), np.array([0]))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        pair_scores(np.array([[1.0, 0.0], [np.nan, 1.0]]), vset)
 
 
 # ---------------------------------------------------------------- identification

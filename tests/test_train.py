@@ -216,12 +216,17 @@ def test_an_evaluation_set_that_cannot_be_scored_is_refused_before_training(
     matched_only = tmp_path / "matched.bin"
     folds = np.arange(10)
     write_bin(matched_only, VerificationSet("m", [b"a", b"b"], folds * 0, folds * 0 + 1, folds >= 0, folds))
+    impostors_in_one_fold = tmp_path / "one_fold_impostors.bin"
+    folds = np.repeat(np.arange(10), 2)
+    pairs = VerificationSet("f", [b"a", b"b"], folds * 0, folds * 0 + 1, folds != 9, folds)
+    write_bin(impostors_in_one_fold, pairs)
 
     cases = [
-        ({"pairs": str(one_fold)}, "has 1 fold; k-fold accuracy needs at least 2"),
+        ({"pairs": str(one_fold)}, "k-fold accuracy needs at least 2 folds, got 1"),
         ({"pairs": str(missing)}, f"{name}_9999.jpg not found"),
         ({"root": None}, "needs eval.root"),
-        ({"bin": str(matched_only)}, "needs both matched and mismatched pairs"),
+        ({"bin": str(matched_only)}, "hold only genuine pairs"),
+        ({"bin": str(impostors_in_one_fold)}, "the folds other than fold 9 hold only genuine pairs"),
     ]
     for changes, message in cases:
         changed = tiny_config(tmp_path / "run", tiny_train_root, tiny_pairs)

@@ -38,6 +38,7 @@ def _prune(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from faceforge.data import ImageFolderDataset, load_bin, load_pairs
     from faceforge.eval import (
+        check_folds,
         embed_images,
         evaluate_verification,
         format_metrics,
@@ -53,6 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
     embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
     if args.bin or args.pairs:
         vset = load_bin(args.bin) if args.bin else load_pairs(args.pairs, args.root or args.pairs.parent)
+        check_folds(vset.issame, vset.folds)
         features = embed_images(model, vset.images, **embed)
         metrics = evaluate_verification(features, vset)
         print(format_metrics(metrics))

@@ -4,6 +4,7 @@ from faceforge.eval.embed import embed_images
 from faceforge.eval.metrics import (
     DEFAULT_FARS,
     best_threshold,
+    check_folds,
     eer,
     gallery_probe_split,
     identification_rank_k,
@@ -23,6 +24,7 @@ from faceforge.eval.report import (
 __all__ = [
     "DEFAULT_FARS",
     "best_threshold",
+    "check_folds",
     "eer",
     "embed_images",
     "evaluate_model",

@@ -40,6 +40,7 @@ def _accuracy_per_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[np.
     accepted_positives = issame.sum() - np.concatenate([[0.0], np.cumsum(positives_at)])
     accuracy = (rejected_negatives + accepted_positives) / len(scores)
     cuts = unique[:-1] + np.diff(unique) / 2
+    cuts = np.where(cuts < unique[1:], cuts, unique[:-1])  # two scores 1 ulp apart: the midpoint rounds onto one
     thresholds = np.concatenate([[np.nextafter(unique[0], -np.inf)], cuts, [unique[-1]]])
     return thresholds, accuracy
 
@@ -52,6 +53,22 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     return float(thresholds[best]), float(accuracy[best])
 
 
+def check_folds(issame: np.ndarray, folds: np.ndarray) -> None:
+    """Refuse a fold split that k-fold accuracy cannot score, before anything is embedded or trained.
+
+    Each fold's threshold is fitted on the other folds, so those must hold both genuine and impostor pairs.
+    """
+    issame, folds = np.asarray(issame, dtype=bool), np.asarray(folds)
+    fold_ids = np.unique(folds)
+    if len(fold_ids) < 2:
+        raise ValueError(f"k-fold accuracy needs at least 2 folds, got {len(fold_ids)}")
+    for fold in fold_ids:
+        rest = issame[folds != fold]
+        if rest.all() or not rest.any():
+            only = "genuine" if rest.all() else "impostor"
+            raise ValueError(f"the folds other than fold {fold} hold only {only} pairs: no threshold can be fitted")
+
+
 def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray) -> tuple[float, float, np.ndarray]:
     """LFW protocol: each fold is scored with the threshold fitted on all other folds.
 
@@ -61,9 +78,8 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, folds: np.ndarray) ->
     folds = np.asarray(folds)
     if folds.shape != scores.shape:
         raise ValueError(f"folds {folds.shape} must match scores {scores.shape}")
+    check_folds(issame, folds)
     fold_ids = np.unique(folds)
-    if len(fold_ids) < 2:
-        raise ValueError(f"k-fold accuracy needs at least 2 folds, got {len(fold_ids)}")
     accuracies, thresholds = np.empty(len(fold_ids)), np.empty(len(fold_ids))
     for i, fold in enumerate(fold_ids):
         held_out = folds == fold
@@ -149,6 +165,10 @@ def _normalized(feats: np.ndarray, what: str) -> np.ndarray:
     feats = np.array(feats, dtype=np.float32, order="C")
     if feats.ndim != 2:
         raise ValueError(f"{what} features must be N x D, got shape {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{what} features contain NaN or infinity")
+    if not np.linalg.norm(feats, axis=1).all():
+        raise ValueError(f"{what} features have rows that are all zero: cosine similarity is undefined")
     faiss.normalize_L2(feats)
     return feats
 

@@ -25,6 +25,8 @@ def pair_scores(features: np.ndarray, vset: VerificationSet) -> np.ndarray:
         raise ValueError(
             f"{vset.name}: need one feature row per image ({len(vset.images)}), got shape {features.shape}"
         )
+    if not np.isfinite(features).all():
+        raise ValueError(f"{vset.name}: features contain NaN or infinity (has the model diverged?)")
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     if not (norms > 0).all():
         raise ValueError(f"{vset.name}: some feature rows are all zero, cosine similarity is undefined")

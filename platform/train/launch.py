@@ -16,6 +16,7 @@ from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.distill.teacher import teacher_identity
+from faceforge.eval.metrics import check_folds
 from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
@@ -93,10 +94,10 @@ def check_verification_set(cfg: TrainConfig) -> None:
             _, issame, folds = read_pairs(cfg.eval.pairs, cfg.eval.root)
         except (ValueError, OSError) as err:
             raise ConfigError(f"eval.pairs: {err}") from None
-    if len(np.unique(folds)) < 2:
-        raise ConfigError(f"{source} has 1 fold; k-fold accuracy needs at least 2")
-    if issame.all() or not issame.any():
-        raise ConfigError(f"{source} needs both matched and mismatched pairs")
+    try:
+        check_folds(issame, folds)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def check_device(cfg: TrainConfig) -> None:
