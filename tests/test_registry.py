@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from faceforge.registry import (
     versions,
 )
 from faceforge.registry.champion import registered_version, registry_lock
-from faceforge.registry.selection import JOB_TAG, SWEEP_TAG, Candidate
+from faceforge.registry.selection import JOB_TAG, POLICY_TAG, REGISTERED_MODEL_TAG, SWEEP_TAG, Candidate
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
 
@@ -149,7 +151,7 @@ def test_the_default_metric_falls_back_to_accuracy_only_where_it_cannot_be_measu
     # LFW's 3,000 impostor pairs cannot measure a FAR of 1e-4: accuracy decides.
     few_pairs = select([run("a", {"accuracy": 0.9}), run("bb", {"accuracy": 0.95})], Policy(), "s")
     assert few_pairs.winner is not None and few_pairs.winner.run_name == "bb" and few_pairs.value == 0.95
-    assert few_pairs.ranked_by == "accuracy" and "could measure tar_far_1e-04" in few_pairs.reason
+    assert few_pairs.ranked_by == "accuracy" and "logged tar_far_1e-04 (too few pairs for that FAR)" in few_pairs.reason
     measured = [
         run("a", {"accuracy": 0.9, "tar_far_1e-04": 0.5}),
         run("bb", {"accuracy": 0.95, "tar_far_1e-04": 0.4}),
@@ -158,6 +160,42 @@ def test_the_default_metric_falls_back_to_accuracy_only_where_it_cannot_be_measu
     by_tar = select(measured, Policy(), "s")
     assert by_tar.winner is not None and by_tar.winner.run_name == "a" and by_tar.ranked_by == "tar_far_1e-04"
     assert by_tar.value == 0.5 and "runner-up bb (mobilefacenet) 0.4000" in by_tar.reason
+
+
+def test_selection_is_not_fooled_by_nan_values_full_metric_keys_or_shared_names() -> None:
+    def run(name: str, metrics: dict[str, float], start: int = 0, label: str | None = None) -> Candidate:
+        return Candidate(name, label or name, None, "mobilefacenet", "FINISHED", start, metrics, f"m-{name}")
+
+    good = {"eval.accuracy": 0.9, "eval.eer": 0.05, "model.latency_ms": 4.0, "model.params": 1e6}
+    nan_latency = run("nan-latency", good | {"eval.accuracy": 0.99, "model.latency_ms": math.nan})
+    nan_params = run("nan-params", good | {"eval.accuracy": 0.99, "model.params": math.nan})
+    limited = select([nan_latency, nan_params, run("good", good)], Policy(max_latency_ms=5, max_params=2e6), "s")
+    assert limited.winner is not None and limited.winner.run_name == "good"
+    assert limited.excluded == {
+        "nan-latency (mobilefacenet)": "latency nan",
+        "nan-params (mobilefacenet)": "params nan",
+    }
+
+    by_key = select([run("worse", good | {"eval.eer": 0.3}), run("good", good)], Policy(metric="eval.eer"), "s")
+    assert by_key.winner is not None and by_key.winner.run_name == "good" and "lowest eval.eer" in by_key.reason
+
+    tied = [run("nan-accuracy", good | {"eval.accuracy": math.nan}, start=1), run("good", good, start=2)]
+    by_eer = select(tied, Policy(metric="eer"), "s")  # equal EER: accuracy breaks the tie, and NaN is no accuracy
+    assert by_eer.winner is not None and by_eer.winner.run_name == "good"
+    nan_eer = select([run("nan-eer", good | {"eval.eer": math.nan}), run("good", good)], Policy(metric="eer"), "s")
+    assert nan_eer.excluded == {"nan-eer (mobilefacenet)": "eer is nan"}
+
+    no_eer = select([run("a", {"eval.accuracy": 0.8}), run("b", {"eval.accuracy": 0.9})], Policy(metric="eer"), "s")
+    assert no_eer.winner is not None and no_eer.winner.run_name == "b"
+    assert "no eligible run logged eer, so by accuracy: b (mobilefacenet) has the best accuracy" in no_eer.reason
+
+    failed = [replace(run(f"id{i}", good, label="retry"), status="FAILED") for i in range(3)]
+    shared = select([*failed, run("good", good)], Policy(), "s")
+    assert list(shared.excluded) == [
+        "retry (mobilefacenet)",
+        "retry (mobilefacenet) [id1]",
+        "retry (mobilefacenet) [id2]",
+    ]
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:
@@ -257,9 +295,16 @@ def test_trained_run_logs_its_card_and_registers(
 def test_cli_champion_select_and_mlflow_ui(sweep: tuple[str, dict[str, str]]) -> None:
     uri, runs = sweep
     uri_args = ("--tracking-uri", uri)
-    selected = faceforge("registry", *uri_args, "--name", "faceforge", "select", SWEEP, "--max-latency-ms", "10")
+    experiment_id = MlflowClient(uri).get_experiment_by_name("tests").experiment_id
+    save_policy(uri, experiment_id, SWEEP, Policy(metric="eer", max_params=1_500_000), "faceforge")
+    try:  # an option replaces its part of the sweep's saved policy and keeps the rest
+        selected = faceforge("registry", *uri_args, "--name", "faceforge", "select", SWEEP, "--max-latency-ms", "10")
+    finally:
+        for tag in (POLICY_TAG, REGISTERED_MODEL_TAG):
+            MlflowClient(uri).delete_experiment_tag(experiment_id, tag + SWEEP)
     assert selected.returncode == 0, selected.stderr
     assert runs["fast"] in selected.stdout and "latency 20.00 ms > 10 ms" in selected.stdout
+    assert "lowest eer with latency <= 10 ms, params <= 1,500,000" in selected.stdout
     shown = faceforge("registry", *uri_args, "champion")
     assert shown.returncode == 0, shown.stderr
     assert runs["fast"] in shown.stdout and "aliases: champion" in shown.stdout and "latency 5.00 ms" in shown.stdout
@@ -337,3 +382,27 @@ def test_eight_concurrent_writers_on_one_database(tmp_path: Path) -> None:
     assert all(run.metrics["loss"] == pytest.approx(1 / 20) for run in runs)
     history = MlflowClient(uri).get_metric_history(runs[0].run_id, "loss")
     assert np.allclose(sorted(m.value for m in history), sorted(1.0 / s for s in range(1, 21)))
+
+
+def test_a_champion_whose_run_was_garbage_collected_is_still_described(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = prepare_tracking(uri, "tests")
+    client = MlflowClient(uri, registry_uri=uri)
+    run_id = add_run(uri, experiment_id, "old", "mobilefacenet", {"eval.accuracy": 0.9, "model.latency_ms": 3.0})
+    select_and_register(uri, SWEEP)
+    assert champion(uri).card == {"latency_ms": 3.0}
+    client.delete_run(run_id)
+    collected = subprocess.run(
+        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--run-ids", run_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stderr
+    kept = champion(uri)  # the version outlives its run: readable, with no card left to show
+    assert kept.run_id == run_id and kept.card == {} and "aliases: champion" in kept.describe()
+    assert [v.run_id for v in versions(uri)] == [run_id]
+
+    client.delete_experiment(experiment_id)
+    with pytest.raises(ValueError, match="experiment 'tests' was deleted: restore it"):
+        prepare_tracking(uri, "tests")

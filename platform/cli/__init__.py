@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -411,12 +412,13 @@ def _registry_champion(args: argparse.Namespace) -> None:
 
 
 def _registry_select(args: argparse.Namespace) -> None:
-    from faceforge.registry import Policy, default_tracking_uri, select_and_register
+    from faceforge.registry import default_tracking_uri, saved_policy, select_and_register
 
-    options = (args.metric, args.max_latency_ms, args.max_params)
-    # Without options, the policy the sweep was launched with.
-    policy = Policy(args.metric or Policy.metric, *options[1:]) if any(o is not None for o in options) else None
-    _, version = select_and_register(args.tracking_uri or default_tracking_uri(), args.sweep_id, policy, args.name)
+    uri = args.tracking_uri or default_tracking_uri()
+    options = {"metric": args.metric, "max_latency_ms": args.max_latency_ms, "max_params": args.max_params}
+    # Each option given replaces that part of the policy the sweep was launched with; the rest is kept.
+    policy = replace(saved_policy(uri, args.sweep_id)[0], **{k: v for k, v in options.items() if v is not None})
+    _, version = select_and_register(uri, args.sweep_id, policy, args.name)
     print(version.describe())
 
 
@@ -656,8 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument(
         "--metric", default=None, help="tar_far_1e-04, accuracy, eer (lowest wins)...; default: the sweep's own policy"
     )
-    select.add_argument("--max-latency-ms", type=float, default=None, help="CPU latency limit (1 thread, batch 1)")
-    select.add_argument("--max-params", type=int, default=None, help="parameter count limit")
+    select.add_argument(
+        "--max-latency-ms", type=float, default=None, help="CPU latency limit (1 thread, batch 1); default: the sweep's"
+    )
+    select.add_argument("--max-params", type=int, default=None, help="parameter count limit; default: the sweep's")
     select.set_defaults(func=_registry_select)
 
     ui = commands.add_parser("mlflow-ui", help="serve the MLflow UI on the platform's tracking database")

@@ -78,9 +78,21 @@ class Version:
         return "\n".join(lines)
 
 
+def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
+    """The run's metrics; none once `mlflow gc` has removed the run, which leaves the version itself readable."""
+    if not run_id:
+        return {}
+    try:
+        return client.get_run(run_id).data.metrics
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return {}
+
+
 def _version(client: MlflowClient, mv: ModelVersion) -> Version:
     tags = mv.tags or {}
-    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    metrics = _run_metrics(client, mv.run_id)
     keys = {"params": PARAMS, "macs": MACS, "latency_ms": LATENCY}
     return Version(
         name=mv.name,

@@ -40,6 +40,11 @@ def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {experiment!r} was deleted: restore it (`mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}` with MLFLOW_TRACKING_URI={tracking_uri}) or set mlflow.experiment to another name"
+        )
     if found is not None:
         return found.experiment_id
     try:

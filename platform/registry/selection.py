@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from mlflow.entities import Run
 
@@ -43,7 +43,7 @@ class Policy:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric in LOWER_IS_BETTER
+        return self.metric.removeprefix("eval.") in LOWER_IS_BETTER  # `Candidate.metric` takes either name
 
     def describe(self) -> str:
         limits = [f"latency <= {self.max_latency_ms:g} ms"] if self.max_latency_ms is not None else []
@@ -169,18 +169,20 @@ def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
     if candidate.status != "FINISHED":
         return f"run {candidate.status.lower()}"
     value = candidate.value_for(policy.metric)
-    if value is None or not math.isfinite(value):
+    if value is None:
         return f"no {policy.metric} or {TIE_BREAK} logged"
+    if not math.isfinite(value):
+        return f"{policy.metric if candidate.metric(policy.metric) is not None else TIE_BREAK} is {value}"
     if policy.max_latency_ms is not None:
         latency = candidate.metrics.get(LATENCY)
-        if latency is None:
-            return "no latency logged"
+        if latency is None or not math.isfinite(latency):
+            return f"latency {latency if latency is not None else 'not logged'}"
         if latency > policy.max_latency_ms:
             return f"latency {latency:.2f} ms > {policy.max_latency_ms:g} ms"
     if policy.max_params is not None:
         params = candidate.metrics.get(PARAMS)
-        if params is None:
-            return "no params logged"
+        if params is None or not math.isfinite(params):
+            return f"params {params if params is not None else 'not logged'}"
         if params > policy.max_params:
             return f"params {int(params):,} > {policy.max_params:,}"
     if candidate.model_id is None:
@@ -196,8 +198,9 @@ def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Select
         why = _exclusion(candidate, policy)
         if why is None:
             eligible.append(candidate)
-        else:
-            excluded[candidate.label] = why
+        else:  # runs may share a name and backbone: none may hide another's reason
+            label = candidate.label if candidate.label not in excluded else f"{candidate.label} [{candidate.run_id}]"
+            excluded[label] = why
     sign = -1.0 if policy.lower_is_better else 1.0
 
     def rank(candidate: Candidate) -> tuple[bool, float, float, int]:
@@ -205,7 +208,7 @@ def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Select
         return (
             value is not None,
             sign * value if value is not None else 0.0,
-            tie_break if tie_break is not None else -math.inf,
+            tie_break if tie_break is not None and math.isfinite(tie_break) else -math.inf,
             -candidate.start_time,
         )
 
@@ -221,8 +224,10 @@ def _reason(ranked: list[Candidate], excluded: dict[str, str], policy: Policy, t
         winner = ranked[0]
         metric, goal = policy.metric, policy.describe()
         if winner.metric(metric) is None:
-            metric, goal = TIE_BREAK, policy.describe().replace(policy.metric, TIE_BREAK, 1)
-            head = f"no eligible run could measure {policy.metric} (too few pairs for that FAR), so by {TIE_BREAK}: "
+            metric, goal = TIE_BREAK, replace(policy, metric=TIE_BREAK).describe()
+            head = f"no eligible run logged {policy.metric}"
+            head += " (too few pairs for that FAR)" if "far" in policy.metric else ""
+            head += f", so by {TIE_BREAK}: "
         else:
             head = ""
         head += f"{winner.label} has the {goal} ({winner.metric(metric):.4f}) of {len(ranked)} eligible"
