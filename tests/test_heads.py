@@ -29,6 +29,17 @@ def test_presets_reduce_to_their_papers() -> None:
         margin_spec("softmax", s=64.0)
 
 
+def test_angular_margins_have_finite_gradients_in_half_precision() -> None:
+    """A feature on its class centre has cosine 1: the acos clamp must hold in bfloat16 and float16 too."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for name in ("arcface", "sphereface", "combined"):
+            cos = torch.tensor([1.0, 0.999, 0.3], dtype=dtype, requires_grad=True)
+            logit = margin_spec(name).target_logit(cos)
+            assert logit.dtype == dtype
+            logit.sum().backward()
+            assert cos.grad is not None and torch.isfinite(cos.grad).all(), (dtype, name, cos.grad)
+
+
 def _unit(angles_deg: list[float]) -> torch.Tensor:
     rad = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
     return torch.stack([torch.cos(rad), torch.sin(rad)], dim=1)

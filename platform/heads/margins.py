@@ -67,13 +67,15 @@ class MarginSpec:
             return cos_target
         if sample_margin is None and self.m1 == 1.0 and self.m2 == 0.0:
             return cos_target - self.m3
-        theta = torch.acos(cos_target.clamp(-_COS_CLAMP, _COS_CLAMP))
+        # At least float32: in half precision the clamp rounds to 1.0 and acos's gradient there is infinite.
+        wide = cos_target.to(torch.promote_types(cos_target.dtype, torch.float32))
+        theta = torch.acos(wide.clamp(-_COS_CLAMP, _COS_CLAMP))
         angle = self.m1 * theta + self.m2
         if sample_margin is not None:
             angle = angle + sample_margin
         k = torch.floor(angle / math.pi).detach()
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
-        return sign * torch.cos(angle) - 2.0 * k - self.m3
+        return (sign * torch.cos(angle) - 2.0 * k - self.m3).to(cos_target.dtype)
 
 
 MARGIN_PRESETS: dict[str, MarginSpec] = {
