@@ -143,6 +143,25 @@ def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tm
         launch(resumed)
 
 
+def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: Path, tmp_path: Path) -> None:
+    """The projection's parameters are in the optimizer's state: one line instead of a load_state_dict traceback."""
+    teacher = save_teacher(tmp_path / "teacher", seed=1)
+    launch(tiny_config(tmp_path / "plain", tiny_train_root, None, steps=2))
+    resume = {"steps": 3, "resume": "auto"}
+    turned_on = distill_config(tmp_path / "plain", tiny_train_root, teacher, trainer=resume, embedding_weight=1.0)
+    with pytest.raises(ConfigError, match=r"was trained without distillation and cannot resume with it"):
+        launch(turned_on)
+    launch(distill_config(tmp_path / "distilled", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0))
+    turned_off = tiny_config(tmp_path / "distilled", tiny_train_root, None, steps=3, resume="auto")
+    with pytest.raises(ConfigError, match=r"was trained with distillation and cannot resume without it"):
+        launch(turned_off)
+    (cache_file := tmp_path / "cache_file").write_text("")
+    cached = distill_config(tmp_path / "new", tiny_train_root, teacher, embedding_weight=1.0, cache=True)
+    cached.distill.cache_dir = str(cache_file)
+    with pytest.raises(ConfigError, match=r"distill\.cache_dir .*cache_file is a file, not a folder"):
+        launch(cached)
+
+
 def test_embedding_loss_decreases_and_is_logged(tiny_train_root: Path, teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     values = distill_config(out, tiny_train_root, teacher, head_weight=0.0, embedding_weight=1.0).to_dict()
@@ -168,7 +187,7 @@ def test_feature_cache_is_reused_and_invalidated_by_a_new_teacher(
     def table(source: Path, crop_fraction: float = 0.8):
         model = load_backbone(source)
         return teacher_table(
-            model, dataset, crop_fraction, 8, 0, ONE_PROCESS, cache_dir=cache, teacher_id=teacher_identity(str(source))
+            model, dataset, crop_fraction, 8, 0, ONE_PROCESS, cache_dir=cache, teacher_id=teacher_identity(model)
         )
 
     first = table(teacher)
@@ -192,24 +211,40 @@ def test_feature_cache_is_reused_and_invalidated_by_a_new_teacher(
     assert not table(teacher, crop_fraction=1.0).reused  # the crop is part of the key too
     assert table(teacher).reused and len(list(cache.glob("*.npy"))) == 3
 
+    with open(first.path, "r+b") as cut_short:  # a disk that filled up while another run wrote it
+        cut_short.truncate(500)
+    with pytest.raises(ConfigError, match=r"distill\.cache_dir: .*\.npy cannot be read .*; delete it"):
+        table(teacher)
 
-def test_registered_teacher_is_frozen_and_its_identity_follows_the_alias(tmp_path: Path) -> None:
+
+def test_registered_teacher_is_frozen_and_its_identity_follows_its_weights_not_its_name(tmp_path: Path) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client, cpu = MlflowClient(uri), torch.device("cpu")
+
+    def identity(source: str) -> str:
+        return teacher_identity(load_teacher(source, uri, cpu))
+
     run_id = create_run(uri, "tests", "teacher", {}, {})
     RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=1)), TEACHER_SIZE)
     for _ in range(2):
         mlflow.register_model(f"runs:/{run_id}/model", "teacher")
-    client = MlflowClient(uri)
     client.set_registered_model_alias("teacher", "champion", "1")
-    teacher = load_teacher("models:/teacher@champion", uri, torch.device("cpu"))
+    teacher = load_teacher("models:/teacher@champion", uri, cpu)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert teacher_identity("models:/teacher@champion", uri) == "models:/teacher/1"
+    first = identity("models:/teacher@champion")
+    assert first == teacher_identity(load_backbone(tmp_path / "ckpt")) == identity(f"runs:/{run_id}/model")
     client.set_registered_model_alias("teacher", "champion", "2")
-    assert teacher_identity("models:/teacher@champion", uri) == "models:/teacher/2"  # a new cache key
-    with pytest.raises(ConfigError, match=r"distill\.teacher models:/teacher@nope: .*alias nope not found"):
-        teacher_identity("models:/teacher@nope", uri)
+    assert identity("models:/teacher@champion") == first  # another version of the same weights: the same features
+
+    # A resumed run logs its model again under the same runs:/ URI; a model registered anew restarts at version 1.
+    RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=2)), TEACHER_SIZE)
+    relogged = identity(f"runs:/{run_id}/model")
+    assert relogged != first
+    client.delete_registered_model("teacher")
+    assert str(mlflow.register_model(f"runs:/{run_id}/model", "teacher").version) == "1"
+    assert identity("models:/teacher/1") == relogged != first
     with pytest.raises(ConfigError, match=r"distill\.teacher: models:/teacher@nope: .*alias nope not found"):
         load_teacher("models:/teacher@nope", uri, torch.device("cpu"))
     (tmp_path / "foreign").mkdir()

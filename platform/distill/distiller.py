@@ -60,7 +60,7 @@ class Distiller:
         assert settings.teacher is not None, "Distiller needs distill.teacher"
         self.settings, self.ctx = settings, ctx
         teacher = load_teacher(settings.teacher, cfg.mlflow.tracking_uri, ctx.device)
-        self.teacher_id = teacher_identity(settings.teacher, cfg.mlflow.tracking_uri)
+        self.teacher_id = teacher_identity(teacher)
         self.teacher_dim, self.teacher_size = teacher.embedding_dim, teacher.input_size
         table, centres = None, None
         if settings.cache or settings.centre_weight > 0:

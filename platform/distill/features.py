@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from faceforge.data import EvalTransform, ImageFolderDataset, RecordDataset
 from faceforge.parallel import DistContext, all_gather_tensor, barrier, broadcast_object
+from faceforge.train.config import ConfigError
 
 # 2: decoding follows EXIF orientation and no longer stretches 16-bit images, so version-1 features may differ.
 FORMAT_VERSION = 2
@@ -129,9 +130,14 @@ def teacher_table(
     path = Path(cache_dir) / f"{key}.npy"
     # Rank 0 decides for everyone: computing is collective, so ranks must not disagree about a racing writer.
     if broadcast_object(path.is_file()):
-        rows = np.load(path, mmap_mode="r")
+        try:
+            rows = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:  # cut short by a full disk, or not written by us
+            raise ConfigError(f"distill.cache_dir: {path} cannot be read ({err}); delete it") from None
         if rows.shape != (len(dataset), teacher.embedding_dim):
-            raise ValueError(f"{path}: cached table has shape {rows.shape}, expected {len(dataset)} x D; delete it")
+            raise ConfigError(
+                f"distill.cache_dir: {path} has shape {rows.shape}, expected {len(dataset)} x D; delete it"
+            )
         return FeatureTable(rows, path, True)
     rows = compute_table(teacher, dataset, crop_fraction, batch_size, num_workers, ctx)
     if ctx.is_main:

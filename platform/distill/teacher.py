@@ -1,22 +1,14 @@
-"""The teacher: a checkpoint or an MLflow model, frozen, and a stable identity for the feature cache."""
+"""The teacher: a checkpoint or an MLflow model, frozen, and an identity of its weights for the feature cache."""
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from faceforge.eval.sources import MLFLOW_SCHEMES, load_model
-from faceforge.train.checkpoint import resolve_checkpoint
+from faceforge.eval.sources import load_model
 from faceforge.train.config import ConfigError
-
-_HASH_CHUNK = 1 << 20
-
-
-def _mlflow_error(source: str, err: Exception) -> ConfigError:
-    return ConfigError(f"distill.teacher {source}: {str(err).splitlines()[0]}")
 
 
 def load_teacher(source: str, tracking_uri: str | None, device: torch.device) -> nn.Module:
@@ -31,27 +23,15 @@ def load_teacher(source: str, tracking_uri: str | None, device: torch.device) ->
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def teacher_identity(source: str, tracking_uri: str | None = None) -> str:
-    """What the teacher's weights are, independent of where they were read from.
+def teacher_identity(teacher: nn.Module) -> str:
+    """What the teacher computes: a SHA-256 of its architecture and every weight and buffer.
 
-    A checkpoint is its model.pt's SHA-256 (retraining into the same folder changes it); a registered model
-    is its name and resolved version, so `@champion` moving to a new version changes it; runs:/ and
-    mlflow-artifacts:/ URIs name immutable artifacts and stand for themselves.
+    No name stands for weights: a checkpoint folder is retrained into, a resumed MLflow run logs its model again
+    under the same `runs:/` URI, and a registered model deleted and registered anew starts again at version 1.
     """
-    if source.startswith("models:/"):
-        from mlflow.exceptions import MlflowException
-        from mlflow.store.artifact.utils.models import get_model_name_and_version
-        from mlflow.tracking import MlflowClient
-
-        try:
-            resolved = get_model_name_and_version(MlflowClient(tracking_uri), source)
-        except MlflowException as err:
-            raise _mlflow_error(source, err) from None
-        return "models:/" + "/".join(str(part) for part in resolved)
-    if source.startswith(MLFLOW_SCHEMES):
-        return source
-    digest = hashlib.sha256()
-    with open(resolve_checkpoint(Path(source)) / "model.pt", "rb") as weights:
-        while chunk := weights.read(_HASH_CHUNK):
-            digest.update(chunk)
+    digest = hashlib.sha256(repr(teacher).encode())
+    for name, tensor in teacher.state_dict().items():
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {values.dtype} {tuple(values.shape)}".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy())
     return f"sha256:{digest.hexdigest()}"

@@ -15,7 +15,7 @@ import torch
 from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
-from faceforge.distill.teacher import teacher_identity
+from faceforge.distill.teacher import load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
 from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
@@ -68,6 +68,9 @@ def check_against_disk(cfg: TrainConfig) -> int:
         value = getattr(cfg.eval, key)
         if value and not cfg.eval.disabled and not Path(value).exists():
             raise ConfigError(f"eval.{key} {value} does not exist")
+    cache_dir = Path(cfg.distill.cache_dir)
+    if cfg.distill.teacher and cfg.distill.cache and cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"distill.cache_dir {cache_dir} is a file, not a folder")
     check_verification_set(cfg)
     check_device(cfg)
     check_resume(cfg, dataset.num_classes)
@@ -135,11 +138,17 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     saved_optim = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"  # only AdamW's have betas
     if saved_optim != cfg.optim.name:
         raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
-    if cfg.distill.teacher and (distilled := path / DISTILL_STATE).is_file():
+    distilled = path / DISTILL_STATE
+    if bool(cfg.distill.teacher) != distilled.is_file():  # the projection's parameters change the optimizer's
+        was, now = ("with", "without") if distilled.is_file() else ("without", "with")
+        raise ConfigError(
+            f"trainer.resume {path} was trained {was} distillation and cannot resume {now} it: start a new run "
+            f"(trainer.init_from={path} starts from its weights)"
+        )
+    if cfg.distill.teacher:
         saved_teacher = torch.load(distilled, map_location="cpu", weights_only=True).get("teacher")
-        if saved_teacher is not None and saved_teacher != teacher_identity(
-            cfg.distill.teacher, cfg.mlflow.tracking_uri
-        ):
+        teacher = load_teacher(cfg.distill.teacher, cfg.mlflow.tracking_uri, torch.device("cpu"))
+        if saved_teacher is not None and saved_teacher != teacher_identity(teacher):
             raise ConfigError(
                 f"trainer.resume {path} was distilled from teacher {saved_teacher}; distill.teacher "
                 f"{cfg.distill.teacher} now holds other weights: resume with that teacher or start a new run"
