@@ -1,7 +1,7 @@
 """Teacher features of the whole training set: computed once over all ranks, optionally cached on disk.
 
 Cache invalidation: a table is stored as `<cache_dir>/<key>.npy`, where the key hashes
-    - the teacher's identity (its checkpoint's model.pt SHA-256, or the MLflow model name and resolved version),
+    - the teacher's identity (a SHA-256 of its architecture and weights, wherever they were read from),
     - the training set's listing (image-folder: every relative path, label and file size; RecordIO: the size of
       train.rec and the bytes of train.idx),
     - the teacher's input size and data.crop_fraction,
