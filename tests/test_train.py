@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,6 +125,35 @@ def test_schedule_values_that_would_negate_or_raise_the_lr_are_refused(
     values = tiny_config(tmp_path / "run", tmp_path, None).to_dict()
     values["schedule"][key] = value
     assert message in config_error(lambda: from_dict(values))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("eval", "batch_size", 0, "eval.batch_size must be between 1 and 65536, got 0"),
+        ("eval", "crop_fraction", 0.0, "eval.crop_fraction must be in (0, 1]"),
+        ("optim", "betas", [2.0, 0.999], "optim.betas must be two values in [0, 1), got [2.0, 0.999]"),
+        ("optim", "betas", [0.9], "optim.betas must be two values in [0, 1), got [0.9]"),
+    ],
+)
+def test_values_that_would_fail_after_training_are_refused_up_front(
+    section: str, key: str, value: object, message: str, tmp_path: Path
+) -> None:
+    values = tiny_config(tmp_path / "run", tmp_path, None).to_dict()
+    values[section][key] = value
+    assert message in config_error(lambda: from_dict(values))
+
+
+def test_a_run_resumed_from_its_last_checkpoint_still_gets_its_final_evaluation(
+    tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path
+) -> None:
+    """Killed while evaluating, a run has already saved its last step: resuming evaluates instead of ending bare."""
+    out = tmp_path / "run"
+    launch(tiny_config(out, tiny_train_root, None, steps=2))  # as far as a run killed in its final evaluation gets
+    metrics = launch(tiny_config(out, tiny_train_root, tiny_pairs, steps=2, resume="auto"))
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and (out / "roc.png").is_file()
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run((out / "mlflow_run_id").read_text())
+    assert run.info.status == "FINISHED" and run.data.metrics["eval.accuracy"] == pytest.approx(metrics["accuracy"])
 
 
 def test_a_dataset_too_small_for_one_step_is_refused_before_training(tiny_train_root: Path, tmp_path: Path) -> None:
@@ -343,24 +373,46 @@ def test_gradient_accumulation_averages_over_micro_batches() -> None:
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_writes_a_resumable_checkpoint(tiny_train_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("nproc", "whole_group"), [(1, False), (2, True), (2, False)])
+def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
+    tiny_train_root: Path, tmp_path: Path, nproc: int, whole_group: bool
+) -> None:
+    """The queue signals a job's process group; `kill` reaches the launcher alone. Either way the ranks checkpoint
+    and the MLflow run is ended, not left RUNNING."""
     out = tmp_path / "run"
     args = tiny_cli_run(tiny_train_root, out, "trainer.steps=100000", "trainer.checkpoint_every=100000")
+    args = [f"trainer.nproc={nproc}", *args]
     env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
     proc = subprocess.Popen(
-        [PYTHON, "-m", "faceforge.train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        [PYTHON, "-m", "faceforge.train", *args],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while time.time() < deadline and "train:" not in (line := proc.stderr.readline()):
         assert line or proc.poll() is None, "training exited early"
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        if whole_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:  # ranks left behind by a launcher that died first would train on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "stopped by SIGTERM" in err
     stopped = resolve_checkpoint(out / "checkpoints")
     step = json.loads((stopped / "meta.json").read_text())["step"]
     assert step > 0
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run((out / "mlflow_run_id").read_text())
+    assert run.info.status == "FAILED"
+    if nproc > 1:
+        return  # resuming is the same code for any nproc, and is tested below and in the resharding test
 
     result = run_cli(
         *args[:-3],

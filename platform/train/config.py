@@ -296,6 +296,12 @@ def validate(cfg: TrainConfig) -> None:
         )
         _require(trainer.accumulate == 1, f"{cfg.head.type} loss does not support trainer.accumulate > 1")
     _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
+    _require(0.0 < cfg.eval.crop_fraction <= 1.0, "eval.crop_fraction must be in (0, 1]")
+    betas = cfg.optim.betas
+    _require(
+        len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas),
+        f"optim.betas must be two values in [0, 1), got {list(betas)}",
+    )
     _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")
     _check_ranges(cfg)
     try:
@@ -326,6 +332,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("trainer.checkpoint_every", trainer.checkpoint_every, 1, math.inf),
         ("trainer.threads", trainer.threads, 1, 1024),
         ("data.num_workers", cfg.data.num_workers, 0, 256),
+        ("eval.batch_size", cfg.eval.batch_size, 1, 65536),
         ("data.augment.lowres_prob", augment.lowres_prob, 0.0, 1.0),
         ("data.augment.grey_prob", augment.grey_prob, 0.0, 1.0),
         ("data.augment.lowres_min", augment.lowres_min, 0.01, 1.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -212,9 +213,26 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str) -> dict[str, flo
         str(metrics_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.trainer.threads)}
-    result = subprocess.run(command, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"training ranks exited with code {result.returncode}; see the log above")
+    ranks = subprocess.Popen(command, env=env)
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        """Live on until the ranks have checkpointed, so that the caller records how the run ended. Forwarded, since
+        `kill` may reach this process alone; a signal to the whole group reaches torchrun twice, which it tolerates."""
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            ranks.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        returncode = ranks.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise SystemExit("stopped by SIGTERM; resume with trainer.resume=auto")
+    if returncode != 0:
+        raise RuntimeError(f"training ranks exited with code {returncode}; see the log above")
     import yaml
 
     return yaml.safe_load(metrics_path.read_text()) if metrics_path.exists() else {}

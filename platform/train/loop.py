@@ -256,6 +256,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             extra=distiller.checkpoint_files() if distiller else None,
         )
 
+    def evaluate_and_log(roc: Path | None) -> dict[str, float]:
+        scores = evaluate(model, vset, cfg, ctx, roc)
+        if tracker:
+            tracker.metrics({f"eval.{k}": v for k, v in scores.items()}, step)
+        return scores
+
     while step < steps:
         try:
             images, labels, *indices = next(batches)
@@ -305,13 +311,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         if stopping:
             progress.close()
             raise SystemExit(f"stopped by SIGTERM at step {step}; resume with trainer.resume=auto")
-        eval_due = cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps
-        if vset is not None and (eval_due or step == steps):
-            roc = out / "roc.png" if step == steps else None
-            metrics = evaluate(model, vset, cfg, ctx, roc)
-            if tracker:
-                tracker.metrics({f"eval.{k}": v for k, v in metrics.items()}, step)
+        if vset is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
+            evaluate_and_log(None)
     progress.close()
+    if vset is not None:  # after the loop: a run resumed from its last checkpoint (killed while evaluating) gets it too
+        metrics = evaluate_and_log(out / "roc.png")
 
     if tracker:
         # The trained backbone's model card; sweep selection reads it for latency and size limits.
