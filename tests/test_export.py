@@ -182,11 +182,14 @@ def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trai
     (corrupt / "face.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit, match=r"faceforge export: error: .*face\.jpg: not a decodable image"):
         faceforge(["export", str(trained), "--format", "c-array", "--out", str(out), "--calibration",
-                   str(tmp_path / "faces"), "--crop-fraction", "1.0", "--no-log"])  # fmt: skip
+                   str(tmp_path / "faces"), "--crop-fraction", "1.0", "--no-log", "--overwrite"])  # fmt: skip
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "the building folder is removed"
 
-    faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"])
+    with pytest.raises(SystemExit, match=r"export: .*already holds an export; pass --overwrite to replace it"):
+        faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log", "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "model.onnx"], "no int8 files of the last export"
 
 

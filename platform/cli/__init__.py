@@ -101,6 +101,7 @@ def _export(args: argparse.Namespace) -> None:
         crop_fraction=args.crop_fraction,
         calibration_count=args.calibration_count,
         log=not args.no_log,
+        overwrite=args.overwrite,
         say=print,
     )
     print(result.card.summary())
@@ -531,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where models:/ sources are read and the export is logged (default: sqlite:///$FACEFORGE_HOME/mlflow.db)",
     )
     export.add_argument("--no-log", action="store_true", help="only write the files; log nothing to MLflow")
+    export.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     export.set_defaults(func=_export)
 
     data = commands.add_parser("data", help="dataset tools")

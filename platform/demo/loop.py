@@ -508,6 +508,7 @@ class Demo:
             calibration=Path(self.value("sweep", "union")),
             crop_fraction=float(yaml.safe_load(job.config_yaml)["data"]["crop_fraction"]),
             calibration_count=self.profile.calibration_images,
+            overwrite=True,  # a resumed stage replaces what its interrupted attempt left
         )
         card = exported.card
         assert card.int8_bytes is not None and card.int8_latency_ms is not None

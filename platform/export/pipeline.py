@@ -33,6 +33,7 @@ def export_model(
     crop_fraction: float | None = None,
     calibration_count: int = CALIBRATION_COUNT,
     log: bool = True,
+    overwrite: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `source` (a checkpoint directory or an MLflow model URI) as `fmt` and log it to `tracking_uri`.
@@ -44,6 +45,7 @@ def export_model(
         calibration, crop_fraction: the int8 formats' calibration images and the crop they are read with;
             default the training data and crop that `source` recorded.
         log: False writes the files only.
+        overwrite: replace the export already in `out` (with --no-log, nothing else keeps it).
         say: where progress lines go (the CLI prints them).
 
     Raises:
@@ -52,6 +54,9 @@ def export_model(
     if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
     model = load_model(str(checkpoint or source), tracking_uri)
+    out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds an export; pass --overwrite to replace it, or choose another --out")
     found = resolve_source(tracking_uri, source)
     images = None
     if fmt != "onnx":
@@ -62,7 +67,6 @@ def export_model(
         if say:
             say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
         images = open_calibration_images(calibration)
-    out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
     card = export_artifact(
         model,
         fmt,
