@@ -69,6 +69,10 @@ def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pai
     for source, home in ((str(tmp_path / "nope"), None), ("runs:/0123456789abcdef/model", tmp_path)):
         missing = faceforge("eval", source, "--pairs", str(tiny_pairs), home=home)
         assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr
+    zero = faceforge(
+        "eval", str(tmp_path / "run" / "checkpoints"), "--bin", str(tmp_path / "tiny.bin"), "--input-size", "0"
+    )
+    assert zero.returncode != 0 and "input_size must be positive, got 0" in zero.stderr  # not the model's own size
 
 
 def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:

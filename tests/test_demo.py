@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from faceforge import models
-from faceforge.cli import build_parser
+from faceforge.cli import _interrupt, build_parser, main
 from faceforge.data.folder import identity_images, list_images
 from faceforge.data.image import read_image
 from faceforge.data.sample_data import SAMPLE_ROOT, demo_data_paths, pair_files
@@ -335,3 +338,35 @@ def test_train_only_keeps_issue_2s_demo() -> None:
     args = build_parser().parse_args(["demo", "--train-only", "trainer.steps=10"])
     assert args.train_only and args.overrides == ["trainer.steps=10"] and args.profile == "full"
     assert build_parser().parse_args(["demo", "--profile", "tiny", "--fresh"]).fresh
+
+
+def test_only_the_first_interrupt_counts_so_the_orderly_stop_finishes() -> None:
+    """A second Ctrl-C during the stop would leave the servers, in their own sessions, running."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at the latest
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the stop it interrupts is already under way
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert {signal.getsignal(sig) for sig in previous} == {signal.SIG_IGN}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-only", "--home", "elsewhere", "--port", "9999"], "--train-only takes Hydra overrides only, not "
+         "--home, --port"),
+        (["--profile", "tiny", "trainer.steps=2", "--fresh"], "options go before the Hydra overrides: --fresh"),
+    ],
+)  # fmt: skip
+def test_demo_options_it_would_ignore_are_refused(argv: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=f"faceforge demo: error: {re.escape(message)}"):
+        main(["demo", *argv])
+    assert not (tmp_path / "elsewhere").exists()

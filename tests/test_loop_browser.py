@@ -50,13 +50,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, 
         url = re.search(r"serving the web UI at (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
         yield url, home, "".join(lines)
     finally:
+        children = json.loads((home / "demo.json").read_text())["children"] if (home / "demo.json").is_file() else {}
         # SIGTERM, which the demo takes as Ctrl-C: SIGINT is ignored by every process of a background shell job.
         process.send_signal(signal.SIGTERM)
+        while (line := process.stdout.readline()) and "stopping jobs and servers" not in line:
+            lines.append(line)
+        process.send_signal(signal.SIGTERM)  # an impatient second Ctrl-C: ignored while the demo stops
         # Drain the pipe while waiting: a demo blocked writing to a full pipe could never exit.
         rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0, rest
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=5)
+    for pid, _ in children.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped by the demo, which waited for it
 
 
 @pytest.fixture(scope="module")

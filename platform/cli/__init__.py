@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
     from faceforge.eval.sources import load_model
 
     model = load_model(args.model, args.tracking_uri)
-    input_size = args.input_size or model.input_size
+    input_size = model.input_size if args.input_size is None else args.input_size
     embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
     if args.bin or args.pairs:
         vset = load_bin(args.bin) if args.bin else load_pairs(args.pairs, args.root or args.pairs.parent)
@@ -213,6 +213,11 @@ def _port(text: str) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """The first Ctrl-C (or SIGTERM) stops the demo's jobs and servers in order; more would cut that short and leave
+    the servers, which run in their own sessions, behind: they are ignored until it is done."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    print("faceforge demo: stopping jobs and servers (up to a minute)...", file=sys.stderr, flush=True)
     raise KeyboardInterrupt
 
 
@@ -221,7 +226,13 @@ def _demo(args: argparse.Namespace) -> None:
     from faceforge.demo import PROFILES, RECIPE, Demo
     from faceforge.jobs.paths import faceforge_home
 
+    if options := [word for word in args.overrides if word.startswith("--")]:
+        raise ValueError(f"options go before the Hydra overrides: {' '.join(options)}")
     if args.train_only:  # issue 2's demo: the base model alone, trained in this process
+        loop_only = {"--home": args.home, "--fresh": args.fresh, "--keep-serving": args.keep_serving}
+        loop_only |= {"--profile": args.profile != "full", "--port": args.port != 8000}
+        if given := [name for name, value in loop_only.items() if value]:
+            raise ValueError(f"--train-only takes Hydra overrides only, not {', '.join(given)}")
         from faceforge.train.app import main
 
         main(["trainer=demo", *RECIPE, *args.overrides])
@@ -229,7 +240,8 @@ def _demo(args: argparse.Namespace) -> None:
     home = args.home or faceforge_home() / "demo"
     data = demo_data_paths()
     print(f"faceforge demo ({args.profile} profile) in {home}; data: {data.source}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C: jobs and servers stop in order
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a service manager's stop is a Ctrl-C
+        signal.signal(sig, _interrupt)
     try:
         demo = Demo(home, PROFILES[args.profile], data, args.overrides, port=args.port, fresh=args.fresh)
         demo.run(keep_serving=args.keep_serving)
@@ -469,7 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--profile", choices=("full", "tiny"), default="full", help="stage sizes; tiny is for tests")
     demo.add_argument("--home", type=Path, default=None, help="demo home (default: $FACEFORGE_HOME/demo, runs/demo)")
     demo.add_argument("--port", type=_port, default=8000, help="web UI port (another free one if taken)")
-    demo.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted demo")
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over instead of resuming an interrupted demo (a finished one always starts over, replacing its "
+        "results)",
+    )
     demo.add_argument("--keep-serving", action="store_true", help="keep the web UI up at the end until Ctrl-C")
     demo.add_argument(
         "--train-only", action="store_true", help="only issue 2's demo: MobileFaceNet on 2 ranks, LFW evaluation"

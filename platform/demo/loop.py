@@ -232,7 +232,7 @@ class Demo:
             self.save()
             self.stages.append(Stage("total", time.monotonic() - started, {}, {}))
             self.out("\n" + summary_table(self.stages))
-            self.out(self.where_to_look())
+            self.out(self.where_to_look(keep_serving))
             if keep_serving:
                 self.out(f"\nserving the web UI at {self.url} until Ctrl-C")
                 with contextlib.suppress(KeyboardInterrupt):  # the end the user asked for, not an interruption
@@ -519,12 +519,13 @@ class Demo:
         }
         return figures, {"out": str(out), "run": exported.run_id}
 
-    def where_to_look(self) -> str:
+    def where_to_look(self, serving: bool) -> str:
         home, last = self.home, Path(self.value("label round 2", "version")).name
+        web = self.url if serving else f"FACEFORGE_HOME={home} faceforge web"  # the demo's servers stop as it ends
         return "\n".join(
             [
                 "\nwhere to look:",
-                f"  web UI        {self.url}  (token in {home / 'web_token'})",
+                f"  web UI        {web}  (token in {home / 'web_token'})",
                 f"  MLflow UI     faceforge mlflow-ui --tracking-uri {self.uri}",
                 f"  datasets      FACEFORGE_HOME={home} faceforge data list",
                 f"  clustering    faceforge data cluster-eval {home}/clusters-{last}.json {self.sets.truth}",
