@@ -20,18 +20,20 @@ from scipy.sparse.csgraph import connected_components
 
 
 def similarity_edges(
-    indices: np.ndarray, sims: np.ndarray, threshold: float
+    indices: np.ndarray, sims: np.ndarray, threshold: float, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The undirected edges (i < j, each once) of a kNN graph with cosine >= threshold: (i, j, similarity)."""
+    """The undirected edges (i < j, each once) of a kNN graph with cosine >= threshold: (i, j, similarity).
+
+    `rows` names the face of each line of `indices` when only some faces were searched (default: line i is face i).
+    """
     if indices.shape != sims.shape or indices.ndim != 2:
         raise ValueError(f"indices and sims must be matching N x k arrays, got {indices.shape} and {sims.shape}")
-    n = len(indices)
-    rows = np.repeat(np.arange(n), indices.shape[1])
+    rows = np.repeat(np.arange(len(indices)) if rows is None else np.asarray(rows), indices.shape[1])
     cols, weights = indices.ravel(), sims.ravel()
     kept = (cols >= 0) & (weights >= threshold) & (cols != rows)
     lo, hi, weights = np.minimum(rows, cols)[kept], np.maximum(rows, cols)[kept], weights[kept]
     # An edge found from both ends appears twice; approximate search may give it two slightly different weights.
-    _, first = np.unique(lo * n + hi, return_index=True)
+    _, first = np.unique(lo * (int(hi.max(initial=0)) + 1) + hi, return_index=True)
     return lo[first], hi[first], weights[first].astype(np.float64)
 
 

@@ -134,12 +134,9 @@ def near_duplicates(
         return []
     quality = np.asarray(quality, dtype=np.float64)
     features = l2_normalise(features)
-    indices, sims = knn_graph(features, min(neighbours, n - 1))
-    a, b, pair_sims = similarity_edges(indices, sims, threshold)
+    a, b, pair_sims = all_edges_above(features, threshold, neighbours)
     if copies is not None:
-        pixel_a, pixel_b, _ = similarity_edges(
-            *knn_graph(copies.fingerprints, min(neighbours, n - 1)), copies.pixel_threshold
-        )
+        pixel_a, pixel_b, _ = all_edges_above(copies.fingerprints, copies.pixel_threshold, neighbours)
         person_sims = np.einsum("nd,nd->n", features[pixel_a], features[pixel_b]).astype(np.float64)
         same_person = person_sims >= copies.person_threshold
         a, b = np.r_[a, pixel_a[same_person]], np.r_[b, pixel_b[same_person]]
@@ -168,6 +165,27 @@ def near_duplicates(
         )
         decisions.append(Decision("drop", image, original, "near_duplicate", similarity, detail))
     return decisions
+
+
+def all_edges_above(
+    vectors: np.ndarray, threshold: float, neighbours: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair at cosine >= threshold (exactly, up to knn_graph's exact size): a row whose `neighbours` nearest
+    all pass may have more (a burst of many copies, or exact ties, which faiss breaks by index), so it is searched
+    again with twice as many until its list ends below the threshold."""
+    n = len(vectors)
+    k = min(neighbours, n - 1)
+    indices, sims = knn_graph(vectors, k)
+    found = [similarity_edges(indices, sims, threshold)]
+    rows = np.flatnonzero(sims[:, -1] >= threshold)
+    while len(rows) and k < n - 1:
+        k = min(2 * k, n - 1)
+        indices, sims = knn_graph(vectors, k, query_rows=rows)
+        found.append(similarity_edges(indices, sims, threshold, rows))
+        rows = rows[sims[:, -1] >= threshold]
+    a, b, pair_sims = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    _, first = np.unique(a * n + b, return_index=True)
+    return a[first], b[first], pair_sims[first]
 
 
 def cluster_centroids(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +255,8 @@ def merge_albums(
     """Join clusters of different albums whose centroids are mutual nearest neighbours (each is the other's most
     similar cluster in the other's album) with cosine >= threshold. Returns one global identity label per face
     (0..C-1, first seen first) and a decision per merge. A person in several albums is joined pairwise, so
-    transitively; the threshold (see `calibrate_threshold`) keeps distinct look-alikes apart.
+    transitively, except where that would join two clusters of one album below the threshold of each other; the
+    threshold (see `calibrate_threshold`) keeps distinct look-alikes apart.
 
     A person found in one album only has no partner, yet is compared with every cluster of the other albums, so
     a look-alike passes a pair-level threshold far more often than its FMR. `margin` > 0 also asks each match to
@@ -254,7 +273,9 @@ def merge_albums(
     face_key = face_key.ravel()
     key_album, key_cluster = codes // len(cluster_names), codes % len(cluster_names)
     _, centroids = cluster_centroids(features, face_key)
-    a, b, sims = _mutual_across_albums(centroids, key_album, threshold, margin)
+    a, b, sims = _without_album_clashes(
+        *_mutual_across_albums(centroids, key_album, threshold, margin), centroids, key_album, threshold
+    )
     n_keys = len(codes)
     _, component = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n_keys, n_keys)), directed=False)
     name = [f"{album_names[i]}/{cluster_names[j]}" for i, j in zip(key_album, key_cluster, strict=True)]
@@ -263,6 +284,30 @@ def merge_albums(
         detail = f"centroids are mutual nearest neighbours across albums, cosine {sim:.3f} >= {threshold:.3f}"
         decisions.append(Decision("merge", name[j], name[i], "album_merge", sim, detail))
     return first_seen_labels(component[face_key]), decisions
+
+
+def _without_album_clashes(
+    a: np.ndarray, b: np.ndarray, sims: np.ndarray, centroids: np.ndarray, album: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The merges to make, strongest first, leaving out any that would put two clusters of one album that are below
+    the threshold of each other into one identity: a chain of look-alikes across albums (A/0 ~ B/0 ~ A/1) must not
+    overrule what the album's own clustering kept apart. Two clusters of one album that do reach it may still join
+    (one person the album's clustering split)."""
+    component = list(range(len(centroids)))
+    members = {key: [key] for key in component}
+    kept = []
+    for edge in np.argsort(-sims, kind="stable").tolist():
+        left, right = component[a[edge]], component[b[edge]]
+        if left != right:
+            same_album = [(i, j) for i in members[left] for j in members[right] if album[i] == album[j]]
+            if any(float(centroids[i] @ centroids[j]) < threshold for i, j in same_album):
+                continue
+            for key in members[right]:
+                component[key] = left
+            members[left] += members.pop(right)
+        kept.append(edge)
+    kept = np.sort(np.asarray(kept, dtype=np.int64))
+    return a[kept], b[kept], sims[kept]
 
 
 def _mutual_across_albums(

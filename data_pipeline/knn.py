@@ -70,6 +70,10 @@ def knn_graph(
         raise ValueError(f"k must be >= 1, got {k}")
     features = np.ascontiguousarray(features, dtype=np.float32)
     norms = np.linalg.norm(features, axis=1)
+    if not np.isfinite(norms).all():
+        raise ValueError("features contain NaN or infinity: the embedding model has diverged or the input is corrupt")
+    if not norms.all():
+        raise ValueError("features have rows that are all zero: cosine similarity is undefined")
     if np.abs(norms - 1).max() > 1e-3:
         raise ValueError("features must be L2-normalised (see l2_normalise): cosine similarity is an inner product")
     n, dim = features.shape

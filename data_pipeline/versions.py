@@ -76,7 +76,8 @@ def list_versions(root: Path) -> list[Path]:
     """Completed versions, oldest first (temporary folders of a build in progress are hidden)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[1:]))  # by number: v10000 comes after v9999
 
 
 def read_stats(version: Path) -> dict:
@@ -118,7 +119,7 @@ def write_version(
     target = root / version_name(number)
     if target.exists():
         return target
-    previous = ([p for p in list_versions(root) if p.name < target.name] or [None])[-1]
+    previous = ([p for p in list_versions(root) if int(p.name[1:]) < number] or [None])[-1]
     ari, compared = agreement(previous, faces)
     for leftover in root.glob(f".{target.name}.*.tmp"):  # a build a crash interrupted (one daemon per folder)
         shutil.rmtree(leftover, ignore_errors=True)

@@ -33,7 +33,14 @@ from faceforge.data_pipeline.autolabel import (
     truncation_problem,
 )
 from faceforge.data_pipeline.dedup import calibrate_threshold, cluster_centroids, open_set_threshold, pair_scores
-from faceforge.data_pipeline.versions import adjusted_rand_index, list_versions, read_manifest, read_stats
+from faceforge.data_pipeline.versions import (
+    FaceRecord,
+    adjusted_rand_index,
+    list_versions,
+    read_manifest,
+    read_stats,
+    write_version,
+)
 from faceforge.jobs import JobStore, compose_config
 
 from conftest import shared_data
@@ -537,6 +544,16 @@ def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None
     finally:
         done.set()
         prober.join()
+
+
+def test_versions_are_ordered_by_number_past_v9999(tmp_path: Path) -> None:
+    (tmp_path / "crops").mkdir()
+    (tmp_path / "crops" / "f_0.jpg").write_bytes(b"a crop")
+    face = FaceRecord("f_0", "f", "album/a.jpg", "album", [0, 0, 1, 1], [[0, 0]], {}, 0, "id_1", 1)
+    for number in (9999, 10000, 10001):
+        write_version(tmp_path / "versions", number, [face], tmp_path / "crops", [], {})
+    assert [v.name for v in list_versions(tmp_path / "versions")] == ["v9999", "v10000", "v10001"]
+    assert read_stats(tmp_path / "versions" / "v10000")["previous"] == "v9999"
 
 
 def test_adjusted_rand_index() -> None:

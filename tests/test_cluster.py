@@ -211,6 +211,13 @@ def test_knn_graph_rejects_bad_input_and_caps_k() -> None:
     with pytest.raises(ValueError, match="needs at least 16 faces, got 5"):
         knn_graph(features, 3, "ivfpq")
     assert knn_graph(features, 30)[0].shape == (5, 4)
+    poisoned = features.copy()
+    poisoned[1] = np.nan  # a diverged model's embedding: faiss would return -1 neighbours at -3.4e38
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        knn_graph(poisoned, 3)
+    poisoned[1] = 0.0
+    with pytest.raises(ValueError, match="all zero"):
+        knn_graph(poisoned, 3)
 
 
 # --- clustering ------------------------------------------------------------------------------------------------
@@ -347,6 +354,18 @@ def test_near_duplicates_keep_the_best_quality_copy(lfw_dlib: tuple[np.ndarray, 
     assert sorted((d.subject, d.target) for d in anywhere) == [(i, len(rows) + i) for i in range(20)]
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.002])  # exact copies tie, and faiss breaks ties by index
+def test_a_burst_of_more_copies_than_neighbours_keeps_one(noise: float) -> None:
+    rng = np.random.default_rng(0)
+    burst = l2_normalise(np.tile(rng.normal(size=(1, 64)), (50, 1)) + noise * rng.normal(size=(50, 64)))
+    features = np.r_[burst, l2_normalise(rng.normal(size=(100, 64)))]
+    dropped = {d.subject for d in near_duplicates(features, rng.random(150), None, 0.95, neighbours=10)}
+    kept = np.array(sorted(set(range(150)) - dropped))
+    assert (kept < 50).sum() == 1 and len(kept) == 101
+    similarity = features[kept] @ features[kept].T
+    assert (similarity[np.triu_indices(len(kept), 1)] < 0.95).all(), "the kept set holds no near-copy pair"
+
+
 def test_copies_the_embedding_misses_are_dropped_by_their_crops(
     lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
@@ -445,6 +464,29 @@ def test_album_merge_of_a_three_album_split(lfw_dlib: tuple[np.ndarray, np.ndarr
         errors[margin] = album_merge_errors(albums, names[both], labels, decisions)
     assert errors[0.01][1] < errors[0.0][1] / 2, errors
     assert errors[0.01][0] >= 0.9, errors
+
+
+def test_a_chain_of_look_alikes_does_not_join_two_people_of_one_album() -> None:
+    """A/0 and A/1 are far apart (60 degrees); B/0 and C/0 lie between them, each a mutual best match of its
+    neighbours in the chain. Joining the chain would overrule album A's own clustering."""
+    rng = np.random.default_rng(1)
+
+    def faces_at(degrees: float) -> np.ndarray:
+        centre = np.zeros(64)
+        centre[:2] = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+        return l2_normalise(centre + 0.01 * rng.normal(size=(20, 64)))
+
+    features = np.vstack([faces_at(0), faces_at(60), faces_at(20), faces_at(40)])
+    albums, clusters = np.repeat(["A", "A", "B", "C"], 20), np.repeat([0, 1, 0, 0], 20)
+    threshold = math.cos(math.radians(25))
+    labels, decisions = merge_albums(features, albums, clusters, threshold, margin=0.05)
+    identity = dict(zip(zip(albums[::20], clusters[::20], strict=True), labels[::20].tolist(), strict=True))
+    assert identity[("A", 0)] != identity[("A", 1)]
+    assert len(decisions) == 2 and len(set(identity.values())) == 2  # two of the chain's three links are kept
+    # One person album A split in two (above the threshold of each other) is still joined through the others.
+    features = np.vstack([faces_at(0), faces_at(10), faces_at(0), faces_at(10)])
+    labels, _ = merge_albums(features, albums, clusters, threshold)
+    assert len(set(labels.tolist())) == 1
 
 
 def test_matching_known_and_evaluation_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
