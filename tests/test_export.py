@@ -186,10 +186,17 @@ def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trai
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "the building folder is removed"
 
-    with pytest.raises(SystemExit, match=r"export: .*already holds an export; pass --overwrite to replace it"):
+    with pytest.raises(
+        SystemExit, match=r"export: .*already holds an export \(card\.json, .*\); pass --overwrite to replace it"
+    ):
         faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log", "--overwrite"])
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("a folder of mine, no export in it")
+    faceforge(["export", str(trained), "--format", "onnx", "--out", str(notes), "--no-log"])
+    assert sorted(p.name for p in notes.iterdir()) == ["README.txt", "card.json", "model.onnx"]
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "model.onnx"], "no int8 files of the last export"
 
 

@@ -31,6 +31,12 @@ def artifact_files(fmt: str) -> list[str]:
     return files + ([f"{C_SYMBOL}.c", f"{C_SYMBOL}.h"] if fmt == "c-array" else []) + [CARD_FILE]
 
 
+def exported_files(out_dir: Path) -> list[str]:
+    """The files of an earlier export (of any format) that `out_dir` holds."""
+    names = {name for fmt in FORMATS for name in artifact_files(fmt)}
+    return sorted(name for name in names if (out_dir / name).exists())
+
+
 def export_artifact(
     model: nn.Module,
     fmt: str,
@@ -74,6 +80,6 @@ def export_artifact(
         (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
         for name in artifact_files(fmt):
             os.replace(building / name, out_dir / name)
-    for stale in {name for f in FORMATS for name in artifact_files(f)} - set(artifact_files(fmt)):
-        (out_dir / stale).unlink(missing_ok=True)  # an earlier export's in another format: the card no longer lists it
+    for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
+        (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it
     return card

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceforge.eval.sources import load_model
-from faceforge.export.artifact import export_artifact
+from faceforge.export.artifact import export_artifact, exported_files
 from faceforge.export.card import ArtifactCard
 from faceforge.export.quantize import CALIBRATION_COUNT, open_calibration_images, training_data_of
 from faceforge.export.tracking import log_export, resolve_source
@@ -55,8 +55,10 @@ def export_model(
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
     model = load_model(str(checkpoint or source), tracking_uri)
     out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already holds an export; pass --overwrite to replace it, or choose another --out")
+    if not overwrite and (earlier := exported_files(out)):
+        raise FileExistsError(
+            f"{out} already holds an export ({', '.join(earlier)}); pass --overwrite to replace it, or another --out"
+        )
     found = resolve_source(tracking_uri, source)
     images = None
     if fmt != "onnx":
