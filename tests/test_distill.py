@@ -42,10 +42,10 @@ TEACHER_DIM, TEACHER_SIZE = 16, 64
 ONE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def save_teacher(directory: Path, seed: int) -> Path:
-    """A real backbone checkpoint, wider input and narrower embedding than the tiny student (56 px, 32-d)."""
+def save_teacher(directory: Path, seed: int, dim: int = TEACHER_DIM) -> Path:
+    """A real backbone checkpoint, wider input than the tiny student (56 px) and by default a narrower embedding."""
     torch.manual_seed(seed)
-    model = models.create("mobilefacenet", embedding_dim=TEACHER_DIM, width=0.25, input_size=TEACHER_SIZE)
+    model = models.create("mobilefacenet", embedding_dim=dim, width=0.25, input_size=TEACHER_SIZE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(
         directory, 0, model=model, optimizer=optimizer, head=None, head_optimizer=None, train_config={}, is_main=True
@@ -139,8 +139,14 @@ def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tm
     resumed = distill_config(
         tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 3, "resume": "auto"}, embedding_weight=1.0
     )
-    with pytest.raises(ConfigError, match=r"was distilled from teacher sha256:.* now holds other weights"):
+    with pytest.raises(ConfigError, match=r"was distilled from teacher weights-sha256:.* now holds other weights"):
         launch(resumed)
+    # A checkpoint from before weight hashes named its teacher by file hash: it resumes, unchecked.
+    [checkpoint] = (tmp_path / "run" / "checkpoints").glob("step_*")
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    torch.save(state | {"teacher": "sha256:0123"}, checkpoint / STATE_FILE)
+    launch(resumed)
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
 
 
 def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: Path, tmp_path: Path) -> None:
@@ -149,12 +155,17 @@ def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: 
     launch(tiny_config(tmp_path / "plain", tiny_train_root, None, steps=2))
     resume = {"steps": 3, "resume": "auto"}
     turned_on = distill_config(tmp_path / "plain", tiny_train_root, teacher, trainer=resume, embedding_weight=1.0)
-    with pytest.raises(ConfigError, match=r"was trained without distillation and cannot resume with it"):
+    with pytest.raises(ConfigError, match=r"this run would add a distillation projection, whose weights are in the"):
         launch(turned_on)
     launch(distill_config(tmp_path / "distilled", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0))
     turned_off = tiny_config(tmp_path / "distilled", tiny_train_root, None, steps=3, resume="auto")
-    with pytest.raises(ConfigError, match=r"was trained with distillation and cannot resume without it"):
+    with pytest.raises(ConfigError, match=r"this run would drop the distillation projection"):
         launch(turned_off)
+    # A teacher as wide as the student needs no projection: distillation may come and go.
+    same_width = save_teacher(tmp_path / "same_width", seed=3, dim=32)
+    launch(distill_config(tmp_path / "plain", tiny_train_root, same_width, trainer=resume, embedding_weight=1.0))
+    launch(tiny_config(tmp_path / "plain", tiny_train_root, None, steps=4, resume="auto"))
+    assert resolve_checkpoint(tmp_path / "plain" / "checkpoints").name == "step_00000004"
     (cache_file := tmp_path / "cache_file").write_text("")
     cached = distill_config(tmp_path / "new", tiny_train_root, teacher, embedding_weight=1.0, cache=True)
     cached.distill.cache_dir = str(cache_file)

@@ -23,6 +23,9 @@ def load_teacher(source: str, tracking_uri: str | None, device: torch.device) ->
     return teacher.to(device).eval().requires_grad_(False)
 
 
+IDENTITY_PREFIX = "weights-sha256:"  # older checkpoints named a teacher by its file's hash or its MLflow URI
+
+
 def teacher_identity(teacher: nn.Module) -> str:
     """What the teacher computes: a SHA-256 of its architecture and every weight and buffer.
 
@@ -34,4 +37,4 @@ def teacher_identity(teacher: nn.Module) -> str:
         values = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {values.dtype} {tuple(values.shape)}".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy())
-    return f"sha256:{digest.hexdigest()}"
+    return IDENTITY_PREFIX + digest.hexdigest()

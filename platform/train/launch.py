@@ -16,7 +16,7 @@ import torch
 from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
-from faceforge.distill.teacher import load_teacher, teacher_identity
+from faceforge.distill.teacher import IDENTITY_PREFIX, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
 from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, TrainConfig
@@ -139,24 +139,36 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     saved_optim = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"  # only AdamW's have betas
     if saved_optim != cfg.optim.name:
         raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
-    distilled = path / DISTILL_STATE
-    if bool(cfg.distill.teacher) != distilled.is_file():  # the projection's parameters change the optimizer's
-        was, now = ("with", "without") if distilled.is_file() else ("without", "with")
-        raise ConfigError(
-            f"trainer.resume {path} was trained {was} distillation and cannot resume {now} it: start a new run "
-            f"(trainer.init_from={path} starts from its weights)"
-        )
-    if cfg.distill.teacher:
-        saved_teacher = torch.load(distilled, map_location="cpu", weights_only=True).get("teacher")
-        teacher = load_teacher(cfg.distill.teacher, cfg.mlflow.tracking_uri, torch.device("cpu"))
-        if saved_teacher is not None and saved_teacher != teacher_identity(teacher):
-            raise ConfigError(
-                f"trainer.resume {path} was distilled from teacher {saved_teacher}; distill.teacher "
-                f"{cfg.distill.teacher} now holds other weights: resume with that teacher or start a new run"
-            )
+    check_distill_resume(cfg, path)
     if cfg.head.type == "margin" and (saved_classes := meta.get("num_classes")) != num_classes:
         held = f"a {saved_classes}-class classifier" if saved_classes else "no margin-head classifier"
         raise ConfigError(f"trainer.resume {path} holds {held}, data.root has {num_classes} identities")
+
+
+def check_distill_resume(cfg: TrainConfig, path: Path) -> None:
+    """The teacher must be the one the checkpoint learnt from, and a projection (teacher and student widths differ),
+    whose parameters the backbone's optimizer holds, must be there in both or in neither."""
+    cpu, state_file = torch.device("cpu"), path / DISTILL_STATE
+    saved = torch.load(state_file, map_location=cpu, weights_only=True) if state_file.is_file() else {}
+    teacher = load_teacher(cfg.distill.teacher, cfg.mlflow.tracking_uri, cpu) if cfg.distill.teacher else None
+    had_projection = bool(saved.get("projection"))
+    needs_projection = teacher is not None and teacher.embedding_dim != cfg.model.embedding_dim
+    if had_projection != needs_projection:
+        change = "drop the" if had_projection else "add a"
+        raise ConfigError(
+            f"trainer.resume {path}: this run would {change} distillation projection, whose weights are in the "
+            f"optimizer's state; start a new run (trainer.init_from={path} starts from its weights)"
+        )
+    saved_teacher = saved.get("teacher")
+    if teacher is None or saved_teacher is None:
+        return
+    if not saved_teacher.startswith(IDENTITY_PREFIX):
+        print(f"trainer.resume {path} predates teacher weight hashes: distill.teacher is taken on trust", flush=True)
+    elif saved_teacher != teacher_identity(teacher):
+        raise ConfigError(
+            f"trainer.resume {path} was distilled from teacher {saved_teacher}; distill.teacher "
+            f"{cfg.distill.teacher} now holds other weights: resume with that teacher or start a new run"
+        )
 
 
 def launch(cfg: TrainConfig) -> dict[str, float]:
