@@ -125,6 +125,14 @@ def test_config_rebuilds_same_architecture(name: str) -> None:
     torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
 
 
+def test_config_keeps_its_own_copy_of_list_arguments() -> None:
+    hidden = [16] * 15  # a pruned MobileFaceNet's expand widths
+    model = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56, hidden=hidden)
+    hidden[0] = 8
+    assert model.config["hidden"][0] == 16
+    assert models.create(**model.config).state_dict().keys() == model.state_dict().keys()
+
+
 def test_model_card_on_tiny_model() -> None:
     threads = torch.get_num_threads()
     card = model_card("mobilefacenet", input_size=56, embedding_dim=64, width=0.25, latency_runs=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Callable
@@ -56,5 +57,5 @@ def create(
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
     options = dict(embedding_dim=embedding_dim, width=float(width), input_size=input_size, act=act, **kwargs)
     model = _MODELS[name](**options)
-    model.config = {"name": name, **options}
+    model.config = copy.deepcopy({"name": name, **options})  # the caller's lists (hidden=) may change later
     return model
