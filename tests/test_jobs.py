@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from faceforge.jobs import (
     CANCELLED,
@@ -172,6 +173,21 @@ def test_a_cancel_that_lands_before_the_start_or_during_a_requeue_is_kept(templa
     ended = store.requeue(lost.id, "me", "attempt 1 lost")
     assert (ended.state, ended.error) == (CANCELLED, "attempt 1 lost") and ended.finished_at and ended.cancelled_at
     assert store.claim("local", "me", 2, 30) is None
+
+
+def test_a_job_whose_tracking_database_cannot_be_made_fails_instead_of_holding_its_slots(
+    template: Job, tmp_path: Path
+) -> None:
+    (tmp_path / "a_file").write_text("")
+    config = yaml.safe_load(template.config_yaml)
+    config["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/a_file/mlflow.db"  # a folder inside a file
+    store = JobStore(store_path(tmp_path))
+    (stuck,) = store.submit(copies(template, 1, slots=1, config_yaml=yaml.safe_dump(config)))
+    scheduler = Scheduler(store, {"local": LocalExecutor(slots=1)}, tmp_path)
+    scheduler.run_once()
+    failed = store.get(stuck.id)
+    assert failed.state == FAILED and failed.error.startswith("could not start: ") and "a_file" in failed.error
+    assert store.used_slots("local") == 0 and not job_dir(tmp_path, stuck.id).exists()
 
 
 def test_a_locked_database_reports_itself(template: Job, tmp_path: Path) -> None:

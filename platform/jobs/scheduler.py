@@ -84,19 +84,26 @@ class Scheduler:
     def _start(self, job: Job, executor: Executor) -> None:
         directory = job_dir(self.home, job.id)
         try:
-            self._prepare_tracking(job)
+            self._prepare_tracking(job)  # this machine's files: an unusable database path does not heal by waiting
+        except Exception as err:
+            self._fail_start(job, err)
+            return
+        try:
             handle = executor.start(job, directory)
         except OSError as err:  # e.g. a cluster head that is briefly unreachable: the next tick tries again
             log.warning("could not start %s yet: %s", job.id, err)
             return
         except Exception as err:  # one job that cannot start must not stop the others
-            log.error("could not start %s: %s", job.id, err)
-            self.store.finish(job.id, self.owner, FAILED, error=f"could not start: {err}")
+            self._fail_start(job, err)
             return
         # A remote log is copied per start: each Ray submission's log begins again at byte 0.
         log_path = directory / (f"{handle}.log" if executor.remote_log else LOG_FILE)
         self.store.update(job.id, self.owner, handle=handle, log_path=str(log_path))
         log.info("started %s (%s, attempt %d) in %s", job.id, job.name, job.attempts, directory)
+
+    def _fail_start(self, job: Job, err: Exception) -> None:
+        log.error("could not start %s: %s", job.id, err)
+        self.store.finish(job.id, self.owner, FAILED, error=f"could not start: {err}")
 
     def _poll(self, job: Job) -> None:
         executor = self.executors.get(job.executor)
