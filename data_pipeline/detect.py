@@ -52,7 +52,8 @@ class HaarDetector:
     """OpenCV's frontal-face Haar cascade for boxes, MTCNN's O-Net on those boxes for scores and landmarks.
 
     The fallback detector: it ships inside opencv-python-headless and fails differently from MTCNN. Boxes are the
-    cascade's own; scores are O-Net's face probability, so a caller can drop the cascade's false alarms.
+    cascade's own; scores are O-Net's face probability, and boxes below `min_score` (the cascade's false alarms,
+    which would otherwise be aligned as faces) are dropped.
     """
 
     name = "haar"
@@ -63,16 +64,18 @@ class HaarDetector:
         min_face_size: int = 20,
         scale_factor: float = 1.1,
         min_neighbors: int = 5,
+        min_score: float = 0.5,
     ) -> None:
         path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
         self.cascade = cv2.CascadeClassifier(str(path))
         if self.cascade.empty():
             raise FileNotFoundError(f"{path}: OpenCV's frontal-face cascade is missing or unreadable")
-        if min_face_size < 1 or scale_factor <= 1.0 or min_neighbors < 0:
+        if min_face_size < 1 or scale_factor <= 1.0 or min_neighbors < 0 or not 0.0 <= min_score < 1.0:
             raise ValueError(
-                f"need min_face_size >= 1, scale_factor > 1, min_neighbors >= 0; "
-                f"got {min_face_size}, {scale_factor}, {min_neighbors}"
+                f"need min_face_size >= 1, scale_factor > 1, min_neighbors >= 0, 0 <= min_score < 1; "
+                f"got {min_face_size}, {scale_factor}, {min_neighbors}, {min_score}"
             )
+        self.min_score = min_score
         self.device = torch.device(device)
         self.min_face_size, self.scale_factor, self.min_neighbors = min_face_size, scale_factor, min_neighbors
         self.onet = load_mtcnn_nets(self.device)[2]
@@ -86,7 +89,9 @@ class HaarDetector:
             rects = self.cascade.detectMultiScale(grey, self.scale_factor, self.min_neighbors, minSize=side)
             boxes = torch.as_tensor(np.asarray(rects, dtype=np.float32).reshape(-1, 4), device=self.device)
             boxes[:, 2:] += boxes[:, :2]
-            found.append(onet_in_boxes(self.onet, image, boxes))
+            faces = onet_in_boxes(self.onet, image, boxes)
+            face = faces.scores >= self.min_score
+            found.append(Detections(faces.boxes[face], faces.scores[face], faces.landmarks[face]))
         return found
 
 

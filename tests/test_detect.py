@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -193,6 +194,18 @@ def test_haar_fallback_finds_the_faces_of_lfw() -> None:
         eyes_above_mouth = faces.landmarks[:, :2, 1].max(1) < faces.landmarks[:, 3:, 1].min(1)
         hits += bool(np.any(central & (faces.scores > 0.5) & eyes_above_mouth))
     assert hits >= 9
+
+
+def test_haar_drops_the_cascade_boxes_o_net_rejects(tmp_path: Path) -> None:
+    """Dogs: MTCNN finds no face, the cascade finds two boxes of fur. Kept, they would be aligned as faces."""
+    dogs = shared_data() / "detection" / "dogs.jpg"
+    assert not len(MTCNN().detect([read_image(dogs)])[0])
+    assert not len(HaarDetector().detect([read_image(dogs)])[0])
+    assert len(HaarDetector(min_score=0.0).detect([read_image(dogs)])[0]) >= 1  # the boxes are there to drop
+    (tmp_path / "src").mkdir()
+    shutil.copy(dogs, tmp_path / "src" / "dogs.jpg")
+    counts = align_tree(tmp_path / "src", tmp_path / "dst", workers=1, fallbacks=["haar"], progress=False)
+    assert counts["no_face"] == 1 and counts["aligned"] == 0
 
 
 def test_align_tree_records_every_photo_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
