@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +13,8 @@ from faceforge import models
 from faceforge.models.card import cards_markdown, count_macs, count_params, model_card, write_model_cards
 from faceforge.models.layers import PReLU
 from faceforge.models.shufflefacenet import concat_shuffle
+
+from conftest import REPO
 
 ALL_MODELS = models.list()
 # shufflefacenet is only defined for widths 0.5-2.
@@ -154,6 +160,20 @@ def test_write_model_cards_has_a_row_per_model(tmp_path) -> None:
     assert all(f"| {name} | 56 | 64 | 1 |" in text for name in ALL_MODELS)
     with pytest.raises(IsADirectoryError, match="give the markdown file to write"):
         write_model_cards(tmp_path, latency_runs=1)
+
+
+def test_models_command_prints_without_touching_the_docs(tmp_path: Path) -> None:
+    """`faceforge models` is how a user looks at the backbones: it must not rewrite the repository's docs/models.md."""
+    page = REPO / "docs" / "models.md"
+    before = page.stat().st_mtime_ns
+    listed = subprocess.run(
+        [sys.executable, "-c", "from faceforge.cli import main; main()", "models", "--input-size", "56",
+         "--embedding-dim", "32"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert all(f"| {name} | 56 | 32 | 1 |" in listed.stdout for name in ALL_MODELS)
+    assert "written to" not in listed.stdout and page.stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 5)])

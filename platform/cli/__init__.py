@@ -76,7 +76,8 @@ def _models(args: argparse.Namespace) -> None:
 
     cards = write_model_cards(args.out, input_size=args.input_size, embedding_dim=args.embedding_dim)
     print(cards_markdown(cards))
-    print(f"written to {args.out}")
+    if args.out is not None:
+        print(f"written to {args.out}")
 
 
 def _config_reference(args: argparse.Namespace) -> None:
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     mdl = commands.add_parser("models", help="model card of every backbone: params, MACs, CPU latency")
-    mdl.add_argument("--out", type=Path, default=DOCS / "models.md")
+    mdl.add_argument("--out", type=Path, default=None, help="also write the markdown page (docs/models.md)")
     mdl.add_argument("--input-size", type=int, default=112)
     mdl.add_argument("--embedding-dim", type=int, default=512)
     mdl.set_defaults(func=_models)
