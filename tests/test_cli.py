@@ -29,6 +29,14 @@ def faceforge(*args: str, home: Path | None = None) -> subprocess.CompletedProce
     )
 
 
+def test_hydra_flags_reach_hydra_before_the_overrides_too() -> None:
+    helped = faceforge("train", "--help")
+    assert helped.returncode == 0 and "Configuration groups" in helped.stdout, helped.stderr
+    printed = faceforge("train", "--cfg", "job", "--resolve", "trainer.nproc=4", "model.width=0.5")
+    assert printed.returncode == 0, printed.stderr
+    assert "width: 0.5" in printed.stdout and "nproc: 4" in printed.stdout
+
+
 def test_data_pack_and_inspect(tiny_train_root: Path, tmp_path: Path) -> None:
     packed = faceforge("data", "pack", str(tiny_train_root), str(tmp_path / "rec"))
     assert packed.returncode == 0, packed.stderr

@@ -158,6 +158,9 @@ def test_a_run_resumed_from_its_last_checkpoint_still_gets_its_final_evaluation(
 
 def test_a_dataset_too_small_for_one_step_is_refused_before_training(tiny_train_root: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "run", tiny_train_root, None)
+    cfg.data.root = "???"  # `data=folder` leaves it to the command line
+    assert disk_error(cfg) == "data.root is not set: give data.root=<folder or RecordIO directory>"
+    cfg.data.root = str(tiny_train_root)
     cfg.data.batch_size = 32
     assert "24 images cannot fill one global batch of data.batch_size=32" in disk_error(cfg)
     cfg.head.type, cfg.head.p, cfg.head.k, cfg.data.batch_size = "triplet", 16, 4, 64

@@ -702,7 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling `overrides` at the first option; key=value words after the options are overrides too.
-    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in w[1:] for w in extra):
+    if extra and args.command in ("train", "distill"):  # Hydra's own flags (--help, --cfg job, ...), in place
+        args.overrides = [*extra, *args.overrides]
+    elif extra and isinstance(getattr(args, "overrides", None), list) and all("=" in w[1:] for w in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -44,6 +44,8 @@ def resolve_data(cfg: TrainConfig) -> None:
 
 def check_against_disk(cfg: TrainConfig) -> int:
     """Errors a user should see before any process starts or an MLflow run exists; returns the number of classes."""
+    if cfg.data.root == "???":  # Hydra's mark for a value the chosen group leaves to the command line
+        raise ConfigError("data.root is not set: give data.root=<folder or RecordIO directory>")
     root = Path(cfg.data.root)
     if not root.exists():
         raise ConfigError(f"data.root {root} does not exist")
