@@ -164,6 +164,8 @@ def test_non_finite_or_zero_features_are_refused_not_scored() -> None:
     vset = VerificationSet("v", [b"a", b"b"], np.array([0]), np.array([1]), np.array([True]), np.array([0]))
     with pytest.raises(ValueError, match="NaN or infinity"):
         pair_scores(np.array([[1.0, 0.0], [np.nan, 1.0]]), vset)
+    # A dead (all-zero) embedding is a poor model, not an evaluation that fails after the training.
+    assert pair_scores(np.array([[1.0, 0.0], [0.0, 0.0]]), vset).tolist() == [0.0]
 
 
 # ---------------------------------------------------------------- identification

@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 
 
 def pair_scores(features: np.ndarray, vset: VerificationSet) -> np.ndarray:
-    """Cosine similarity of each pair; rows of `features` follow `vset.images` and need not be normalised."""
+    """Cosine similarity of each pair; rows of `features` follow `vset.images` and need not be normalised.
+
+    An all-zero row (a dead embedding, seen in barely trained tiny models) scores 0 with anything, as in sklearn's
+    cosine_similarity: the model is scored as poor rather than the evaluation failing after the training.
+    """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) != len(vset.images):
         raise ValueError(
@@ -28,9 +32,7 @@ def pair_scores(features: np.ndarray, vset: VerificationSet) -> np.ndarray:
     if not np.isfinite(features).all():
         raise ValueError(f"{vset.name}: features contain NaN or infinity (has the model diverged?)")
     norms = np.linalg.norm(features, axis=1, keepdims=True)
-    if not (norms > 0).all():
-        raise ValueError(f"{vset.name}: some feature rows are all zero, cosine similarity is undefined")
-    unit = features / norms
+    unit = features / np.where(norms > 0, norms, 1.0)
     return np.einsum("ij,ij->i", unit[vset.left], unit[vset.right])
 
 
