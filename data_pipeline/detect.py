@@ -75,9 +75,9 @@ class HaarDetector:
                 f"need min_face_size >= 1, scale_factor > 1, min_neighbors >= 0, 0 <= min_score < 1; "
                 f"got {min_face_size}, {scale_factor}, {min_neighbors}, {min_score}"
             )
-        self.min_score = min_score
         self.device = torch.device(device)
         self.min_face_size, self.scale_factor, self.min_neighbors = min_face_size, scale_factor, min_neighbors
+        self.min_score = min_score
         self.onet = load_mtcnn_nets(self.device)[2]
 
     @torch.inference_mode()

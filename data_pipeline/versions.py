@@ -49,6 +49,11 @@ def version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
+def version_number(version: Path) -> int:
+    """The round a version folder holds; versions compare by it (by name, v10000 would sort before v9999)."""
+    return int(version.name[1:])
+
+
 def adjusted_rand_index(a: Sequence[object], b: Sequence[object]) -> float:
     """Hubert and Arabie's ARI of two labellings of the same items: 1 for equal partitions, ~0 for chance."""
     if len(a) != len(b):
@@ -77,7 +82,7 @@ def list_versions(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[1:]))  # by number: v10000 comes after v9999
+    return sorted(found, key=version_number)
 
 
 def read_stats(version: Path) -> dict:
@@ -119,7 +124,7 @@ def write_version(
     target = root / version_name(number)
     if target.exists():
         return target
-    previous = ([p for p in list_versions(root) if int(p.name[1:]) < number] or [None])[-1]
+    previous = ([p for p in list_versions(root) if version_number(p) < number] or [None])[-1]
     ari, compared = agreement(previous, faces)
     for leftover in root.glob(f".{target.name}.*.tmp"):  # a build a crash interrupted (one daemon per folder)
         shutil.rmtree(leftover, ignore_errors=True)
