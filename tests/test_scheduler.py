@@ -230,6 +230,20 @@ def test_a_finished_sweep_registers_its_best_run_as_champion(
     assert version.sweep_id == jobs[0].sweep_id and "champion" in version.aliases
 
 
+def test_cancelling_a_start_whose_handle_was_not_recorded_stops_it(home: Path, tiny_train_root: Path) -> None:
+    """The scheduler died between starting the runner and recording its handle: the job still runs."""
+    store, executor = JobStore(store_path()), LocalExecutor(slots=1)
+    scheduler = Scheduler(store, {"local": executor}, home, poll_seconds=0.2)
+    (job,) = store.submit(make_jobs(tiny(home, tiny_train_root, steps=100_000)))
+    claimed = store.claim("local", scheduler.owner, 1, 30)
+    assert claimed is not None and claimed.id == job.id
+    executor.start(claimed, home / "jobs" / job.id)  # running; its handle is never stored
+    assert store.get(job.id).handle is None and store.cancel(job.id).cancel_requested
+    drive(scheduler, all_terminal(store, [job]), timeout=60)
+    assert store.get(job.id).state == CANCELLED
+    assert live_jobs({job.id}) == set()  # stopped, not left training on
+
+
 def test_a_job_larger_than_the_executor_fails_instead_of_blocking_the_queue(home: Path, tiny_train_root: Path) -> None:
     store = JobStore(store_path())
     (big,) = store.submit(make_jobs(tiny(home, tiny_train_root), slots=3))

@@ -96,10 +96,13 @@ class Scheduler:
         except Exception as err:  # one job that cannot start must not stop the others
             self._fail_start(job, err)
             return
+        self._record_start(job, executor, directory, handle)
+        log.info("started %s (%s, attempt %d) in %s", job.id, job.name, job.attempts, directory)
+
+    def _record_start(self, job: Job, executor: Executor, directory: Path, handle: str) -> None:
         # A remote log is copied per start: each Ray submission's log begins again at byte 0.
         log_path = directory / (f"{handle}.log" if executor.remote_log else LOG_FILE)
         self.store.update(job.id, self.owner, handle=handle, log_path=str(log_path))
-        log.info("started %s (%s, attempt %d) in %s", job.id, job.name, job.attempts, directory)
 
     def _fail_start(self, job: Job, err: Exception) -> None:
         log.error("could not start %s: %s", job.id, err)
@@ -140,20 +143,18 @@ class Scheduler:
                 copy.write(text.encode())
 
     def _cancel_unrecorded(self, job: Job, executor: Executor) -> None:
-        """Cancel a job whose start may have landed before its handle was recorded: executors that name a start
-        by the job alone (Ray) find and stop it; ValueError means the executor needs a handle to find anything."""
+        """Cancel a job whose start may have landed before its handle was recorded: a start the executor finds
+        gets its handle now, and the next tick stops it like any other running job."""
+        directory = job_dir(self.home, job.id)
         try:
-            executor.stop(job)
-            status = executor.status(job)
+            handle = executor.find(job, directory)
         except OSError as err:
             log.warning("cannot reach the %s executor to cancel %s: %s", job.executor, job.id, err)
             return
-        except ValueError:
-            status = Status(LOST)
-        if status.state == LOST:  # never started, so nothing needs stopping
+        if handle is None:  # never started, so nothing needs stopping
             self.store.finish(job.id, self.owner, CANCELLED)
-        elif status.state != RUNNING:  # ended; while it is still stopping, the next tick looks again
-            self._record(job, status)
+        else:
+            self._record_start(job, executor, directory, handle)
 
     def _record(self, job: Job, status: Status) -> None:
         if status.state == LOST and not job.cancel_requested:

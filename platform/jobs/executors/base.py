@@ -35,9 +35,12 @@ class Executor(Protocol):
     def status(self, job: Job) -> Status:
         """Where the job stands, from its stored handle."""
 
+    def find(self, job: Job, job_dir: Path) -> str | None:
+        """The handle of a start of this job that landed but was never recorded (its scheduler died in between),
+        or None when no start did."""
+
     def stop(self, job: Job) -> None:
-        """Ask the job to stop (SIGTERM or its equivalent), then force it after a grace period. Without a stored
-        handle, stop and status find the start by the job alone, or raise ValueError if the executor cannot."""
+        """Ask the job to stop (SIGTERM or its equivalent), then force it after a grace period."""
 
     def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
         """Log text from byte `offset` on, and the offset to continue from."""

@@ -85,6 +85,19 @@ class LocalExecutor:
         self._runners[runner.pid] = runner
         return _handle(runner.pid, process_start_time(runner.pid), job_dir)
 
+    def find(self, job: Job, job_dir: Path) -> str | None:
+        job_dir = job_dir.resolve()
+        if not job_dir.exists():
+            return None
+        deadline = time.monotonic() + HANDLE_WAIT_SECONDS
+        while _lock_held(job_dir) and not (job_dir / RUNNER_FILE).exists():  # a runner that is still starting
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{job_dir} is locked by a runner that never recorded itself")
+            time.sleep(0.05)
+        if _lock_held(job_dir) or (job_dir / EXIT_CODE_FILE).exists():  # running, or it ended unwatched
+            return _recorded_handle(job_dir)
+        return None
+
     def status(self, job: Job) -> Status:
         handle = _parse(job)
         job_dir = Path(handle["job_dir"])

@@ -101,7 +101,7 @@ class RayExecutor:
 
     start, status and stop raise OSError while the head is unreachable, slow or answering 5xx, so the scheduler
     retries on its next tick instead of declaring running jobs lost over a network blip. The submission id comes
-    from the job alone, so a start whose handle was never recorded can still be found and stopped.
+    from the job alone, so a start whose handle was never recorded can still be found.
     """
 
     name = "ray"
@@ -163,6 +163,9 @@ class RayExecutor:
             if self._info(job) is None:  # not a lost race with another scheduler submitting the same id
                 raise
         return submission_id(job)
+
+    def find(self, job: Job, job_dir: Path) -> str | None:
+        return submission_id(job) if self._info(job) is not None else None
 
     def status(self, job: Job) -> Status:
         info = self._info(job)
