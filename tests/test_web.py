@@ -254,10 +254,18 @@ def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Pa
             reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
             assert reply.status_code == 400, fields
             assert "outside the configured data roots" in reply.text, fields
-        reply = server.post(
-            "/jobs", data=job_form(roots[0], overrides="mlflow.tracking_uri=sqlite:////etc/passwd"), headers=BEARER
-        )
-        assert reply.status_code == 400 and "mlflow.tracking_uri cannot be set from the web form" in reply.text
+        for fields, message in [
+            ({"overrides": "mlflow.tracking_uri=sqlite:////etc/passwd"}, "mlflow.tracking_uri cannot be set"),
+            # A whole node, a package or an interpolation would set those keys past the checks above.
+            ({"overrides": f"data={{root:{outside}}}"}, "only a config of configs/data/ may be chosen"),
+            ({"sweep": f"eval=pairs,{{pairs:{outside}}}"}, "only a config of configs/eval/ may be chosen"),
+            ({"overrides": "mlflow={tracking_uri:'sqlite:////tmp/x.db'}"}, "only a config of configs/mlflow/"),
+            ({"overrides": "data@eval=folder"}, "package overrides (@) cannot be used"),
+            ({"overrides": "mlflow.run_name=${oc.env:FACEFORGE_TOKEN}"}, "overrides: interpolations"),
+            ({"lr": "${oc.env:PATH}"}, "lr: interpolations"),
+        ]:
+            reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
+            assert reply.status_code == 400 and message in reply.text, (fields, reply.text[-2000:])
         assert server.count() == before
     finally:
         link.unlink()
@@ -351,6 +359,7 @@ def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_ro
     assert events({"Last-Event-ID": "\u00b2"}, until_end=False) == [(first_id, "message", text)]  # a digit, not ASCII
     # An id past the file's end (the log was replaced or truncated since, or made up) starts the log again.
     assert events({"Last-Event-ID": "9" * 20}, until_end=False) == [(first_id, "message", text)]
+    assert events({"Last-Event-ID": "9" * 5000}, until_end=False) == [(first_id, "message", text)]  # past int()
     resume = len(b"first line\n")
     [(_, _, text)] = events({"Last-Event-ID": str(resume)}, until_end=False)
     assert text == "second line"
@@ -427,6 +436,20 @@ def test_job_page_plots_metrics_links_mlflow_and_diffs(server: Server, tiny_trai
     assert f'<option value="{tiny_train_root.resolve()}" selected>' in clone
     assert f"mlflow.tracking_uri={uri}" in clone
     assert server.get("/jobs/job-missing").status_code == 404
+
+    # A clone keeps what the form's lists do not offer: a nested dataset, and data=demo with its own root.
+    nested = ["data=folder", f"data.root={tiny_train_root / 'nested'}", "model=mobilefacenet_micro"]
+    (tiny_train_root / "nested").symlink_to(tiny_train_root, target_is_directory=True)
+    try:
+        [third] = server.store.submit(make_jobs(nested, name="nested"))
+        clone = server.get("/jobs/new", params={"clone": third.id}).text
+    finally:
+        (tiny_train_root / "nested").unlink()
+    assert f'<option value="{tiny_train_root / "nested"}" selected>' in clone
+    assert "<option selected>mobilefacenet_micro</option>" in clone
+    [fourth] = server.store.submit(make_jobs(["data=demo", f"data.root={tiny_train_root}"], name="demo-root"))
+    clone = server.get("/jobs/new", params={"clone": fourth.id}).text
+    assert '<option value="demo" selected>' in clone and f"data.root={tiny_train_root}" in clone
 
 
 def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> None:

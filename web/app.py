@@ -31,7 +31,6 @@ from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
 from faceforge.jobs.executors.local import whole_characters
 from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
-from faceforge.models import list_models
 from faceforge.registry import (
     CHAMPION_ALIAS,
     Policy,
@@ -45,7 +44,7 @@ from faceforge.registry import (
 from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
-from faceforge.web.datasets import data_roots, describe, list_datasets
+from faceforge.web.datasets import DEMO, data_roots, describe, list_datasets
 from faceforge.web.forms import JobForm, tokens
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
@@ -136,7 +135,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters |= {"when": _when}
     templates.env.globals |= {"duration": _duration, "states": STATES}
-    heads = sorted(path.stem for path in (CONFIG_DIR / "head").glob("*.yaml"))
+    backbones, heads = (sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")) for group in ("model", "head"))
     mlflow_ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
     home_uri = f"sqlite:///{home}/mlflow.db"
 
@@ -243,8 +242,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             form=form,
             error=error,
             clone_of=clone_of,
-            datasets=list_datasets(roots),
-            backbones=list_models(),
+            datasets={DEMO if d.name == DEMO else str(d.path): d for d in list_datasets(roots)},  # by form value
+            backbones=backbones,
             heads=heads,
             executors=EXECUTORS,
         )
@@ -317,7 +316,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         """Server-sent log lines; a reconnecting EventSource resumes after the last byte it got."""
         get_job(job_id)
         last_id = request.headers.get("last-event-id", "")
-        start = int(last_id) if last_id.isascii() and last_id.isdigit() else max(offset, 0)
+        resumable = last_id.isascii() and last_id.isdigit() and len(last_id) <= 18  # int() refuses 4,300 digits
+        start = int(last_id) if resumable else max(offset, 0)
 
         async def events() -> AsyncIterator[str]:
             position, log_path = start, None

@@ -15,6 +15,7 @@ from starlette.datastructures import FormData
 
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.jobs import Job, expand_sweep, faceforge_home, override_value, quoted_path
+from faceforge.train.app import CONFIG_DIR
 from faceforge.web.datasets import DEMO, confine
 
 # Form field -> config key; blank means the config's default.
@@ -66,7 +67,7 @@ class JobForm:
                 setattr(form, key, value)
             elif key in by_key:
                 setattr(form, by_key[key], value)
-            elif key == "data.root":
+            elif key == "data.root" and "data=folder" in job.overrides:  # data=demo takes a root as an override
                 form.dataset = override_value(override) or ""
             elif override not in ("data=folder", "data=demo"):
                 rest.append(override)
@@ -76,6 +77,9 @@ class JobForm:
 
     def overrides_list(self, roots: list[Path]) -> list[str]:
         """All overrides for make_jobs; ValueError with one line for a bad field or a path outside the roots."""
+        for name in ("model", "head", *HYPERPARAMETERS, "overrides", "sweep"):
+            if "${" in getattr(self, name):  # resolved in the server: ${oc.env:...} would put its secrets on a page
+                raise ValueError(f"{name}: interpolations (${{...}}) cannot be used from the web form")
         chosen: dict[str, str] = {}
 
         def put(override: str) -> None:
@@ -155,8 +159,13 @@ def confined(override: str, roots: list[Path]) -> str:
     """
     key = override.partition("=")[0]
     name = override_key(key)
+    if "@" in name:
+        raise ValueError(f"{key}: package overrides (@) cannot be used from the web form")
     if name in FIXED_KEYS:
         raise ValueError(f"{name} cannot be set from the web form: web jobs log to the platform's MLflow")
+    guarded = [k for k in (*PATH_KEYS, *HOME_PATH_KEYS, *FIXED_KEYS) if k.startswith(f"{name}.")]
+    if guarded and not all(is_group_choice(name, override_value(point)) for [point] in expand_sweep([override])):
+        raise ValueError(f"{override}: only a config of configs/{name}/ may be chosen; set {guarded[0]} on its own")
     if name not in (*PATH_KEYS, *HOME_PATH_KEYS):
         return override
     allowed = roots if name in PATH_KEYS else [*roots, faceforge_home()]
@@ -171,6 +180,13 @@ def confined(override: str, roots: list[Path]) -> str:
             value = quoted_path(resolved)
         values.append(value)
     return f"{key}={','.join(values)}"
+
+
+def is_group_choice(group: str, value: str | None) -> bool:
+    """Whether `value` names one of the group's config files (`data=folder`), not a whole node (`data={root:...}`)."""
+    if value is None or not re.fullmatch(r"[\w-]+", value):
+        return False
+    return (CONFIG_DIR / group / f"{value}.yaml").is_file()
 
 
 def override_key(override: str) -> str:
