@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +31,8 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float32,
 )
 MANIFEST = "manifest.jsonl"
+SETTINGS = "align.json"  # what shapes the crops (size, one face or all): a resumed run must not mix two kinds
+MAX_SIZE = 1024
 
 
 def template_transform(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
@@ -63,6 +67,8 @@ def area_shrink(image: np.ndarray, matrix: np.ndarray, scale: float, size: int) 
     corners = cv2.transform(square, cv2.invertAffineTransform(matrix))[0]
     x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 2, 0)
     x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, image.shape[1::-1])
+    if x1 <= x0 or y1 <= y0:  # the crop shows none of the photo: all border
+        return np.zeros((1, 1, *image.shape[2:]), image.dtype), matrix
     offset = matrix[:, :2] @ np.array([x0, y0], dtype=np.float64)
     small = cv2.resize(image[y0:y1, x0:x1], None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     # cv2.resize maps pixel centres as p_small = (p + 0.5) * scale - 0.5; fold its inverse into the matrix.
@@ -152,18 +158,36 @@ def align_sources(settings: AlignSettings, sources: list[str], detectors: Sequen
     for (source, image), faces, name in zip(decoded, found, by, strict=True):
         try:
             records += _face_records(source, image, faces, name, settings)
-        except ValueError as err:
+        except (ValueError, cv2.error) as err:
             records.append({"source": source, "status": "error", "error": f"{settings.src / source}: {err}"})
+    for record in records:  # which version of the photo these records describe: a replaced photo is done again
+        record["stat"] = file_stat(settings.src / record["source"])
     return records
+
+
+def file_stat(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 _worker_detectors: list[Detector] = []
 
 
 def _start_worker(settings: AlignSettings, threads: int) -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a run killed with -9 leaves no workers behind: each ends once its parent has gone
+        threading.Thread(target=_exit_after, args=(parent.sentinel,), daemon=True).start()
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)
     _worker_detectors[:] = settings.detectors()
+
+
+def _exit_after(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
@@ -184,10 +208,11 @@ def list_sources(src: Path, exclude: Path) -> list[str]:
     )
 
 
-def read_manifest(dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
+def read_manifest(src: Path, dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
     """Records per source already handled; the manifest is rewritten without a torn last line (crash mid-write),
-    the sources with fewer records than their `faces` (the rest lost to that crash), those whose crop has gone and
-    those with a status in `redo`, so that those run again."""
+    the sources with fewer records than their `faces` (the rest lost to that crash), those whose crop has gone,
+    those whose photo has changed since and those with a status in `redo`, so that those run again (their crops
+    deleted, so that none of a changed photo's old faces stays behind)."""
     path = dst / MANIFEST
     if not path.is_file():
         return {}
@@ -203,15 +228,19 @@ def read_manifest(dst: Path, redo: Sequence[str] = ()) -> dict[str, list[dict]]:
         parsed += 1
 
     def again(record: dict, recorded: int) -> bool:
+        stat = file_stat(src / record["source"])
         return (
             record["status"] in redo
             or record.get("faces", recorded) != recorded
             or (record["status"] == "aligned" and not (dst / record["output"]).is_file())
+            or (stat is not None and record.get("stat", stat) != stat)  # records before stats were kept: as they are
         )
 
     rerun = {source for source, records in by_source.items() if any(again(r, len(records)) for r in records)}
     for source in rerun:
-        del by_source[source]
+        for record in by_source.pop(source):
+            if record["status"] == "aligned":
+                (dst / record["output"]).unlink(missing_ok=True)
     if rerun or parsed < len(lines):
         kept = "".join(json.dumps(r) + "\n" for records in by_source.values() for r in records)
         write_atomic(path, kept.encode())
@@ -262,18 +291,21 @@ def align_tree(
     for name in (detector, *fallbacks):
         if name not in DETECTORS:
             raise ValueError(f"unknown detector {name!r}; choose from {', '.join(sorted(DETECTORS))}")
-    if size < 16 or chunk_size < 1:
-        raise ValueError(f"need size >= 16 and chunk_size >= 1, got {size} and {chunk_size}")
+    if not 16 <= size <= MAX_SIZE or chunk_size < 1:
+        raise ValueError(f"need 16 <= size <= {MAX_SIZE} and chunk_size >= 1, got {size} and {chunk_size}")
+    if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"{dst}: the crops' folder must not hold the photos ({src}); give another folder")
     workers = workers or os.cpu_count() or 1
     sources = list_sources(src, exclude=dst)
     if not sources:
         raise ValueError(f"{src}: no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
-    dst.mkdir(parents=True, exist_ok=True)
-    done = read_manifest(dst, redo)
+    settings = AlignSettings(src, dst, size, all_faces, detector, tuple(fallbacks), dict(detector_options))
+    detectors = settings.detectors()  # bad options fail here, in one line, not in every worker
+    check_output_folder(dst, {"size": size, "all_faces": all_faces})
+    done = read_manifest(src, dst, redo)
     clashes = [record for record in name_clashes(sources) if record["source"] not in done]
     clashing = {record["source"] for record in clashes}
     todo = [source for source in sources if source not in done and source not in clashing]
-    settings = AlignSettings(src, dst, size, all_faces, detector, tuple(fallbacks), dict(detector_options))
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     counts = Counter(images=len(sources), skipped=len(done.keys() & set(sources)))
     with (
@@ -289,7 +321,6 @@ def align_tree(
 
         log(clashes, 0)
         if workers == 1:
-            detectors = settings.detectors()
             for chunk in chunks:
                 log(align_sources(settings, chunk, detectors), len(chunk))
         elif chunks:
@@ -300,3 +331,18 @@ def align_tree(
                 for future in as_completed(futures):
                     log(future.result(), futures[future])
     return {key: counts[key] for key in ("images", "skipped", "aligned", "no_face", "error")}
+
+
+def check_output_folder(dst: Path, shape: dict) -> None:
+    """Make dst, or take it up again: refused when it holds other files (a crop would overwrite one) or crops of
+    another size or face choice than `shape` (a resumed run would mix them)."""
+    settings_file, manifest = dst / SETTINGS, dst / MANIFEST
+    if dst.is_dir() and not manifest.is_file() and any(p.name != SETTINGS for p in dst.iterdir()):
+        raise ValueError(f"{dst}: holds files but no {MANIFEST} of an earlier run; give an empty or new folder")
+    if settings_file.is_file():
+        earlier = json.loads(settings_file.read_text())
+        if earlier != shape:
+            changed = ", ".join(f"{key} {earlier.get(key)} (now {value})" for key, value in shape.items())
+            raise ValueError(f"{dst}: its crops were made with {changed}; give a new folder for these settings")
+    else:
+        write_atomic(settings_file, json.dumps(shape).encode())

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -30,7 +34,7 @@ from faceforge.data_pipeline.align import AlignSettings, align_sources
 from faceforge.data_pipeline.detection_eval import AnnotatedImage, DetectionScore, read_imglab
 from faceforge.data_pipeline.mtcnn import area_crops, load_mtcnn_nets, nms, summed_area_table, weights_dir
 
-from conftest import shared_data
+from conftest import CLI, shared_data
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +310,86 @@ def test_skipped_counts_only_photos_still_in_the_source(tmp_path: Path) -> None:
     for path in sorted(src.iterdir())[:2]:  # pruned; their records stay in the manifest
         path.unlink()
     assert align_tree(src, dst, workers=1, progress=False) == dict(images=1, skipped=1, aligned=0, no_face=0, error=0)
+
+
+def test_align_tree_refuses_folders_it_would_overwrite_or_mix(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for path in lfw_images(3):
+        (src / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a user's file")
+    for where, options, message in [
+        (tmp_path / "mine", {}, "holds files but no manifest.jsonl"),
+        (src / "crops", {"size": 100_000}, "need 16 <= size <= 1024"),
+        (tmp_path, {}, "must not hold the photos"),
+        (src / "crops", {"min_face_size": 0, "workers": 2}, "min_face_size must be positive"),  # before any worker
+    ]:
+        with pytest.raises(ValueError, match=message):
+            align_tree(src, where, "mtcnn", **{"workers": 1, "progress": False, **options})
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "a user's file"
+
+    assert align_tree(src, dst, "center", workers=1, progress=False)["aligned"] == 3
+    for options, message in [({"size": 160}, "size 112 \\(now 160\\)"), ({"all_faces": True}, "all_faces False")]:
+        with pytest.raises(ValueError, match=message):
+            align_tree(src, dst, "center", workers=1, progress=False, **options)
+
+    # A photo replaced under its name is aligned again; the others are not.
+    first = sorted(src.iterdir())[0]
+    before = (dst / first.name).read_bytes()
+    first.write_bytes(lfw_images(4)[3].read_bytes())
+    assert align_tree(src, dst, "center", workers=1, progress=False) == dict(
+        images=3, skipped=2, aligned=1, no_face=0, error=0
+    )
+    assert (dst / first.name).read_bytes() != before
+    assert len((dst / "manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_face_wholly_outside_the_photo_aligns_to_black() -> None:
+    photo = np.full((100, 100, 3), 200, np.uint8)
+    far_right = ARCFACE_TEMPLATE * 10 + np.array([5000, 0], np.float32)  # a large face, so the photo is shrunk first
+    assert not align_face(photo, far_right).any()
+
+
+def test_a_killed_align_run_leaves_no_worker_behind(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for path in lfw_images(40):
+        (src / path.name).write_bytes(path.read_bytes())
+    run = subprocess.Popen([*CLI, "data", "align", str(src), str(dst), "--workers", "2"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((dst / "manifest.jsonl").is_file() and (dst / "manifest.jsonl").read_text()):
+            assert time.monotonic() < deadline and run.poll() is None, "no photo aligned"
+            time.sleep(0.1)
+        workers = children(run.pid)
+        assert workers, "the run has no worker processes"
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    deadline = time.monotonic() + 30
+    while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists() and not zombie(pid)]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"workers {alive} outlived their killed run")
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

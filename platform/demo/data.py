@@ -95,10 +95,10 @@ def link_files(files: dict[str, Path], dst: Path) -> None:
         (dst / name).symlink_to(file.resolve())
 
 
-def link_aligned(aligned: Path, sources: list[str], dst: Path) -> Counter[str]:
-    """Links under dst to the crops of `sources` in `aligned` (an `align_tree` output that may hold more photos),
-    mirroring their folders; the sources counted by status (aligned, no_face, error)."""
-    records = read_align_manifest(aligned)
+def link_aligned(photos: Path, aligned: Path, sources: list[str], dst: Path) -> Counter[str]:
+    """Links under dst to the crops of `sources` in `aligned` (the `align_tree` output of photos, which may hold
+    more of them), mirroring their folders; the sources counted by status (aligned, no_face, error)."""
+    records = read_align_manifest(photos, aligned)
     if dst.exists():  # links only: a rerun rebuilds them
         shutil.rmtree(dst)
     counts: Counter[str] = Counter()
@@ -121,7 +121,7 @@ def align_set(
     aligned = cache / f"aligned-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     counts = align_tree(photos, aligned, workers=workers, chunk_size=32, **options)  # type: ignore[arg-type]
     new = counts["aligned"] + counts["no_face"] + counts["error"]
-    return link_aligned(aligned.resolve(), list_sources(photos, exclude=aligned), dst), new
+    return link_aligned(photos, aligned.resolve(), list_sources(photos, exclude=aligned), dst), new
 
 
 def link_identities(folders: list[Path], dst: Path) -> None:
