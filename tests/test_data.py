@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,10 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.raises(ImageDecodeError, match=r"broken\.jpg"):
         ImageFolderDataset(tmp_path)[0]
+    dataset = ImageFolderDataset(tmp_path)
+    (tmp_path / "bob" / "broken.jpg").unlink()  # gone since the listing: the trainer stops as for a corrupt one
+    with pytest.raises(ImageDecodeError, match=r"broken\.jpg: cannot be read"):
+        dataset[0]
 
 
 def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
@@ -131,6 +136,8 @@ def test_decoding_follows_exif_orientation_and_keeps_16_bit_levels() -> None:
         decode_image(cv2.imencode(".png", twelve_bit)[1].tobytes(), "nir.png")
     pgm = b"P5\n4 4\n4095\n" + np.full((4, 4), 4000, ">u2").tobytes()  # a PNM states its own full scale
     assert (decode_image(pgm) == round(4000 * 255 / 4095)).all()
+    binary, text = b"P5\n4 1\n15\n" + bytes([15, 8, 4, 0]), b"P2\n4 1\n15\n15 8 4 0\n"  # also below 8 bits
+    assert decode_image(binary)[0, :, 0].tolist() == decode_image(text)[0, :, 0].tolist() == [255, 136, 68, 0]
 
 
 # ---------------------------------------------------------------- RecordIO framing and headers
@@ -211,6 +218,36 @@ def test_damaged_record_files_raise_clear_errors(packed: Path, tmp_path: Path) -
             IndexedRecordReader(tmp_path / "bad")
 
 
+def test_damaged_records_labels_and_keys_of_a_dataset_get_one_line(packed: Path, tmp_path: Path) -> None:
+    records = read_file_records(packed / "train")
+    framing = tmp_path / "framing"
+    shutil.copytree(packed, framing)
+    data = bytearray((packed / "train.rec").read_bytes())
+    data[records[2][1] : records[2][1] + 4] = bytes(4)  # image record 2, not the first of its identity
+    (framing / "train.rec").write_bytes(data)
+    with pytest.raises(ImageDecodeError, match=r"train\.rec record 2: .*bad magic"):  # the trainer's clean stop
+        RecordDataset(framing).read_image(1)
+
+    image = unpack_record(records[1][2])[1]
+    (tmp_path / "labels").mkdir()
+    for label, message in [(float("inf"), "label inf is no key"), (1e30, "label 1\\.0\\d*e\\+30 is no key")]:
+        with RecordWriter(tmp_path / "labels" / "train") as writer:  # no header: labels are read per image
+            writer.write(0, pack_record(IRHeader(0, 0.0, 0), image))
+            writer.write(1, pack_record(IRHeader(0, label, 1), image))
+        with pytest.raises(ValueError, match=rf"train\.rec record 1: {message}"):
+            RecordDataset(tmp_path / "labels")
+
+    (framing / "train.idx").write_text(f"{2**64}\t0\n")
+    with pytest.raises(ValueError, match=r"train\.idx:1: key 18446744073709551616 is outside"):
+        RecordDataset(framing)
+
+    subset = tmp_path / "subset"  # the identity records cut from the .idx: labels come from the images
+    shutil.copytree(packed, subset)
+    header_and_images = records[: -RecordDataset(packed).num_classes]
+    (subset / "train.idx").write_text("".join(f"{key}\t{offset}\n" for key, offset, _ in header_and_images))
+    np.testing.assert_array_equal(RecordDataset(subset).labels, RecordDataset(packed).labels)
+
+
 # ---------------------------------------------------------------- InsightFace layout
 
 
@@ -240,6 +277,10 @@ def test_a_pack_interrupted_between_its_renames_is_refused_not_read(face_tree: P
     with pytest.raises(ValueError, match="interrupted"):
         RecordDataset(tmp_path)  # new train.rec and train.idx, no property: not a consistent pack
     shutil.rmtree(tmp_path / "property")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    for suffix in ("rec", "idx"):  # what a pack killed with -9 leaves behind
+        (tmp_path / f".train.{ended.pid}.tmp.{suffix}").write_bytes(b"partial")
     pack_folder(face_tree, tmp_path, overwrite=True)
     assert len(RecordDataset(tmp_path)) == len(ImageFolderDataset(face_tree))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["property", "train.idx", "train.rec"]
@@ -280,6 +321,12 @@ def test_reencoded_pack_keeps_image_sizes(face_tree: Path, tmp_path: Path) -> No
         original, reencoded = folder.read_image(index), records.read_image(index)
         assert reencoded.shape == original.shape
         assert np.abs(reencoded.astype(int) - original).mean() < 8
+    import cv2
+
+    (tmp_path / "wide" / "a").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "wide" / "a" / "strip.png"), np.zeros((8, 66_000, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"strip\.png: a 66000x8 image cannot be JPEG-encoded"):
+        pack_folder(tmp_path / "wide", tmp_path / "wide_rec", reencode=True)
 
 
 def test_loader_workers_see_the_same_augmented_batches(packed: Path) -> None:

@@ -99,7 +99,13 @@ def decode_image(data: bytes | bytearray | memoryview, source: str = "<bytes>") 
         raise ImageDecodeError(f"{source}: not a decodable image (corrupt, truncated or unsupported)")
     if img.dtype == np.uint16:
         img = _to_8_bit(img, data, source)
+    elif data[:2] in (b"P5", b"P6") and (match := PNM_MAXVAL.match(data, 0, 1024)) and int(match[1]) < 255:
+        img = _stretch(img, int(match[1]))  # OpenCV stretches a text PNM's levels to 0..255, not a binary one's
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _stretch(img: np.ndarray, maxval: int) -> np.ndarray:
+    return np.round(img * (255.0 / max(maxval, 1))).clip(0, 255).astype(np.uint8)
 
 
 def _to_8_bit(img: np.ndarray, data: bytes, source: str) -> np.ndarray:
@@ -109,7 +115,7 @@ def _to_8_bit(img: np.ndarray, data: bytes, source: str) -> np.ndarray:
     come out all but black: such an image is refused rather than trained on.
     """
     if match := PNM_MAXVAL.match(data, 0, 1024):
-        return np.round(img * (255.0 / max(int(match[1]), 1))).clip(0, 255).astype(np.uint8)
+        return _stretch(img, int(match[1]))
     brightest = int(img.max())
     if brightest < DIM_16_BIT:
         raise ImageDecodeError(
@@ -120,8 +126,12 @@ def _to_8_bit(img: np.ndarray, data: bytes, source: str) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read and decode an image file to RGB uint8."""
-    return decode_image(Path(path).read_bytes(), str(path))
+    """Read and decode an image file to RGB uint8; a file that cannot be read is as unusable as a corrupt one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ImageDecodeError(f"{path}: cannot be read ({err.strerror or err})") from None
+    return decode_image(data, str(path))
 
 
 def center_crop_resize(img: np.ndarray, input_size: int, crop_fraction: float = 1.0) -> np.ndarray:

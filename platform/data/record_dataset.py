@@ -9,6 +9,7 @@ with one read per identity instead of one per image.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from faceforge.data.folder import ImageFolderDataset
-from faceforge.data.image import decode_image
+from faceforge.data.image import ImageDecodeError, decode_image
 from faceforge.data.recordio import IndexedRecordReader, IRHeader, RecordWriter, pack_record, unpack_record
 from faceforge.data.transforms import item_rng
 
@@ -39,9 +40,11 @@ def read_property(path: Path) -> tuple[int, int, int]:
     return num_classes, height, width
 
 
-def _class_of(header: IRHeader) -> int:
-    """Image label; like MXFaceDataset, the first value when the label is an array."""
-    return int(header.label[0]) if header.flag > 0 else int(header.label)
+def _whole(value: float, where: str) -> int:
+    """A float32 label that stands for a key or class index; anything else means a corrupt record."""
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_EXACT_INTS):
+        raise ValueError(f"{where}: label {value} is no key or class index (corrupt record?)")
+    return int(value)
 
 
 class RecordDataset(torch.utils.data.Dataset):
@@ -100,24 +103,39 @@ class RecordDataset(torch.utils.data.Dataset):
         missing = next((key for key in range(1, first_identity) if key not in self.reader), None)
         if missing is not None:
             raise ValueError(f"{self.reader.idx_path}: image record {missing} (of 1..{first_identity - 1}) is missing")
-        headers = [self._record(key)[0] for key in range(first_identity, end)]
-        spans = [(int(h.label[0]), int(h.label[1])) for h in headers if h.flag >= 2]
+        if any(key not in self.reader for key in range(first_identity, end)):  # a subset cut from the .idx
+            return keys, self._scan_labels(keys)
+        headers = [(key, self._record(key)[0]) for key in range(first_identity, end)]
+        spans = [
+            tuple(_whole(v, f"{self.reader.rec_path} record {key}") for v in h.label[:2])
+            for key, h in headers
+            if h.flag >= 2
+        ]
         starts, stops = [start for start, _ in spans], [stop for _, stop in spans]
         tiled = len(spans) == len(headers) > 0 and starts[1:] == stops[:-1]
         if not (tiled and starts[0] == 1 and stops[-1] == first_identity):
             return keys, self._scan_labels(keys)
-        identity_labels = [_class_of(self._record(start)[0]) for start in starts]
+        identity_labels = [self._class_of(start) for start in starts]
         return keys, np.repeat(np.array(identity_labels, dtype=np.int64), np.diff([1, *stops]))
 
     def _scan_labels(self, keys: np.ndarray) -> np.ndarray:
-        return np.array([_class_of(self._record(int(key))[0]) for key in keys], dtype=np.int64)
+        return np.array([self._class_of(int(key)) for key in keys], dtype=np.int64)
+
+    def _class_of(self, key: int) -> int:
+        """Image label; like MXFaceDataset, the first value when the label is an array."""
+        header = self._record(key)[0]
+        return _whole(header.label[0] if header.flag > 0 else header.label, f"{self.reader.rec_path} record {key}")
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def read_image(self, index: int) -> np.ndarray:
         key = int(self.keys[index])
-        return decode_image(self._record(key)[1], f"{self.reader.rec_path} record {key}")
+        try:
+            payload = self._record(key)[1]
+        except ValueError as err:  # damaged framing: the trainer stops, checkpointed, as for a damaged image
+            raise ImageDecodeError(str(err)) from None
+        return decode_image(payload, f"{self.reader.rec_path} record {key}")
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
         index, rng = item_rng(item)
@@ -139,7 +157,9 @@ def _write_pack(folder: ImageFolderDataset, prefix: Path, quality: int, reencode
             img = decode_image(data, path)
             if reencode:
                 ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-                assert ok, f"OpenCV failed to JPEG-encode {path}"
+                if not ok:
+                    height, width = img.shape[:2]
+                    raise ValueError(f"{path}: a {width}x{height} image cannot be JPEG-encoded (sides up to 65,500)")
                 data = buf.tobytes()
             sizes.append(img.shape[:2])
             writer.write(key, pack_record(IRHeader(0, float(label), key), data))
@@ -176,6 +196,9 @@ def pack_folder(
     end = len(folder) + 1 + folder.num_classes
     if end > FLOAT32_EXACT_INTS:
         raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
+    for stale in dst_root.glob(".train.*.tmp.*"):  # left by a pack killed with -9
+        if not _alive(stale.name.split(".")[2]):
+            stale.unlink(missing_ok=True)
     staging = dst_root / f".train.{os.getpid()}.tmp"
     written = {suffix: Path(f"{staging}{suffix}") for suffix in (".rec", ".idx", ".property")}
     try:
@@ -199,3 +222,16 @@ def pack_folder(
         "distinct_image_sizes": len(set(sizes)),
         "reencoded": reencode,
     }
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process whose id names a staging file still runs (and may still be writing it)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

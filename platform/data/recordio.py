@@ -171,6 +171,8 @@ def _read_index(idx_path: Path, rec_size: int) -> dict[int, int]:
             if len(fields) != 2 or not all(INTEGER.fullmatch(v) for v in fields):
                 raise ValueError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.strip()[:60]!r}")
             key, offset = int(fields[0]), int(fields[1])
+            if not 0 <= key < 1 << 63:
+                raise ValueError(f"{idx_path}:{line_no}: key {key} is outside 0..2^63-1")
             if key in offsets:
                 raise ValueError(f"{idx_path}:{line_no}: duplicate key {key}")
             if offset < 0 or offset % 4 or offset + 8 > rec_size:
