@@ -6,12 +6,13 @@ unpruned model is evaluated too and, unless --no-control, fine-tuned for the sam
 what pruning costs from what the extra training adds. Evaluation: 10-fold accuracy and TAR@FAR on LFW-format
 pairs with flip TTA; MACs at batch 1 with the model cards' counter (FLOPs / 2).
 
-The default model is the lead's MobileFaceNet (64 px, 512-d) trained on aligned CelebA crops; the default
-fine-tuning recipe is its own: CosFace s=32 m=0.35, SGD, grad clip 5, global batch 64 on 2 gloo ranks, at a tenth
-of its learning rate. Run from the repo root:
+The model measured in docs/benchmarks.md is the demo's MobileFaceNet (64 px, 512-d) trained on aligned CelebA
+crops; the default fine-tuning recipe is its own: CosFace s=32 m=0.35, SGD, grad clip 5, global batch 64 on 2 gloo
+ranks, at a tenth of its learning rate. The training set and the pairs are `faceforge data align` outputs of
+../shared/data/celeba_ids and ../shared/data/lfw (ALIGNED below). Run from the repo root:
 
-    .venv/bin/python bench/bench_prune.py                                   # ~30 min on 2 cores
-    .venv/bin/python bench/bench_prune.py --steps 5 --ratios 0.5 --pairs-per-fold 10 --no-control   # smoke run
+    .venv/bin/python bench/bench_prune.py --model CHECKPOINT                # ~30 min on 2 cores
+    .venv/bin/python bench/bench_prune.py --model CHECKPOINT --steps 5 --ratios 0.5 --pairs-per-fold 10 --no-control
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from faceforge.prune.cli import save_pruned
 from faceforge.train.checkpoint import load_backbone, resolve_checkpoint
 from faceforge.train.launch import launch
 
-DEMO_MODEL = Path("/tmp/demo_aligned/train/20261123-220826/checkpoints")
-ALIGNED = Path("/work/aligned")
+ALIGNED = Path(__file__).resolve().parents[2] / "aligned"  # beside the repository, as bench_quality's
 RECIPE = ["head=cosface", "head.s=32", "head.m3=0.35", "trainer.grad_clip=5", "eval=none", "mlflow.log_model=false"]
 
 
@@ -118,7 +118,7 @@ def table(rows: list[dict[str, Any]], full_mmacs: float, steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEMO_MODEL, help="a trained checkpoint to prune")
+    parser.add_argument("--model", type=Path, required=True, help="a trained checkpoint to prune")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.35], help="MAC budgets")
     parser.add_argument("--criterion", choices=("bn", "l1"), default="bn")
     parser.add_argument("--min-channels", type=int, default=8)
@@ -139,6 +139,9 @@ def main() -> None:
     parser.add_argument("--eval-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_prune"))
     args = parser.parse_args()
+    for path in (args.train_root, args.pairs, args.pairs_root):
+        if not path.exists():
+            parser.error(f"{path} not found: give --train-root, --pairs and --pairs-root (aligned crops)")
     args.out.mkdir(parents=True, exist_ok=True)
     print(machine_line(f"torch {torch.__version__}", f"{args.nproc} ranks x 1 thread"), flush=True)
 

@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(func=_distill)
 
     demo = commands.add_parser(
-        "demo", help="the whole loop: train, auto-label, sweep, select, distil, export int8, re-label (~15 min)"
+        "demo", help="the whole loop: train, auto-label, sweep, select, distil, export int8, re-label (~17 min)"
     )
     demo.add_argument("--profile", choices=("full", "tiny"), default="full", help="stage sizes; tiny is for tests")
     demo.add_argument("--home", type=Path, default=None, help="demo home (default: $FACEFORGE_HOME/demo, runs/demo)")
