@@ -71,6 +71,13 @@ def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, t
     assert bad.returncode == 2 and "optim.lr must be positive" in bad.stderr and "Traceback" not in bad.stderr
     assert len(JobStore(tmp_path / "jobs.db").list()) == 2  # nothing of the bad sweep was enqueued
 
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "jobs.db").write_bytes(b"not a database, " * 512)
+    bad = train_multirun(broken, *QUEUE, *tiny(broken, tiny_train_root))
+    assert bad.returncode == 2 and "jobs.db cannot be opened: file is not a database" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+
 
 @pytest.mark.slow
 def test_waiting_sweep_returns_metrics_and_registers_champion(

@@ -118,13 +118,16 @@ class JobStore:
         """`busy_seconds`: how long a transaction waits for another writer before "database is locked"."""
         self.path, self.busy_seconds = Path(path), busy_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._busy_as_error():
-            db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
-                db.executescript(SCHEMA)
-            finally:
-                db.close()
+        try:
+            with self._busy_as_error():
+                db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
+                    db.executescript(SCHEMA)
+                finally:
+                    db.close()
+        except sqlite3.Error as err:  # not a database, or a folder in its place: a line for the user, not a traceback
+            raise OSError(f"job database {self.path} cannot be opened: {err}") from None
 
     @contextmanager
     def _busy_as_error(self) -> Iterator[None]:
