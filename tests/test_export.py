@@ -183,14 +183,15 @@ def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trai
     with pytest.raises(SystemExit, match=r"faceforge export: error: .*face\.jpg: not a decodable image"):
         faceforge(["export", str(trained), "--format", "c-array", "--out", str(out), "--calibration",
                    str(tmp_path / "faces"), "--crop-fraction", "1.0", "--no-log", "--overwrite"])  # fmt: skip
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "the building folder is removed"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the building folder is removed too"
 
     with pytest.raises(
         SystemExit, match=r"export: .*already holds an export \(card\.json, .*\); pass --overwrite to replace it"
     ):
         faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / ".building-killed" / "model.onnx").parent.mkdir()  # what an export killed with -9 leaves
+    (out / ".building-killed" / "model.onnx").write_bytes(b"half a model")
     faceforge(["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log", "--overwrite"])
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -389,3 +390,7 @@ def test_calibration_sets(tmp_path: Path) -> None:
         open_calibration_images(tmp_path / "missing")
     with pytest.raises(ValueError, match="count"):
         FaceCalibrationReader(open_calibration_images(flat), input_size=56, crop_fraction=0.5, count=0)
+    (flat / "thumbs").mkdir()
+    shutil.copy(files[0], flat / "thumbs" / files[0].name)
+    with pytest.raises(ValueError, match=r"holds both images \(5\) and folders"):
+        open_calibration_images(flat)

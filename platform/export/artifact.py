@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from faceforge.export.runtime import LATENCY_RUNS
 
 FORMATS = ("onnx", "onnx-int8", "c-array")
 FP32_FILE, INT8_FILE, CARD_FILE, C_SYMBOL = "model.onnx", "model_int8.onnx", "card.json", "faceforge_model"
+BUILDING = ".building-"  # prefix of the hidden folder inside out_dir that an export is built in
 
 
 def artifact_files(fmt: str) -> list[str]:
@@ -55,8 +57,11 @@ def export_artifact(
     `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is; int8
     fidelity is measured on calibration-set faces that calibration did not read.
 
-    The files are built in a folder beside `out_dir` and moved in only when all exist, so a failed export (bad
-    calibration images, say) leaves an earlier export in `out_dir` whole, never mixed with a new model.
+    The files are built in a hidden folder inside `out_dir` (the same filesystem, so each move is a rename, even
+    when out_dir is a mount point) and moved in only when all exist, so a failed export (bad calibration images,
+    say) leaves an earlier export in `out_dir` whole. The earlier card goes first and the new one comes last, so
+    a folder interrupted while the files move has no card (an incomplete export) rather than a card of another
+    model; a killed export's build folder is removed by the next.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -64,7 +69,9 @@ def export_artifact(
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as temporary:
+    for stale in out_dir.glob(f"{BUILDING}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
         building = Path(temporary)
         fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
         int8_path, fidelity = None, None
@@ -78,7 +85,8 @@ def export_artifact(
             write_c_array(int8_path, building, C_SYMBOL)
         card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
         (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-        for name in artifact_files(fmt):
+        (out_dir / CARD_FILE).unlink(missing_ok=True)
+        for name in artifact_files(fmt):  # the card last
             os.replace(building / name, out_dir / name)
     for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
         (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it

@@ -59,9 +59,14 @@ def open_calibration_images(source: str | Path) -> CalibrationImages:
         return ImageList([path.parent / line for line in lines if line and not line.startswith("#")])
     if not path.is_dir():
         raise FileNotFoundError(f"calibration set {path} not found (expected a folder or a .txt list of images)")
+    loose = list_images(path)
     if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()) or (path / "train.rec").is_file():
+        if loose:  # a dataset would read only its identity folders and silently leave these out
+            raise ValueError(
+                f"calibration set {path} holds both images ({len(loose)}) and folders: give one kind or a .txt list"
+            )
         return open_dataset(path)
-    return ImageList(list_images(path))
+    return ImageList(loose)
 
 
 def training_data_of(source: str, tracking_uri: str | None = None) -> tuple[Path, float]:
