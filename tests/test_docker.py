@@ -49,6 +49,26 @@ def test_dockerfile_pins_its_base_and_runs_as_non_root(dockerfile: Path) -> None
         assert (REPO / copied).exists(), f"{dockerfile.name} copies {copied}, which is not in the repository"
 
 
+def test_the_images_share_their_base_and_own_the_volumes_they_write() -> None:
+    """Ray joins a worker to a head only on the same Python, and runs a job by the scheduler's interpreter path;
+    a new named volume takes the owner of the image's folder it is mounted on."""
+    texts = [dockerfile.read_text() for dockerfile in DOCKERFILES]
+    assert len({re.search(r"^FROM\s+(\S+)", text, re.MULTILINE)[1] for text in texts}) == 1
+    mounted = {volume.split(":")[1] for volume in compose()["services"]["autolabel"]["volumes"]}
+    for dockerfile, text in zip(DOCKERFILES, texts, strict=True):
+        written = mounted - {"/datasets"}  # read-only
+        assert all(re.search(rf"chown faceforge:faceforge .*{path}\b", text) for path in written), dockerfile.name
+    assert re.search(r"^torch==[\d.]+$", (REPO / ".ci" / "constraints.txt").read_text(), re.MULTILINE), (
+        "a local version (+cpu) is on no index but PyTorch's own; the Makefile installs from PyPI"
+    )
+
+
+def test_deploy_guide_starts_ray_past_the_faceforge_entry_point() -> None:
+    commands = re.findall(r"docker run ((?:[^\n]*\\\n)*[^\n]*)", (REPO / "docs" / "deploy.md").read_text())
+    ray = [command for command in commands if " ray start" in command]
+    assert ray and all("--entrypoint" in command for command in ray), ray
+
+
 def test_compose_has_the_platform_services_with_healthchecks_and_volumes() -> None:
     spec = compose()
     services = spec["services"]
