@@ -40,7 +40,7 @@ from torch import nn
 from faceforge.data.folder import IMAGE_EXTENSIONS
 from faceforge.data.image import ImageDecodeError, decode_image
 from faceforge.data_pipeline.align import align_face, write_atomic
-from faceforge.data_pipeline.autolabel_state import FaceOutcome, InboxFile, Round, StateDB
+from faceforge.data_pipeline.autolabel_state import GONE, RETRAIN_PENDING, FaceOutcome, InboxFile, Round, StateDB
 from faceforge.data_pipeline.cluster import CLUSTERERS
 from faceforge.data_pipeline.dedup import (
     CopyEvidence,
@@ -59,7 +59,7 @@ from faceforge.data_pipeline.detect import Detector, get_detector
 from faceforge.data_pipeline.knn import knn_graph
 from faceforge.data_pipeline.mtcnn import Detections
 from faceforge.data_pipeline.quality import QualityConfig, score_face
-from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_name, write_version
+from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_name, version_number, write_version
 
 CROP_SIZE = 112
 ROOT_ALBUM = "."  # files put straight into the inbox: the inbox itself, a name no album folder can have
@@ -70,6 +70,7 @@ LOCK_PATIENCE_SECONDS = 1.0
 OUTCOMES = ("labelled", "rejected", "error")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
+CHECKPOINT_KEY = "sha256:"  # a checkpoint's model key: the hash of its weights (a registered model's is its URI)
 
 # (file, sha256 of its bytes, outcome, reason, faces): what a batch commits for each file.
 Decided = tuple[InboxFile, str | None, str, str | None, list[FaceOutcome]]
@@ -294,7 +295,11 @@ def resolve_model(source: str, tracking_uri: str | None) -> tuple[str, str]:
     if not Path(source).exists():
         raise AutolabelError(f"model {source}: neither a checkpoint nor an MLflow model URI")
     weights = resolve_checkpoint(Path(source)) / "model.pt"
-    return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16], str(weights.parent)
+    return checkpoint_key(weights.read_bytes()), str(weights.parent)
+
+
+def checkpoint_key(weights: bytes) -> str:
+    return CHECKPOINT_KEY + hashlib.sha256(weights).hexdigest()[:16]
 
 
 def load_embedding_model(key: str, source: str, tracking_uri: str | None) -> EmbeddingModel:
@@ -327,10 +332,7 @@ class Autolabeller:
 
     def __init__(self, inbox: Path, workdir: Path, config: AutolabelConfig, log: Callable[[str], None] = print):
         self.inbox, self.workdir, self.config, self.log = Path(inbox), Path(workdir), config, log
-        if not self.inbox.is_dir():
-            raise AutolabelError(f"{self.inbox}: inbox folder not found")
-        if self.workdir.resolve().is_relative_to(self.inbox.resolve()):
-            raise AutolabelError(f"{self.workdir}: the work folder must not be inside the inbox")
+        check_folders(self.inbox, self.workdir)
         self.crops = self.workdir / "crops"
         self.versions = self.workdir / "versions"
         self.state = StateDB(self.workdir / STATE)
@@ -338,6 +340,7 @@ class Autolabeller:
         self._detector: Detector | None = None
         self._model: EmbeddingModel | None = None
         self.unmovable: set[int] = set()  # files whose move failed, each reported once
+        self.ahead: dict[Path, tuple[int, float, float]] = {}  # files dated in the future: (size, mtime, first seen)
 
     # Inbox
 
@@ -355,9 +358,16 @@ class Autolabeller:
             album, name = (album, Path(*rest).as_posix()) if rest else (ROOT_ALBUM, album)
             if (album, name) in known:
                 continue
-            age = now - path.stat().st_mtime
+            stat = path.stat()
+            age = now - stat.st_mtime
+            if age < 0:  # dated ahead of this clock (a camera's, an archive's): quiet since first seen instead
+                seen = self.ahead.get(path)
+                if seen is None or seen[:2] != (stat.st_size, stat.st_mtime):
+                    self.ahead[path] = seen = (stat.st_size, stat.st_mtime, now)
+                age = now - seen[2]
             if age >= settle and (age >= settle * INCOMPLETE_SETTLE_FACTOR or not self.looks_cut_short(path)):
                 found.append((album, name))
+                self.ahead.pop(path, None)
         if found:
             self.state.register(found)
         return len(found)
@@ -450,11 +460,31 @@ class Autolabeller:
         key, source = resolve_model(self.config.model, self.config.tracking_uri)
         last = self.state.last_round()
         if self.state.unassigned_count() or (last is not None and last.model != key):
-            return self.state.start_round(key, source)
+            # Past every version on disk too: a state database started afresh must not take up an old number.
+            written = max(map(version_number, list_versions(self.versions)), default=0)
+            return self.state.start_round(key, self.pinned(key, source), after=written)
         return None
+
+    def pinned(self, key: str, source: str) -> str:
+        """A checkpoint's weights copied into the work folder, the only copy kept: training may write a new
+        model.pt where this one came from, and a round resumed after a crash must embed with the weights it
+        started with (its embeddings are stored under their hash)."""
+        if not key.startswith(CHECKPOINT_KEY):
+            return source
+        pinned = self.workdir / "models" / key.removeprefix(CHECKPOINT_KEY)
+        if not (pinned / "model.pt").is_file():
+            data = (Path(source) / "model.pt").read_bytes()
+            if checkpoint_key(data) != key:
+                raise AutolabelError(f"{source}: its model.pt changed while it was read; trying again")
+            write_atomic(pinned / "model.pt", data)
+        for other in (self.workdir / "models").iterdir():
+            if other != pinned:
+                shutil.rmtree(other, ignore_errors=True)
+        return str(pinned)
 
     def run_once(self) -> RoundReport | None:
         """Scan, then run a round if there is anything to do; None if there was not."""
+        self.retry_retraining()
         self.move_decided()
         self.scan()
         current = self.next_round()
@@ -487,7 +517,9 @@ class Autolabeller:
                     data = b"" if problem else stream.read()
                     sha256 = (hashlib.file_digest(stream, "sha256") if problem else hashlib.sha256(data)).hexdigest()
             except OSError as err:
-                decided[file.id] = (file, None, "error", f"unreadable: {err.strerror or err}", [])
+                gone = not os.path.lexists(path)  # moved or renamed away since the scan: no outcome of its own
+                problem = None if gone else f"unreadable: {err.strerror or err}"
+                decided[file.id] = (file, None, GONE if gone else "error", problem, [])
                 continue
             try:
                 if problem := problem or truncation_problem(data):
@@ -596,7 +628,7 @@ class Autolabeller:
         }
         name = version_name(current.number)
         path = write_version(self.versions, current.number, labelled.records, self.crops, labelled.decisions, stats)
-        job_id = self.maybe_retrain(path, new_people, current.started)
+        job_id = self.enqueue_retraining(path, new_people + awaiting(self.state.last_round()), current.started)
         self.state.finish_round(current.number, name, job_id)
         seconds = time.time() - current.started
         self.log(
@@ -636,6 +668,25 @@ class Autolabeller:
         paths = {key: Path(path) for key, (path, _) in zip(keys, folder.samples, strict=True)}
         names = np.array([folder.classes[label] for _, label in folder.samples])
         return self.cached_embeddings(model, keys, paths.__getitem__), names
+
+    def enqueue_retraining(self, version: Path, new_people: int, round_started: float) -> str | None:
+        """maybe_retrain, except that a job store that cannot take the job leaves the round finished with its
+        retraining pending (`pending:<new identities>`), which each later pass tries again, and a later round adds
+        its own new identities to: the version is what the round is for, and later files must not wait for the
+        job store."""
+        try:
+            return self.maybe_retrain(version, new_people, round_started)
+        except OSError as err:
+            self.log(f"{version.name}: could not enqueue retraining ({err}); trying again each pass")
+            return f"{RETRAIN_PENDING}{new_people}"
+
+    def retry_retraining(self) -> None:
+        """Enqueue the retraining the last round could not; only the last is pending, its version holding the
+        faces of every earlier one."""
+        last = self.state.last_round()
+        if last is not None and last.version is not None and (new_people := awaiting(last)):
+            job_id = self.enqueue_retraining(self.versions / last.version, new_people, last.started)
+            self.state.set_job(last.number, job_id)
 
     def maybe_retrain(self, version: Path, new_people: int, round_started: float) -> str | None:
         """Enqueue retraining on a version once: its job id derives from the version and its round, so a daemon
@@ -699,14 +750,26 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
     The inbox is locked as a directory, so nothing is written into it.
     """
-    if not inbox.is_dir():
-        raise AutolabelError(f"{inbox}: inbox folder not found")
+    check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with (
         _locked(workdir / "daemon.lock", f"{workdir}: another autolabel daemon is running on this work folder"),
         _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
     ):
         yield
+
+
+def awaiting(finished: Round | None) -> int:
+    """New identities whose retraining the job store could not take yet, recorded as that round's job id."""
+    job_id = finished.job_id if finished else None
+    return int(job_id.removeprefix(RETRAIN_PENDING)) if job_id and job_id.startswith(RETRAIN_PENDING) else 0
+
+
+def check_folders(inbox: Path, workdir: Path) -> None:
+    if not inbox.is_dir():
+        raise AutolabelError(f"{inbox}: inbox folder not found")
+    if workdir.resolve().is_relative_to(inbox.resolve()):
+        raise AutolabelError(f"{workdir}: the work folder must not be inside the inbox")
 
 
 @contextmanager

@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 0), at 
 """
 
 
+GONE = "gone"  # a file renamed or removed from the inbox before its decision: forgotten, not an outcome
+RETRAIN_PENDING = "pending:"  # a round's job id while the job store cannot take its retraining: "pending:<count>"
+
+
 @dataclass(frozen=True)
 class InboxFile:
     id: int
@@ -85,6 +89,7 @@ class Round:
     finished: float | None
     version: str | None
     files: int
+    job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,17 @@ class FaceOutcome:
     score: float
     reason: str | None
     vector: np.ndarray | None  # the embedding of a kept face
+
+
+ROUND_COLUMNS = "round, model, model_source, started, finished, version, files, job_id"  # Round's fields
+
+
+def outcome_name(file_id: int, name: str) -> str:
+    """`<id>_<file name>`, its stem cut to keep within the 255 bytes a file name may have."""
+    path = Path(name)
+    budget = 255 - len(f"{file_id}_{path.suffix}".encode())
+    stem = path.stem.encode()[:budget].decode(errors="ignore")
+    return f"{file_id}_{stem}{path.suffix}"
 
 
 class StateDB:
@@ -157,7 +173,10 @@ class StateDB:
         """(file, sha256, outcome, reason, faces) of a batch, all or nothing; the moves come after."""
         with self.transaction() as db:
             for file, sha256, outcome, reason, faces in results:
-                destination = f"{outcome}/{file.album}/{file.id}_{Path(file.name).name}"
+                if outcome == GONE:  # under its new name it is registered as a new file
+                    db.execute("DELETE FROM files WHERE id = ?", (file.id,))
+                    continue
+                destination = f"{outcome}/{file.album}/{outcome_name(file.id, file.name)}"
                 db.execute(
                     "UPDATE files SET sha256 = ?, outcome = ?, reason = ?, destination = ? WHERE id = ?",
                     (sha256, outcome, reason, destination, file.id),
@@ -231,17 +250,20 @@ class StateDB:
     # Rounds
 
     def open_round(self) -> Round | None:
-        row = self.db.execute("SELECT * FROM rounds WHERE finished IS NULL ORDER BY round LIMIT 1").fetchone()
-        return Round(*row[:7]) if row else None
+        return self._round("finished IS NULL ORDER BY round")
 
     def last_round(self) -> Round | None:
-        row = self.db.execute("SELECT * FROM rounds WHERE finished IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
-        return Round(*row[:7]) if row else None
+        return self._round("finished IS NOT NULL ORDER BY round DESC")
 
-    def start_round(self, model: str, model_source: str) -> Round:
-        """The next round takes every registered file no round has taken yet."""
+    def _round(self, where: str) -> Round | None:
+        row = self.db.execute(f"SELECT {ROUND_COLUMNS} FROM rounds WHERE {where} LIMIT 1").fetchone()
+        return Round(*row) if row else None
+
+    def start_round(self, model: str, model_source: str, after: int = 0) -> Round:
+        """The next round, numbered past every round here and `after`; it takes every registered file no round
+        has taken yet."""
         with self.transaction() as db:
-            number = db.execute("SELECT COALESCE(MAX(round), 0) + 1 FROM rounds").fetchone()[0]
+            number = db.execute("SELECT MAX(COALESCE(MAX(round), 0), ?) + 1 FROM rounds", (after,)).fetchone()[0]
             files = db.execute("UPDATE files SET round = ? WHERE round IS NULL", (number,)).rowcount
             started = time.time()
             db.execute(
@@ -251,11 +273,19 @@ class StateDB:
         return Round(number, model, model_source, started, None, None, files)
 
     def finish_round(self, number: int, version: str, job_id: str | None) -> None:
+        """Record a round's end; an earlier round's pending retraining is passed on to this one (the caller adds its
+        new identities), whose version holds its faces."""
         now = time.time()
-        self.db.execute(
-            "UPDATE rounds SET finished = ?, version = ?, seconds = ? - started, job_id = ? WHERE round = ?",
-            (now, version, now, job_id, number),
-        )
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rounds SET finished = ?, version = ?, seconds = ? - started, job_id = ? WHERE round = ?",
+                (now, version, now, job_id, number),
+            )
+            passed_on = (f"{RETRAIN_PENDING}%", number)
+            db.execute("UPDATE rounds SET job_id = NULL WHERE job_id LIKE ? AND round < ?", passed_on)
+
+    def set_job(self, number: int, job_id: str | None) -> None:
+        self.db.execute("UPDATE rounds SET job_id = ? WHERE round = ?", (job_id, number))
 
     def rounds(self) -> list[dict]:
         cursor = self.db.execute("SELECT * FROM rounds ORDER BY round")

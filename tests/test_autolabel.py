@@ -529,17 +529,18 @@ def test_one_daemon_per_work_folder_and_per_inbox(tmp_path: Path) -> None:
 
 def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None:
     """`daemon_running` (autolabel status, the datasets page) takes the lock for an instant to test it."""
-    done = threading.Event()
+    done, inbox, work = threading.Event(), tmp_path / "inbox", tmp_path / "work"
+    inbox.mkdir()
 
     def probe() -> None:
         while not done.is_set():
-            daemon_running(tmp_path)
+            daemon_running(work)
 
     prober = threading.Thread(target=probe)
     prober.start()
     try:
         for _ in range(300):
-            with exclusive(tmp_path, tmp_path):
+            with exclusive(work, inbox):
                 pass
     finally:
         done.set()
@@ -627,3 +628,100 @@ def test_watch_waits_for_a_champion_reports_health_and_stops_on_sigterm(photos: 
     assert "waiting: models:/faceforge@champion: no registered model to embed with yet (no MLflow database" in output
     down = faceforge_cli("autolabel", "status", "--stale-after", "30", home=home)
     assert down.returncode == 1 and "unhealthy: daemon down" in down.stderr
+
+
+def lfw_people(count: int) -> list[bytes]:
+    """One photo each of `count` LFW people."""
+    people = sorted(d for d in (shared_data() / "lfw").iterdir() if d.is_dir())[:count]
+    return [sorted(person.glob("*.jpg"))[0].read_bytes() for person in people]
+
+
+def test_a_job_store_that_cannot_take_the_retraining_holds_no_round_open(
+    model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, inbox = tmp_path / "home", tmp_path / "inbox"
+    home.write_text("a file where the job store's folder should be")
+    monkeypatch.setenv("FACEFORGE_HOME", str(home))
+    (inbox / "album").mkdir(parents=True)
+    photos = lfw_people(3)
+    for i, photo in enumerate(photos[:2]):
+        (inbox / "album" / f"{i}.jpg").write_bytes(photo)
+    retrain = ["retrain.min_new_identities=1", "retrain.overrides=[trainer.steps=5]"]
+    logs: list[str] = []
+    labeller = Autolabeller(inbox, tmp_path / "work", config(model_a, *retrain), log=logs.append)
+    assert labeller.run_once().version == "v0001"
+    (inbox / "album" / "2.jpg").write_bytes(photos[2])  # arrives while the store is still out of reach
+    assert labeller.run_once().version == "v0002"
+    assert labeller.state.rounds()[-1]["job_id"] == "pending:1"  # the first round's new person, passed on
+    home.unlink()
+    assert labeller.run_once() is None  # nothing new: only the pending retraining, for the latest version
+    jobs = JobStore(home / "jobs.db").list()
+    assert [round["job_id"] for round in labeller.state.rounds()] == [None, jobs[0].id] and len(jobs) == 1
+    assert "v0002" in jobs[0].name
+
+
+def test_a_resumed_round_embeds_with_the_weights_it_started_with(model_a: Path, tmp_path: Path) -> None:
+    """Training may write a new model.pt where the round's came from while the round is open."""
+    checkpoint, inbox = tmp_path / "checkpoint", tmp_path / "inbox"
+    shutil.copytree(model_a, checkpoint)
+    (inbox / "album").mkdir(parents=True)
+    for i, photo in enumerate(lfw_people(2)):
+        (inbox / "album" / f"{i}.jpg").write_bytes(photo)
+    labeller = Autolabeller(inbox, tmp_path / "work", config(checkpoint), log=lambda _: None)
+    labeller.scan()
+    current = labeller.next_round()  # a crash here leaves the round open
+    save_backbone(tmp_path / "b", seed=1)
+    shutil.copy(tmp_path / "b" / "model.pt", checkpoint / "model.pt")
+    assert Path(current.model_source).is_relative_to(tmp_path / "work")
+    assert (Path(current.model_source) / "model.pt").read_bytes() == (model_a / "model.pt").read_bytes()
+    assert labeller.run_once().round == current.number
+
+
+def test_a_fresh_state_database_writes_a_new_version_not_over_an_old_one(model_a: Path, tmp_path: Path) -> None:
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    first, second = lfw_people(2)
+    (inbox / "album" / "a.jpg").write_bytes(first)
+    assert Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once().version == "v0001"
+    before = (workdir / "versions" / "v0001" / "manifest.jsonl").read_bytes()
+    for path in workdir.glob("state.db*"):  # lost, or removed after corruption
+        path.unlink()
+    (inbox / "album" / "b.jpg").write_bytes(second)
+    assert Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once().version == "v0002"
+    assert (workdir / "versions" / "v0001" / "manifest.jsonl").read_bytes() == before
+
+
+def test_inbox_oddities_end_in_one_place(model_a: Path, tmp_path: Path) -> None:
+    """A photo dated in the future, a name at the length limit, and an album renamed before its files' decision."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    for album in ("album", "before"):
+        (inbox / album).mkdir(parents=True)
+    photos = lfw_people(3)
+    (inbox / "album" / "future.jpg").write_bytes(photos[0])
+    tomorrow = time.time() + 86_400  # a camera's clock ahead of ours
+    os.utime(inbox / "album" / "future.jpg", (tomorrow, tomorrow))
+    long_name = "p" * 251 + ".jpg"  # 255 bytes: with an id prefix it would be too long to move to
+    (inbox / "album" / long_name).write_bytes(photos[1])
+    (inbox / "before" / "c.jpg").write_bytes(photos[2])
+    labeller = Autolabeller(inbox, workdir, config(model_a), log=lambda _: None)
+    assert labeller.scan() == 3
+    (inbox / "before").rename(inbox / "after")
+    assert labeller.run_once() is not None
+    assert inputs(inbox) == []
+    with sqlite3.connect(workdir / "state.db") as db:
+        rows = sorted(db.execute("SELECT album, name, outcome, moved FROM files"))
+    assert [(album, name[:6], moved) for album, name, _, moved in rows] == [
+        ("after", "c.jpg", 1),
+        ("album", "future", 1),
+        ("album", "pppppp", 1),
+    ], "the renamed album's files are decided under their new name only"
+    assert all(outcome != "error" for *_, outcome, _ in rows)
+    assert all(len(p.name.encode()) <= 255 for p in workdir.rglob("*"))
+
+
+def test_a_work_folder_inside_the_inbox_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "album").mkdir(parents=True)
+    with pytest.raises(AutolabelError, match="must not be inside the inbox"), exclusive(inbox / "album" / "w", inbox):
+        pass
+    assert [p.relative_to(inbox).as_posix() for p in inbox.rglob("*")] == ["album"]  # no lock file to label
