@@ -324,6 +324,8 @@ def test_numbers_past_the_store_limit_are_refused(template: Job, tmp_path: Path)
         (["optim.lr=interval(0,1)"], None, "interval.*not a sweep the queue can run"),
         (["optim.lr=glob(*)"], None, "glob.*not a sweep the queue can run"),
         (["trainer.steps=range(1,9,0)"], None, "not a sweep the queue can run"),
+        (["head=contrastive", "head.margin=-1", "data.batch_size=64"], None, "needs a positive head.margin, got -1"),
+        (["head=triplet", "head.margin=nan", "data.batch_size=64"], None, "triplet loss needs a positive head.margin"),
     ],
 )
 def test_bad_overrides_raise_one_line(overrides: list[str], slots: int | None, message: str) -> None:

@@ -118,7 +118,11 @@ class PKBatchSampler:
             for slot, identity in enumerate(identity_order[first : first + self.p]):
                 members = self.members[identity]
                 rng = np.random.default_rng([self.seed, step, self.rank * self.p + slot])
-                indices += rng.choice(members, size=self.k, replace=len(members) < self.k).tolist()
+                if len(members) >= self.k:
+                    indices += rng.choice(members, size=self.k, replace=False).tolist()
+                else:  # each image once before any repeats: a class of 2 at k = 4 always has its positive pair
+                    repeats = rng.choice(members, size=self.k - len(members))
+                    indices += np.concatenate([rng.permutation(members), repeats]).tolist()
             seeds = aug_seeds(self.seed, step, global_batch)[lo : lo + self.p * self.k]
             yield list(zip(indices, seeds.tolist(), strict=True))
             step += 1

@@ -295,6 +295,10 @@ def validate(cfg: TrainConfig) -> None:
             f"{trainer.nproc * cfg.head.p * cfg.head.k}, got {batch}",
         )
         _require(trainer.accumulate == 1, f"{cfg.head.type} loss does not support trainer.accumulate > 1")
+        _require(
+            math.isfinite(cfg.head.margin) and cfg.head.margin > 0,
+            f"{cfg.head.type} loss needs a positive head.margin, got {cfg.head.margin}",
+        )
     _require(0.0 < cfg.data.crop_fraction <= 1.0, "data.crop_fraction must be in (0, 1]")
     _require(0.0 < cfg.eval.crop_fraction <= 1.0, "eval.crop_fraction must be in (0, 1]")
     betas = cfg.optim.betas
