@@ -996,11 +996,15 @@ def status(workdir: Path) -> dict:
         "files_per_second": rate,
         "files": files,
         "recent_problems": problems,
-        "versions": [version_summary(v) for v in list_versions(workdir / "versions")],
+        "versions": [summary for v in list_versions(workdir / "versions") if (summary := version_summary(v))],
     }
 
 
-def version_summary(version: Path) -> dict:
-    stats = json.loads((version / "stats.json").read_text())
+def version_summary(version: Path) -> dict | None:
+    """None for a folder named like a version without readable stats (a copy in progress, or damaged)."""
+    try:
+        stats = json.loads((version / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None
     keys = ("version", "round", "identities", "images", "merges", "drops", "ari_with_previous", "new_identities")
     return {"path": str(version), "created": version.stat().st_mtime, **{k: stats.get(k) for k in keys}}

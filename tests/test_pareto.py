@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 from pathlib import Path
 
 import cv2
@@ -77,7 +78,8 @@ def test_front_dominance_ties_and_missing_metrics() -> None:
         candidate("b", {"eval.eer": 0.20, LAT: 3.0}),
         candidate("c", {"eval.eer": 0.30, LAT: 4.0}),
     ]
-    assert labels(pareto_front(errors, "eer").front) == ["b", "a"]
+    assert labels(pareto_front(errors, "eer").front) == labels(pareto_front(errors, "eval.eer").front) == ["b", "a"]
+    assert pareto_front(errors, "eval.eer").lower_is_better
     # Params as the cost; the metric (a FAR no run could measure) falls back to accuracy as selection does.
     by_size = pareto_front(
         [candidate("s", {ACC: 0.8, "model.params": 1e5}), candidate("l", {ACC: 0.7, "model.params": 1e6})],
@@ -226,3 +228,31 @@ def test_nsga2_searches_accuracy_against_latency_through_the_queue(
     (pareto_run,) = client.search_runs([experiment_id], filter_string=f"tags.`{PARETO_TAG}` = '{sweep_id}'")
     assert {a.path for a in client.list_artifacts(pareto_run.info.run_id)} == {"pareto.png", "pareto.json"}
     assert "Pareto front of 2 run(s) over accuracy and model.latency_ms" in result.stdout
+
+
+def test_a_finished_sweep_page_marks_the_registered_run_and_stops_polling(
+    sweep_home: Path, tiny_train_root: Path
+) -> None:
+    """Last in this file: it finishes the sweep's jobs and logs an EER that another run leads."""
+    uri, store = f"sqlite:///{sweep_home}/mlflow.db", JobStore(sweep_home / "jobs.db")
+    client = MlflowClient(uri)
+    by_name = {c.run_name: c for c in sweep_candidates(uri, SWEEP)}
+    for name, eer in (("quick", 0.1), ("middling", 0.2), ("accurate", 0.3), ("laggard", 0.4)):
+        client.log_metric(by_name[name].run_id, "eval.eer", eer)
+    (alone,) = make_jobs(tiny(sweep_home, tiny_train_root), sweep_id="sweep-never-registered")
+    store.submit([alone])
+    while (job := store.claim("local", "test", 100, 60)) is not None:
+        store.finish(job.id, "test", SUCCEEDED, 0)
+    server = Server(sweep_home, [tiny_train_root])
+    try:
+        page = server.get(f"/sweeps/{SWEEP}", params={"metric": "eval.eer"}).text  # `quick` leads by EER
+        (marked,) = re.findall(r'<tr class="champion">\s*<td><a href="/jobs/([\w-]+)"', page)
+        assert marked == by_name["accurate"].job_id  # the registered champion, as the chart's ring says
+        assert "Selection: lowest <code>eval.eer</code>" in page and 'hx-trigger="every 2s"' not in page
+        unregistered = server.get("/sweeps/sweep-never-registered").text
+        assert 'hx-trigger="every 2s"' in unregistered  # just ended: the scheduler may still register one
+        with sqlite3.connect(sweep_home / "jobs.db") as db:
+            db.execute("UPDATE jobs SET finished_at = finished_at - 3600 WHERE id = ?", (alone.id,))
+        assert 'hx-trigger="every 2s"' not in server.get("/sweeps/sweep-never-registered").text
+    finally:
+        server.stop()

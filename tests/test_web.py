@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from faceforge.train.tracking import RunTracker
 from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
 from faceforge.web.app import LOG_CHUNK
+from faceforge.web.plots import line_chart
 from faceforge.web.security import resolve_token
 
 from conftest import shared_data
@@ -436,6 +438,10 @@ def test_job_page_plots_metrics_links_mlflow_and_diffs(server: Server, tiny_trai
     assert f'<option value="{tiny_train_root.resolve()}" selected>' in clone
     assert f"mlflow.tracking_uri={uri}" in clone
     assert server.get("/jobs/job-missing").status_code == 404
+    deleted = client.create_run(experiment, tags={"faceforge.job_id": second.id}).info.run_id
+    server.store.update(second.id, mlflow_run_id=deleted)
+    client.delete_run(deleted)  # MLflow's get_run still returns it, marked deleted
+    assert "No MLflow run yet" in server.get(f"/jobs/{second.id}/metrics").text
 
     # A clone keeps what the form's lists do not offer: a nested dataset, and data=demo with its own root.
     nested = ["data=folder", f"data.root={tiny_train_root / 'nested'}", "model=mobilefacenet_micro"]
@@ -531,3 +537,13 @@ def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server:
     assert reply.status_code == 303, reply.text
     (job,) = [j for j in server.store.list() if f"data.root={quoted_path(images)}" in j.overrides]
     assert job.state == QUEUED
+    (workdir / "versions" / "v0009").mkdir()  # named like a version, no stats yet: a copy in progress
+    page = server.get("/datasets")
+    assert page.status_code == 200 and "v0009" not in page.text and "<code>v0001</code>" in page.text
+
+
+def test_a_diverged_curve_plots_its_finite_part() -> None:
+    inf_as_mlflow_stores_it = 1.7976931348623157e308
+    chart = line_chart("loss", [(1, 2.0), (2, 1.0), (3, inf_as_mlflow_stores_it), (4, math.nan)])
+    assert "nan" not in chart and "loss (not finite from step 3)" in chart
+    assert re.findall(r'text-anchor="end">([^<]*)</text>', chart)[:2] == ["2", "1"]  # the real values' range

@@ -64,6 +64,7 @@ PAGE_SIZE = 50
 POLL_SECONDS = 0.5  # how often a log stream looks for new bytes
 LOG_CHUNK = 64 * 1024
 MLFLOW_UI_ENV = "FACEFORGE_MLFLOW_UI"
+REGISTRATION_WAIT_SECONDS = 60.0  # a finished sweep page polls this long for the champion the scheduler registers
 FRONTS_ON_MODELS_PAGE = 6  # the newest sweeps' Pareto fronts; older ones are on their sweep pages
 # Hydra's global state is per process: two requests composing configs at once would trip over each other.
 HYDRA_LOCK = threading.Lock()
@@ -363,6 +364,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         front = pareto_front(candidates, policy.metric, LATENCY, sweep_id)
         leader = selection.winner if selection else None  # the champion once registered, else who leads
         marked = registered[0].run_id if registered else leader.run_id if leader else None
+        done = all(job.terminal for job in jobs)
+        last_end = max((job.finished_at or 0.0 for job in jobs), default=0.0)
         return {
             "sweep_id": sweep_id,
             "jobs": jobs,
@@ -374,8 +377,12 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "registered": registered,
             "front": front,
             "pareto": pareto_chart(front, marked) if front.points else None,
-            "done": all(job.terminal for job in jobs),
+            "marked": marked,
+            "done": done,
+            # Until the scheduler has registered the champion, which it does just after the last point ends.
+            "polling": not done or (not registered and time.time() - last_end < REGISTRATION_WAIT_SECONDS),
             "metric": policy.metric,
+            "lower_is_better": policy.lower_is_better,
             "error": None,
         }
 

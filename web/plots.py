@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,18 @@ def _label(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
+def finite(value: float) -> bool:
+    """MLflow stores infinity as the largest double, ±1.797e308."""
+    return math.isfinite(value) and abs(value) < 1e308
+
+
 def line_chart(title: str, points: list[tuple[float, float]]) -> Markup:
     """One metric against step, with its range on the axes; `points` need at least two distinct steps."""
     assert len(points) >= 2, "a curve needs two points"
+    diverged = [step for step, value in points if not finite(value)]
+    if diverged:  # a diverged run: plot what it logged before, so the axis shows the values that were real
+        title = f"{title} (not finite from step {_label(min(diverged))})"
+        points = [point for point in points if finite(point[1])] or [(points[0][0], 0.0)]
     steps, values = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(steps), max(steps)
     y0, y1 = min(values), max(values)

@@ -51,8 +51,10 @@ def job_run(job: Job) -> Run | None:
     mlflow = client(uri)
     if job.mlflow_run_id:
         try:
-            return mlflow.get_run(job.mlflow_run_id)
-        except MlflowException:  # deleted, or the database was replaced: look for the job's tag instead
+            run = mlflow.get_run(job.mlflow_run_id)
+            if run.info.lifecycle_stage == "active":  # get_run also returns deleted runs
+                return run
+        except MlflowException:  # garbage-collected, or the database was replaced: look for the job's tag instead
             pass
     experiments = [e.experiment_id for e in mlflow.search_experiments()]
     if not experiments:

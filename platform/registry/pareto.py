@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceforge.registry.database import open_database
-from faceforge.registry.selection import LATENCY, LOWER_IS_BETTER, TIE_BREAK, Candidate, check_id
+from faceforge.registry.selection import LATENCY, TIE_BREAK, Candidate, check_id, lower_is_better
 
 PARETO_TAG = "faceforge.pareto_of"
 PLOT, TABLE = "pareto.png", "pareto.json"
@@ -43,7 +43,7 @@ class Front:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric in LOWER_IS_BETTER
+        return lower_is_better(self.metric)
 
     def describe(self) -> str:
         listed = ", ".join(
@@ -58,7 +58,7 @@ def pareto_front(candidates: list[Candidate], metric: str, cost: str = LATENCY, 
     finished = [c for c in candidates if c.status == "FINISHED"]
     if finished and all(c.metric(metric) is None for c in finished):
         metric = TIE_BREAK
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = -1.0 if lower_is_better(metric) else 1.0
     measured, skipped = [], {}
     for candidate in candidates:
         value, price = candidate.metric(metric), candidate.metric(cost)

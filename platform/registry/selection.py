@@ -27,6 +27,10 @@ LISTED_EXCLUSIONS = 10  # a reason stays readable (and within MLflow's tag limit
 _SAFE_ID = re.compile(r"^[\w.-]+$")
 
 
+def lower_is_better(metric: str) -> bool:
+    return metric.removeprefix("eval.") in LOWER_IS_BETTER  # `Candidate.metric` takes either name
+
+
 @dataclass(frozen=True)
 class Policy:
     """The metric to optimise (maximised, or minimised for error rates) and optional limits on the model."""
@@ -43,7 +47,7 @@ class Policy:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric.removeprefix("eval.") in LOWER_IS_BETTER  # `Candidate.metric` takes either name
+        return lower_is_better(self.metric)
 
     def describe(self) -> str:
         limits = [f"latency <= {self.max_latency_ms:g} ms"] if self.max_latency_ms is not None else []

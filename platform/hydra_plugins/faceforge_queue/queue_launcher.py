@@ -183,11 +183,11 @@ class QueueLauncher(Launcher):
         """The front of the sweep so far over the first two objectives, when they are a quality and a cost."""
         from faceforge.registry import log_front, pareto_front
         from faceforge.registry.pareto import PLOT
-        from faceforge.registry.selection import LOWER_IS_BETTER
+        from faceforge.registry.selection import lower_is_better
 
         assert self.objectives is not None and self.sweep_id is not None
         metric, cost = self.objectives[:2]
-        quality_and_cost = ["minimize" if metric in LOWER_IS_BETTER else "maximize", "minimize"]
+        quality_and_cost = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
         if self.directions is not None and self.directions[:2] != quality_and_cost:
             print(
                 f"sweep {self.sweep_id}: no Pareto plot: it needs direction {quality_and_cost} for {metric}, {cost}",
