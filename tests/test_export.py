@@ -3,9 +3,12 @@ and the MLflow record of every export."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from faceforge.export import (
     OnnxEmbedder,
     artifact_files,
     equalize_channels,
+    export_artifact,
     export_file,
     export_onnx,
     fold_batchnorm,
@@ -118,6 +122,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / identity.name).mkdir()
         for image in sorted(identity.glob("*.jpg"))[:6]:
             shutil.copy(image, root / identity.name / image.name)
+    shutil.copy(image, root / "cover.jpg")  # loose beside the identities: training, and so calibration, skip it
     out = tmp_path_factory.mktemp("run") / "run"
     cfg = tiny_config(out, root, None, steps=60, checkpoint_every=60)
     cfg.model = compose_config(["model=mobilefacenet_micro"]).model
@@ -197,8 +202,27 @@ def test_a_failed_export_leaves_the_earlier_one_whole(c_array_export: Path, trai
     notes.mkdir()
     (notes / "README.txt").write_text("a folder of mine, no export in it")
     faceforge(["export", str(trained), "--format", "onnx", "--out", str(notes), "--no-log"])
-    assert sorted(p.name for p in notes.iterdir()) == ["README.txt", "card.json", "model.onnx"]
-    assert sorted(p.name for p in out.iterdir()) == ["card.json", "model.onnx"], "no int8 files of the last export"
+    assert visible(notes) == ["README.txt", "card.json", "model.onnx"]
+    assert visible(out) == ["card.json", "model.onnx"], "no int8 files of the last export"
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_exports_into_one_folder_take_turns(tmp_path: Path) -> None:
+    """The default --out is shared by every checkpoint of a backbone: a second export must not clear the build
+    folder of one still running."""
+    model = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56).eval()
+    (tmp_path / ".building-live").mkdir()  # stands for the build folder of an export still running
+    with (tmp_path / ".export.lock").open("a") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        second = threading.Thread(target=export_artifact, args=(model, "onnx", tmp_path))
+        second.start()
+        time.sleep(1.0)
+        assert (tmp_path / ".building-live").is_dir() and second.is_alive(), "it waits for its turn"
+    second.join(120)
+    assert not (tmp_path / ".building-live").exists() and visible(tmp_path) == ["card.json", "model.onnx"]
 
 
 def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from faceforge.export.runtime import LATENCY_RUNS
 FORMATS = ("onnx", "onnx-int8", "c-array")
 FP32_FILE, INT8_FILE, CARD_FILE, C_SYMBOL = "model.onnx", "model_int8.onnx", "card.json", "faceforge_model"
 BUILDING = ".building-"  # prefix of the hidden folder inside out_dir that an export is built in
+EXPORT_LOCK = ".export.lock"  # held by the export writing into out_dir
 
 
 def artifact_files(fmt: str) -> list[str]:
@@ -61,7 +63,7 @@ def export_artifact(
     when out_dir is a mount point) and moved in only when all exist, so a failed export (bad calibration images,
     say) leaves an earlier export in `out_dir` whole. The earlier card goes first and the new one comes last, so
     a folder interrupted while the files move has no card (an incomplete export) rather than a card of another
-    model; a killed export's build folder is removed by the next.
+    model. Exports into one folder take turns, and a killed export's build folder is removed by the next.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -69,25 +71,27 @@ def export_artifact(
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{BUILDING}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
-        building = Path(temporary)
-        fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
-        int8_path, fidelity = None, None
-        if fmt != "onnx":
-            reader = FaceCalibrationReader(
-                calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
-            )
-            int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
-            fidelity = int8_fidelity(fp32_path, int8_path, reader)
-        if fmt == "c-array":
-            write_c_array(int8_path, building, C_SYMBOL)
-        card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
-        (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-        (out_dir / CARD_FILE).unlink(missing_ok=True)
-        for name in artifact_files(fmt):  # the card last
-            os.replace(building / name, out_dir / name)
-    for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
-        (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it
+    with (out_dir / EXPORT_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # exports into one folder take turns, so a build folder found here is dead
+        for stale in out_dir.glob(f"{BUILDING}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
+            building = Path(temporary)
+            fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
+            int8_path, fidelity = None, None
+            if fmt != "onnx":
+                reader = FaceCalibrationReader(
+                    calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
+                )
+                int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
+                fidelity = int8_fidelity(fp32_path, int8_path, reader)
+            if fmt == "c-array":
+                write_c_array(int8_path, building, C_SYMBOL)
+            card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
+            (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+            (out_dir / CARD_FILE).unlink(missing_ok=True)
+            for name in artifact_files(fmt):  # the card last
+                os.replace(building / name, out_dir / name)
+        for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
+            (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it
     return card

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from faceforge.data import open_dataset
 from faceforge.eval.sources import load_model
 from faceforge.export.artifact import export_artifact, exported_files
 from faceforge.export.card import ArtifactCard
@@ -62,13 +63,14 @@ def export_model(
     found = resolve_source(tracking_uri, source)
     images = None
     if fmt != "onnx":
+        training_set = calibration is None  # read as training read it, whatever else lies in its folder
         if calibration is None or crop_fraction is None:
             train_root, train_crop = training_data_of(source, tracking_uri)
             calibration = train_root if calibration is None else calibration
             crop_fraction = train_crop if crop_fraction is None else crop_fraction
         if say:
             say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
-        images = open_calibration_images(calibration)
+        images = open_dataset(calibration) if training_set else open_calibration_images(calibration)
     card = export_artifact(
         model,
         fmt,
