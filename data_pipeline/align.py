@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from faceforge.data.folder import IMAGE_EXTENSIONS
-from faceforge.data.image import read_image
+from faceforge.data.image import declared_size, read_image
 from faceforge.data_pipeline.detect import DETECTORS, Detector, get_detector
 from faceforge.data_pipeline.mtcnn import Detections
 
@@ -339,10 +339,24 @@ def check_output_folder(dst: Path, shape: dict) -> None:
     settings_file, manifest = dst / SETTINGS, dst / MANIFEST
     if dst.is_dir() and not manifest.is_file() and any(p.name != SETTINGS for p in dst.iterdir()):
         raise ValueError(f"{dst}: holds files but no {MANIFEST} of an earlier run; give an empty or new folder")
-    if settings_file.is_file():
-        earlier = json.loads(settings_file.read_text())
-        if earlier != shape:
-            changed = ", ".join(f"{key} {earlier.get(key)} (now {value})" for key, value in shape.items())
-            raise ValueError(f"{dst}: its crops were made with {changed}; give a new folder for these settings")
-    else:
+    earlier = json.loads(settings_file.read_text()) if settings_file.is_file() else shape_of_crops(dst)
+    if earlier is not None and earlier != shape:
+        changed = ", ".join(f"{key} {earlier.get(key)} (now {value})" for key, value in shape.items())
+        raise ValueError(f"{dst}: its crops were made with {changed}; give a new folder for these settings")
+    if not settings_file.is_file():
         write_atomic(settings_file, json.dumps(shape).encode())
+
+
+def shape_of_crops(dst: Path) -> dict | None:
+    """The size and face choice of the crops a run made before align.json existed, read off its first one."""
+    if not (dst / MANIFEST).is_file():
+        return None
+    for line in (dst / MANIFEST).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        crop = dst / record.get("output", "")
+        if record.get("status") == "aligned" and crop.is_file() and (size := declared_size(crop.read_bytes())):
+            return {"size": size[0], "all_faces": Path(record["output"]).stem != Path(record["source"]).stem}
+    return None

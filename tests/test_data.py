@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import pickle
 import shutil
 import struct
-import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,13 +279,17 @@ def test_a_pack_interrupted_between_its_renames_is_refused_not_read(face_tree: P
     with pytest.raises(ValueError, match="interrupted"):
         RecordDataset(tmp_path)  # new train.rec and train.idx, no property: not a consistent pack
     shutil.rmtree(tmp_path / "property")
-    ended = subprocess.Popen(["true"])
-    ended.wait()
     for suffix in ("rec", "idx"):  # what a pack killed with -9 leaves behind
-        (tmp_path / f".train.{ended.pid}.tmp.{suffix}").write_bytes(b"partial")
-    pack_folder(face_tree, tmp_path, overwrite=True)
+        (tmp_path / f".train.12345.tmp.{suffix}").write_bytes(b"partial")
+    with (tmp_path / ".pack.lock").open("a") as running:  # another pack into this folder, still writing
+        fcntl.flock(running, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=pack_folder, args=(face_tree, tmp_path), kwargs={"overwrite": True})
+        waiting.start()
+        time.sleep(0.5)
+        assert (tmp_path / ".train.12345.tmp.rec").exists() and waiting.is_alive(), "it waits for its turn"
+    waiting.join(60)
     assert len(RecordDataset(tmp_path)) == len(ImageFolderDataset(face_tree))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["property", "train.idx", "train.rec"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pack.lock", "property", "train.idx", "train.rec"]
 
 
 def test_record_dataset_matches_the_folder(face_tree: Path, packed: Path) -> None:

@@ -344,6 +344,12 @@ def test_align_tree_refuses_folders_it_would_overwrite_or_mix(tmp_path: Path) ->
     assert (dst / first.name).read_bytes() != before
     assert len((dst / "manifest.jsonl").read_text().splitlines()) == 3
 
+    (dst / "align.json").unlink()  # a folder from before align.json: its crops tell their size
+    with pytest.raises(ValueError, match="size 112 \\(now 160\\)"):
+        align_tree(src, dst, "center", workers=1, progress=False, size=160)
+    assert align_tree(src, dst, "center", workers=1, progress=False)["skipped"] == 3
+    assert json.loads((dst / "align.json").read_text()) == {"size": 112, "all_faces": False}
+
 
 def test_a_face_wholly_outside_the_photo_aligns_to_black() -> None:
     photo = np.full((100, 100, 3), 200, np.uint8)

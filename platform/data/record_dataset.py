@@ -9,6 +9,7 @@ with one read per identity instead of one per image.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from faceforge.data.transforms import item_rng
 FLOAT32_EXACT_INTS = 1 << 24
 # Present while pack renames its three files into place: a directory holding it mixes two packs.
 INTERRUPTED_PACK_MARKER = ".pack-incomplete"
+PACK_LOCK = ".pack.lock"  # held by the pack writing into a folder
 
 
 def read_property(path: Path) -> tuple[int, int, int]:
@@ -196,21 +198,22 @@ def pack_folder(
     end = len(folder) + 1 + folder.num_classes
     if end > FLOAT32_EXACT_INTS:
         raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
-    for stale in dst_root.glob(".train.*.tmp.*"):  # left by a pack killed with -9
-        if not _alive(stale.name.split(".")[2]):
+    with (dst_root / PACK_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # packs into one folder take turns, so staging files found here are dead
+        for stale in dst_root.glob(".train.*.tmp.*"):  # left by a pack killed with -9
             stale.unlink(missing_ok=True)
-    staging = dst_root / f".train.{os.getpid()}.tmp"
-    written = {suffix: Path(f"{staging}{suffix}") for suffix in (".rec", ".idx", ".property")}
-    try:
-        sizes = _write_pack(folder, staging, quality, reencode)
-        marker = dst_root / INTERRUPTED_PACK_MARKER
-        marker.touch()
-        for suffix, name in ((".rec", "train.rec"), (".idx", "train.idx"), (".property", "property")):
-            os.replace(written[suffix], dst_root / name)
-        marker.unlink()
-    finally:
-        for path in written.values():
-            path.unlink(missing_ok=True)
+        staging = dst_root / f".train.{os.getpid()}.tmp"
+        written = {suffix: Path(f"{staging}{suffix}") for suffix in (".rec", ".idx", ".property")}
+        try:
+            sizes = _write_pack(folder, staging, quality, reencode)
+            marker = dst_root / INTERRUPTED_PACK_MARKER
+            marker.touch()
+            for suffix, name in ((".rec", "train.rec"), (".idx", "train.idx"), (".property", "property")):
+                os.replace(written[suffix], dst_root / name)
+            marker.unlink()
+        finally:
+            for path in written.values():
+                path.unlink(missing_ok=True)
     height, width = sizes[0]
     return {
         "dst": str(dst_root),
@@ -222,16 +225,3 @@ def pack_folder(
         "distinct_image_sizes": len(set(sizes)),
         "reencoded": reencode,
     }
-
-
-def _alive(pid: str) -> bool:
-    """Whether the process whose id names a staging file still runs (and may still be writing it)."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
