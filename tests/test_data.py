@@ -292,6 +292,25 @@ def test_a_pack_interrupted_between_its_renames_is_refused_not_read(face_tree: P
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pack.lock", "property", "train.idx", "train.rec"]
 
 
+def test_a_pack_that_waited_for_another_refuses_what_that_one_wrote(face_tree: Path, tmp_path: Path) -> None:
+    refused: list[Exception] = []
+
+    def pack() -> None:
+        try:
+            pack_folder(face_tree, tmp_path)
+        except FileExistsError as err:
+            refused.append(err)
+
+    with (tmp_path / ".pack.lock").open("a") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=pack)
+        waiting.start()
+        time.sleep(0.5)
+        (tmp_path / "train.rec").write_bytes(b"the other pack's")
+    waiting.join(60)
+    assert refused and (tmp_path / "train.rec").read_bytes() == b"the other pack's"
+
+
 def test_record_dataset_matches_the_folder(face_tree: Path, packed: Path) -> None:
     transform = TrainTransform(56, lowres_prob=0.5, grey_prob=0.5)
     folder, records = ImageFolderDataset(face_tree, transform), RecordDataset(packed, transform)

@@ -29,8 +29,8 @@ from faceforge.export import (
     OnnxEmbedder,
     artifact_files,
     equalize_channels,
-    export_artifact,
     export_file,
+    export_model,
     export_onnx,
     fold_batchnorm,
     int8_fidelity,
@@ -210,19 +210,32 @@ def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def test_exports_into_one_folder_take_turns(tmp_path: Path) -> None:
-    """The default --out is shared by every checkpoint of a backbone: a second export must not clear the build
-    folder of one still running."""
-    model = models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56).eval()
-    (tmp_path / ".building-live").mkdir()  # stands for the build folder of an export still running
+def test_exports_into_one_folder_take_turns(trained: Path, tmp_path: Path) -> None:
+    """The default --out is shared by every checkpoint of a backbone: an export waits for the one writing there,
+    from its check for an earlier export to its logged run, and never clears a build folder still in use."""
+    (tmp_path / ".building-live").mkdir()  # stands for the build folder of the export running
+    said: list[str] = []
+    outcome: list[BaseException | None] = []
+
+    def second() -> None:
+        try:
+            export_model(str(trained), "onnx", _database(trained), out=tmp_path, log=False, say=said.append)
+            outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
     with (tmp_path / ".export.lock").open("a") as running:
         fcntl.flock(running, fcntl.LOCK_EX)
-        second = threading.Thread(target=export_artifact, args=(model, "onnx", tmp_path))
-        second.start()
+        waiting = threading.Thread(target=second)
+        waiting.start()
         time.sleep(1.0)
-        assert (tmp_path / ".building-live").is_dir() and second.is_alive(), "it waits for its turn"
-    second.join(120)
-    assert not (tmp_path / ".building-live").exists() and visible(tmp_path) == ["card.json", "model.onnx"]
+        assert (tmp_path / ".building-live").is_dir() and waiting.is_alive(), "it waits for its turn"
+        assert said == [f"waiting for another export into {tmp_path} to finish"]
+        (tmp_path / "card.json").write_text("{}")  # the running export's result, moved in just before it ends
+        (tmp_path / "model.onnx").write_bytes(b"its model")
+    waiting.join(120)
+    assert isinstance(outcome[0], FileExistsError) and "pass --overwrite" in str(outcome[0])
+    assert not (tmp_path / ".building-live").exists() and (tmp_path / "model.onnx").read_bytes() == b"its model"
 
 
 def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained: Path, tmp_path: Path) -> None:

@@ -545,5 +545,7 @@ def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server:
 def test_a_diverged_curve_plots_its_finite_part() -> None:
     inf_as_mlflow_stores_it = 1.7976931348623157e308
     chart = line_chart("loss", [(1, 2.0), (2, 1.0), (3, inf_as_mlflow_stores_it), (4, math.nan)])
-    assert "nan" not in chart and "loss (not finite from step 3)" in chart
+    assert "nan" not in chart and "loss (2 not finite, the first at step 3)" in chart
     assert re.findall(r'text-anchor="end">([^<]*)</text>', chart)[:2] == ["2", "1"]  # the real values' range
+    nothing = line_chart("loss", [(1, math.nan), (2, math.nan)])
+    assert 'points=""' in nothing and "loss (2 not finite, the first at step 1)" in nothing

@@ -26,11 +26,12 @@ def finite(value: float) -> bool:
 def line_chart(title: str, points: list[tuple[float, float]]) -> Markup:
     """One metric against step, with its range on the axes; `points` need at least two distinct steps."""
     assert len(points) >= 2, "a curve needs two points"
+    steps = [step for step, _ in points]
     diverged = [step for step, value in points if not finite(value)]
-    if diverged:  # a diverged run: plot what it logged before, so the axis shows the values that were real
-        title = f"{title} (not finite from step {_label(min(diverged))})"
-        points = [point for point in points if finite(point[1])] or [(points[0][0], 0.0)]
-    steps, values = [p[0] for p in points], [p[1] for p in points]
+    if diverged:  # a diverged run: the axis spans only the real values, so they stay readable
+        title = f"{title} ({len(diverged)} not finite, the first at step {_label(min(diverged))})"
+        points = [point for point in points if finite(point[1])]
+    values = [value for _, value in points] or [0.0]  # nothing finite: an empty plot, no line
     x0, x1 = min(steps), max(steps)
     y0, y1 = min(values), max(values)
     if y0 == y1:

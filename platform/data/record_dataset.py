@@ -193,13 +193,13 @@ def pack_folder(
     folder = ImageFolderDataset(src_root)
     dst_root = Path(dst_root)
     dst_root.mkdir(parents=True, exist_ok=True)
-    if (dst_root / "train.rec").exists() and not overwrite:
-        raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pack with --overwrite to replace it)")
     end = len(folder) + 1 + folder.num_classes
     if end > FLOAT32_EXACT_INTS:
         raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
     with (dst_root / PACK_LOCK).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # packs into one folder take turns, so staging files found here are dead
+        if (dst_root / "train.rec").exists() and not overwrite:
+            raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pack with --overwrite to replace it)")
         for stale in dst_root.glob(".train.*.tmp.*"):  # left by a pack killed with -9
             stale.unlink(missing_ok=True)
         staging = dst_root / f".train.{os.getpid()}.tmp"

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -41,6 +43,23 @@ def exported_files(out_dir: Path) -> list[str]:
     return sorted(name for name in names if (out_dir / name).exists())
 
 
+@contextmanager
+def export_lock(out_dir: Path, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Exports into one folder take turns, from the check for an earlier export to the logged run: the default
+    out_dir is shared by every checkpoint of a backbone. A build folder found inside is then a killed export's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / EXPORT_LOCK).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say:
+                say(f"waiting for another export into {out_dir} to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in out_dir.glob(f"{BUILDING}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
 def export_artifact(
     model: nn.Module,
     fmt: str,
@@ -63,35 +82,30 @@ def export_artifact(
     when out_dir is a mount point) and moved in only when all exist, so a failed export (bad calibration images,
     say) leaves an earlier export in `out_dir` whole. The earlier card goes first and the new one comes last, so
     a folder interrupted while the files move has no card (an incomplete export) rather than a card of another
-    model. Exports into one folder take turns, and a killed export's build folder is removed by the next.
+    model. The caller holds `export_lock(out_dir)`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt != "onnx" and calibration is None:
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / EXPORT_LOCK).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # exports into one folder take turns, so a build folder found here is dead
-        for stale in out_dir.glob(f"{BUILDING}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
-            building = Path(temporary)
-            fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
-            int8_path, fidelity = None, None
-            if fmt != "onnx":
-                reader = FaceCalibrationReader(
-                    calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
-                )
-                int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
-                fidelity = int8_fidelity(fp32_path, int8_path, reader)
-            if fmt == "c-array":
-                write_c_array(int8_path, building, C_SYMBOL)
-            card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
-            (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-            (out_dir / CARD_FILE).unlink(missing_ok=True)
-            for name in artifact_files(fmt):  # the card last
-                os.replace(building / name, out_dir / name)
-        for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
-            (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it
+    with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
+        building = Path(temporary)
+        fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
+        int8_path, fidelity = None, None
+        if fmt != "onnx":
+            reader = FaceCalibrationReader(
+                calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
+            )
+            int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
+            fidelity = int8_fidelity(fp32_path, int8_path, reader)
+        if fmt == "c-array":
+            write_c_array(int8_path, building, C_SYMBOL)
+        card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
+        (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        (out_dir / CARD_FILE).unlink(missing_ok=True)
+        for name in artifact_files(fmt):  # the card last
+            os.replace(building / name, out_dir / name)
+    for stale in set(exported_files(out_dir)) - set(artifact_files(fmt)):
+        (out_dir / stale).unlink()  # an earlier export's in another format: the card no longer lists it
     return card

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from faceforge.data import open_dataset
 from faceforge.eval.sources import load_model
-from faceforge.export.artifact import export_artifact, exported_files
+from faceforge.export.artifact import export_artifact, export_lock, exported_files
 from faceforge.export.card import ArtifactCard
 from faceforge.export.quantize import CALIBRATION_COUNT, open_calibration_images, training_data_of
 from faceforge.export.tracking import log_export, resolve_source
@@ -56,28 +56,37 @@ def export_model(
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
     model = load_model(str(checkpoint or source), tracking_uri)
     out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
-    if not overwrite and (earlier := exported_files(out)):
-        raise FileExistsError(
-            f"{out} already holds an export ({', '.join(earlier)}); pass --overwrite to replace it, or another --out"
+    with export_lock(out, say):
+        if not overwrite and (earlier := exported_files(out)):
+            raise FileExistsError(
+                f"{out} already holds an export ({', '.join(earlier)}); pass --overwrite to replace it, "
+                "or another --out"
+            )
+        found = resolve_source(tracking_uri, source)
+        images = None
+        if fmt != "onnx":
+            training_set = calibration is None  # read as training read it, whatever else lies in its folder
+            if calibration is None or crop_fraction is None:
+                train_root, train_crop = training_data_of(source, tracking_uri)
+                calibration = train_root if calibration is None else calibration
+                crop_fraction = train_crop if crop_fraction is None else crop_fraction
+            if say:
+                say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
+            if not training_set:
+                images = open_calibration_images(calibration)
+            else:
+                try:
+                    images = open_dataset(calibration)
+                except FileNotFoundError as err:  # moved since training
+                    recorded = f"calibration set: the training data recorded, {err}"
+                    raise FileNotFoundError(f"{recorded}; give --calibration") from None
+        card = export_artifact(
+            model,
+            fmt,
+            out,
+            calibration=images,
+            crop_fraction=1.0 if crop_fraction is None else crop_fraction,
+            calibration_count=calibration_count,
+            accuracy=found.accuracy,
         )
-    found = resolve_source(tracking_uri, source)
-    images = None
-    if fmt != "onnx":
-        training_set = calibration is None  # read as training read it, whatever else lies in its folder
-        if calibration is None or crop_fraction is None:
-            train_root, train_crop = training_data_of(source, tracking_uri)
-            calibration = train_root if calibration is None else calibration
-            crop_fraction = train_crop if crop_fraction is None else crop_fraction
-        if say:
-            say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
-        images = open_dataset(calibration) if training_set else open_calibration_images(calibration)
-    card = export_artifact(
-        model,
-        fmt,
-        out,
-        calibration=images,
-        crop_fraction=1.0 if crop_fraction is None else crop_fraction,
-        calibration_count=calibration_count,
-        accuracy=found.accuracy,
-    )
-    return ExportResult(out, card, log_export(tracking_uri, found, out, card) if log else None)
+        return ExportResult(out, card, log_export(tracking_uri, found, out, card) if log else None)
