@@ -945,19 +945,26 @@ def calibrated_thresholds(
     if not settings.calibrate:
         return thresholds
     labelled = references.get("calibration", references.get("known"))
-    if labelled is not None:
+    folder = "dedup.calibration_root" if "calibration" in references else "dedup.known_root"
+    if labelled is not None:  # too few pairs for the rate is an error: the configured thresholds may be far off
         genuine, impostor = pair_scores(*labelled)
-        if len(genuine) and settings.fmr * len(impostor) >= 1:
+        try:
             value = round(calibrate_threshold(genuine, impostor, settings.fmr).threshold, 6)
-            thresholds = dict.fromkeys(thresholds, value)
+        except ValueError as err:
+            raise AutolabelError(f"dedup.calibrate on {folder}: {err}; add people there or raise dedup.fmr") from None
+        thresholds = dict.fromkeys(thresholds, value)
     if "calibration" in references:
         people, centroids = cluster_centroids(*references["calibration"])
         for kind in ("known", "eval"):
             if kind in references:
                 names, centres = cluster_centroids(*references[kind])
                 outsiders = centroids[~np.isin(people, names)]
-                if settings.fpir * len(outsiders) >= 1:
-                    thresholds[kind] = round(open_set_threshold(outsiders, centres, settings.fpir), 6)
+                if settings.fpir * len(outsiders) < 1:
+                    raise AutolabelError(
+                        f"dedup.calibrate: {len(outsiders)} people of {folder} outside the {kind} folder are too "
+                        f"few for dedup.fpir={settings.fpir:g}; add people there or raise dedup.fpir"
+                    )
+                thresholds[kind] = round(open_set_threshold(outsiders, centres, settings.fpir), 6)
     return thresholds
 
 

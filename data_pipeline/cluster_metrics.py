@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,11 @@ def _entropy(counts: np.ndarray, n: int) -> float:
 
 
 def _numbered(labels: np.ndarray | list) -> np.ndarray:
-    """Each label's number, by Python equality: numpy would turn [1, "1"] into one string label and cannot sort None."""
+    """Each label's number, by Python equality: numpy would turn [1, "1"] into one string label and cannot sort None.
+    NaN equals nothing, not even itself, so it is refused rather than made a cluster per face."""
+    labels = list(labels)
+    if any(isinstance(label, float) and math.isnan(label) for label in labels):
+        raise ValueError("labels contain NaN (missing labels?): give every face a label")
     number = {label: i for i, label in enumerate(dict.fromkeys(labels))}
     return np.array([number[label] for label in labels], dtype=np.int64)
 
@@ -100,24 +106,43 @@ def read_assignments(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+            data = json.loads(text, object_pairs_hook=lambda pairs: _unique(path, pairs))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object mapping path to label")
         return {str(face): str(label) for face, label in data.items()}
     if path.suffix.lower() != ".csv":
         raise ValueError(f"{path}: expected a .csv (path,label) or .json ({{path: label}}) file")
-    with path.open(newline="") as stream:
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _unique(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The pairs as a dict; a path given twice, with one label or two, is refused rather than one of them kept."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"{path}: {key} is listed twice")
+        found[key] = value
+    return found
+
+
+def _read_csv(path: Path) -> dict[str, str]:
+    with path.open(newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(stream)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: the CSV needs a header row with the columns path,label")
-        assignments: dict[str, str] = {}
+        rows = []
         for row in reader:
-            if row["path"] in assignments:
-                raise ValueError(f"{path}: {row['path']} is listed twice")
             if row["label"] is None:
                 raise ValueError(f"{path}: row for {row['path']} has no label")
-            assignments[row["path"]] = row["label"]
-    return assignments
+            rows.append((row["path"], row["label"]))
+    return _unique(path, rows)
 
 
 def score_files(predicted: str | Path, truth: str | Path) -> ClusterScores:

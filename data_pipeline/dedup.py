@@ -319,18 +319,21 @@ def _mutual_across_albums(
     if n < 2:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
     neighbours, sims = knn_graph(centroids, ALBUM_NEIGHBOURS)
+    # A runner-up ranking below a full row of neighbours is at most as similar as that row's last one.
+    unseen = np.full(n, -np.inf) if neighbours.shape[1] >= n - 1 else sims[:, -1].astype(np.float64)
+    unseen[neighbours[:, -1] < 0] = -np.inf  # an approximate search that came back short: nothing was left out
     source = np.repeat(np.arange(n), neighbours.shape[1])
     other, sim = neighbours.ravel(), sims.ravel().astype(np.float64)
     across = other >= 0
     across[across] = album[source[across]] != album[other[across]]
     source, other, sim = source[across], other[across], sim[across]
     # Neighbours come most similar first, so within each (cluster, other album) group, in input order, the first
-    # hit is the best match there and the second the runner-up (none: it ranks below the searched neighbours).
+    # hit is the best match there and the second the runner-up (none: `unseen` bounds it).
     group = source * (album.max() + 1) + album[other]
     order = np.argsort(group, kind="stable")
     _, start, count = np.unique(group[order], return_index=True, return_counts=True)
     best = order[start]
-    runner_up = np.where(count > 1, sim[order[np.minimum(start + 1, len(order) - 1)]], -np.inf)
+    runner_up = np.where(count > 1, sim[order[np.minimum(start + 1, len(order) - 1)]], unseen[source[best]])
     source, other, sim, lead = source[best], other[best], sim[best], sim[best] - runner_up
     # Each best match's code source * n + other, sorted, so a pair's reverse direction is found by binary search.
     codes = source * n + other

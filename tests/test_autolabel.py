@@ -416,7 +416,9 @@ def test_reference_folders_are_embedded_once_per_model(photos: Path, model_a: Pa
     (inbox / "album0").mkdir(parents=True)
     first_photos = sorted((photos / "album0").glob("*.jpg"))
     shutil.copy(first_photos[0], inbox / "album0")
-    labeller = Autolabeller(inbox, workdir, config(model_a, f"dedup.known_root={known}"), log=lambda _: None)
+    labeller = Autolabeller(
+        inbox, workdir, config(model_a, f"dedup.known_root={known}", "dedup.calibrate=false"), log=lambda _: None
+    )
     assert labeller.run_once() is not None
 
     def reference_rows() -> dict[str, bytes]:
@@ -468,6 +470,21 @@ def test_thresholds_are_calibrated_on_the_calibration_folder(photos: Path, model
         "known": at_fpir,
     }
     assert at_fpir != at_fmr["calibration"]
+
+
+def test_a_calibration_folder_too_small_for_the_rates_is_an_error() -> None:
+    """Not a silent fall-back to the configured thresholds, which may sit far from the requested rate."""
+    from faceforge.data_pipeline.autolabel import DedupSettings, calibrated_thresholds
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 16)).astype(np.float32)
+    people = np.repeat([f"p{i}" for i in range(10)], 5)  # 100 genuine, 1,125 impostor pairs
+    references = {"calibration": (features, people), "known": (features[:5], people[:5])}
+    assert set(calibrated_thresholds(DedupSettings(fmr=1e-2, fpir=0.2), references)) == {"album", "known", "eval"}
+    with pytest.raises(AutolabelError, match=r"calibration_root: an FMR of 0.0001 needs at least 10000 impostor"):
+        calibrated_thresholds(DedupSettings(fmr=1e-4), references)
+    with pytest.raises(AutolabelError, match=r"9 people of dedup.calibration_root outside the known folder are too"):
+        calibrated_thresholds(DedupSettings(fmr=1e-2, fpir=0.01), references)
 
 
 def test_config_mistakes_are_one_line(tmp_path: Path) -> None:

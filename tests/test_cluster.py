@@ -129,6 +129,9 @@ def test_labels_are_compared_as_python_values() -> None:
     mixed = cluster_scores([1, "1", 2], ["a", "b", "c"])
     assert mixed.clusters == mixed.singletons == 3 and mixed.pairwise_precision == mixed.bcubed_precision == 1.0
     assert cluster_scores([None, 1, 1], [0, 0, 1]) == cluster_scores([5, 1, 1], [0, 0, 1])
+    for labels in (np.array([math.nan, 1.0, math.nan]), [math.nan, 1.0, math.nan]):  # pandas' missing labels
+        with pytest.raises(ValueError, match="labels contain NaN"):
+            cluster_scores([0, 1, 2], labels)
 
 
 def write_assignments(path: Path, assignments: dict[str, object]) -> Path:
@@ -160,6 +163,16 @@ def test_cluster_eval_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "short.csv").write_text("\n".join(["path,label", *rows[:5], faces[5]]) + "\n")  # no label, no comma
     with pytest.raises(SystemExit, match=r"short\.csv: row for album/5\.jpg has no label"):
         faceforge(["data", "cluster-eval", str(tmp_path / "short.csv"), str(truth)])
+    (tmp_path / "excel.csv").write_bytes("\ufeff".encode() + pred.read_bytes())  # Excel's "CSV UTF-8"
+    faceforge(["data", "cluster-eval", str(tmp_path / "excel.csv"), str(truth)])
+    assert "pairwise_precision=0.5000" in capsys.readouterr().out
+    for name, text, message in [
+        ("twice.json", '{"album/0.jpg": 1, "album/0.jpg": 2}', r"twice\.json: album/0\.jpg is listed twice"),
+        ("broken.json", '{"album/0.jpg": 1,\n', r"broken\.json: not valid JSON"),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            faceforge(["data", "cluster-eval", str(tmp_path / name), str(truth)])
 
 
 # --- kNN graph -------------------------------------------------------------------------------------------------
@@ -487,6 +500,21 @@ def test_a_chain_of_look_alikes_does_not_join_two_people_of_one_album() -> None:
     features = np.vstack([faces_at(0), faces_at(10), faces_at(0), faces_at(10)])
     labels, _ = merge_albums(features, albums, clusters, threshold)
     assert len(set(labels.tolist())) == 1
+
+
+def test_the_ratio_test_holds_when_the_runner_up_ranks_past_the_searched_neighbours() -> None:
+    """Album B holds X's match (cosine 0.95) and a near twin of it (0.949): no lead. Thirty clusters of other
+    albums at 0.9495 push the twin out of X's searched neighbours; the margin must still refuse the merge."""
+
+    def at(cosine: float, axis: int) -> np.ndarray:
+        vector = np.zeros(40)
+        vector[0], vector[axis] = cosine, math.sqrt(1 - cosine**2)
+        return vector
+
+    centroids = [at(1.0, 1), at(0.95, 2), at(0.949, 3), *(at(0.9495, 4 + i) for i in range(30))]
+    albums = np.array(["A", "B", "B", *(f"other{i}" for i in range(30))])
+    labels, decisions = merge_albums(np.array(centroids), albums, np.arange(33), threshold=0.9497, margin=0.01)
+    assert decisions == [] and len(set(labels.tolist())) == 33
 
 
 def test_matching_known_and_evaluation_identities(lfw_dlib: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
