@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from faceforge import models
-from faceforge.data import VerificationSet, write_bin
+from faceforge.data import ImageFolderDataset, VerificationSet, write_bin
 from faceforge.heads import margin_spec
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
 from faceforge.train import TrainConfig, from_dict
@@ -170,7 +170,9 @@ def test_a_dataset_too_small_for_one_step_is_refused_before_training(tiny_train_
     assert "head.p=4 identities x trainer.nproc=2 ranks" in disk_error(cfg)
 
 
-def save_untrained_checkpoint(directory: Path, cfg: TrainConfig, num_classes: int) -> Path:
+def save_untrained_checkpoint(
+    directory: Path, cfg: TrainConfig, num_classes: int, identities: str | None = None
+) -> Path:
     """A checkpoint of cfg's network and optimizer with a `num_classes` margin head, written without training."""
     model = models.create(**asdict(cfg.model))
     head = ShardedMarginSoftmax(num_classes, cfg.model.embedding_dim, margin_spec("arcface"))
@@ -183,6 +185,7 @@ def save_untrained_checkpoint(directory: Path, cfg: TrainConfig, num_classes: in
         head_optimizer=HeadOptimizer(head, kind=cfg.optim.name),
         train_config=cfg.to_dict(),
         is_main=True,
+        identities=identities,
     )
 
 
@@ -210,6 +213,33 @@ def test_a_resume_checkpoint_the_config_cannot_load_is_refused_before_training(
     torch.save({key: state[key] for key in ("model_config", "model")}, saved / "model.pt")  # backbone only, as pruned
     message = "model.pt has no optimizer, step: not a FaceForge training checkpoint"
     assert message in disk_error(cfg)
+
+
+def test_a_resume_onto_other_people_another_loss_or_damaged_files_is_refused_before_training(
+    tiny_train_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None)
+    people = ImageFolderDataset(tiny_train_root)
+    saved = save_untrained_checkpoint(tmp_path / "same", cfg, people.num_classes, people.identity_digest)
+    others = save_untrained_checkpoint(tmp_path / "others", cfg, people.num_classes, "another-set-of-6")
+    cfg.trainer.resume = str(saved)
+    assert check_against_disk(cfg) == people.num_classes
+    cfg.trainer.resume = str(others)  # six people, not these six: every classifier row would be someone else's
+    assert "holds 6 identities but not the ones it trained on" in disk_error(cfg)
+    changed = tiny_config(tmp_path / "run", tiny_train_root, None, resume=str(saved))
+    changed.head.m2 = 0.3
+    assert "was trained with another loss: head m2=0.5 (config: 0.3)" in disk_error(changed)
+
+    cfg.trainer.resume = str(saved)
+    for name, damage, message in [
+        ("meta.json", b'{"step": 1,', "meta.json is not valid JSON"),
+        ("head_0_6.pt", b"PK\x03\x04 cut short", "head_0_6.pt is not a readable classifier shard"),
+        ("model.pt", b"cut short", "model.pt is not a readable PyTorch checkpoint"),
+    ]:
+        whole = (saved / name).read_bytes()
+        (saved / name).write_bytes(damage)
+        assert message in disk_error(cfg), name
+        (saved / name).write_bytes(whole)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def identity_digest(self) -> str:
+        """Which people the labels stand for, in label order: a checkpoint's classifier rows are theirs."""
+        return hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -39,10 +39,12 @@ def save_checkpoint(
     head_optimizer: HeadOptimizer | None,
     train_config: dict[str, Any],
     is_main: bool,
+    identities: str | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Collective: every rank writes its head rows, rank 0 the rest (and `extra`, {file name: state}), then rank 0
-    publishes it: what a resume needs is in the folder before `latest` names it."""
+    publishes it: what a resume needs is in the folder before `latest` names it. `identities` (the dataset's
+    `identity_digest`) lets a resume tell that its classifier rows still stand for the same people."""
     final = directory / f"step_{step:08d}"
     staging = directory / f".step_{step:08d}.tmp"
     try:
@@ -75,6 +77,7 @@ def save_checkpoint(
                     "head_optimizer": head_optimizer.kind,
                     "head_optimizer_steps": head_optimizer.step_count,
                     "head_files": sorted(p.name for p in staging.glob("head_*.pt")),
+                    "identities": identities,
                 }
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -118,13 +121,25 @@ def read_model_state(path: Path, *keys: str) -> dict[str, Any]:
     file = resolve_checkpoint(path) / "model.pt"
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:  # OSError: mmap of a truncated file
         # torch's own messages run to paragraphs of unpickling advice, or blame mmap for a file of junk.
         raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{file} has no {', '.join(missing)}: not a FaceForge training checkpoint")
     return state
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json; ValueError naming the file when it is damaged."""
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} is not a checkpoint's meta.json")
+    return meta
 
 
 def load_checkpoint(
@@ -141,7 +156,7 @@ def load_checkpoint(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if head is not None and head_optimizer is not None:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
         if meta.get("num_classes") != head.num_classes:
             raise ValueError(
                 f"checkpoint {path} has {meta.get('num_classes')} classes, the dataset has {head.num_classes}"

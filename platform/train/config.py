@@ -48,6 +48,12 @@ class HeadConfig:
     p: int = 16
     k: int = 4
 
+    def loss_settings(self) -> dict[str, object]:
+        """What the loss, and so a checkpoint's classifier, depends on: a resume must not change it."""
+        if self.type != "margin":
+            return {"type": self.type, "margin": self.margin}
+        return {"type": self.type, "preset": self.preset, **self.margin_parameters()}
+
     def margin_parameters(self) -> dict[str, float]:
         """The keyword arguments of `margin_spec(preset, ...)`: MagFace's only for a MagFace preset."""
         shared = {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3}
@@ -236,7 +242,7 @@ def adopt_init_model(cfg: TrainConfig) -> None:
     keys = [f.name for f in fields(ModelConfig)]
     try:
         saved = read_model_state(Path(cfg.trainer.init_from), "model_config", "model")["model_config"]
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(f"trainer.init_from: {err}") from None
     missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
     _require(not missing, f"trainer.init_from {cfg.trainer.init_from}: its model_config has no {', '.join(missing)}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.distill.teacher import IDENTITY_PREFIX, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
-from faceforge.train.checkpoint import LATEST, read_model_state, resolve_checkpoint
-from faceforge.train.config import ConfigError, TrainConfig
+from faceforge.train.checkpoint import LATEST, read_meta, read_model_state, resolve_checkpoint
+from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -76,7 +76,7 @@ def check_against_disk(cfg: TrainConfig) -> int:
         raise ConfigError(f"distill.cache_dir {cache_dir} is a file, not a folder")
     check_verification_set(cfg)
     check_device(cfg)
-    check_resume(cfg, dataset.num_classes)
+    check_resume(cfg, dataset.num_classes, dataset.identity_digest)
     return dataset.num_classes
 
 
@@ -119,15 +119,16 @@ def check_device(cfg: TrainConfig) -> None:
         )
 
 
-def check_resume(cfg: TrainConfig, num_classes: int) -> None:
-    """trainer.resume must hold a checkpoint this config can load: the same network, optimizer and class count."""
+def check_resume(cfg: TrainConfig, num_classes: int, identities: str) -> None:
+    """trainer.resume must hold a checkpoint this config can load: the same network, loss, optimizer and people,
+    every file of it readable. Caught here, before any rank starts or the MLflow run is taken up."""
     resume, checkpoints = cfg.trainer.resume, Path(cfg.output_dir) / "checkpoints"
     if not resume or (resume == "auto" and not (checkpoints / LATEST).is_file()):
         return  # "auto" with no checkpoints yet starts fresh
     try:
         path = resolve_checkpoint(checkpoints if resume == "auto" else Path(resume))
         state = read_model_state(path, "model_config", "model", "optimizer", "step")
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
     except (ValueError, OSError) as err:
         raise ConfigError(f"trainer.resume: {err}") from None
     # The loop builds the network from init_from's checkpoint when set (pruned widths included), else from model.*.
@@ -138,6 +139,17 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     if differ:
         got = ", ".join(f"{key}={saved.get(key)!r} (config: {expected.get(key)!r})" for key in differ)
         raise ConfigError(f"trainer.resume {path} holds a different model: {got}")
+    saved_head = state.get("train_config", {}).get("head")
+    if saved_head is not None:
+        names = {f.name for f in fields(HeadConfig)}
+        was = HeadConfig(**{key: value for key, value in saved_head.items() if key in names}).loss_settings()
+        if was != (now := cfg.head.loss_settings()):
+            changed = ", ".join(f"{key}={was.get(key)!r} (config: {now.get(key)!r})" for key in was | now
+                                if was.get(key) != now.get(key))  # fmt: skip
+            raise ConfigError(
+                f"trainer.resume {path} was trained with another loss: head {changed}; "
+                f"start a new run from its weights with trainer.init_from={path}"
+            )
     saved_optim = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"  # only AdamW's have betas
     if saved_optim != cfg.optim.name:
         raise ConfigError(f"trainer.resume {path} was trained with optim={saved_optim}, not {cfg.optim.name}")
@@ -145,6 +157,17 @@ def check_resume(cfg: TrainConfig, num_classes: int) -> None:
     if cfg.head.type == "margin" and (saved_classes := meta.get("num_classes")) != num_classes:
         held = f"a {saved_classes}-class classifier" if saved_classes else "no margin-head classifier"
         raise ConfigError(f"trainer.resume {path} holds {held}, data.root has {num_classes} identities")
+    if cfg.head.type == "margin" and meta.get("identities") not in (None, identities):  # None: saved before digests
+        raise ConfigError(
+            f"trainer.resume {path}: data.root holds {num_classes} identities but not the ones it trained on (other "
+            f"people or another order), so its classifier rows would stand for the wrong people; resume on that "
+            f"data, or start from its weights with trainer.init_from={path}"
+        )
+    for name in meta.get("head_files", []):
+        try:
+            torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ConfigError(f"trainer.resume: {path / name} is not a readable classifier shard ({err})") from None
 
 
 def check_distill_resume(cfg: TrainConfig, path: Path) -> None:

@@ -253,6 +253,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             head_optimizer=head_optimizer,
             train_config=cfg.to_dict(),
             is_main=ctx.is_main,
+            identities=dataset.identity_digest,
             extra=distiller.checkpoint_files() if distiller else None,
         )
 
