@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,3 +97,30 @@ def queue_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("queue")
     with running_scheduler(home, "--slots", "2"):
         yield home
+
+
+class Waiter(threading.Thread):
+    """A call run in a thread, keeping what it raised."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self.call, self.error = call, None
+
+    def run(self) -> None:
+        try:
+            self.call()
+        except BaseException as err:
+            self.error = err
+
+
+@contextmanager
+def waiting_behind(lock_file: Path, call: Callable[[], object], settle: float = 0.5) -> Iterator[Waiter]:
+    """`call` started while another process's hold on `lock_file` is mimicked; it goes on when the block ends."""
+    with lock_file.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = Waiter(call)
+        waiter.start()
+        time.sleep(settle)  # long enough to reach the lock
+        yield waiter
+    waiter.join(120)
+    assert not waiter.is_alive(), "it never finished once the lock was free"

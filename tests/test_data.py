@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import pickle
 import shutil
 import struct
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +42,8 @@ from faceforge.data import (
 )
 from faceforge.data.recordio import MAGIC, MAGIC_BYTES
 from faceforge.data.transforms import similarity_jitter
+
+from conftest import waiting_behind
 
 DATA = Path("/work/shared/data")
 IMAGES_PER_IDENTITY = 4
@@ -281,34 +280,16 @@ def test_a_pack_interrupted_between_its_renames_is_refused_not_read(face_tree: P
     shutil.rmtree(tmp_path / "property")
     for suffix in ("rec", "idx"):  # what a pack killed with -9 leaves behind
         (tmp_path / f".train.12345.tmp.{suffix}").write_bytes(b"partial")
-    with (tmp_path / ".pack.lock").open("a") as running:  # another pack into this folder, still writing
-        fcntl.flock(running, fcntl.LOCK_EX)
-        waiting = threading.Thread(target=pack_folder, args=(face_tree, tmp_path), kwargs={"overwrite": True})
-        waiting.start()
-        time.sleep(0.5)
+    with waiting_behind(tmp_path / ".pack.lock", lambda: pack_folder(face_tree, tmp_path, overwrite=True)) as waiting:
         assert (tmp_path / ".train.12345.tmp.rec").exists() and waiting.is_alive(), "it waits for its turn"
-    waiting.join(60)
-    assert len(RecordDataset(tmp_path)) == len(ImageFolderDataset(face_tree))
+    assert waiting.error is None and len(RecordDataset(tmp_path)) == len(ImageFolderDataset(face_tree))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pack.lock", "property", "train.idx", "train.rec"]
 
 
 def test_a_pack_that_waited_for_another_refuses_what_that_one_wrote(face_tree: Path, tmp_path: Path) -> None:
-    refused: list[Exception] = []
-
-    def pack() -> None:
-        try:
-            pack_folder(face_tree, tmp_path)
-        except FileExistsError as err:
-            refused.append(err)
-
-    with (tmp_path / ".pack.lock").open("a") as running:
-        fcntl.flock(running, fcntl.LOCK_EX)
-        waiting = threading.Thread(target=pack)
-        waiting.start()
-        time.sleep(0.5)
+    with waiting_behind(tmp_path / ".pack.lock", lambda: pack_folder(face_tree, tmp_path)) as waiting:
         (tmp_path / "train.rec").write_bytes(b"the other pack's")
-    waiting.join(60)
-    assert refused and (tmp_path / "train.rec").read_bytes() == b"the other pack's"
+    assert isinstance(waiting.error, FileExistsError) and (tmp_path / "train.rec").read_bytes() == b"the other pack's"
 
 
 def test_record_dataset_matches_the_folder(face_tree: Path, packed: Path) -> None:

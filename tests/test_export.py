@@ -3,12 +3,9 @@ and the MLflow record of every export."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +47,7 @@ from faceforge.train.checkpoint import load_backbone
 from faceforge.train.launch import RUN_ID_FILE, launch
 from faceforge.train.tracking import RunTracker
 
-from conftest import shared_data, tiny_config
+from conftest import shared_data, tiny_config, waiting_behind
 
 
 def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
@@ -215,26 +212,16 @@ def test_exports_into_one_folder_take_turns(trained: Path, tmp_path: Path) -> No
     from its check for an earlier export to its logged run, and never clears a build folder still in use."""
     (tmp_path / ".building-live").mkdir()  # stands for the build folder of the export running
     said: list[str] = []
-    outcome: list[BaseException | None] = []
 
     def second() -> None:
-        try:
-            export_model(str(trained), "onnx", _database(trained), out=tmp_path, log=False, say=said.append)
-            outcome.append(None)
-        except BaseException as err:
-            outcome.append(err)
+        export_model(str(trained), "onnx", _database(trained), out=tmp_path, log=False, say=said.append)
 
-    with (tmp_path / ".export.lock").open("a") as running:
-        fcntl.flock(running, fcntl.LOCK_EX)
-        waiting = threading.Thread(target=second)
-        waiting.start()
-        time.sleep(1.0)
+    with waiting_behind(tmp_path / ".export.lock", second, settle=1.0) as waiting:
         assert (tmp_path / ".building-live").is_dir() and waiting.is_alive(), "it waits for its turn"
         assert said == [f"waiting for another export into {tmp_path} to finish"]
         (tmp_path / "card.json").write_text("{}")  # the running export's result, moved in just before it ends
         (tmp_path / "model.onnx").write_bytes(b"its model")
-    waiting.join(120)
-    assert isinstance(outcome[0], FileExistsError) and "pass --overwrite" in str(outcome[0])
+    assert isinstance(waiting.error, FileExistsError) and "pass --overwrite" in str(waiting.error)
     assert not (tmp_path / ".building-live").exists() and (tmp_path / "model.onnx").read_bytes() == b"its model"
 
 
