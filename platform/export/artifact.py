@@ -89,6 +89,7 @@ def export_artifact(
     if fmt != "onnx" and calibration is None:
         raise ValueError(f"format {fmt} quantises to int8 and needs calibration images")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=BUILDING, dir=out_dir) as temporary:
         building = Path(temporary)
         fp32_path = export_onnx(model, model.input_size, building / FP32_FILE, opset)
