@@ -134,18 +134,13 @@ def check_resume(cfg: TrainConfig, num_classes: int, identities: str) -> None:
     # The loop builds the network from init_from's checkpoint when set (pruned widths included), else from model.*.
     init = cfg.trainer.init_from
     expected = read_model_state(Path(init))["model_config"] if init else asdict(cfg.model)
-    saved = state["model_config"]
-    differ = sorted(key for key in saved.keys() | expected.keys() if saved.get(key) != expected.get(key))
-    if differ:
-        got = ", ".join(f"{key}={saved.get(key)!r} (config: {expected.get(key)!r})" for key in differ)
+    if got := _differences(state["model_config"], expected):
         raise ConfigError(f"trainer.resume {path} holds a different model: {got}")
     saved_head = state.get("train_config", {}).get("head")
     if saved_head is not None:
         names = {f.name for f in fields(HeadConfig)}
         was = HeadConfig(**{key: value for key, value in saved_head.items() if key in names}).loss_settings()
-        if was != (now := cfg.head.loss_settings()):
-            changed = ", ".join(f"{key}={was.get(key)!r} (config: {now.get(key)!r})" for key in was | now
-                                if was.get(key) != now.get(key))  # fmt: skip
+        if changed := _differences(was, cfg.head.loss_settings()):
             raise ConfigError(
                 f"trainer.resume {path} was trained with another loss: head {changed}; "
                 f"start a new run from its weights with trainer.init_from={path}"
@@ -168,6 +163,12 @@ def check_resume(cfg: TrainConfig, num_classes: int, identities: str) -> None:
             torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise ConfigError(f"trainer.resume: {path / name} is not a readable classifier shard ({err})") from None
+
+
+def _differences(saved: dict, config: dict) -> str:
+    """`key=saved (config: value)` for each key on which a checkpoint and the config differ; empty when none."""
+    keys = sorted(key for key in saved.keys() | config.keys() if saved.get(key) != config.get(key))
+    return ", ".join(f"{key}={saved.get(key)!r} (config: {config.get(key)!r})" for key in keys)
 
 
 def check_distill_resume(cfg: TrainConfig, path: Path) -> None:
