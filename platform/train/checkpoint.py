@@ -119,15 +119,20 @@ def read_model_state(path: Path, *keys: str) -> dict[str, Any]:
     """model.pt of a checkpoint (memory-mapped), refused with one ValueError line unless it is a readable dict with
     `keys`: a foreign or corrupt file handed to trainer.resume or init_from is then a config error, not a KeyError."""
     file = resolve_checkpoint(path) / "model.pt"
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:  # OSError: mmap of a truncated file
-        # torch's own messages run to paragraphs of unpickling advice, or blame mmap for a file of junk.
-        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    state = load_file(file)
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{file} has no {', '.join(missing)}: not a FaceForge training checkpoint")
     return state
+
+
+def load_file(file: Path, what: str = "PyTorch checkpoint") -> Any:
+    """A checkpoint's file, memory-mapped; one ValueError line naming it when it cannot be read."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:  # OSError: mmap of a truncated file
+        # torch's own messages run to paragraphs of unpickling advice, or blame mmap for a file of junk.
+        raise ValueError(f"{file} is not a readable {what} ({type(err).__name__})") from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.distill.teacher import IDENTITY_PREFIX, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
-from faceforge.train.checkpoint import LATEST, read_meta, read_model_state, resolve_checkpoint
+from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
 
@@ -129,6 +128,8 @@ def check_resume(cfg: TrainConfig, num_classes: int, identities: str) -> None:
         path = resolve_checkpoint(checkpoints if resume == "auto" else Path(resume))
         state = read_model_state(path, "model_config", "model", "optimizer", "step")
         meta = read_meta(path)
+        for name in meta.get("head_files", []):
+            load_file(path / name, "classifier shard")
     except (ValueError, OSError) as err:
         raise ConfigError(f"trainer.resume: {err}") from None
     # The loop builds the network from init_from's checkpoint when set (pruned widths included), else from model.*.
@@ -158,11 +159,6 @@ def check_resume(cfg: TrainConfig, num_classes: int, identities: str) -> None:
             f"people or another order), so its classifier rows would stand for the wrong people; resume on that "
             f"data, or start from its weights with trainer.init_from={path}"
         )
-    for name in meta.get("head_files", []):
-        try:
-            torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise ConfigError(f"trainer.resume: {path / name} is not a readable classifier shard ({err})") from None
 
 
 def _differences(saved: dict, config: dict) -> str:
