@@ -57,13 +57,8 @@ class LocalExecutor:
 
         job_dir = job_dir.resolve()
         job_dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + HANDLE_WAIT_SECONDS
-        while (lock := _try_lock(job_dir)) is None:  # its runner or trainer is alive: a repeated delivery
-            if (job_dir / RUNNER_FILE).exists():
-                return _recorded_handle(job_dir)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{job_dir} is locked by a runner that never recorded itself")
-            time.sleep(0.05)
+        if (lock := _lock_unless_running(job_dir)) is None:  # its runner or trainer is alive: a repeated delivery
+            return _recorded_handle(job_dir)
         try:
             if (job_dir / EXIT_CODE_FILE).exists():  # it ended while no scheduler watched; status() reports how
                 return _recorded_handle(job_dir)
@@ -89,14 +84,10 @@ class LocalExecutor:
         job_dir = job_dir.resolve()
         if not job_dir.exists():
             return None
-        deadline = time.monotonic() + HANDLE_WAIT_SECONDS
-        while _lock_held(job_dir) and not (job_dir / RUNNER_FILE).exists():  # a runner that is still starting
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{job_dir} is locked by a runner that never recorded itself")
-            time.sleep(0.05)
-        if _lock_held(job_dir) or (job_dir / EXIT_CODE_FILE).exists():  # running, or it ended unwatched
+        if (lock := _lock_unless_running(job_dir)) is None:
             return _recorded_handle(job_dir)
-        return None
+        os.close(lock)
+        return _recorded_handle(job_dir) if (job_dir / EXIT_CODE_FILE).exists() else None  # it ended unwatched
 
     def status(self, job: Job) -> Status:
         handle = _parse(job)
@@ -186,6 +177,19 @@ def _try_lock(job_dir: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _lock_unless_running(job_dir: Path) -> int | None:
+    """A locked fd of job_dir's runner lock, or None when a live runner holds it and has recorded itself (one that
+    another scheduler just started gets HANDLE_WAIT_SECONDS to do so)."""
+    deadline = time.monotonic() + HANDLE_WAIT_SECONDS
+    while (lock := _try_lock(job_dir)) is None:
+        if (job_dir / RUNNER_FILE).exists():
+            return None
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{job_dir} is locked by a runner that never recorded itself")
+        time.sleep(0.05)
+    return lock
 
 
 def _lock_held(job_dir: Path) -> bool:
