@@ -628,7 +628,8 @@ class Autolabeller:
         }
         name = version_name(current.number)
         path = write_version(self.versions, current.number, labelled.records, self.crops, labelled.decisions, stats)
-        job_id = self.enqueue_retraining(path, new_people + awaiting(self.state.last_round()), current.started)
+        last = self.state.last_round()
+        job_id = self.enqueue_retraining(path, new_people + awaiting(last.job_id if last else None), current.started)
         self.state.finish_round(current.number, name, job_id)
         seconds = time.time() - current.started
         self.log(
@@ -684,7 +685,7 @@ class Autolabeller:
         """Enqueue the retraining the last round could not; only the last is pending, its version holding the
         faces of every earlier one."""
         last = self.state.last_round()
-        if last is not None and last.version is not None and (new_people := awaiting(last)):
+        if last is not None and last.version is not None and (new_people := awaiting(last.job_id)):
             job_id = self.enqueue_retraining(self.versions / last.version, new_people, last.started)
             self.state.set_job(last.number, job_id)
 
@@ -759,9 +760,8 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
         yield
 
 
-def awaiting(finished: Round | None) -> int:
-    """New identities whose retraining the job store could not take yet, recorded as that round's job id."""
-    job_id = finished.job_id if finished else None
+def awaiting(job_id: str | None) -> int:
+    """New identities whose retraining the job store could not take yet, recorded as their round's job id."""
     return int(job_id.removeprefix(RETRAIN_PENDING)) if job_id and job_id.startswith(RETRAIN_PENDING) else 0
 
 
@@ -982,7 +982,8 @@ def count_new_identities(records: Sequence[FaceRecord], round_number: int) -> in
 def status(workdir: Path) -> dict:
     """What the daemon did last and what waits: for `faceforge autolabel status` and the datasets page."""
     if not (workdir / STATE).is_file():
-        return {"workdir": str(workdir), "running": False, "rounds": [], "files": {}, "versions": []}
+        return {"workdir": str(workdir), "running": False, "rounds": [], "files": {}, "versions": [],
+                "retraining_job": None, "retraining_pending": 0}  # fmt: skip
     state = StateDB(workdir / STATE)
     try:
         rounds = state.rounds()
@@ -994,6 +995,8 @@ def status(workdir: Path) -> dict:
     done = [r for r in rounds if r["finished"]]
     last = done[-1] if done else None
     rate = last["files"] / last["seconds"] if last and last["seconds"] else None
+    job_id = last["job_id"] if last else None
+    pending = awaiting(job_id)
     return {
         "workdir": str(workdir),
         "running": daemon_running(workdir),
@@ -1001,6 +1004,8 @@ def status(workdir: Path) -> dict:
         "rounds": rounds,
         "last_round": last,
         "files_per_second": rate,
+        "retraining_job": None if pending else job_id,  # the job the last round enqueued
+        "retraining_pending": pending,  # new identities whose retraining waits for the job store
         "files": files,
         "recent_problems": problems,
         "versions": [summary for v in list_versions(workdir / "versions") if (summary := version_summary(v))],

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from faceforge import models
+from faceforge.cli import main
 from faceforge.data_pipeline.autolabel import (
     OUTCOMES,
     AutolabelConfig,
@@ -654,7 +655,7 @@ def lfw_people(count: int) -> list[bytes]:
 
 
 def test_a_job_store_that_cannot_take_the_retraining_holds_no_round_open(
-    model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     home, inbox = tmp_path / "home", tmp_path / "inbox"
     home.write_text("a file where the job store's folder should be")
@@ -670,11 +671,15 @@ def test_a_job_store_that_cannot_take_the_retraining_holds_no_round_open(
     (inbox / "album" / "2.jpg").write_bytes(photos[2])  # arrives while the store is still out of reach
     assert labeller.run_once().version == "v0002"
     assert labeller.state.rounds()[-1]["job_id"] == "pending:1"  # the first round's new person, passed on
+    main(["autolabel", "status", "--workdir", str(tmp_path / "work")])
+    assert "retraining pending: 1 new identities" in capsys.readouterr().out
     home.unlink()
     assert labeller.run_once() is None  # nothing new: only the pending retraining, for the latest version
     jobs = JobStore(home / "jobs.db").list()
     assert [round["job_id"] for round in labeller.state.rounds()] == [None, jobs[0].id] and len(jobs) == 1
     assert "v0002" in jobs[0].name
+    main(["autolabel", "status", "--workdir", str(tmp_path / "work")])
+    assert f"retraining enqueued: {jobs[0].id}" in capsys.readouterr().out
 
 
 def test_a_resumed_round_embeds_with_the_weights_it_started_with(model_a: Path, tmp_path: Path) -> None:

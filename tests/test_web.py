@@ -525,10 +525,11 @@ def test_datasets_page_shows_the_autolabeller_and_trains_on_its_versions(server:
             shutil.copy(photo, workdir / "crops" / f"{face}.jpg")
             faces.append(FaceRecord(face, face, f"album0/{photo.name}", "album0", [], [], {}, 0, identity.name, 1))
     write_version(workdir / "versions", current.number, faces, workdir / "crops", [], {"round": 1})
-    state.finish_round(current.number, "v0001", None)
+    state.finish_round(current.number, "v0001", "pending:3")  # the job store could not take its retraining
 
     page = server.get("/datasets").text
     assert "Daemon <strong>not running</strong>" in page and "Last round 1 wrote <code>v0001</code>" in page
+    assert re.search(r'id="autolabel-retraining" class="error">Retraining pending for\s+3 new identities', page)
     assert re.search(r'id="autolabel-pending">1<', page)
     assert re.search(r"<td><code>v0001</code></td><td>1</td><td>2</td><td>4</td>", page)
     images = (workdir / "versions" / "v0001" / "images").resolve()

@@ -180,6 +180,11 @@ def _autolabel_status(args: argparse.Namespace) -> None:
         rate = state["files_per_second"]
         print(f"last round {last['round']}: {last['version']}, {last['files']} file(s) in {last['seconds']:.1f} s"
               + (f" ({rate:.2f} files/s)" if rate else ""))  # fmt: skip
+    if state["retraining_pending"]:
+        print(f"retraining pending: {state['retraining_pending']} new identities; the job store could not take the "
+              "job, and each pass tries again")  # fmt: skip
+    elif state["retraining_job"]:
+        print(f"retraining enqueued: {state['retraining_job']}")
     print("files: " + ("  ".join(f"{k}={v}" for k, v in sorted(state["files"].items())) or "none yet"))
     for source, outcome, reason in state.get("recent_problems", []):
         print(f"  {outcome:8} {source}: {reason}")
