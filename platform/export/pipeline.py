@@ -11,7 +11,12 @@ from faceforge.data import open_dataset
 from faceforge.eval.sources import load_model
 from faceforge.export.artifact import export_artifact, export_lock, exported_files
 from faceforge.export.card import ArtifactCard
-from faceforge.export.quantize import CALIBRATION_COUNT, open_calibration_images, training_data_of
+from faceforge.export.quantize import (
+    CALIBRATION_COUNT,
+    FEW_CALIBRATION_FACES,
+    open_calibration_images,
+    training_data_of,
+)
 from faceforge.export.tracking import log_export, resolve_source
 from faceforge.jobs.paths import faceforge_home
 
@@ -80,6 +85,10 @@ def export_model(
                 except FileNotFoundError as err:  # moved since training
                     recorded = f"calibration set: the training data recorded, {err}"
                     raise FileNotFoundError(f"{recorded}; give --calibration") from None
+        if images is not None and len(images) < FEW_CALIBRATION_FACES and say:
+            say(f"warning: the calibration set holds {len(images)} image(s); int8 ranges taken from fewer than "
+                f"{FEW_CALIBRATION_FACES} faces may clip other faces' activations, and the card's fidelity is "
+                "measured on faces calibration read")  # fmt: skip
         card = export_artifact(
             model,
             fmt,

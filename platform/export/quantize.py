@@ -21,6 +21,7 @@ from faceforge.export.runtime import embedding_agreement
 
 CALIBRATION_COUNT = 256
 CALIBRATION_BATCH = 16
+FEW_CALIBRATION_FACES = 32  # below this, MinMax ranges from a few faces clip the activations of others
 FIDELITY_COUNT = 128
 FIDELITY_BARS = {"mean_cosine": 0.99, "p1_cosine": 0.97}  # what int8 must keep of fp32's embeddings
 
