@@ -127,3 +127,20 @@ def test_optuna_searches_through_the_queue(queue_home: Path, tiny_train_root: Pa
     accuracies = [run.metric("accuracy") for run in sweep_candidates(f"sqlite:///{queue_home}/mlflow.db", sweep_id)]
     assert results["best_value"] == pytest.approx(max(accuracies))
     assert "no champion" in result.stdout and "no logged model to register" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_job_ends_a_waiting_basic_sweep_in_one_line(
+    queue_home: Path, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    """The basic sweeper raises a failed job's error as a traceback; the launcher names the job and its log."""
+    damaged = tmp_path / "damaged"
+    for person in ("a", "b"):
+        (damaged / person).mkdir(parents=True)
+        for i in range(2):
+            (damaged / person / f"{i}.jpg").write_bytes(b"not a jpeg")
+    result = train_multirun(queue_home, *WAIT, *tiny(queue_home, tiny_train_root), f"data.root={damaged}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    (job,) = JobStore(queue_home / "jobs.db").list(sweep_id=sweep_id_of(result))
+    assert f"faceforge train: error: sweep {job.sweep_id}: job {job.id} failed" in result.stderr
+    assert str(job.log_path) in result.stderr

@@ -22,6 +22,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
 if TYPE_CHECKING:
     from faceforge.jobs import Job, JobStore
     from faceforge.registry import Candidate, Policy
@@ -52,6 +54,7 @@ class QueueLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """The task function runs in the queued jobs, not here; only the sweep directory is ours to make."""
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.basic_sweeper = OmegaConf.select(config, "hydra.sweeper._target_") == BASIC_SWEEPER
         direction = OmegaConf.select(config, "hydra.sweeper.direction")
         if direction is not None:
             listed = direction if OmegaConf.is_list(direction) else [direction]
@@ -86,7 +89,13 @@ class QueueLauncher(Launcher):
             )
             return [_job_return(job, JobStatus.COMPLETED, job.id) for job in jobs]
         finished = self._wait(store, jobs)
-        return self._results(finished, tracking_uri, policy)
+        returns = self._results(finished, tracking_uri, policy)
+        failures = [r._return_value for r in returns if r.status == JobStatus.FAILED] if self.basic_sweeper else []
+        if failures:  # the basic sweeper would raise the first as a traceback; an optimiser goes on past them
+            for failure in failures:
+                print(f"faceforge train: error: sweep {self.sweep_id}: {failure}", file=sys.stderr)
+            sys.exit(1)
+        return returns
 
     def _check_objectives(self) -> None:
         """Mismatches Optuna would only report after a batch had trained, caught before anything is queued."""
