@@ -606,7 +606,7 @@ def test_the_champion_alias_is_resolved_to_its_version_each_round(tmp_path: Path
     keys = []
     for seed in (0, 1):
         run_id = create_run(uri, "faceforge", None, {}, {})
-        RunTracker(uri, run_id).model(load_backbone(save_backbone(tmp_path / f"m{seed}", seed)), 56)
+        RunTracker(uri, run_id).model(load_backbone(save_backbone(tmp_path / f"m{seed}", seed)), 56, step=1)
         version = mlflow.register_model(f"runs:/{run_id}/model", "faceforge").version
         client.set_registered_model_alias("faceforge", "champion", str(version))
         key, source = resolve_model("models:/faceforge@champion", uri)

@@ -238,7 +238,7 @@ def test_registered_teacher_is_frozen_and_its_identity_follows_its_weights_not_i
         return teacher_identity(load_teacher(source, uri, cpu))
 
     run_id = create_run(uri, "tests", "teacher", {}, {})
-    RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=1)), TEACHER_SIZE)
+    RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=1)), TEACHER_SIZE, step=1)
     for _ in range(2):
         mlflow.register_model(f"runs:/{run_id}/model", "teacher")
     client.set_registered_model_alias("teacher", "champion", "1")
@@ -250,7 +250,7 @@ def test_registered_teacher_is_frozen_and_its_identity_follows_its_weights_not_i
     assert identity("models:/teacher@champion") == first  # another version of the same weights: the same features
 
     # A resumed run logs its model again under the same runs:/ URI; a model registered anew restarts at version 1.
-    RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=2)), TEACHER_SIZE)
+    RunTracker(uri, run_id).model(load_backbone(save_teacher(tmp_path / "ckpt", seed=2)), TEACHER_SIZE, step=1)
     relogged = identity(f"runs:/{run_id}/model")
     assert relogged != first
     client.delete_registered_model("teacher")

@@ -264,7 +264,7 @@ def test_export_of_a_registered_version_links_to_it(trained: Path, tmp_path: Pat
     client.log_metric(run_id, "eval.accuracy", 0.875)
     client.log_metric(run_id, "eval.eer", 0.125)
     model = load_backbone(trained)
-    RunTracker(uri, run_id).model(model, model.input_size)
+    RunTracker(uri, run_id).model(model, model.input_size, step=1)
     client.set_terminated(run_id)
     _, version = select_and_register(uri, "sweep-export", name="exported")
 

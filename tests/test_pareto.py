@@ -20,10 +20,13 @@ from faceforge import models
 from faceforge.jobs import SUCCEEDED, JobStore, make_jobs
 from faceforge.registry import (
     Candidate,
+    Policy,
+    champion,
     log_front,
     pareto_front,
     plot_front,
     prepare_tracking,
+    save_policy,
     select_and_register,
     sweep_candidates,
 )
@@ -32,7 +35,7 @@ from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 
 from test_launcher import WAIT, sweep_id_of, tiny, train_multirun
-from test_web import Server
+from test_web import BEARER, Server
 
 SWEEP = "sweep-pareto"
 TINY = {"embedding_dim": 32, "width": 0.25, "input_size": 56}
@@ -71,6 +74,8 @@ def test_front_dominance_ties_and_missing_metrics() -> None:
         "crashed": "run failed",
     }
     assert "fast accuracy=0.9000 model.latency_ms=5" in front.describe()
+    retried = [candidate("x", {ACC: 0.9, LAT: 1.0}, status="FAILED"), candidate("x", {ACC: 0.9, LAT: math.nan})]
+    assert list(pareto_front(retried, "accuracy").skipped.values()) == ["run failed", "no model.latency_ms logged"]
 
     # An error rate is minimised: the lowest EER wins at each cost.
     errors = [
@@ -92,15 +97,18 @@ def test_front_dominance_ties_and_missing_metrics() -> None:
     assert labels(mixed.front) == ["m"] and mixed.skipped["fast"] == "no tar_far_1e-04 logged"
 
 
-def add_run(uri: str, experiment_id: str, name: str, metrics: dict[str, float], job_id: str, logged: bool) -> str:
+def add_run(
+    uri: str, experiment_id: str, name: str, metrics: dict[str, float], job_id: str, logged: bool, sweep_id: str = SWEEP
+) -> str:
     """A finished run as the trainer leaves it, with a logged backbone when it may become champion."""
     client = MlflowClient(uri)
-    run_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: SWEEP, JOB_TAG: job_id}).info.run_id
+    tags = {SWEEP_TAG: sweep_id, JOB_TAG: job_id}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_param(run_id, "model.name", "mobilefacenet")
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     if logged:
-        RunTracker(uri, run_id).model(models.create("mobilefacenet", **TINY), TINY["input_size"])
+        RunTracker(uri, run_id).model(models.create("mobilefacenet", **TINY), TINY["input_size"], step=1)
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -167,6 +175,29 @@ def test_web_pages_show_the_front_with_the_champion(sweep_home: Path, tiny_train
             (ring,) = re.findall(r'<circle class="champion"[^>]*><title>([^<]*)</title>', chart)
             assert ring.startswith("champion: accurate (mobilefacenet): accuracy 0.8000, model.latency_ms 6")
         assert f'<a href="/sweeps/{SWEEP}">' in server.get("/models").text
+    finally:
+        server.stop()
+
+
+def test_the_register_button_keeps_the_sweeps_limits_and_model_name(sweep_home: Path, tiny_train_root: Path) -> None:
+    """A sweep where no run met the launch budget has no champion; the page's button must not register one over it."""
+    uri, budget = f"sqlite:///{sweep_home}/mlflow.db", "sweep-budget"
+    experiment_id = prepare_tracking(uri)
+    save_policy(uri, experiment_id, budget, Policy(metric="accuracy", max_latency_ms=3.0), "edge")
+    store = JobStore(sweep_home / "jobs.db")
+    jobs = make_jobs(["optim.lr=0.01,0.02", *tiny(sweep_home, tiny_train_root)], sweep_id=budget)
+    store.submit(jobs)
+    for job, (name, accuracy, latency) in zip(jobs, [("fast", 0.7, 2.0), ("slow", 0.9, 40.0)], strict=True):
+        add_run(uri, experiment_id, name, {ACC: accuracy, LAT: latency}, job.id, logged=True, sweep_id=budget)
+    while (claimed := store.claim("local", "test", 100, 60)) is not None:  # the earlier sweep's points end too
+        store.finish(claimed.id, "test", SUCCEEDED, 0)
+    server = Server(sweep_home, [tiny_train_root])
+    try:
+        page = server.get(f"/sweeps/{budget}").text
+        assert "latency &lt;= 3 ms" in page and "excluded slow (mobilefacenet): latency 40.00 ms &gt; 3 ms" in page
+        assert server.post(f"/sweeps/{budget}/register", data={"metric": "accuracy"}, headers=BEARER).status_code == 303
+        assert champion(uri, "edge").run_id == sweep_candidates(uri, budget)[0].run_id  # `fast`, within budget
+        assert "Register as champion" not in server.get(f"/sweeps/{budget}").text  # registered, under its own name
     finally:
         server.stop()
 

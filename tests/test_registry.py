@@ -72,7 +72,7 @@ def add_run(
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     if with_model:
-        RunTracker(uri, run_id).model(models.create(backbone, **TINY), TINY["input_size"])
+        RunTracker(uri, run_id).model(models.create(backbone, **TINY), TINY["input_size"], step=1)
     client.set_terminated(run_id, status)
     return run_id
 
@@ -185,9 +185,17 @@ def test_selection_is_not_fooled_by_nan_values_full_metric_keys_or_shared_names(
     nan_eer = select([run("nan-eer", good | {"eval.eer": math.nan}), run("good", good)], Policy(metric="eer"), "s")
     assert nan_eer.excluded == {"nan-eer (mobilefacenet)": "eer is nan"}
 
-    no_eer = select([run("a", {"eval.accuracy": 0.8}), run("b", {"eval.accuracy": 0.9})], Policy(metric="eer"), "s")
-    assert no_eer.winner is not None and no_eer.winner.run_name == "b"
-    assert "no eligible run logged eer, so by accuracy: b (mobilefacenet) has the best accuracy" in no_eer.reason
+    # Only a FAR the pairs cannot reach falls back to accuracy: a metric no run logged (misspelt) chooses nothing.
+    for metric in ("eer", "acuracy"):
+        unlogged = select([run("a", {"eval.accuracy": 0.8}), run("b", {"eval.accuracy": 0.9})], Policy(metric), "s")
+        assert unlogged.winner is None and unlogged.excluded["b (mobilefacenet)"] == f"no {metric} logged"
+
+    costs = [run("slow", good | {"model.latency_ms": 9.0, "model.macs": 2e8}), run("quick", good | {"model.macs": 1e8})]
+    for cost in ("model.latency_ms", "model.macs"):  # costs are minimised, as error rates are
+        cheapest = select(costs, Policy(metric=cost), "s")
+        assert (
+            cheapest.winner is not None and cheapest.winner.run_name == "quick" and f"lowest {cost}" in cheapest.reason
+        )
 
     failed = [replace(run(f"id{i}", good, label="retry"), status="FAILED") for i in range(3)]
     shared = select([*failed, run("good", good)], Policy(), "s")
@@ -196,6 +204,21 @@ def test_selection_is_not_fooled_by_nan_values_full_metric_keys_or_shared_names(
         "retry (mobilefacenet) [id1]",
         "retry (mobilefacenet) [id2]",
     ]
+
+
+def test_a_run_that_logged_its_model_again_offers_the_latest(sweep: tuple[str, dict[str, str]]) -> None:
+    """A resumed run logs its model at its last step; one killed after logging logs it again at the same step."""
+    uri, _ = sweep
+    client = MlflowClient(uri)
+    run_id = client.create_run(prepare_tracking(uri, "tests"), tags={SWEEP_TAG: "sweep-resumed"}).info.run_id
+    backbone = models.create("mobilefacenet", **TINY)
+    for step in (3, 1, 3):
+        RunTracker(uri, run_id).model(backbone, TINY["input_size"], step=step)
+    logged = sorted(
+        client.search_logged_models([client.get_run(run_id).info.experiment_id]), key=lambda m: m.creation_timestamp
+    )
+    (candidate,) = sweep_candidates(uri, "sweep-resumed")
+    assert candidate.model_id == logged[-1].model_id
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:

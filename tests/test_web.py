@@ -473,7 +473,7 @@ def test_models_page_lists_the_exports_of_each_version(server: Server, tiny_trai
     run_id = client.create_run(prepare_tracking(uri), tags={SWEEP_TAG: "sweep-exported"}).info.run_id
     client.log_metric(run_id, "eval.accuracy", 0.8125)
     model = models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32).eval()
-    RunTracker(uri, run_id).model(model, 56)
+    RunTracker(uri, run_id).model(model, 56, step=1)
     client.set_terminated(run_id)
     _, version = select_and_register(uri, "sweep-exported")
     source = resolve_source(uri, "models:/faceforge@champion")

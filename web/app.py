@@ -33,12 +33,14 @@ from faceforge.jobs.executors.local import whole_characters
 from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
 from faceforge.registry import (
     CHAMPION_ALIAS,
+    REGISTERED_MODEL,
     Policy,
     Version,
     pareto_front,
     select,
     select_and_register,
     sweep_candidates,
+    sweep_policy,
     versions,
 )
 from faceforge.registry.selection import LATENCY
@@ -112,7 +114,7 @@ def compose_jobs(overrides: list[str], **options: Any) -> list[Job]:
         return make_jobs(overrides, **options)
 
 
-def register_champion(tracking_uri: str, sweep_id: str, policy: Policy) -> None:
+def register_champion(tracking_uri: str, sweep_id: str, policy: Policy, name: str) -> None:
     """Select and register a sweep's winner.
 
     MLflow resolves the `models:/<id>` source of a new model version through its process-wide tracking URI,
@@ -120,7 +122,7 @@ def register_champion(tracking_uri: str, sweep_id: str, policy: Policy) -> None:
     """
     with REGISTRY_LOCK:
         mlflow.set_tracking_uri(tracking_uri)
-        select_and_register(tracking_uri, sweep_id, policy)
+        select_and_register(tracking_uri, sweep_id, policy, name)
 
 
 def create_app(home: Path, token: str | None = None, roots: list[Path] | None = None) -> FastAPI:
@@ -352,11 +354,16 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         if not jobs:
             raise HTTPException(404, f"no sweep {sweep_id}")
         uri = runs.tracking_uri(jobs[0])
-        candidates = sweep_candidates(uri, sweep_id) if runs.database_ready(uri) else []
+        ready = runs.database_ready(uri)
+        candidates = sweep_candidates(uri, sweep_id) if ready else []
         by_job = {c.job_id: c for c in candidates}  # oldest first: a job's latest attempt wins
-        policy = Policy(metric=metric or Policy().metric)
+        # The sweep's own metric, limits and model name: another metric chosen on the page keeps the limits.
+        policy, name = (
+            sweep_policy(uri, sweep_id, metric=metric) if ready else (Policy(metric=metric or Policy.metric), None)
+        )
+        name = name or REGISTERED_MODEL
         selection = select(candidates, policy, sweep_id) if candidates else None
-        registered = [v for v in versions(uri) if v.sweep_id == sweep_id] if runs.database_ready(uri) else []
+        registered = [v for v in versions(uri, name) if v.sweep_id == sweep_id] if ready else []
         settings = {job.id: dict(o.partition("=")[::2] for o in job.overrides) for job in jobs}
         points = list(settings.values())
         varying = sorted({key for point in points for key in point if len({p.get(key) for p in points}) > 1})
@@ -381,6 +388,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "done": done,
             # Until the scheduler has registered the champion, which it does just after the last point ends.
             "polling": not done or (not registered and time.time() - last_end < REGISTRATION_WAIT_SECONDS),
+            "policy": policy,
+            "registered_model": name,
             "metric": policy.metric,
             "lower_is_better": policy.lower_is_better,
             "error": None,
@@ -401,9 +410,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         try:
             if not context["done"]:
                 raise ValueError("the sweep is still running: register its champion when every point has ended")
-            await asyncio.to_thread(
-                register_champion, runs.tracking_uri(context["jobs"][0]), sweep_id, Policy(metric=context["metric"])
-            )
+            uri = runs.tracking_uri(context["jobs"][0])
+            await asyncio.to_thread(register_champion, uri, sweep_id, context["policy"], context["registered_model"])
         except (ValueError, MlflowException) as err:
             return render(request, "sweep.html", 400, **(context | {"error": str(err).splitlines()[0]}))
         return RedirectResponse(f"/sweeps/{sweep_id}", 303)

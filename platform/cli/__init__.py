@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -431,12 +430,13 @@ def _registry_champion(args: argparse.Namespace) -> None:
 
 
 def _registry_select(args: argparse.Namespace) -> None:
-    from faceforge.registry import default_tracking_uri, saved_policy, select_and_register
+    from faceforge.registry import default_tracking_uri, select_and_register, sweep_policy
 
     uri = args.tracking_uri or default_tracking_uri()
-    options = {"metric": args.metric, "max_latency_ms": args.max_latency_ms, "max_params": args.max_params}
     # Each option given replaces that part of the policy the sweep was launched with; the rest is kept.
-    policy = replace(saved_policy(uri, args.sweep_id)[0], **{k: v for k, v in options.items() if v is not None})
+    policy, _ = sweep_policy(
+        uri, args.sweep_id, metric=args.metric, max_latency_ms=args.max_latency_ms, max_params=args.max_params
+    )
     _, version = select_and_register(uri, args.sweep_id, policy, args.name)
     print(version.describe())
 

@@ -19,6 +19,7 @@ from faceforge.registry.selection import (
     saved_policy,
     select,
     sweep_candidates,
+    sweep_policy,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "select",
     "select_and_register",
     "sweep_candidates",
+    "sweep_policy",
     "versions",
 ]

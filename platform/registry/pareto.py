@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceforge.registry.database import open_database
-from faceforge.registry.selection import LATENCY, TIE_BREAK, Candidate, check_id, lower_is_better
+from faceforge.registry.selection import (
+    LATENCY,
+    TIE_BREAK,
+    Candidate,
+    check_id,
+    lower_is_better,
+    needs_pairs,
+    unique_label,
+)
 
 PARETO_TAG = "faceforge.pareto_of"
 PLOT, TABLE = "pareto.png", "pareto.json"
@@ -56,20 +64,22 @@ def pareto_front(candidates: list[Candidate], metric: str, cost: str = LATENCY, 
     """The front over finished runs. When no run measured `metric` (a FAR needing more pairs than the evaluation
     had), the front is over accuracy instead, as selection falls back to it."""
     finished = [c for c in candidates if c.status == "FINISHED"]
-    if finished and all(c.metric(metric) is None for c in finished):
+    if finished and needs_pairs(metric) and all(c.metric(metric) is None for c in finished):
         metric = TIE_BREAK
     sign = -1.0 if lower_is_better(metric) else 1.0
     measured, skipped = [], {}
     for candidate in candidates:
         value, price = candidate.metric(metric), candidate.metric(cost)
         if candidate.status != "FINISHED":
-            skipped[candidate.label] = f"run {candidate.status.lower()}"
+            why = f"run {candidate.status.lower()}"
         elif value is None or not math.isfinite(value):
-            skipped[candidate.label] = f"no {metric} logged"
+            why = f"no {metric} logged"
         elif price is None or not math.isfinite(price):
-            skipped[candidate.label] = f"no {cost} logged"
+            why = f"no {cost} logged"
         else:
             measured.append((candidate, value, price))
+            continue
+        skipped[unique_label(candidate, skipped)] = why
 
     def dominated(value: float, price: float) -> bool:
         return any(

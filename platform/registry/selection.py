@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from faceforge.registry.database import open_database
 
@@ -19,7 +20,7 @@ SWEEP_TAG, JOB_TAG = "faceforge.sweep_id", "faceforge.job_id"
 POLICY_TAG = "faceforge.policy."  # + sweep id: an experiment tag holding how that sweep's champion is chosen
 REGISTERED_MODEL_TAG = "faceforge.registered_model."  # + sweep id: the model name that champion is registered under
 LATENCY, PARAMS, MACS = "model.latency_ms", "model.params", "model.macs"
-LOWER_IS_BETTER = frozenset({"eer", "accuracy_std"})
+LOWER_IS_BETTER = frozenset({"eer", "accuracy_std", "loss", LATENCY, PARAMS, MACS})  # errors and costs
 # TAR at FAR 1e-4 needs >= 10,000 impostor pairs (LFW has 3,000): a run without it competes on the tie-break.
 DEFAULT_METRIC = "tar_far_1e-04"
 TIE_BREAK = "accuracy"
@@ -29,6 +30,17 @@ _SAFE_ID = re.compile(r"^[\w.-]+$")
 
 def lower_is_better(metric: str) -> bool:
     return metric.removeprefix("eval.") in LOWER_IS_BETTER  # `Candidate.metric` takes either name
+
+
+def needs_pairs(metric: str) -> bool:
+    """A TAR at a FAR below what the evaluation's impostor pairs can measure is not logged: such runs compete on
+    the tie-break instead. Any other metric a run did not log excludes it (a misspelt name matches no run)."""
+    return metric.removeprefix("eval.").startswith("tar_far_")
+
+
+def unique_label(candidate: Candidate, taken: dict[str, str]) -> str:
+    """The run's label, with its id when another run's is taken: runs may share a name and backbone."""
+    return candidate.label if candidate.label not in taken else f"{candidate.label} [{candidate.run_id}]"
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,14 @@ class Policy:
     def lower_is_better(self) -> bool:
         return lower_is_better(self.metric)
 
-    def describe(self) -> str:
+    def limits(self) -> str:
         limits = [f"latency <= {self.max_latency_ms:g} ms"] if self.max_latency_ms is not None else []
         limits += [f"params <= {self.max_params:,}"] if self.max_params is not None else []
+        return ", ".join(limits)
+
+    def describe(self) -> str:
         goal = "lowest" if self.lower_is_better else "best"
-        return f"{goal} {self.metric}" + (f" with {', '.join(limits)}" if limits else "")
+        return f"{goal} {self.metric}" + (f" with {self.limits()}" if self.limits() else "")
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ class Candidate:
     def value_for(self, metric: str) -> float | None:
         """The metric, or the tie-break when the run could not measure it (too few pairs for a FAR)."""
         value = self.metric(metric)
-        return self.metric(TIE_BREAK) if value is None else value
+        return self.metric(TIE_BREAK) if value is None and needs_pairs(metric) else value
 
 
 @dataclass(frozen=True)
@@ -138,7 +153,7 @@ def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
             status=run.info.status,
             start_time=run.info.start_time or 0,
             metrics=dict(run.data.metrics),
-            model_id=_logged_model(run),
+            model_id=_logged_model(client, run),
         )
         for run in runs
     ]
@@ -163,10 +178,21 @@ def saved_policy(tracking_uri: str, sweep_id: str) -> tuple[Policy, str | None]:
     return Policy(), None
 
 
-def _logged_model(run: Run) -> str | None:
-    """The id of the run's logged model; the latest step's when a resumed run logged more than one."""
+def sweep_policy(tracking_uri: str, sweep_id: str, **changes: object) -> tuple[Policy, str | None]:
+    """saved_policy with the settings given (not None) replaced: another metric keeps the sweep's limits."""
+    policy, name = saved_policy(tracking_uri, sweep_id)
+    return replace(policy, **{key: value for key, value in changes.items() if value is not None}), name
+
+
+def _logged_model(client: MlflowClient, run: Run) -> str | None:
+    """The id of the run's logged model; when a resumed run logged more than one, the latest step's, and of
+    those the last logged (a run killed after logging its model logs it again at the same step)."""
     outputs = run.outputs.model_outputs if run.outputs else []
-    return max(outputs, key=lambda output: output.step).model_id if outputs else None
+    if len(outputs) <= 1:
+        return outputs[0].model_id if outputs else None
+    last = max(output.step for output in outputs)
+    latest = [client.get_logged_model(output.model_id) for output in outputs if output.step == last]
+    return max(latest, key=lambda model: model.creation_timestamp).model_id
 
 
 def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
@@ -174,7 +200,7 @@ def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
         return f"run {candidate.status.lower()}"
     value = candidate.value_for(policy.metric)
     if value is None:
-        return f"no {policy.metric} or {TIE_BREAK} logged"
+        return f"no {policy.metric}{f' or {TIE_BREAK}' if needs_pairs(policy.metric) else ''} logged"
     if not math.isfinite(value):
         return f"{policy.metric if candidate.metric(policy.metric) is not None else TIE_BREAK} is {value}"
     if policy.max_latency_ms is not None:
@@ -202,9 +228,8 @@ def select(candidates: list[Candidate], policy: Policy, sweep_id: str) -> Select
         why = _exclusion(candidate, policy)
         if why is None:
             eligible.append(candidate)
-        else:  # runs may share a name and backbone: none may hide another's reason
-            label = candidate.label if candidate.label not in excluded else f"{candidate.label} [{candidate.run_id}]"
-            excluded[label] = why
+        else:
+            excluded[unique_label(candidate, excluded)] = why
     sign = -1.0 if policy.lower_is_better else 1.0
 
     def rank(candidate: Candidate) -> tuple[bool, float, float, int]:

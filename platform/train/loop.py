@@ -331,5 +331,5 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             tracker.artifact(out / "roc.png")
         tracker.artifact(out / "config.yaml")
         if cfg.mlflow.log_model:
-            tracker.model(cpu_model, cfg.model.input_size)
+            tracker.model(cpu_model, cfg.model.input_size, step)
     return {k: float(np.asarray(v)) for k, v in metrics.items()}

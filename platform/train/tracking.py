@@ -62,7 +62,7 @@ class RunTracker:
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
-    def model(self, model: nn.Module, input_size: int) -> None:
+    def model(self, model: nn.Module, input_size: int, step: int) -> None:
         """Log the backbone as an MLflow PyTorch model that loads as a module accepting any batch size.
 
         MLflow 3 defaults to torch.export's pt2 format, which fixes the batch to the example's; the pickle
@@ -76,5 +76,6 @@ class RunTracker:
                 name="model",
                 input_example=example,
                 serialization_format="pickle",
+                step=step,  # a resumed run that logs its model again: selection takes the latest step's
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "faceforge"],
             )
