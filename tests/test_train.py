@@ -322,6 +322,8 @@ def test_two_rank_training_logs_to_mlflow_and_resumes_bit_identically(
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"roc.png", "config.yaml"} <= artifacts
+    beside_database = Path(full.mlflow.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+    assert run.info.artifact_uri.startswith(beside_database.resolve().as_uri())  # not ./mlruns of the cwd
 
     # Second half again from the step-2 checkpoint, in a fresh output directory.
     half = tmp_path / "full" / "checkpoints" / "step_00000002"

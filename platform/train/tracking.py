@@ -12,6 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from faceforge.registry.database import prepare_tracking
+
 for _noisy in ("mlflow", "alembic", "faiss.loader"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
@@ -29,15 +31,10 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def create_run(
     tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
-    """Create the database, experiment and run from one process, before any rank writes to it.
-
-    A fresh SQLite database migrated by several processes at once breaks MLflow, hence this single
-    writer up front.
-    """
-    Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """Create the database, experiment and run from one process, before any rank writes to it (a fresh SQLite
+    database migrated by several processes at once breaks MLflow); artifacts go beside the database."""
+    experiment_id = prepare_tracking(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
