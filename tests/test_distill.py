@@ -146,7 +146,12 @@ def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tm
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     torch.save(state | {"teacher": "sha256:0123"}, checkpoint / STATE_FILE)
     launch(resumed)
-    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
+    latest = resolve_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest.name == "step_00000003"
+    (latest / STATE_FILE).write_bytes((latest / STATE_FILE).read_bytes()[:200])  # cut short by a full disk
+    resumed.trainer.steps = 4
+    with pytest.raises(ConfigError, match=r"trainer\.resume: .*distill\.pt is not a readable distillation state"):
+        launch(resumed)
 
 
 def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: Path, tmp_path: Path) -> None:
@@ -170,6 +175,15 @@ def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: 
     cached = distill_config(tmp_path / "new", tiny_train_root, teacher, embedding_weight=1.0, cache=True)
     cached.distill.cache_dir = str(cache_file)
     with pytest.raises(ConfigError, match=r"distill\.cache_dir .*cache_file is a file, not a folder"):
+        launch(cached)
+    cached.distill.cache_dir = str(cache_file / "cache")  # before the teacher's pass over the data, not after it
+    with pytest.raises(ConfigError, match=r"distill\.cache_dir .*cache_file/cache cannot be made a folder: Not a dir"):
+        launch(cached)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_train_root, damaged)
+    (next(damaged.iterdir()) / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    cached = distill_config(tmp_path / "new", damaged, teacher, embedding_weight=1.0, cache=True)
+    with pytest.raises(SystemExit, match=r"zz_broken\.jpg: not a decodable image.*: the teacher's features need every"):
         launch(cached)
 
 
@@ -344,4 +358,11 @@ def test_bad_teacher_is_one_clear_line(tiny_train_root: Path, tmp_path: Path) ->
     )
     assert result.returncode == 2
     assert "distill.teacher: no checkpoint at /nonexistent/teacher" in result.stderr
+    mislabelled = save_teacher(tmp_path / "mislabelled", seed=1)
+    model_file = resolve_checkpoint(mislabelled) / "model.pt"
+    state = torch.load(model_file, weights_only=True)
+    state["model_config"]["embedding_dim"] = 999  # a config that does not fit the weights
+    torch.save(state, model_file)
+    with pytest.raises(ConfigError, match=r"distill\.teacher: .*size mismatch"):
+        load_teacher(str(mislabelled), None, torch.device("cpu"))
     assert result.stderr.strip().count("\n") == 0, result.stderr

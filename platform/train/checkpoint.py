@@ -182,6 +182,12 @@ def load_checkpoint(
 def load_backbone(path: str | Path) -> nn.Module:
     """Rebuild the backbone from a checkpoint alone (eval, export, embedding)."""
     state = read_model_state(Path(path), "model_config", "model")
-    model = models.create(**state["model_config"])
-    model.load_state_dict(state["model"])
+    try:
+        model = models.create(**state["model_config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError) as err:  # a model_config edited or damaged apart from the weights
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(
+            f"{path}: its weights do not fit the model it records ({lines[min(1, len(lines) - 1)]})"
+        ) from None
     return model.eval()

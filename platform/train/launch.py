@@ -71,8 +71,13 @@ def check_against_disk(cfg: TrainConfig) -> int:
         if value and not cfg.eval.disabled and not Path(value).exists():
             raise ConfigError(f"eval.{key} {value} does not exist")
     cache_dir = Path(cfg.distill.cache_dir)
-    if cfg.distill.teacher and cfg.distill.cache and cache_dir.exists() and not cache_dir.is_dir():
-        raise ConfigError(f"distill.cache_dir {cache_dir} is a file, not a folder")
+    if cfg.distill.teacher and cfg.distill.cache:  # made now, not after the teacher's whole pass over the data
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise ConfigError(f"distill.cache_dir {cache_dir} is a file, not a folder")
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"distill.cache_dir {cache_dir} cannot be made a folder: {err.strerror}") from None
     check_verification_set(cfg)
     check_device(cfg)
     check_resume(cfg, dataset.num_classes, dataset.identity_digest)
@@ -171,7 +176,10 @@ def check_distill_resume(cfg: TrainConfig, path: Path) -> None:
     """The teacher must be the one the checkpoint learnt from, and a projection (teacher and student widths differ),
     whose parameters the backbone's optimizer holds, must be there in both or in neither."""
     cpu, state_file = torch.device("cpu"), path / DISTILL_STATE
-    saved = torch.load(state_file, map_location=cpu, weights_only=True) if state_file.is_file() else {}
+    try:
+        saved = load_file(state_file, "distillation state") if state_file.is_file() else {}
+    except ValueError as err:
+        raise ConfigError(f"trainer.resume: {err}") from None
     teacher = load_teacher(cfg.distill.teacher, cfg.mlflow.tracking_uri, cpu) if cfg.distill.teacher else None
     had_projection = bool(saved.get("projection"))
     needs_projection = teacher is not None and teacher.embedding_dim != cfg.model.embedding_dim

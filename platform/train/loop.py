@@ -171,7 +171,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     model = model.to(memory_format=memory_format)
     net: nn.Module = DistributedDataParallel(model) if ctx.world_size > 1 else model
     # The distiller's projection (student -> teacher width) trains with the backbone but is never saved with it.
-    distiller = Distiller(cfg, dataset, ctx) if cfg.distill.teacher is not None else None
+    try:
+        distiller = Distiller(cfg, dataset, ctx) if cfg.distill.teacher is not None else None
+    except ImageDecodeError as err:  # the teacher's pass over the training set, before any step
+        unreadable = str(err).strip().splitlines()[-1]
+        raise SystemExit(f"{unreadable}: the teacher's features need every training image; fix or remove it") from None
     trainable = [*model.parameters(), *(distiller.parameters() if distiller else [])]
     optimizer = build_optimizer(trainable, cfg)
 
