@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from faceforge.cli import build_parser
+from faceforge.cli import build_parser, main
 from faceforge.data import load_pairs, write_bin
 from faceforge.train.launch import launch
 
@@ -91,11 +91,24 @@ def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "demo").exists()
 
 
-def test_queue_logs_reads_ray_jobs_from_the_cluster_the_scheduler_drives(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FACEFORGE_RAY_ADDRESS", "http://head.example:8265")
-    args = build_parser().parse_args(["queue", "logs", "job-1"])
-    assert args.ray_address == "http://head.example:8265"
-    assert build_parser().parse_args(["scheduler"]).ray_address == "http://head.example:8265"
+def test_queue_logs_reads_the_copy_the_scheduler_keeps_of_a_ray_jobs_log(
+    tiny_train_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ray forgets a submission when its head restarts; the scheduler's copy in the job folder stays whole."""
+    from faceforge.jobs import SUCCEEDED, JobStore, make_jobs, store_path
+
+    monkeypatch.setenv("FACEFORGE_RAY_ADDRESS", "http://127.0.0.1:9")  # no head there
+    assert build_parser().parse_args(["scheduler"]).ray_address == "http://127.0.0.1:9"
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
+    store = JobStore(store_path(tmp_path))
+    (job,) = store.submit(make_jobs([f"data.root={tiny_train_root}"], executor="ray"))
+    store.claim("ray", "me", 1, 30)
+    for attempt in ("first", "second"):  # a retried submission writes a new file
+        (copy := tmp_path / f"{attempt}.log").write_text(f"{attempt} attempt: step 1\n")
+        store.update(job.id, "me", handle=attempt, log_path=str(copy))
+    store.finish(job.id, "me", SUCCEEDED, 0)
+    main(["queue", "logs", job.id, "--follow"])
+    assert capsys.readouterr().out == "second attempt: step 1\n"
 
 
 def test_queue_logs_of_a_queued_ray_job_says_so_without_asking_the_cluster(
@@ -112,3 +125,21 @@ def test_queue_logs_of_a_queued_ray_job_says_so_without_asking_the_cluster(
     )  # fmt: skip
     assert result.returncode == 0 and result.stdout == "", result.stderr
     assert f"{job.id} is queued; it has no log yet" in result.stderr
+
+
+def test_a_clone_keeps_the_originals_slots_unless_it_changes_the_ranks(
+    tiny_train_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faceforge.jobs import JobStore, store_path
+
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
+    main(["queue", "submit", f"data.root={tiny_train_root}", "--slots", "2"])  # one rank with two threads
+    (original,) = JobStore(store_path(tmp_path)).list()
+    main(["queue", "clone", original.id, "optim.lr=0.2"])
+    main(["queue", "clone", original.id, "trainer.nproc=2", "data.batch_size=16"])
+    clones = [job for job in JobStore(store_path(tmp_path)).list() if job.id != original.id]
+    assert sorted((job.slots, "trainer.nproc=2" in job.overrides) for job in clones) == [(2, False), (2, True)]
+    main(["queue", "clone", original.id, "trainer.nproc=1"])  # its own default now: one slot for one rank
+    (single,) = [job for job in JobStore(store_path(tmp_path)).list() if job.slots == 1]
+    main(["queue", "clone", single.id, "trainer.nproc=2", "data.batch_size=16"])  # two ranks need two slots
+    assert max(JobStore(store_path(tmp_path)).list(), key=lambda job: job.created_at).slots == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import sqlite3
 import sys
 import time
@@ -253,6 +254,29 @@ def test_a_retried_job_that_ended_runs_again_under_the_local_executor(
     for job_id, error in ((job.id, ValueError), ("job-missing", KeyError)):  # succeeded, unknown
         with pytest.raises(error):
             retry(store, tmp_path, job_id)
+
+
+def test_a_job_whose_folder_is_removed_can_still_be_cancelled(
+    template: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its runner lock went with the folder: the process group tells whether it runs, and cancel ends it."""
+    monkeypatch.setattr(
+        spec, "train_command", lambda job, job_dir: [sys.executable, "-c", "import time; time.sleep(120)"]
+    )
+    store, executor = JobStore(store_path(tmp_path)), LocalExecutor(slots=1)
+    (job,) = store.submit(copies(template, 1, slots=1))
+    store.claim("local", "me", 1, 30)
+    directory = job_dir(tmp_path, job.id)
+    store.update(job.id, "me", handle=executor.start(store.get(job.id), directory))
+    shutil.rmtree(directory)
+    assert executor.status(store.get(job.id)).state == RUNNING
+    store.cancel(job.id)
+    executor.stop(store.get(job.id))
+    deadline = time.monotonic() + 30
+    while (status := executor.status(store.get(job.id))).state == RUNNING:
+        assert time.monotonic() < deadline, "the job was not stopped"
+        time.sleep(0.1)
+    assert status == Status(LOST, error=f"job folder {directory.resolve()} vanished")  # recorded as cancelled
 
 
 def test_a_thousand_jobs_in_one_submit(template: Job, tmp_path: Path) -> None:

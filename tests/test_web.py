@@ -32,7 +32,7 @@ from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
-from faceforge.web.app import LOG_CHUNK
+from faceforge.jobs.logs import LOG_CHUNK
 from faceforge.web.plots import line_chart
 from faceforge.web.security import resolve_token
 

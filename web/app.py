@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
-from faceforge.jobs.executors.local import whole_characters
+from faceforge.jobs.logs import read_log
 from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
 from faceforge.registry import (
     CHAMPION_ALIAS,
@@ -64,7 +64,6 @@ from faceforge.web.security import (
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
 POLL_SECONDS = 0.5  # how often a log stream looks for new bytes
-LOG_CHUNK = 64 * 1024
 MLFLOW_UI_ENV = "FACEFORGE_MLFLOW_UI"
 REGISTRATION_WAIT_SECONDS = 60.0  # a finished sweep page polls this long for the champion the scheduler registers
 FRONTS_ON_MODELS_PAGE = 6  # the newest sweeps' Pareto fronts; older ones are on their sweep pages
@@ -83,24 +82,6 @@ def _duration(start: float | None, end: float | None) -> str:
         return ""
     seconds = (end or time.time()) - start
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def read_log(path: str | None, offset: int, final: bool) -> tuple[str, int]:
-    """Log text from byte `offset`, cut after the last line break unless the job has ended (no half lines).
-
-    A chunk also ends before a UTF-8 character it would cut in two: the next read starts with that character.
-    """
-    if not path or not Path(path).is_file():
-        return "", offset
-    with open(path, "rb") as file:
-        if offset > os.fstat(file.fileno()).st_size:  # the log was replaced or truncated: start it again
-            offset = 0
-        file.seek(offset)
-        data = file.read(LOG_CHUNK)
-    if not final and len(data) < LOG_CHUNK:
-        data = data[: max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
-    data = whole_characters(data)
-    return data.decode("utf-8", errors="replace"), offset + len(data)
 
 
 def sse_event(text: str, offset: int) -> str:

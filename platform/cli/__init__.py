@@ -302,12 +302,15 @@ def _queue_clone(args: argparse.Namespace) -> None:
         print(f"faceforge queue clone: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"clone of {original.id}: {' '.join(overrides)}")
+    slots = args.slots
+    if slots is None and not any(o.split("=", 1)[0].lstrip("+~") == "trainer.nproc" for o in args.overrides):
+        slots = original.slots  # the original's share of the machine, unless the clone changes its ranks
     _enqueue(
         "clone",
         overrides,
         name=args.name,
         priority=original.priority if args.priority is None else args.priority,
-        slots=args.slots or original.slots,
+        slots=slots,
         executor=args.executor or original.executor,
     )
 
@@ -338,7 +341,7 @@ def _queue_show(args: argparse.Namespace) -> None:
     fields = {
         "id": job.id,
         "name": job.name,
-        "state": job.state + (f" (position {store.positions()[job.id]})" if job.state == "queued" else ""),
+        "state": job.state + (f" (position {position})" if (position := store.positions().get(job.id)) else ""),
         "sweep": job.sweep_id or "-",
         "executor": f"{job.executor}, {job.slots} slot(s), {job.nodes} node(s), priority {job.priority}",
         "attempts": f"{job.attempts} of {job.max_attempts}",
@@ -363,23 +366,24 @@ def _queue_show(args: argparse.Namespace) -> None:
 def _queue_logs(args: argparse.Namespace) -> None:
     import time
 
-    from faceforge.jobs.executors import get_executor
+    from faceforge.jobs.logs import read_log
 
     store = _job_store()
     job = _stored_job(store, args.id)
-    executor = get_executor(job.executor, **({"address": args.ray_address} if job.executor == "ray" else {}))
     if job.state == "queued" and not args.follow:
         print(f"{job.id} is queued; it has no log yet (--follow waits for it)", file=sys.stderr)
         return
-    offset = 0
-    while True:
+    offset, log_path = 0, job.log_path
+    while True:  # the log in the job folder, which the scheduler keeps copying from a remote executor
+        if job.log_path != log_path:  # a retry on Ray writes a new file
+            offset, log_path = 0, job.log_path
         finished = job.terminal  # known before the read, so the last read sees all the job wrote
-        text, offset = executor.read_log(job, offset)
+        text, offset = read_log(job.log_path, offset, finished)
         sys.stdout.write(text)
         sys.stdout.flush()
-        if not args.follow or (finished and not text):
-            return
         if not text:
+            if finished or not args.follow:
+                return
             time.sleep(0.5)
         job = store.get(job.id)
 
@@ -634,7 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--priority", type=int, default=None, help="higher runs first (default 0 / the original's)"
         )
-        command.add_argument("--slots", type=int, default=None, help="cores (GPUs) it takes (default trainer.nproc)")
+        command.add_argument(
+            "--slots",
+            type=int,
+            default=None,
+            help="cores (GPUs) it takes (default trainer.nproc; a clone keeps the original's unless it sets that)",
+        )
         command.add_argument("--executor", choices=("local", "ray"), default=None)
         command.add_argument("--name", default=None, help="default: <backbone>-<head>")
     submit.set_defaults(func=_queue_submit)
@@ -649,11 +658,6 @@ def build_parser() -> argparse.ArgumentParser:
     logs = queue_cmds.add_parser("logs", help="a job's log")
     logs.add_argument("id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    logs.add_argument(
-        "--ray-address",
-        default=os.environ.get("FACEFORGE_RAY_ADDRESS") or "http://127.0.0.1:8265",
-        help="the Ray dashboard of ray jobs (default $FACEFORGE_RAY_ADDRESS, else the local head)",
-    )
     logs.set_defaults(func=_queue_logs)
     cancel = queue_cmds.add_parser("cancel", help="cancel a queued job, or stop a running one")
     cancel.add_argument("id")

@@ -32,6 +32,7 @@ from faceforge.jobs.executors.local_runner import (
     process_start_time,
     write_atomic,
 )
+from faceforge.jobs.logs import read_log
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Job
 
 RUNNER = Path(__file__).with_name("local_runner.py")
@@ -95,6 +96,10 @@ class LocalExecutor:
         runner = self._runners.get(handle["pid"])
         if runner is not None and runner.poll() is not None:
             del self._runners[handle["pid"]]
+        if not job_dir.is_dir():  # removed under the job: its process group is all that tells whether it runs
+            if _runner_alive(handle) or _group_alive(handle["pid"]):
+                return Status(RUNNING)
+            return Status(LOST, error=f"job folder {job_dir} vanished")
         if _runner_alive(handle) or _lock_held(job_dir):  # the lock outlives a killed runner while its trainer runs
             return Status(RUNNING)
         code = _read_exit_code(job_dir)  # read after the lock check: the runner writes it before letting go
@@ -114,6 +119,10 @@ class LocalExecutor:
         """
         handle = _parse(job)
         job_dir = Path(handle["job_dir"])
+        if not job_dir.is_dir():  # no folder to checkpoint into, nor to keep the grace period's start in
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(handle["pid"], signal.SIGKILL)
+            return
         if not (_runner_alive(handle) or _lock_held(job_dir)):
             return
         asked_at = (job_dir / STOP_FILE).read_text() if (job_dir / STOP_FILE).exists() else None
@@ -128,15 +137,7 @@ class LocalExecutor:
             os.killpg(handle["pid"], sig)  # the group outlives its leader while the trainer runs: the id is ours
 
     def read_log(self, job: Job, offset: int = 0) -> tuple[str, int]:
-        if not job.log_path:
-            return "", offset
-        try:
-            with open(job.log_path, "rb") as log:
-                log.seek(offset)
-                data = whole_characters(log.read())
-        except FileNotFoundError:
-            return "", offset
-        return data.decode("utf-8", errors="replace"), offset + len(data)
+        return read_log(job.log_path, offset, final=True)
 
 
 def job_environment(job: Job) -> dict[str, str]:
@@ -166,6 +167,14 @@ def _recorded_handle(job_dir: Path) -> str:
 
 def _runner_alive(handle: dict[str, Any]) -> bool:
     return handle["start_time"] is not None and process_start_time(handle["pid"]) == handle["start_time"]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _try_lock(job_dir: Path) -> int | None:
@@ -203,13 +212,3 @@ def _lock_held(job_dir: Path) -> bool:
 def _read_exit_code(job_dir: Path) -> int | None:
     path = job_dir / EXIT_CODE_FILE
     return int(path.read_text()) if path.exists() else None
-
-
-def whole_characters(data: bytes) -> bytes:
-    """`data` without a UTF-8 character cut off at its end; the next read starts with that character."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # the first byte of the last character
-            length = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return data if back >= length else data[:-back]
-    return data
