@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
 
+from faceforge import models
 from faceforge.cli import build_parser, main
 from faceforge.data import load_pairs, write_bin
+from faceforge.registry import prepare_tracking
+from faceforge.train.checkpoint import save_checkpoint
 from faceforge.train.launch import launch
+from faceforge.train.tracking import RunTracker
 
 from conftest import REPO, SHARED, tiny_config
 
@@ -81,6 +89,41 @@ def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pai
         "eval", str(tmp_path / "run" / "checkpoints"), "--bin", str(tmp_path / "tiny.bin"), "--input-size", "0"
     )
     assert zero.returncode != 0 and "input_size must be positive, got 0" in zero.stderr  # not the model's own size
+
+
+def test_eval_checks_its_inputs_first_and_names_a_broken_image(
+    tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    vset = load_pairs(tiny_pairs, SHARED / "lfw")
+    assert all(Path(source).is_file() for source in vset.sources)  # what a broken one is reported as
+    vset.images[1] = b"cut short"
+    write_bin(tmp_path / "broken.bin", vset)
+    model = tmp_path / "model"
+    save_checkpoint(
+        model, 0, model=(backbone := models.create("mobilefacenet", embedding_dim=32, width=0.25, input_size=56)),
+        optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1), head=None, head_optimizer=None, train_config={},
+        is_main=True,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match=r"broken\.bin image \d+ \(pair \d+\): not a decodable image"):
+        main(["eval", str(model), "--bin", str(tmp_path / "broken.bin")])
+    with pytest.raises(SystemExit) as both:
+        main(["eval", str(model), "--bin", str(tmp_path / "broken.bin"), "--pairs", str(tiny_pairs)])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--root is the image root of --pairs; give --pairs too"):
+        main(["eval", str(model), "--bin", str(tmp_path / "broken.bin"), "--root", str(SHARED / "lfw")])
+    # Checked before the model is even loaded: an unwritable plot or a gallery without probes.
+    with pytest.raises(SystemExit, match=r"faceforge eval: error: .*'/proc/"):
+        main(["eval", "/nonexistent/model", "--bin", str(tmp_path / "broken.bin"), "--roc", "/proc/roc.png"])
+    singles = tmp_path / "singles" / "person"
+    singles.mkdir(parents=True)
+    shutil.copy(next(tiny_train_root.rglob("*.jpg")), singles)
+    with pytest.raises(SystemExit, match="no identity has 2 or more images"):
+        main(["eval", "/nonexistent/model", "--gallery", str(singles.parent)])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # a PyTorch model of another platform: no input size recorded
+    run_id = MlflowClient(uri).create_run(prepare_tracking(uri)).info.run_id
+    RunTracker(uri, run_id).model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 56 * 56, 8)), 56, step=1)
+    with pytest.raises(SystemExit, match=r"runs:/\w+/model does not record its input size: give --input-size"):
+        main(["eval", f"runs:/{run_id}/model", "--bin", str(tmp_path / "broken.bin"), "--tracking-uri", uri])
 
 
 def test_ports_are_checked_before_anything_runs(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    import tempfile
+
     from faceforge.data import ImageFolderDataset, load_bin, load_pairs
     from faceforge.eval import (
         check_folds,
@@ -49,23 +51,34 @@ def _eval(args: argparse.Namespace) -> None:
     from faceforge.eval.report import pair_scores
     from faceforge.eval.sources import load_model
 
-    model = load_model(args.model, args.tracking_uri)
-    input_size = model.input_size if args.input_size is None else args.input_size
-    embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
+    # Every input is read and checked before the first image is embedded: a mistake costs seconds, not a run.
+    vset = None
     if args.bin or args.pairs:
         vset = load_bin(args.bin) if args.bin else load_pairs(args.pairs, args.root or args.pairs.parent)
         check_folds(vset.issame, vset.folds)
-        features = embed_images(model, vset.images, **embed)
+    if args.gallery:
+        folder = ImageFolderDataset(args.gallery)
+        gallery, probe = gallery_probe_split(folder.labels)
+    if args.roc:
+        if vset is None:
+            raise ValueError("--roc plots verification: give --pairs or --bin")
+        args.roc.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.roc.parent).close()  # an unwritable folder fails now, not after the run
+    model = load_model(args.model, args.tracking_uri)
+    input_size = getattr(model, "input_size", None) if args.input_size is None else args.input_size
+    if not isinstance(input_size, int):
+        raise ValueError(f"{args.model} does not record its input size: give --input-size")
+    embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
+    if vset is not None:
+        features = embed_images(model, vset.images, names=vset.sources, **embed)
         metrics = evaluate_verification(features, vset)
         print(format_metrics(metrics))
         if args.roc:
             save_roc_plot(pair_scores(features, vset), vset.issame, args.roc, f"{vset.name}: {args.model}")
             print(f"ROC plot: {args.roc}")
     if args.gallery:
-        folder = ImageFolderDataset(args.gallery)
-        gallery, probe = gallery_probe_split(folder.labels)
         paths = [path for path, _ in folder.samples]
-        feats = embed_images(model, [Path(p).read_bytes() for p in paths], **embed)
+        feats = embed_images(model, [Path(p).read_bytes() for p in paths], names=paths, **embed)
         ranks = identification_rank_k(feats[gallery], folder.labels[gallery], feats[probe], folder.labels[probe])
         print("  ".join(f"rank-{k}={v:.4f}" for k, v in ranks.items()))
 
@@ -506,11 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="verification (pairs.txt or .bin) and 1:N identification")
     ev.add_argument("model", help="checkpoint directory or MLflow model URI (models:/name@champion)")
-    ev.add_argument("--pairs", type=Path, help="LFW-format pairs.txt")
+    pair_set = ev.add_mutually_exclusive_group()
+    pair_set.add_argument("--pairs", type=Path, help="LFW-format pairs.txt")
+    pair_set.add_argument("--bin", type=Path, help="InsightFace .bin verification file")
     ev.add_argument("--root", type=Path, help="image root of --pairs (default: its folder)")
-    ev.add_argument("--bin", type=Path, help="InsightFace .bin verification file")
     ev.add_argument("--gallery", type=Path, help="image folder for 1:N identification (gallery/probe split)")
-    ev.add_argument("--input-size", type=int, default=None, help="default: the model's own")
+    ev.add_argument("--input-size", type=int, default=None, help="for models that do not record theirs")
     ev.add_argument("--crop-fraction", type=float, default=1.0)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--roc", type=Path, help="write the ROC curve to this PNG")
@@ -719,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "eval" and not (args.pairs or args.bin or args.gallery):
         sys.exit("faceforge eval: error: give --pairs, --bin or --gallery")
+    if args.command == "eval" and args.root and not args.pairs:
+        sys.exit("faceforge eval: error: --root is the image root of --pairs; give --pairs too")
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # user mistakes and unreadable or existing paths: one line

@@ -29,6 +29,7 @@ class VerificationSet:
     right: np.ndarray
     issame: np.ndarray
     folds: np.ndarray
+    sources: list[str] | None = None  # what each image is, for error messages: its path, or its place in a .bin
 
     def __post_init__(self) -> None:
         n = len(self.issame)
@@ -52,12 +53,14 @@ class _ImageTable:
 
     def __init__(self) -> None:
         self.images: list[bytes] = []
+        self.sources: list[str] = []
         self.index: dict[bytes, int] = {}
 
-    def add(self, image: bytes) -> int:
+    def add(self, image: bytes, source: str) -> int:
         if image not in self.index:
             self.index[image] = len(self.images)
             self.images.append(image)
+            self.sources.append(source)
         return self.index[image]
 
 
@@ -117,11 +120,12 @@ def load_pairs(pairs_txt: str | Path, root: str | Path, name: str | None = None)
     table, read = _ImageTable(), functools.cache(Path.read_bytes)
     left, right = [], []
     for path_a, path_b in pairs:
-        left.append(table.add(read(path_a)))
-        right.append(table.add(read(path_b)))
+        left.append(table.add(read(path_a), str(path_a)))
+        right.append(table.add(read(path_b), str(path_b)))
     return VerificationSet(
         name=name or Path(root).name,
         images=table.images,
+        sources=table.sources,
         left=np.array(left, dtype=np.int64),
         right=np.array(right, dtype=np.int64),
         issame=issame,
@@ -205,12 +209,13 @@ def load_bin(path: str | Path, name: str | None = None) -> VerificationSet:
     if n < BIN_FOLDS:
         raise ValueError(f"{path}: {n} pairs cannot form {BIN_FOLDS} folds")
     table = _ImageTable()
-    indices = [table.add(image) for image in bins]
+    indices = [table.add(image, f"{path} image {k} (pair {k // 2})") for k, image in enumerate(bins)]
     # InsightFace evaluates with unshuffled KFold(10): consecutive folds, the first n % 10 one pair longer.
     fold_sizes = [len(chunk) for chunk in np.array_split(np.arange(n), BIN_FOLDS)]
     return VerificationSet(
         name=name or path.stem,
         images=table.images,
+        sources=table.sources,
         left=np.array(indices[0::2], dtype=np.int64),
         right=np.array(indices[1::2], dtype=np.int64),
         issame=np.array(issame_list, dtype=bool),

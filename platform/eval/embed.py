@@ -19,20 +19,21 @@ Embedder = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 class _EvalImages(Dataset[torch.Tensor]):
     """Decodes lazily so DataLoader workers share the JPEG work and memory holds one batch of pixels."""
 
-    def __init__(self, images: Sequence[bytes | np.ndarray], transform: EvalTransform) -> None:
-        self.images = images
-        self.transform = transform
+    def __init__(
+        self, images: Sequence[bytes | np.ndarray], transform: EvalTransform, names: Sequence[str] | None
+    ) -> None:
+        self.images, self.transform, self.names = images, transform, names
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = self.images[i]
+        image, name = self.images[i], self.names[i] if self.names else f"image {i}"
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"image {i}: arrays must be RGB uint8 HxWx3, got {image.dtype} {image.shape}")
+                raise ValueError(f"{name}: arrays must be RGB uint8 HxWx3, got {image.dtype} {image.shape}")
         else:
-            image = decode_image(image, f"image {i}")
+            image = decode_image(image, name)
         return self.transform(image)
 
 
@@ -55,6 +56,7 @@ def embed_images(
     num_workers: int = 0,
     progress: bool = False,
     with_norms: bool = False,
+    names: Sequence[str] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Embed encoded images or RGB uint8 arrays; returns float32 N x D with unit-norm rows.
 
@@ -62,14 +64,14 @@ def embed_images(
     usual LFW test-time augmentation. An nn.Module is moved to `device` and run in eval mode (its
     train/eval mode is restored afterwards); any other callable gets the batch on `device`.
     `with_norms` also returns each image's embedding norm before normalisation (unflipped), the quality signal
-    of MagFace-trained models.
+    of MagFace-trained models. `names` (a path per image) name an image that cannot be decoded.
     """
     if len(images) == 0:
         raise ValueError("no images to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     loader = DataLoader(
-        _EvalImages(images, EvalTransform(input_size, crop_fraction)),
+        _EvalImages(images, EvalTransform(input_size, crop_fraction), names),
         batch_size=batch_size,
         num_workers=num_workers,
     )

@@ -104,6 +104,7 @@ def evaluate_model(
         crop_fraction=crop_fraction,
         batch_size=batch_size,
         device=device,
+        names=vset.sources,
     )
     metrics = evaluate_verification(features, vset)
     if roc_path is not None:

@@ -101,7 +101,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Each rank embeds a contiguous slice of the images; rank 0 scores the gathered features."""
     per_rank = math.ceil(len(vset.images) / ctx.world_size)
-    mine = vset.images[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+    share = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+    mine = vset.images[share]
     feats = torch.zeros(per_rank, model.embedding_dim)
     if mine:
         feats[: len(mine)] = torch.from_numpy(
@@ -112,6 +113,7 @@ def evaluate(
                 crop_fraction=cfg.eval.crop_fraction,
                 batch_size=cfg.eval.batch_size,
                 device=ctx.device,
+                names=vset.sources[share] if vset.sources else None,
             )
         )
     features = all_gather_tensor(feats.to(ctx.device)).cpu().numpy()[: len(vset.images)]
