@@ -58,7 +58,7 @@ from faceforge.data_pipeline.dedup import (
 from faceforge.data_pipeline.detect import Detector, get_detector
 from faceforge.data_pipeline.knn import knn_graph
 from faceforge.data_pipeline.mtcnn import Detections
-from faceforge.data_pipeline.quality import QualityConfig, score_face
+from faceforge.data_pipeline.quality import QualityConfig, QualityScore, score_face
 from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_name, version_number, write_version
 
 CROP_SIZE = 112
@@ -866,7 +866,8 @@ def label_identities(
     if not faces:
         return Labelled([], [], thresholds, 0)
     face_name = [f["face"] for f in faces]
-    quality = np.array([f["score"] for f in faces])
+    # Faces of earlier rounds were scored with other models' norms: copies are ranked on what all share.
+    quality = np.array([QualityScore.from_dict(f["quality"]).heuristic for f in faces])
     # A re-encoded or resized copy is a copy wherever it was put: any two faces, before clustering counts them.
     copies = CopyEvidence(fingerprints, config.dedup.copy_pixel_threshold, thresholds["album"])
     near = near_duplicates(features, quality, None, config.dedup.near_threshold, copies=copies)

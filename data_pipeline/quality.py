@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -111,12 +111,21 @@ class QualityScore:
         }
 
     @property
-    def score(self) -> float:
-        """The ranking scalar: the product of the factors, in [0, 1], times the embedding norm when there is one.
+    def heuristic(self) -> float:
+        """The product of the factors, in [0, 1]: it falls with any single bad part and never rises when a part gets
+        worse. It does not depend on the model, so it ranks faces that different models embedded."""
+        return math.prod(self.factors().values())
 
-        A product falls with any single bad part and never rises when a part gets worse; multiplying by the raw
-        norm ranks faces the same whatever scale a model's norms have."""
-        return math.prod(self.factors().values()) * (1.0 if self.embedding_norm is None else self.embedding_norm)
+    @property
+    def score(self) -> float:
+        """The ranking scalar within one model's faces: the heuristic times the embedding norm when there is one
+        (raw, so it ranks the same whatever scale that model's norms have)."""
+        return self.heuristic * (1.0 if self.embedding_norm is None else self.embedding_norm)
+
+    @classmethod
+    def from_dict(cls, parts: dict[str, float | None]) -> QualityScore:
+        """A score read back from its `to_dict` record."""
+        return cls(**{field.name: parts[field.name] for field in fields(cls)})
 
     def to_dict(self) -> dict[str, float | None]:
         """The parts and the score, rounded for a JSON manifest."""

@@ -28,12 +28,14 @@ from faceforge.data_pipeline.autolabel import (
     Autolabeller,
     daemon_running,
     exclusive,
+    label_identities,
     load_config,
     resolve_model,
     status,
     truncation_problem,
 )
 from faceforge.data_pipeline.dedup import calibrate_threshold, cluster_centroids, open_set_threshold, pair_scores
+from faceforge.data_pipeline.quality import QualityScore
 from faceforge.data_pipeline.versions import (
     FaceRecord,
     adjusted_rand_index,
@@ -747,3 +749,18 @@ def test_a_work_folder_inside_the_inbox_is_refused_before_anything_is_made(tmp_p
     with pytest.raises(AutolabelError, match="must not be inside the inbox"), exclusive(inbox / "album" / "w", inbox):
         pass
     assert [p.relative_to(inbox).as_posix() for p in inbox.rglob("*")] == ["album"]  # no lock file to label
+
+
+def test_near_copies_scored_by_different_models_keep_the_better_face() -> None:
+    """A face's score carries the norm of the model that embedded it; a later champion's norms have another scale."""
+    parts = {"inter_ocular": 60.0, "yaw": 0.0, "roll": 0.0, "brightness": 120.0, "contrast": 50.0, "clipped": 0.0}
+    sharp = QualityScore(blur=300.0, **parts, embedding_norm=0.001)  # round 1's model: small norms
+    blurred = QualityScore(blur=40.0, **parts, embedding_norm=30.0)  # round 2's
+    assert blurred.score > sharp.score and sharp.heuristic > blurred.heuristic
+    faces = [
+        {"face": name, "album": "a", "quality": quality.to_dict(), "score": quality.score}
+        for name, quality in (("sharp", sharp), ("blurred", blurred))
+    ]
+    same = np.full((2, 8), 8**-0.5, dtype=np.float32)  # one photo, twice
+    labelled = label_identities(faces, same, np.eye(2, 256, dtype=np.float32), load_config(None, ["model=m"]), {})
+    assert [(d["subject"], d["target"]) for d in labelled.decisions] == [("blurred", "sharp")]
