@@ -314,6 +314,14 @@ def embed_crops(model: EmbeddingModel, crops: Sequence[np.ndarray], batch_size: 
     return embed_images(model.module, crops, input_size=model.input_size, batch_size=batch_size, with_norms=True)
 
 
+def check_embeds(model: EmbeddingModel) -> None:
+    """A diverged model (NaN weights) loads, but no face it embeds could be scored, clustered or kept."""
+    noise = np.random.default_rng(0).integers(0, 256, (CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    vectors, norms = embed_crops(model, [noise], 1)
+    if not (np.isfinite(vectors).all() and np.isfinite(norms).all()):
+        raise AutolabelError(f"model {model.source}: its embeddings are not finite (diverged weights?); not used")
+
+
 # The daemon
 
 
@@ -460,6 +468,7 @@ class Autolabeller:
         key, source = resolve_model(self.config.model, self.config.tracking_uri)
         last = self.state.last_round()
         if self.state.unassigned_count() or (last is not None and last.model != key):
+            check_embeds(self.model_for(key, source))  # an open round keeps its model, so it must work first
             # Past every version on disk too: a state database started afresh must not take up an old number.
             written = max(map(version_number, list_versions(self.versions)), default=0)
             return self.state.start_round(key, self.pinned(key, source), after=written)

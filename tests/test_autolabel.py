@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import resource
 import shutil
@@ -764,3 +765,25 @@ def test_near_copies_scored_by_different_models_keep_the_better_face() -> None:
     same = np.full((2, 8), 8**-0.5, dtype=np.float32)  # one photo, twice
     labelled = label_identities(faces, same, np.eye(2, 256, dtype=np.float32), load_config(None, ["model=m"]), {})
     assert [(d["subject"], d["target"]) for d in labelled.decisions] == [("blurred", "sharp")]
+
+
+def test_a_model_that_cannot_embed_opens_no_round(model_a: Path, tmp_path: Path) -> None:
+    """An open round keeps its model until it ends: a diverged or damaged one would hold the inbox for good."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "album").mkdir(parents=True)
+    (inbox / "album" / "0.jpg").write_bytes(lfw_people(1)[0])
+    diverged = save_backbone(tmp_path / "diverged", seed=0)
+    state = torch.load(diverged / "model.pt", weights_only=True)
+    state["model"] = {name: value.float().fill_(math.nan) for name, value in state["model"].items()}
+    torch.save(state, diverged / "model.pt")
+    damaged = save_backbone(tmp_path / "damaged", seed=0)
+    (damaged / "model.pt").write_bytes(b"half a checkpoint")
+    for broken, problem in (
+        (diverged, "its embeddings are not finite"),
+        (damaged, "not a readable PyTorch checkpoint"),
+    ):
+        with pytest.raises((AutolabelError, ValueError), match=problem):
+            Autolabeller(inbox, workdir, config(broken), log=lambda _: None).run_once()
+    labeller = Autolabeller(inbox, workdir, config(model_a), log=lambda _: None)
+    assert labeller.state.rounds() == []
+    assert labeller.run_once().round == 1  # the configured model now, not one a round is stuck with
