@@ -199,6 +199,22 @@ def test_identification_on_synthetic_clusters() -> None:
     assert 0.0 < rates[1] < rates[5] < rates[50] == 1.0
 
 
+def test_identification_counts_ties_against_the_probe() -> None:
+    collapsed = np.ones((10, 4))  # a model that embeds every face alike identifies no one
+    names = np.arange(10)
+    assert identification_rank_k(collapsed, names, collapsed[:3], names[:3], ks=(1, 5, 10)) == {1: 0.0, 5: 0.0, 10: 1.0}
+    rng = np.random.default_rng(0)  # coarse features: many ties, some past the depth faiss searches
+    gallery, probes = rng.integers(-1, 2, (40, 3)).astype(float), rng.integers(-1, 2, (200, 3)).astype(float)
+    gallery[0], probes[:, 0] = [1.0, 0.0, 0.0], probes[:, 0] + 0.01  # no zero rows
+    truth = rng.integers(0, 40, 200)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = unit(probes) @ unit(gallery).T
+    own = similarity[np.arange(200), truth]
+    rivals = (similarity >= own[:, None] - 1e-6).sum(axis=1) - 1
+    expected = {k: float((rivals < k).mean()) for k in (1, 2, 5)}
+    assert identification_rank_k(gallery, np.arange(40), probes, truth, ks=(1, 2, 5)) == expected
+
+
 def test_identification_ranks_by_cosine_not_raw_inner_product() -> None:
     gallery = np.array([[10.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     # Probe "b" has inner product 6 with the long "a" vector but cosine 0.8 with "b"; probe "c" is

@@ -180,10 +180,11 @@ def identification_rank_k(
     probe_labels: np.ndarray,
     ks: Sequence[int] = (1, 5),
 ) -> dict[int, float]:
-    """Closed-set rank-k rate: share of probes whose identity is among the k most similar gallery entries.
+    """Closed-set rank-k rate: share of probes with fewer than k other identities at least as similar as their own.
 
     The gallery holds one entry (image or averaged template) per identity, and every probe's identity
-    is in it; similarity is cosine (inner product of L2-normalised features).
+    is in it; similarity is cosine (inner product of L2-normalised features). A tie counts against the probe,
+    as tied scores do in verification: a collapsed model that scores every entry alike finds no one.
     """
     gallery, probes = _normalized(gallery_feats, "gallery"), _normalized(probe_feats, "probe")
     gallery_labels, probe_labels = np.asarray(gallery_labels), np.asarray(probe_labels)
@@ -199,6 +200,15 @@ def identification_rank_k(
         raise ValueError(f"ks must be positive ranks, got {ks}")
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
-    _, nearest = index.search(probes, min(max(ks), len(gallery)))
-    hits = gallery_labels[nearest] == probe_labels[:, None]
-    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    depth = min(max(ks), len(gallery))
+    scores, nearest = index.search(probes, depth)
+    own = gallery_labels[nearest] == probe_labels[:, None]
+    found = own.any(axis=1)
+    own_score = np.where(found, scores[np.arange(len(probes)), own.argmax(axis=1)], np.inf)
+    rivals = ((scores >= own_score[:, None]) & ~own).sum(axis=1)  # not found: all `depth` outrank it
+    rivals[~found] = depth
+    # Ties may run past the searched depth when its last score equals the probe's own: count those exactly.
+    for i in np.flatnonzero(found & (scores[:, -1] >= own_score) & (depth < len(gallery))):
+        similarity = gallery @ probes[i]
+        rivals[i] = int((similarity >= similarity[gallery_labels == probe_labels[i]][0]).sum()) - 1
+    return {k: float((rivals < k).mean()) for k in ks}
