@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import cv2
@@ -111,6 +112,16 @@ def test_roc_curve_groups_ties_and_auc_equals_mann_whitney() -> None:
     pos, neg = scores[issame][:, None], scores[~issame][None, :]
     mann_whitney = np.mean((pos > neg) + 0.5 * (pos == neg))
     assert roc_auc(scores, issame) == pytest.approx(mann_whitney)
+
+
+def test_a_roc_of_fully_tied_scores_is_drawn(tmp_path: Path) -> None:
+    """A dead model scores every pair alike: its ROC is one point, drawn on a FAR axis that is not empty."""
+    issame = np.arange(20) % 2 == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of identical axis limits
+        png = save_roc_plot(np.zeros(20), issame, tmp_path / "roc.png", "tied")
+    image = cv2.imread(str(png))
+    assert image is not None and image.std() > 10
 
 
 def test_eer_interpolates_between_roc_points() -> None:

@@ -59,9 +59,10 @@ def save_roc_plot(scores: np.ndarray, issame: np.ndarray, path: str | Path, titl
     fig = Figure(figsize=(5, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.step(far[measurable], tar[measurable], where="post", label=f"AUC {roc_auc(scores, issame):.4f}")
+    label, lone = f"AUC {roc_auc(scores, issame):.4f}", measurable.sum() == 1  # all scores tied: one point
+    ax.step(far[measurable], tar[measurable], where="post", label=label, marker="o" if lone else None)
     ax.set_xscale("log")
-    ax.set_xlim(far[measurable].min(), 1.0)
+    ax.set_xlim(min(far[measurable].min(), 1.0 / max(1, int((~issame).sum())), 0.1), 1.0)  # never an empty range
     ax.set_ylim(0.0, 1.005)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
