@@ -78,6 +78,12 @@ def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, t
     assert bad.returncode == 2 and "jobs.db cannot be opened: file is not a database" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
 
+    (broken / "a_file").write_text("")
+    command = [*CLI, "train", "-m", f"hydra.sweep.dir={broken}/a_file/sweep", *QUEUE, *tiny(broken, tiny_train_root)]
+    bad = subprocess.run(command, env={**os.environ, "FACEFORGE_HOME": str(broken)}, cwd=REPO, capture_output=True)
+    assert bad.returncode == 2 and b"Traceback" not in bad.stderr, bad.stderr
+    assert b"error: hydra.sweep.dir " in bad.stderr and b"a_file/sweep: Not a directory" in bad.stderr
+
 
 @pytest.mark.slow
 def test_waiting_sweep_returns_metrics_and_registers_champion(

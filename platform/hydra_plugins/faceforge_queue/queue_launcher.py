@@ -52,8 +52,14 @@ class QueueLauncher(Launcher):
         self.sweep_id: str | None = None  # one id for every batch a sweeper launches
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        """The task function runs in the queued jobs, not here; only the sweep directory is ours to make."""
+        """The task function runs in the queued jobs, not here; only the sweep directory is ours to make, now:
+        the sweeper writes into it next (multirun.yaml, Optuna's results), and would fail with a traceback."""
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"faceforge train: error: hydra.sweep.dir {self.sweep_dir}: {err.strerror}", file=sys.stderr)
+            sys.exit(2)
         self.basic_sweeper = OmegaConf.select(config, "hydra.sweeper._target_") == BASIC_SWEEPER
         direction = OmegaConf.select(config, "hydra.sweeper.direction")
         if direction is not None:
@@ -64,7 +70,6 @@ class QueueLauncher(Launcher):
         from faceforge.jobs import JobStore, store_path
         from faceforge.registry import Policy, prepare_tracking, save_policy
 
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweepers write their results there (Optuna's)
         try:  # a user's mistake is one line, and nothing of the batch is enqueued
             store = JobStore(store_path())
             if not self.poll_seconds > 0:  # 0 would spin a core while the sweep waits
