@@ -214,11 +214,14 @@ def test_a_run_that_logged_its_model_again_offers_the_latest(sweep: tuple[str, d
     backbone = models.create("mobilefacenet", **TINY)
     for step in (3, 1, 3):
         RunTracker(uri, run_id).model(backbone, TINY["input_size"], step=step)
-    logged = sorted(
-        client.search_logged_models([client.get_run(run_id).info.experiment_id]), key=lambda m: m.creation_timestamp
-    )
+    experiment = client.get_run(run_id).info.experiment_id
+    mine = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+    logged = sorted(mine, key=lambda m: m.creation_timestamp)
+    assert len(logged) == 3
     (candidate,) = sweep_candidates(uri, "sweep-resumed")
     assert candidate.model_id == logged[-1].model_id
+    client.delete_logged_model(logged[-1].model_id)  # a copy the user cleaned up: the one before it remains
+    assert sweep_candidates(uri, "sweep-resumed")[0].model_id == logged[0].model_id
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:
@@ -364,9 +367,14 @@ def test_cli_champion_select_and_mlflow_ui(sweep: tuple[str, dict[str, str]]) ->
                 assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
                 time.sleep(1)
         assert served["experiment"]["name"] == "tests"  # the UI serves this very database
+        server.terminate()  # `kill PID`: MLflow's workers must go too, not keep the port
+        server.wait(timeout=60)
+        with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
 
 
 WRITER = """

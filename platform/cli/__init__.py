@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,8 +62,8 @@ def _eval(args: argparse.Namespace) -> None:
         folder = ImageFolderDataset(args.gallery)
         gallery, probe = gallery_probe_split(folder.labels)
     if args.roc:
-        if vset is None:
-            raise ValueError("--roc plots verification: give --pairs or --bin")
+        if vset is None or args.roc.is_dir():
+            raise ValueError(f"--roc {args.roc}: " + ("give a .png file path" if vset else "give --pairs or --bin"))
         args.roc.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.roc.parent).close()  # an unwritable folder fails now, not after the run
     model = load_model(args.model, args.tracking_uri)
@@ -386,10 +388,10 @@ def _queue_logs(args: argparse.Namespace) -> None:
     if job.state == "queued" and not args.follow:
         print(f"{job.id} is queued; it has no log yet (--follow waits for it)", file=sys.stderr)
         return
-    offset, log_path = 0, job.log_path
+    offset, attempt = 0, (job.log_path, job.attempts)
     while True:  # the log in the job folder, which the scheduler keeps copying from a remote executor
-        if job.log_path != log_path:  # a retry on Ray writes a new file
-            offset, log_path = 0, job.log_path
+        if (job.log_path, job.attempts) != attempt:  # a new start writes a new log (a new file on Ray)
+            offset, attempt = 0, (job.log_path, job.attempts)
         finished = job.terminal  # known before the read, so the last read sees all the job wrote
         text, offset = read_log(job.log_path, offset, finished)
         sys.stdout.write(text)
@@ -468,7 +470,16 @@ def _mlflow_ui(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
     command += ["--port", str(args.port), "--workers", str(args.workers)]
     print(" ".join(command), flush=True)
-    os.execv(sys.executable, command)  # an argument list, never a shell
+    # MLflow's server runs its workers as children that outlive a SIGTERM to it alone: one group, stopped whole.
+    server = subprocess.Popen(command, start_new_session=True)  # an argument list, never a shell
+
+    def stop(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    sys.exit(server.wait())
 
 
 def _web(args: argparse.Namespace) -> None:
