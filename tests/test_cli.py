@@ -112,6 +112,8 @@ def test_eval_checks_its_inputs_first_and_names_a_broken_image(
     with pytest.raises(SystemExit, match="--root is the image root of --pairs; give --pairs too"):
         main(["eval", str(model), "--bin", str(tmp_path / "broken.bin"), "--root", str(SHARED / "lfw")])
     # Checked before the model is even loaded: an unwritable plot or a gallery without probes.
+    with pytest.raises(SystemExit, match=r"--roc .*: give a \.png file path"):
+        main(["eval", "/nonexistent/model", "--bin", str(tmp_path / "broken.bin"), "--roc", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"faceforge eval: error: .*'/proc/"):
         main(["eval", "/nonexistent/model", "--bin", str(tmp_path / "broken.bin"), "--roc", "/proc/roc.png"])
     singles = tmp_path / "singles" / "person"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import sqlite3
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -277,6 +279,16 @@ def test_a_job_whose_folder_is_removed_can_still_be_cancelled(
         assert time.monotonic() < deadline, "the job was not stopped"
         time.sleep(0.1)
     assert status == Status(LOST, error=f"job folder {directory.resolve()} vanished")  # recorded as cancelled
+    # A handle whose runner is long gone names a process group id that may be another program's now.
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        stale = replace(store.get(job.id), handle=json.dumps({"pid": other.pid, "start_time": 1, "job_dir": "/gone"}))
+        assert executor.status(stale).state == LOST
+        executor.stop(stale)
+        assert other.poll() is None, "stop() killed a process group that was not the job's"
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_thousand_jobs_in_one_submit(template: Job, tmp_path: Path) -> None:

@@ -195,6 +195,7 @@ def test_the_register_button_keeps_the_sweeps_limits_and_model_name(sweep_home: 
     try:
         page = server.get(f"/sweeps/{budget}").text
         assert "latency &lt;= 3 ms" in page and "excluded slow (mobilefacenet): latency 40.00 ms &gt; 3 ms" in page
+        assert "best <code>accuracy</code>" in server.get(f"/sweeps/{budget}", params={"metric": ""}).text
         assert server.post(f"/sweeps/{budget}/register", data={"metric": "accuracy"}, headers=BEARER).status_code == 303
         assert champion(uri, "edge").run_id == sweep_candidates(uri, budget)[0].run_id  # `fast`, within budget
         assert "Register as champion" not in server.get(f"/sweeps/{budget}").text  # registered, under its own name

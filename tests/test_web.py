@@ -27,12 +27,12 @@ from faceforge.data_pipeline.autolabel_state import StateDB
 from faceforge.data_pipeline.versions import FaceRecord, write_version
 from faceforge.export import ExportSource, export_artifact, log_export, open_calibration_images, resolve_source
 from faceforge.jobs import CANCELLED, QUEUED, JobStore, compose_config, make_jobs, quoted_path
+from faceforge.jobs.logs import LOG_CHUNK
 from faceforge.registry import prepare_tracking, select_and_register
 from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
-from faceforge.jobs.logs import LOG_CHUNK
 from faceforge.web.plots import line_chart
 from faceforge.web.security import resolve_token
 

@@ -304,13 +304,13 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         start = int(last_id) if resumable else max(offset, 0)
 
         async def events() -> AsyncIterator[str]:
-            position, log_path = start, None
+            position, attempt = start, None
             yield "retry: 1000\n\n"
             while not await request.is_disconnected():
                 job = await asyncio.to_thread(store.get, job_id)
-                if log_path is not None and job.log_path != log_path:  # a retry on Ray writes a new file
+                if attempt is not None and (job.log_path, job.attempts) != attempt:  # a new start's new log
                     position = 0
-                log_path = job.log_path
+                attempt = job.log_path, job.attempts
                 text, position_after = await asyncio.to_thread(read_log, job.log_path, position, job.terminal)
                 if text:
                     position = position_after
@@ -340,7 +340,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         by_job = {c.job_id: c for c in candidates}  # oldest first: a job's latest attempt wins
         # The sweep's own metric, limits and model name: another metric chosen on the page keeps the limits.
         policy, name = (
-            sweep_policy(uri, sweep_id, metric=metric) if ready else (Policy(metric=metric or Policy.metric), None)
+            sweep_policy(uri, sweep_id, metric=metric or None)
+            if ready
+            else (Policy(metric=metric or Policy.metric), None)
         )
         name = name or REGISTERED_MODEL
         selection = select(candidates, policy, sweep_id) if candidates else None

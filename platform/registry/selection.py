@@ -12,6 +12,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from faceforge.registry.database import open_database
@@ -190,9 +192,14 @@ def _logged_model(client: MlflowClient, run: Run) -> str | None:
     outputs = run.outputs.model_outputs if run.outputs else []
     if len(outputs) <= 1:
         return outputs[0].model_id if outputs else None
-    last = max(output.step for output in outputs)
-    latest = [client.get_logged_model(output.model_id) for output in outputs if output.step == last]
-    return max(latest, key=lambda model: model.creation_timestamp).model_id
+    found = []
+    for output in outputs:
+        try:
+            found.append((output.step, client.get_logged_model(output.model_id).creation_timestamp, output.model_id))
+        except MlflowException as err:  # a stale copy the user deleted
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+    return max(found)[2] if found else None
 
 
 def _exclusion(candidate: Candidate, policy: Policy) -> str | None:

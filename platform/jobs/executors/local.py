@@ -96,8 +96,8 @@ class LocalExecutor:
         runner = self._runners.get(handle["pid"])
         if runner is not None and runner.poll() is not None:
             del self._runners[handle["pid"]]
-        if not job_dir.is_dir():  # removed under the job: its process group is all that tells whether it runs
-            if _runner_alive(handle) or _group_alive(handle["pid"]):
+        if not job_dir.is_dir():  # removed under the job, lock and exit code with it: only the runner can tell
+            if _runner_alive(handle):
                 return Status(RUNNING)
             return Status(LOST, error=f"job folder {job_dir} vanished")
         if _runner_alive(handle) or _lock_held(job_dir):  # the lock outlives a killed runner while its trainer runs
@@ -120,8 +120,9 @@ class LocalExecutor:
         handle = _parse(job)
         job_dir = Path(handle["job_dir"])
         if not job_dir.is_dir():  # no folder to checkpoint into, nor to keep the grace period's start in
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(handle["pid"], signal.SIGKILL)
+            if _runner_alive(handle):  # its start time proves the group is the job's, not a reused id
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(handle["pid"], signal.SIGKILL)
             return
         if not (_runner_alive(handle) or _lock_held(job_dir)):
             return
@@ -167,14 +168,6 @@ def _recorded_handle(job_dir: Path) -> str:
 
 def _runner_alive(handle: dict[str, Any]) -> bool:
     return handle["start_time"] is not None and process_start_time(handle["pid"]) == handle["start_time"]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _try_lock(job_dir: Path) -> int | None:
