@@ -190,7 +190,9 @@ def test_four_point_sweep_reaches_a_champion(page: Page, site: str, tiny_train_r
     lfw = shared_data() / "lfw"
     evaluation = f"eval=pairs eval.pairs={tiny_pairs} eval.root={lfw} eval.crop_fraction=0.5"
     fill_tiny_job(page, site, tiny_train_root, steps=4, overrides=evaluation)
+    page.fill("input[name=lr]", "")  # the sweep sets it: a field and an override of one key are refused
     page.fill("input[name=sweep]", "optim.lr=0.05,0.02 model.width=0.25,0.5")
+    page.fill("input[name=width]", "")
     expect(page.locator("#sweep-count")).to_have_text("4 points")
     page.click("#submit")
     page.wait_for_url(re.compile(r"/sweeps/sweep-\w+$"))

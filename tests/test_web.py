@@ -33,6 +33,7 @@ from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
+from faceforge.web.datasets import DEMO, describe, list_datasets
 from faceforge.web.plots import line_chart
 from faceforge.web.security import resolve_token
 
@@ -168,14 +169,15 @@ def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_tr
         ({"lr": "-1"}, "optim.lr must be positive"),
         ({"steps": "many"}, "trainer.steps must be int"),
         ({"model": "resnet9000"}, "resnet9000"),
-        ({"sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
+        ({"lr": "", "width": "", "sweep": "optim.lr=0.1,0.05 model.width=0.25,oops"}, "model.width must be float"),
+        ({"steps": "abc", "overrides": "trainer.steps=3"}, "steps is also set in the overrides (trainer.steps=3)"),
         ({"priority": "high"}, "priority must be a whole number"),
         ({"priority": "\u0663"}, "priority must be a whole number"),  # an Arabic-Indic three
         ({"slots": "1_0"}, "slots must be a whole number"),
         ({"priority": str(2**63)}, "priority, slots and nodes must be within"),
         ({"slots": "99999999999999999999"}, "priority, slots and nodes must be within"),
-        ({"sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),
-        ({"sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
+        ({"lr": "", "sweep": "optim.lr=interval(0,1)"}, "not a sweep the queue can run"),
+        ({"lr": "", "sweep": "optim.lr=glob(*)"}, "not a sweep the queue can run"),
         ({"executor": "slurm"}, "unknown executor"),
         ({"overrides": "trainer.nproc=1 data.root='/open"}, "overrides: a quote is not closed"),
         ({"sweep": "'\\" * 40_000}, "sweep: 80000 characters, more than the 65536 allowed"),
@@ -218,12 +220,15 @@ def test_a_locked_job_store_gets_a_retry_page_and_loses_nothing(
 def test_sweep_preview_counts_points_and_submits_them(server: Server, tiny_train_root: Path) -> None:
     params = {"sweep": "optim.lr=0.1,0.05 model.width=0.25,0.5", "overrides": "trainer.steps=2,3"}
     assert server.get("/jobs/preview", params=params).text == "8 points"
+    assert server.get("/jobs/preview", params={"steps": "3,4", "input_size": "56,64"}).text == "4 points"  # fields
     assert server.get("/jobs/preview", params={"sweep": "optim.lr=0.1"}).text == "1 point"
     assert "error" in server.get("/jobs/preview", params={"sweep": "optim.lr=0.1,,"}).text
     assert "not a sweep the queue can run" in server.get("/jobs/preview", params={"sweep": "optim.lr=glob(*)"}).text
     too_many = {"sweep": "optim.lr=range(0,40) trainer.steps=range(1,31)"}
     assert "more than 1000 points" in server.get("/jobs/preview", params=too_many).text
-    form = job_form(tiny_train_root, sweep="optim.lr=0.1,0.05")
+    twice = server.post("/jobs", data=job_form(tiny_train_root, sweep="optim.lr=0.1,0.05"), headers=BEARER)
+    assert twice.status_code == 400 and "lr is also set in the overrides (optim.lr=0.1,0.05)" in twice.text
+    form = job_form(tiny_train_root, lr="", sweep="optim.lr=0.1,0.05")
     reply = server.post("/jobs", data=form, headers=BEARER)
     assert reply.status_code == 303 and reply.headers["location"].startswith("/sweeps/sweep-")
     sweep_id = reply.headers["location"].removeprefix("/sweeps/")
@@ -301,6 +306,7 @@ def test_a_path_with_commas_spaces_and_quotes_is_one_path_not_a_sweep(server: Se
         assert compose_config(job.overrides).data.root == str(odd.resolve())
         clone = server.get("/jobs/new", params={"clone": job.id}).text
         assert f'<option value="{escape(str(odd.resolve()))}" selected>' in clone
+        assert f'href="/login?next=/jobs/new%3Fclone%3D{job.id}"' in clone  # logging in keeps the clone
 
         typed = {"sweep": f"data.root='{spaced}',{roots[0]}"}
         reply = server.post("/jobs", data=job_form(roots[0], **typed), headers=BEARER)
@@ -550,3 +556,16 @@ def test_a_diverged_curve_plots_its_finite_part() -> None:
     assert re.findall(r'text-anchor="end">([^<]*)</text>', chart)[:2] == ["2", "1"]  # the real values' range
     nothing = line_chart("loss", [(1, math.nan), (2, math.nan)])
     assert 'points=""' in nothing and "loss (2 not finite, the first at step 1)" in nothing
+
+
+def test_datasets_are_described_afresh_and_only_inside_the_roots(tiny_train_root: Path, tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(tiny_train_root, root / "faces")
+    shutil.copytree(tiny_train_root, outside)
+    (root / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (faces,) = [d for d in list_datasets([root]) if d.name != DEMO]  # the link out is neither read nor offered
+    before = describe(faces)
+    person = next(p for p in (root / "faces").iterdir() if p.is_dir())
+    shutil.copy(next(person.glob("*.jpg")), person / "added.jpg")  # the identity folder changes, not the root
+    after = describe(faces)
+    assert after["images"] == before["images"] + 1 and after["version"] != before["version"]

@@ -47,7 +47,7 @@ from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
 from faceforge.web.datasets import DEMO, data_roots, describe, list_datasets
-from faceforge.web.forms import JobForm, tokens
+from faceforge.web.forms import JobForm
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
     CSRF_COOKIE,
@@ -124,7 +124,10 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     home_uri = f"sqlite:///{home}/mlflow.db"
 
     def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        context |= {"csrf": request.state.csrf, "logged_in": _logged_in(request)}
+        # Where "Log in" returns to: this page with its query (a clone, a sweep's metric), or a form re-shown.
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        here = here if request.method == "GET" else "/jobs/new" if name == "job_form.html" else "/"
+        context |= {"csrf": request.state.csrf, "logged_in": _logged_in(request), "here": here}
         return templates.TemplateResponse(request, name, context, status_code=status)
 
     def _logged_in(request: Request) -> bool:
@@ -238,10 +241,11 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         return form_page(request, form, None, clone)
 
     @app.get("/jobs/preview")
-    def preview(overrides: str = "", sweep: str = "") -> HTMLResponse:
-        """How many jobs the sweep grammar expands to, before anything is submitted."""
+    def preview(request: Request) -> HTMLResponse:
+        """How many jobs the form's fields and sweep grammar expand to, before anything is submitted."""
+        form = JobForm.from_form(request.query_params)
         try:
-            count = len(expand_sweep([*tokens(overrides, "overrides"), *tokens(sweep, "sweep")]))
+            count = len(expand_sweep([*form.field_overrides(), *form.typed_overrides()]))
         except ValueError as err:
             return HTMLResponse(f'<span class="error">{escape(str(err))}</span>')
         return HTMLResponse(f"{count} point{'s' if count != 1 else ''}")

@@ -86,10 +86,14 @@ def list_datasets(roots: list[Path]) -> list[Dataset]:
             continue
         folders = [root] if _training_folder(root) else sorted(p for p in root.iterdir() if p.is_dir())
         for folder in folders:
-            images = _training_folder(folder)
+            try:
+                inside = confine(folder, roots)  # a link out of the roots is neither read nor offered
+            except ValueError:
+                continue
+            images = _training_folder(inside)
             if folder.name.startswith(".") or images is None:
                 continue
-            found.append(Dataset(folder.name, images.resolve(), _source(folder)))
+            found.append(Dataset(folder.name, images.resolve(), _source(inside)))
     return found
 
 
@@ -105,11 +109,14 @@ def _fingerprint(folder: Path) -> str:
 
 
 @cache
-def _summary(path: Path, mtime_ns: int) -> dict[str, Any]:
+def _summary(path: Path, listing: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
     summary = inspect_dataset(path)
     return {"identities": summary["identities"], "images": summary["images"], "version": _fingerprint(path)}
 
 
 def describe(dataset: Dataset) -> dict[str, Any]:
-    """Identities, images and content version; cached until the folder's own listing changes."""
-    return _summary(dataset.path, dataset.path.stat().st_mtime_ns)
+    """Identities, images and content version; cached until the folder's listing or one of its entries changes:
+    an image added to an identity folder changes that folder's mtime, a repacked .rec its own size and mtime."""
+    with os.scandir(dataset.path) as entries:
+        listing = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
+    return _summary(dataset.path, listing)

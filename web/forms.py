@@ -1,17 +1,17 @@
 """The job form as Hydra overrides, and back (for clone-with-edits).
 
-Later overrides replace earlier ones with the same key: the form's fields, then the free overrides, then the
-sweep grammar. Paths in overrides are confined to the data roots, and stored as the absolute paths checked,
-before anything is composed.
+Later overrides replace earlier ones with the same key (the free overrides, then the sweep grammar), but a
+hyperparameter field and an override of its key are refused: one of the two would be silently lost. Paths in
+overrides are confined to the data roots, and stored as the absolute paths checked, before anything is composed.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-
-from starlette.datastructures import FormData
+from typing import Any
 
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.jobs import Job, expand_sweep, faceforge_home, override_value, quoted_path
@@ -52,7 +52,7 @@ class JobForm:
     executor: str = "local"
 
     @classmethod
-    def from_form(cls, form: FormData) -> JobForm:
+    def from_form(cls, form: Mapping[str, Any]) -> JobForm:
         names = {f.name for f in fields(cls)}
         return cls(**{key: str(value).strip() for key, value in form.items() if key in names})
 
@@ -95,12 +95,25 @@ class JobForm:
             put(f"data.root={quoted_path(root)}")
         put(f"model={self.model}")
         put(f"head={self.head}")
-        for name, key in HYPERPARAMETERS.items():
-            if value := getattr(self, name):
-                put(f"{key}={value}")
-        for override in [*tokens(self.overrides, "overrides"), *tokens(self.sweep, "sweep")]:
+        fields = self.field_overrides()
+        for override in fields:
+            put(override)
+        typed = {override_key(override): name for override, name in zip(fields, self.filled(), strict=True)}
+        for override in self.typed_overrides():
+            if (name := typed.get(override_key(override))) is not None:  # one of the two would silently lose
+                raise ValueError(f"{name} is also set in the overrides ({override}): set it in one place")
             put(override)
         return [confined(override, roots) for override in chosen.values()]
+
+    def filled(self) -> list[str]:
+        return [name for name in HYPERPARAMETERS if getattr(self, name)]
+
+    def field_overrides(self) -> list[str]:
+        """The hyperparameter fields filled in, as overrides (each may hold a sweep: `0.1,0.05`)."""
+        return [f"{HYPERPARAMETERS[name]}={getattr(self, name)}" for name in self.filled()]
+
+    def typed_overrides(self) -> list[str]:
+        return [*tokens(self.overrides, "overrides"), *tokens(self.sweep, "sweep")]
 
     def number(self, name: str) -> int | None:
         """A whole-number field; None when left blank."""
