@@ -280,6 +280,8 @@ def test_bad_overrides_stop_the_demo_before_it_starts() -> None:
         (["model.widht=2"], "Could not override 'model.widht'"),
         (["optim.lr=0.1"], "optim.lr is what the demo's sweep varies"),
         (["model.width=0.25,0.5"], "one value each"),
+        (["data.root=/elsewhere"], "data.root is set by the demo for each stage"),
+        (["+mlflow.tracking_uri=sqlite:///other.db"], "mlflow.tracking_uri is set by the demo"),
     ):
         with pytest.raises(DemoError, match=message):
             check_overrides(TINY, overrides)

@@ -46,11 +46,10 @@ from faceforge.jobs import (
 from faceforge.jobs.executors.local_runner import process_start_time, write_atomic
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import new_id
-from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, champion
+from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, select_and_register
 
 STATE_FILE = "demo.json"
 CACHE = "cache"  # aligned crops: what a fresh start keeps, as they depend only on the photos and the settings
-CHAMPION_WAIT_SECONDS = 180.0  # the scheduler registers a sweep's winner after its last job ends
 # The sample ships photos of at most 112 px, where faces are ~40 px wide: search smaller faces, accept closer eyes.
 SMALL_PHOTOS = ("min_face_size=20", "quality.min_inter_ocular=10")
 # MTCNN's smallest face when aligning, px. A larger one drops pyramid levels: 32 px is 1.3x faster than 20 on
@@ -61,6 +60,11 @@ SAMPLE_ALIGN_MIN_FACE = {"base": 12, "pairs": 24}  # the shipped sample's photos
 PAIR_FALLBACKS = ("haar", "center")
 ALIGN_WORKERS = 2
 GRACE_SECONDS = 10  # SIGTERM to SIGKILL for a job the demo stops: the trainer checkpoints at the next step
+# What each stage's jobs must read and write (its data, evaluation set, MLflow database, starting point).
+DEMO_SETS = frozenset({
+    "data", "data.root", "data.crop_fraction", "eval", "eval.pairs", "eval.root", "eval.bin", "eval.crop_fraction",
+    "mlflow", "mlflow.tracking_uri", "mlflow.experiment", "trainer.init_from", "distill", "distill.teacher",
+})  # fmt: skip
 FINE_TUNE_WARMUP = 10  # steps: the default 100 would be most of a short fine-tuning run
 
 
@@ -74,10 +78,13 @@ class Stage:
 
 def check_overrides(profile: Profile, overrides: list[str]) -> None:
     """The user's training overrides, checked before anything runs rather than minutes later inside a job."""
-    if any(override.lstrip("+~").split("=", 1)[0] == profile.sweep_key for override in overrides):
+    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    if profile.sweep_key in keys:
         raise DemoError(
             f"{profile.sweep_key} is what the demo's sweep varies ({profile.sweep}); override something else"
         )
+    if owned := [key for key in keys if key in DEMO_SETS]:
+        raise DemoError(f"{owned[0]} is set by the demo for each stage; override something else")
     try:
         jobs = make_jobs(merge_overrides(["trainer=demo", *RECIPE, *profile.model], overrides), name="demo-check")
     except ValueError as err:
@@ -363,19 +370,14 @@ class Demo:
         """Where a job's trainer keeps its checkpoints (and the `latest` pointer that loaders follow)."""
         return job_dir(self.home, job_id) / "checkpoints"
 
-    def wait_champion(self, sweep_id: str) -> Version:
-        deadline = time.monotonic() + CHAMPION_WAIT_SECONDS
-        while True:
-            self.scheduler.check()
-            try:
-                version = champion(self.uri)
-                if version.sweep_id == sweep_id:
-                    return version
-            except ValueError:  # nothing registered yet
-                pass
-            if time.monotonic() > deadline:
-                raise DemoError(f"sweep {sweep_id} ended without a champion; see {self.scheduler.log}")
-            time.sleep(0.5)
+    def champion_of(self, sweep_id: str) -> Version:
+        """The sweep's champion over every point as it ended. The scheduler registers the same when the last point
+        ends (selection is idempotent per sweep), but after an interrupted run it may also have crowned the points
+        that had ended by then, which a rerun must not take for the whole sweep's champion."""
+        try:
+            return select_and_register(self.uri, sweep_id)[1]
+        except ValueError as err:
+            raise DemoError(f"sweep {sweep_id} ended without a champion: {err}") from None
 
     def train_base(self) -> tuple[dict[str, str], dict[str, Any]]:
         """Issue 2's recipe on 2 ranks through the queue, as a sweep of one, so the scheduler registers it."""
@@ -384,7 +386,7 @@ class Demo:
         (job,) = self.submit("base", make_jobs(overrides, name="demo-base", sweep_id=new_id("sweep")))
         follow_jobs(self.store, [job.id], "base model", self.scheduler)
         assert job.sweep_id is not None
-        version = self.wait_champion(job.sweep_id)
+        version = self.champion_of(job.sweep_id)
         job = self.store.get(job.id)
         figures = {
             **accuracy_figures(job.metrics),
@@ -456,7 +458,7 @@ class Demo:
         jobs = self.submit("sweep", make_jobs(overrides, name="demo-sweep"))
         follow_jobs(self.store, [job.id for job in jobs], f"sweep ({len(jobs)} points)", self.scheduler)
         assert jobs[0].sweep_id is not None
-        version = self.wait_champion(jobs[0].sweep_id)
+        version = self.champion_of(jobs[0].sweep_id)
         points = [self.store.get(job.id) for job in jobs]
         winner = next((job for job in points if job.mlflow_run_id == version.run_id), None)
         if winner is None:
