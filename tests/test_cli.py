@@ -121,6 +121,8 @@ def test_eval_checks_its_inputs_first_and_names_a_broken_image(
     shutil.copy(next(tiny_train_root.rglob("*.jpg")), singles)
     with pytest.raises(SystemExit, match="no identity has 2 or more images"):
         main(["eval", "/nonexistent/model", "--gallery", str(singles.parent)])
+    with pytest.raises(SystemExit, match=r"an MLflow model URI cannot hold '\.' or '\.\.' parts"):
+        main(["eval", f"runs:/{'0' * 32}/../../../elsewhere", "--bin", str(tmp_path / "broken.bin")])
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # a PyTorch model of another platform: no input size recorded
     run_id = MlflowClient(uri).create_run(prepare_tracking(uri)).info.run_id
     RunTracker(uri, run_id).model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 56 * 56, 8)), 56, step=1)

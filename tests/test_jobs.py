@@ -319,7 +319,8 @@ def test_sweep_expands_to_one_job_per_point_under_one_sweep_id() -> None:
 
 def test_quoted_paths_reach_the_config_as_written() -> None:
     """Paths the platform writes into overrides (datasets, checkpoints, the tracking URI) may hold Hydra's syntax."""
-    for path in ["/a,b c/it's", "/ends/in\\", "/x/${y}", "/q/[1]{2}=:", "/m/a\\'b", '/d/"q"']:
+    backslashes = ["/ends/in\\", "/m/a\\'b", "/x/\\${oc.env:HOME}", "/x/\\\\${y}"]  # escapes, not interpolations
+    for path in ["/a,b c/it's", "/x/${y}", "/q/[1]{2}=:", '/d/"q"', *backslashes]:
         override = f"data.root={quoted_path(path)}"
         assert expand_sweep([override]) == [[override]]
         assert override_value(override) == path
@@ -356,6 +357,9 @@ def test_numbers_past_the_store_limit_are_refused(template: Job, tmp_path: Path)
         (["optim.lr=0.1,-1"], None, "optim.lr must be positive"),
         (["optim.lr=((("], None, "bad override"),
         (["output_dir=/tmp/elsewhere"], None, "set by the queue"),
+        (["++hydra={output_subdir:/tmp/escaped}"], None, "hydra is set by the queue"),  # whole: logging handlers
+        (["+hydra.job.env_set.X=1"], None, "hydra.job.env_set.X is set by the queue"),
+        (["hydra/job_logging=disabled"], None, "hydra/job_logging is set by the queue"),
         (["trainer.nproc=2"], 1, "needs at least as many slots"),
         (["optim.lr=interval(0,1)"], None, "interval.*not a sweep the queue can run"),
         (["optim.lr=glob(*)"], None, "glob.*not a sweep the queue can run"),

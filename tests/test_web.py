@@ -270,6 +270,9 @@ def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Pa
             ({"overrides": "data@eval=folder"}, "package overrides (@) cannot be used"),
             ({"overrides": "mlflow.run_name=${oc.env:FACEFORGE_TOKEN}"}, "overrides: interpolations"),
             ({"lr": "${oc.env:PATH}"}, "lr: interpolations"),
+            # Past `..`, MLflow loads (unpickles) any model folder on the server.
+            ({"overrides": f"distill=embedding distill.teacher=runs:/{'0' * 32}/../../../tmp/evil"}, "give models:/"),
+            ({"overrides": "distill=embedding distill.teacher=mlflow-artifacts:/x/model"}, "give models:/"),
         ]:
             reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
             assert reply.status_code == 400 and message in reply.text, (fields, reply.text[-2000:])

@@ -28,6 +28,8 @@ HYPERPARAMETERS = {
 }
 # Data a job reads: inside the data roots.
 PATH_KEYS = ("data.root", "eval.pairs", "eval.root", "eval.bin")
+# The MLflow models a web job may name: a registered version or a run's logged model, never a path within either.
+WEB_MODEL_URI = re.compile(r"models:/[\w-]+(@[\w-]+|/\d+)|runs:/[0-9a-f]{32}/model")
 # The platform's own files a job starts from or writes: inside the data roots or $FACEFORGE_HOME.
 HOME_PATH_KEYS = ("trainer.init_from", "distill.teacher", "distill.cache_dir")
 # Web jobs log to the platform's MLflow database, which the pages read: never chosen in the form.
@@ -186,7 +188,10 @@ def confined(override: str, roots: list[Path]) -> str:
     for [point] in expand_sweep([override]):
         value = point.partition("=")[2]
         path = override_value(point)
-        if path and not path.startswith(MLFLOW_SCHEMES):  # a registered teacher is a name, not a file
+        if path and path.startswith(MLFLOW_SCHEMES):  # a registered teacher is a name, not a file
+            if not WEB_MODEL_URI.fullmatch(path):
+                raise ValueError(f"{point}: give models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model")
+        elif path:
             resolved = confine(path, allowed)
             if name != "distill.cache_dir" and not resolved.exists():  # the cache is made when missing
                 raise ValueError(f"{point}: no such file or directory")

@@ -13,6 +13,8 @@ def load_model(source: str, tracking_uri: str | None = None) -> nn.Module:
     """A checkpoint directory (or its parent holding `latest`), or an MLflow URI such as models:/name@champion,
     looked up in `tracking_uri`, by default the platform's database (never MLflow's ./mlflow.db)."""
     if source.startswith(MLFLOW_SCHEMES):
+        if any(part in (".", "..") for part in source.split("/")):  # MLflow would follow them out of the run
+            raise ValueError(f"{source}: an MLflow model URI cannot hold '.' or '..' parts")
         import mlflow
         from mlflow.exceptions import MlflowException
 

@@ -38,10 +38,11 @@ def _one_line(err: Exception) -> str:
 def quoted_path(path: str | Path) -> str:
     """A path quoted for Hydra's override grammar: a comma, space, bracket or quote in it is then not a sweep or a list.
 
-    Inside Hydra's quotes only backslashes before a quote or the end need doubling; `${` is escaped for OmegaConf.
+    Inside Hydra's quotes only backslashes before a quote or the end need doubling. For OmegaConf, `${` is escaped
+    and so is each backslash before it, or `\\${` would leave a literal backslash and a live interpolation.
     """
     escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), str(path))
-    escaped = escaped.replace("${", "\\${")
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", escaped)
     return f"'{escaped}'"
 
 
@@ -62,7 +63,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         raise ConfigError(f"bad override: {_one_line(err)}") from None
     axes, points = [], 1
     for override in parsed:
-        if override.key_or_group in RESERVED_KEYS or override.key_or_group.startswith("hydra."):
+        key = override.key_or_group  # `hydra` whole (`++hydra={job_logging:...}`) would write any file: refused too
+        if key in RESERVED_KEYS or key == "hydra" or key.startswith(("hydra.", "hydra/")):
             raise ConfigError(f"{override.key_or_group} is set by the queue for each job; leave it out")
         if override.is_sweep_override():
             points *= _axis_length(override)
