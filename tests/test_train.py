@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
 from faceforge.train import TrainConfig, from_dict
 from faceforge.train.checkpoint import load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import ConfigError, ScheduleConfig
-from faceforge.train.launch import check_against_disk, launch
+from faceforge.train.launch import TRAIN_LOCK, check_against_disk, launch
 from faceforge.train.loop import build_optimizer, forward_backward
 from faceforge.train.schedule import lr_at
 
@@ -408,12 +409,56 @@ def test_gradient_accumulation_averages_over_micro_batches() -> None:
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("nproc", "whole_group"), [(1, False), (2, True), (2, False)])
+def test_a_launcher_killed_with_9_takes_its_ranks_along(tiny_train_root: Path, tmp_path: Path) -> None:
+    """Ranks outliving their launcher would train on, and race a resume into the same checkpoints."""
+    out = tmp_path / "run"
+    args = ["trainer.nproc=2", *tiny_cli_run(tiny_train_root, out, "trainer.steps=100000")]
+    env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "faceforge.train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and "train:" not in (line := proc.stderr.readline()):
+        assert line or proc.poll() is None, "training exited early"
+    proc.kill()
+    proc.wait()
+    with (out / TRAIN_LOCK).open() as lock:  # torchrun holds it until it and its ranks have stopped
+        deadline = time.time() + 90
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the ranks outlived their launcher"
+                time.sleep(0.5)
+    rogue = subprocess.run(["pgrep", "-f", str(out / "config.yaml")], capture_output=True, text=True).stdout
+    assert rogue == "", rogue
+
+
+def test_one_run_trains_in_a_folder_and_resumes_only_its_own_mlflow_run(tiny_train_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None, steps=2)
+    (tmp_path / "run").mkdir()
+    with (tmp_path / "run" / TRAIN_LOCK).open("w") as held:  # another launcher's
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another run is training in this folder"):
+            launch(cfg)
+    launch(cfg)
+    resumed = tiny_config(tmp_path / "run", tiny_train_root, None, steps=3, resume="auto")
+    resumed.mlflow.tracking_uri = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    with pytest.raises(
+        ConfigError, match=r"mlflow_run_id names MLflow run \w+, which sqlite:///.*elsewhere.* does not"
+    ):
+        launch(resumed)
+
+
+@pytest.mark.parametrize(
+    ("nproc", "stop", "whole_group"), [(1, signal.SIGTERM, False), (2, signal.SIGTERM, True), (2, signal.SIGINT, True)]
+)
 def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
-    tiny_train_root: Path, tmp_path: Path, nproc: int, whole_group: bool
+    tiny_train_root: Path, tmp_path: Path, nproc: int, stop: signal.Signals, whole_group: bool
 ) -> None:
-    """The queue signals a job's process group; `kill` reaches the launcher alone. Either way the ranks checkpoint
-    and the MLflow run is ended, not left RUNNING."""
+    """The queue signals a job's process group, `kill` the launcher alone, and a terminal's Ctrl-C its foreground
+    group. Every way the ranks checkpoint and the MLflow run is ended, not left RUNNING."""
     out = tmp_path / "run"
     args = tiny_cli_run(tiny_train_root, out, "trainer.steps=100000", "trainer.checkpoint_every=100000")
     args = [f"trainer.nproc={nproc}", *args]
@@ -432,15 +477,15 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     time.sleep(3)
     try:
         if whole_group:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, stop)
         else:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)
-    finally:  # ranks left behind by a launcher that died first would train on
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert "stopped by SIGTERM" in err
+    assert f"stopped by {stop.name}" in err
     stopped = resolve_checkpoint(out / "checkpoints")
     step = json.loads((stopped / "meta.json").read_text())["step"]
     assert step > 0
@@ -472,8 +517,9 @@ def test_an_unreadable_training_image_stops_every_rank_with_a_checkpoint(
     corrupt = sorted(root.iterdir())[2] / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8 not really a JPEG")
     cfg = tiny_config(tmp_path / "run", root, None, nproc=nproc, steps=30, checkpoint_every=1000)
-    stopped_by = RuntimeError if nproc > 1 else SystemExit  # torchrun's ranks report the file above that line
-    with pytest.raises(stopped_by, match=None if nproc > 1 else r"corrupt\.jpg: not a decodable image"):
+    # With torchrun the ranks report the file above the launcher's line.
+    reported = "training ranks exited with code 1" if nproc > 1 else r"corrupt\.jpg: not a decodable image"
+    with pytest.raises(SystemExit, match=reported):
         launch(cfg)
     stopped = resolve_checkpoint(tmp_path / "run" / "checkpoints")
     step = json.loads((stopped / "meta.json").read_text())["step"]

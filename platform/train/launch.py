@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -22,6 +24,8 @@ from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
 
 RUN_ID_FILE = "mlflow_run_id"
+TRAIN_LOCK = ".train.lock"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def resolve_data(cfg: TrainConfig) -> None:
@@ -207,9 +211,22 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
     check_against_disk(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _train_lock(out)
+    try:
+        metrics, run_id = _run(cfg, out, lock)
+    finally:
+        os.close(lock)
+    print(f"checkpoints: {out / 'checkpoints'}")
+    print(f"MLflow UI:   mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   (run {run_id})")
+    return metrics
+
+
+def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]:
+    """The MLflow run (a resumed run's own), then training, in this process or under torchrun."""
     run_id_file = out / RUN_ID_FILE
     if cfg.trainer.resume and run_id_file.exists():
         run_id = run_id_file.read_text().strip()
+        _check_run(cfg.mlflow.tracking_uri, run_id, run_id_file)
     else:
         tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
         run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags)
@@ -226,16 +243,45 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
 
             metrics = train(cfg, run_id)
         else:
-            metrics = _torchrun(cfg, config_path, run_id)
+            metrics = _torchrun(cfg, config_path, run_id, lock)
         succeeded = True
     finally:
         finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
-    print(f"checkpoints: {out / 'checkpoints'}")
-    print(f"MLflow UI:   mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   (run {run_id})")
-    return metrics
+    return metrics, run_id
 
 
-def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str) -> dict[str, float]:
+def _train_lock(out: Path) -> int:
+    """An exclusive lock on the output folder, held while this run's processes live (torchrun inherits it): two
+    runs training into one folder would replace each other's checkpoints."""
+    lock = os.open(out / TRAIN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise ConfigError(f"{out}: another run is training in this folder; wait for it to end") from None
+    return lock
+
+
+def _check_run(tracking_uri: str, run_id: str, run_id_file: Path) -> None:
+    """A resumed run logs into the MLflow run it began: one missing from this database would fail at the first log."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise ConfigError(
+            f"{run_id_file} names MLflow run {run_id}, which {tracking_uri} does not hold: resume with the "
+            "mlflow.tracking_uri it began with, or delete that file to log to a new run"
+        ) from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL, so its ranks never outlive it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> dict[str, float]:
     """Local ranks under torchrun; multi-node jobs run the same worker under torchrun's own rendezvous."""
     metrics_path = config_path.parent / "metrics.yaml"
     metrics_path.unlink(missing_ok=True)
@@ -255,26 +301,27 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str) -> dict[str, flo
         str(metrics_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.trainer.threads)}
-    ranks = subprocess.Popen(command, env=env)
-    stopped = False
+    # Its own session: a terminal's Ctrl-C reaches this process alone, which stops the ranks once, as SIGTERM does.
+    ranks = subprocess.Popen(command, env=env, pass_fds=(lock,), start_new_session=True, preexec_fn=_die_with_parent)
+    stopped: str | None = None
 
     def stop(signum: int, frame: object) -> None:
-        """Live on until the ranks have checkpointed, so that the caller records how the run ended. Forwarded, since
-        `kill` may reach this process alone; a signal to the whole group reaches torchrun twice, which it tolerates."""
+        """Live on until the ranks have checkpointed, so that the caller records how the run ended."""
         nonlocal stopped
-        if not stopped:
-            stopped = True
+        if stopped is None:
+            stopped = signal.Signals(signum).name
             ranks.send_signal(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         returncode = ranks.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped:
-        raise SystemExit("stopped by SIGTERM; resume with trainer.resume=auto")
+        raise SystemExit(f"stopped by {stopped}; resume with trainer.resume=auto")
     if returncode != 0:
-        raise RuntimeError(f"training ranks exited with code {returncode}; see the log above")
+        raise SystemExit(f"training ranks exited with code {returncode}; see the log above")
     import yaml
 
     return yaml.safe_load(metrics_path.read_text()) if metrics_path.exists() else {}

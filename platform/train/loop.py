@@ -48,14 +48,15 @@ CARD_LATENCY_RUNS = 20
 
 
 class _StopSignal:
-    """SIGTERM asks for a checkpoint at the next step boundary instead of killing the step."""
+    """SIGTERM or Ctrl-C (SIGINT) asks for a checkpoint at the next step boundary instead of killing the step."""
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -312,12 +313,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate, **distill_terms}, step)
             progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
             tick, images_seen = time.perf_counter(), 0
-        stopping = _any_rank(stop.requested, ctx.device)
+        stopping = _any_rank(stop.requested is not None, ctx.device)
         if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
             save(step)
         if stopping:
             progress.close()
-            raise SystemExit(f"stopped by SIGTERM at step {step}; resume with trainer.resume=auto")
+            why = stop.requested or "another rank"
+            raise SystemExit(f"stopped by {why} at step {step}; resume with trainer.resume=auto")
         if vset is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
             evaluate_and_log(None)
     progress.close()
