@@ -55,8 +55,10 @@ def test_data_pack_and_inspect(tiny_train_root: Path, tmp_path: Path) -> None:
     assert again.returncode != 0 and "error:" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "run", tiny_train_root, None, steps=2)
+def test_eval_from_checkpoint_mlflow_uri_and_bin(
+    tiny_train_root: Path, tiny_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, tiny_pairs, steps=2)  # evaluated at crop 0.5
     cfg.mlflow.log_model = True
     launch(cfg)
     run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
@@ -81,6 +83,10 @@ def test_eval_from_checkpoint_mlflow_uri_and_bin(tiny_train_root: Path, tiny_pai
     accuracy = [line for line in by_checkpoint.stdout.splitlines() if line.startswith("accuracy ")]
     assert accuracy and accuracy[0] in by_uri.stdout
     assert "rank-1=" in by_uri.stdout
+    # Without --crop-fraction, the crop the model's training evaluated with (raw LFW photos: 0.5), not 1.0.
+    main(["eval", str(tmp_path / "run" / "checkpoints"), "--pairs", str(tiny_pairs), "--root", str(SHARED / "lfw")])
+    printed = capsys.readouterr().out
+    assert "crop fraction 0.5, as the model's training evaluated" in printed and accuracy[0] in printed
 
     for source, home in ((str(tmp_path / "nope"), None), ("runs:/0123456789abcdef/model", tmp_path)):
         missing = faceforge("eval", source, "--pairs", str(tiny_pairs), home=home)

@@ -296,6 +296,15 @@ def test_embed_accepts_any_batch_callable(lfw_bytes: list[bytes]) -> None:
     np.testing.assert_allclose(from_numpy_callable, expected, atol=1e-6)
 
 
+def test_embeddings_too_large_to_square_keep_their_direction(lfw_bytes: list[bytes]) -> None:
+    """An untrained or diverging model's 1e21 outputs overflow a float32 norm; they must not become zero rows."""
+    torch.manual_seed(0)
+    model = TinyEmbedder().eval()
+    expected = embed_images(model, lfw_bytes, input_size=56)
+    huge = embed_images(lambda batch: model(batch) * 1e21, lfw_bytes, input_size=56)
+    np.testing.assert_allclose(huge, expected, atol=1e-6)
+
+
 def test_embed_errors(lfw_bytes: list[bytes]) -> None:
     model = TinyEmbedder()
     with pytest.raises(ImageDecodeError, match="image 1"):

@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
         save_roc_plot,
     )
     from faceforge.eval.report import pair_scores
-    from faceforge.eval.sources import load_model
+    from faceforge.eval.sources import load_model, recorded_settings
 
     # Every input is read and checked before the first image is embedded: a mistake costs seconds, not a run.
     vset = None
@@ -70,7 +70,11 @@ def _eval(args: argparse.Namespace) -> None:
     input_size = getattr(model, "input_size", None) if args.input_size is None else args.input_size
     if not isinstance(input_size, int):
         raise ValueError(f"{args.model} does not record its input size: give --input-size")
-    embed = dict(input_size=input_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, progress=True)
+    crop = args.crop_fraction
+    if crop is None:  # raw LFW photos need ~0.5, aligned crops 1.0: what the model's own evaluation used
+        crop = float(recorded_settings(args.model, args.tracking_uri).get("eval.crop_fraction") or 1.0)
+        print(f"crop fraction {crop:g}, as the model's training evaluated (--crop-fraction to change)", flush=True)
+    embed = dict(input_size=input_size, crop_fraction=crop, batch_size=args.batch_size, progress=True)
     if vset is not None:
         features = embed_images(model, vset.images, names=vset.sources, **embed)
         metrics = evaluate_verification(features, vset)
@@ -536,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--root", type=Path, help="image root of --pairs (default: its folder)")
     ev.add_argument("--gallery", type=Path, help="image folder for 1:N identification (gallery/probe split)")
     ev.add_argument("--input-size", type=int, default=None, help="for models that do not record theirs")
-    ev.add_argument("--crop-fraction", type=float, default=1.0)
+    ev.add_argument(
+        "--crop-fraction", type=float, default=None, help="default: what the model's training evaluated with, else 1"
+    )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--roc", type=Path, help="write the ROC curve to this PNG")
     ev.add_argument(

@@ -88,7 +88,10 @@ def embed_images(
                     plain, embeddings = both[: len(batch)], both[: len(batch)] + both[len(batch) :]
                 else:
                     plain = embeddings = _run(model, batch)
-                chunks.append(nn.functional.normalize(embeddings, dim=1).cpu().numpy())
+                # Scaled by the largest entry first: a norm past float32's range (an untrained or diverging model's
+                # 1e20 outputs) would make the row zero, which scores as chance instead of by its direction.
+                scale = embeddings.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(embeddings.dtype).tiny)
+                chunks.append(nn.functional.normalize(embeddings / scale, dim=1).cpu().numpy())
                 norms.append(plain.norm(dim=1).cpu().numpy())
     finally:
         if isinstance(model, nn.Module):

@@ -33,3 +33,18 @@ def load_model(source: str, tracking_uri: str | None = None) -> nn.Module:
     if not Path(source).exists():
         raise FileNotFoundError(f"model source {source} is neither an existing checkpoint nor an MLflow URI")
     return load_backbone(source)
+
+
+def recorded_settings(source: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """The flattened training config that a checkpoint, or an MLflow model's run, recorded; empty without one."""
+    if source.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        run_id = mlflow.models.get_model_info(source).run_id
+        return dict(mlflow.MlflowClient().get_run(run_id).data.params) if run_id else {}
+    from faceforge.train.checkpoint import read_model_state
+    from faceforge.train.tracking import flatten
+
+    return {key: str(value) for key, value in flatten(read_model_state(Path(source)).get("train_config", {})).items()}

@@ -15,7 +15,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from faceforge.data import EvalTransform, open_dataset, read_image
 from faceforge.data.folder import list_images
-from faceforge.eval.sources import MLFLOW_SCHEMES
+from faceforge.eval.sources import recorded_settings
 from faceforge.export.onnx_export import INPUT_NAME
 from faceforge.export.runtime import embedding_agreement
 
@@ -72,19 +72,8 @@ def open_calibration_images(source: str | Path) -> CalibrationImages:
 
 def training_data_of(source: str, tracking_uri: str | None = None) -> tuple[Path, float]:
     """The training set and crop fraction a checkpoint or MLflow model recorded: the default calibration set."""
-    if source.startswith(MLFLOW_SCHEMES):
-        import mlflow
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        run_id = mlflow.models.get_model_info(source).run_id
-        params = mlflow.MlflowClient().get_run(run_id).data.params if run_id else {}
-        root, crop = params.get("data.root"), params.get("data.crop_fraction")
-    else:
-        from faceforge.train.checkpoint import read_model_state
-
-        data = read_model_state(Path(source)).get("train_config", {}).get("data", {})
-        root, crop = data.get("root"), data.get("crop_fraction")
+    settings = recorded_settings(source, tracking_uri)
+    root, crop = settings.get("data.root"), settings.get("data.crop_fraction")
     if not root:
         raise ValueError(f"{source} does not record its training data; give the calibration set and crop")
     return Path(root), float(crop or 1.0)

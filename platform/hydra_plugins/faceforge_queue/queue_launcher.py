@@ -88,8 +88,8 @@ class QueueLauncher(Launcher):
             print(f"  {job.id}  {job.name}  {' '.join(job.overrides)}", flush=True)
         if not self.wait:
             print(
-                "a scheduler runs them (`faceforge scheduler`); when they are done, "
-                f"`faceforge registry select {self.sweep_id}` registers the champion",
+                "a scheduler runs them (`faceforge scheduler`) and registers the champion when the last one ends; "
+                f"`faceforge registry select {self.sweep_id}` selects again with other settings",
                 flush=True,
             )
             return [_job_return(job, JobStatus.COMPLETED, job.id) for job in jobs]
