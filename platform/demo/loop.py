@@ -9,7 +9,6 @@ one starts over on the next run, keeping only the aligned crops in `<home>/cache
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from faceforge.jobs import (
 from faceforge.jobs.executors.local_runner import process_start_time, write_atomic
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import new_id
+from faceforge.locks import try_lock
 from faceforge.registry import CHAMPION_ALIAS, REGISTERED_MODEL, Version, select_and_register
 
 STATE_FILE = "demo.json"
@@ -96,12 +96,8 @@ def check_overrides(profile: Profile, overrides: list[str]) -> None:
 def lock_home(home: Path) -> int:
     """A lock on the home directory, held while the demo lives: a second demo there would stop this one's jobs."""
     home.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(home, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise DemoError(f"another faceforge demo is running in {home}") from None
+    if (descriptor := try_lock(home, os.O_RDONLY)) is None:
+        raise DemoError(f"another faceforge demo is running in {home}")
     return descriptor
 
 

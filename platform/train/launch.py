@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.distill.teacher import IDENTITY_PREFIX, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
+from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.tracking import create_run, finish_run
@@ -253,12 +253,8 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
 def _train_lock(out: Path) -> int:
     """An exclusive lock on the output folder, held while this run's processes live (torchrun inherits it): two
     runs training into one folder would replace each other's checkpoints."""
-    lock = os.open(out / TRAIN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        raise ConfigError(f"{out}: another run is training in this folder; wait for it to end") from None
+    if (lock := try_lock(out / TRAIN_LOCK)) is None:
+        raise ConfigError(f"{out}: another run is training in this folder; wait for it to end")
     return lock
 
 

@@ -12,7 +12,6 @@ it, even one started after the job ended.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from faceforge.jobs.executors.local_runner import (
 )
 from faceforge.jobs.logs import read_log
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Job
+from faceforge.locks import try_lock
 
 RUNNER = Path(__file__).with_name("local_runner.py")
 HANDLE_WAIT_SECONDS = 30.0  # how long a runner that another scheduler just started may take to record itself
@@ -170,22 +170,11 @@ def _runner_alive(handle: dict[str, Any]) -> bool:
     return handle["start_time"] is not None and process_start_time(handle["pid"]) == handle["start_time"]
 
 
-def _try_lock(job_dir: Path) -> int | None:
-    """An open, exclusively locked fd of job_dir's runner lock, or None when a live process holds it."""
-    fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def _lock_unless_running(job_dir: Path) -> int | None:
     """A locked fd of job_dir's runner lock, or None when a live runner holds it and has recorded itself (one that
     another scheduler just started gets HANDLE_WAIT_SECONDS to do so)."""
     deadline = time.monotonic() + HANDLE_WAIT_SECONDS
-    while (lock := _try_lock(job_dir)) is None:
+    while (lock := try_lock(job_dir / LOCK_FILE)) is None:
         if (job_dir / RUNNER_FILE).exists():
             return None
         if time.monotonic() > deadline:
@@ -195,7 +184,7 @@ def _lock_unless_running(job_dir: Path) -> int | None:
 
 
 def _lock_held(job_dir: Path) -> bool:
-    fd = _try_lock(job_dir)
+    fd = try_lock(job_dir / LOCK_FILE)
     if fd is None:
         return True
     os.close(fd)  # closing the only fd of this open file releases the probe's lock
