@@ -297,8 +297,9 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
         str(metrics_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.trainer.threads)}
-    # Its own session: a terminal's Ctrl-C reaches this process alone, which stops the ranks once, as SIGTERM does.
-    ranks = subprocess.Popen(command, env=env, pass_fds=(lock,), start_new_session=True, preexec_fn=_die_with_parent)
+    # In this process group, so that the queue's SIGKILL after a cancel's grace period reaches every rank too; a
+    # terminal's Ctrl-C reaches them all, and each rank stops at its next step (torchrun adds its own traceback).
+    ranks = subprocess.Popen(command, env=env, pass_fds=(lock,), preexec_fn=_die_with_parent)
     stopped: str | None = None
 
     def stop(signum: int, frame: object) -> None:
