@@ -409,30 +409,29 @@ def test_gradient_accumulation_averages_over_micro_batches() -> None:
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-5, atol=1e-6)
 
 
-def test_a_launcher_killed_with_9_takes_its_ranks_along(tiny_train_root: Path, tmp_path: Path) -> None:
-    """Ranks outliving their launcher would train on, and race a resume into the same checkpoints."""
+@pytest.mark.parametrize("killed", ["launcher", "group"])
+def test_ranks_never_outlive_a_launcher_killed_with_9(tiny_train_root: Path, tmp_path: Path, killed: str) -> None:
+    """`kill -9` of the launcher alone, or of its whole group (the queue's SIGKILL after a cancel's grace period):
+    ranks left behind would train on, and race a resume into the same checkpoints."""
     out = tmp_path / "run"
     args = ["trainer.nproc=2", *tiny_cli_run(tiny_train_root, out, "trainer.steps=100000")]
     env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "faceforge.train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
-    )
+    command = [PYTHON, "-m", "faceforge.train", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and "train:" not in (line := proc.stderr.readline()):
         assert line or proc.poll() is None, "training exited early"
-    proc.kill()
+    if killed == "launcher":
+        proc.kill()
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun too; each rank has a session of its own
     proc.wait()
-    with (out / TRAIN_LOCK).open() as lock:  # torchrun holds it until it and its ranks have stopped
-        deadline = time.time() + 90
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                assert time.time() < deadline, "the ranks outlived their launcher"
-                time.sleep(0.5)
-    rogue = subprocess.run(["pgrep", "-f", str(out / "config.yaml")], capture_output=True, text=True).stdout
-    assert rogue == "", rogue
+    deadline = time.time() + 90
+    while rogue := subprocess.run(["pgrep", "-f", str(out / "config.yaml")], capture_output=True, text=True).stdout:
+        assert time.time() < deadline, f"ranks outlived their launcher: {rogue}"
+        time.sleep(0.5)
+    with (out / TRAIN_LOCK).open() as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free for a resume
 
 
 def test_one_run_trains_in_a_folder_and_resumes_only_its_own_mlflow_run(tiny_train_root: Path, tmp_path: Path) -> None:
@@ -448,6 +447,10 @@ def test_one_run_trains_in_a_folder_and_resumes_only_its_own_mlflow_run(tiny_tra
     with pytest.raises(
         ConfigError, match=r"mlflow_run_id names MLflow run \w+, which sqlite:///.*elsewhere.* does not"
     ):
+        launch(resumed)
+    MlflowClient(cfg.mlflow.tracking_uri).delete_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    resumed.mlflow.tracking_uri = cfg.mlflow.tracking_uri
+    with pytest.raises(ConfigError, match=r"mlflow_run_id names MLflow run \w+, which was deleted: restore it"):
         launch(resumed)
 
 

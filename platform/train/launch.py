@@ -264,17 +264,28 @@ def _check_run(tracking_uri: str, run_id: str, run_id_file: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(tracking_uri).get_run(run_id)
+        deleted = MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "deleted"
     except MlflowException:
         raise ConfigError(
             f"{run_id_file} names MLflow run {run_id}, which {tracking_uri} does not hold: resume with the "
             "mlflow.tracking_uri it began with, or delete that file to log to a new run"
         ) from None
+    if deleted:
+        raise ConfigError(
+            f"{run_id_file} names MLflow run {run_id}, which was deleted: restore it (`mlflow runs restore --run-id "
+            f"{run_id}` with MLFLOW_TRACKING_URI={tracking_uri}), or delete that file to log to a new run"
+        )
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL, so its ranks never outlive it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child of a fork runs as little as it can
+
+
+def die_with_parent(sig: signal.Signals, parent: int) -> None:
+    """`sig` to this process when `parent` dies, even by SIGKILL (at once if it already has): torchrun gets SIGTERM
+    from its launcher's death and stops its ranks; a rank gets SIGKILL from torchrun's, which no longer can."""
+    _prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> dict[str, float]:
@@ -297,9 +308,13 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
         str(metrics_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.trainer.threads)}
-    # In this process group, so that the queue's SIGKILL after a cancel's grace period reaches every rank too; a
-    # terminal's Ctrl-C reaches them all, and each rank stops at its next step (torchrun adds its own traceback).
-    ranks = subprocess.Popen(command, env=env, pass_fds=(lock,), preexec_fn=_die_with_parent)
+    # torchrun starts each rank in a session of its own, so no signal to a group reaches them: torchrun forwards
+    # SIGTERM, and each rank dies with torchrun (see worker.py). A terminal's Ctrl-C reaches this process and
+    # torchrun, and each rank stops at its next step (torchrun adds its own traceback).
+    launcher = os.getpid()
+    ranks = subprocess.Popen(
+        command, env=env, pass_fds=(lock,), preexec_fn=lambda: die_with_parent(signal.SIGTERM, launcher)
+    )
     stopped: str | None = None
 
     def stop(signum: int, frame: object) -> None:

@@ -50,10 +50,14 @@ CARD_LATENCY_RUNS = 20
 class _StopSignal:
     """SIGTERM or Ctrl-C (SIGINT) asks for a checkpoint at the next step boundary instead of killing the step."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> _StopSignal:
         self.requested: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = signal.Signals(signum).name
@@ -240,7 +244,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
 
     vset = load_verification_set(cfg)
     tracker = RunTracker(cfg.mlflow.tracking_uri, run_id) if ctx.is_main and run_id else None
-    stop = _StopSignal()
     amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.trainer.amp else nullcontext()
     steps, accumulate = cfg.trainer.steps, cfg.trainer.accumulate
     # The head's step can run inside its backward when that backward yields its whole gradient.
@@ -270,58 +273,59 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             tracker.metrics({f"eval.{k}": v for k, v in scores.items()}, step)
         return scores
 
-    while step < steps:
-        try:
-            images, labels, *indices = next(batches)
-            unreadable = None
-        except ImageDecodeError as err:  # from a DataLoader worker its message ends with the original line
-            unreadable = str(err).strip().splitlines()[-1]
-        if _any_rank(unreadable is not None, ctx.device):  # every rank stops at this step, checkpointed
-            save(step)
-            progress.close()
-            raise SystemExit(
-                f"{unreadable or 'another rank met an unreadable training image'}; the {step} steps done are "
-                "checkpointed: fix or remove the file, then resume with trainer.resume=auto"
-            )
-        images = images.to(ctx.device, memory_format=memory_format)
-        labels = labels.to(ctx.device)
-        lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        teacher = distiller.teacher_features(images, *indices) if distiller else None
-        if head_step_in_backward:
-            head_optimizer.step_in_next_backward(lr)
-        loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp, teacher)
-        if distiller is not None:
-            distiller.sync_gradients()
-        if cfg.trainer.grad_clip > 0:
-            clip_grad_norm(trainable, head, cfg.trainer.grad_clip)
-        optimizer.step()
-        if head_optimizer is not None and not head_step_in_backward:
-            head_optimizer.step(lr)
-        step += 1
-        images_seen += images.shape[0] * ctx.world_size
-        progress.update(1)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower optim.lr or enable grad_clip")
+    with _StopSignal() as stop:  # Ctrl-C and SIGTERM mean 'checkpoint and stop' only while steps run
+        while step < steps:
+            try:
+                images, labels, *indices = next(batches)
+                unreadable = None
+            except ImageDecodeError as err:  # from a DataLoader worker its message ends with the original line
+                unreadable = str(err).strip().splitlines()[-1]
+            if _any_rank(unreadable is not None, ctx.device):  # every rank stops at this step, checkpointed
+                save(step)
+                progress.close()
+                raise SystemExit(
+                    f"{unreadable or 'another rank met an unreadable training image'}; the {step} steps done are "
+                    "checkpointed: fix or remove the file, then resume with trainer.resume=auto"
+                )
+            images = images.to(ctx.device, memory_format=memory_format)
+            labels = labels.to(ctx.device)
+            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            teacher = distiller.teacher_features(images, *indices) if distiller else None
+            if head_step_in_backward:
+                head_optimizer.step_in_next_backward(lr)
+            loss_sum = forward_backward(net, loss_fn, images, labels, accumulate, amp, teacher)
+            if distiller is not None:
+                distiller.sync_gradients()
+            if cfg.trainer.grad_clip > 0:
+                clip_grad_norm(trainable, head, cfg.trainer.grad_clip)
+            optimizer.step()
+            if head_optimizer is not None and not head_step_in_backward:
+                head_optimizer.step(lr)
+            step += 1
+            images_seen += images.shape[0] * ctx.world_size
+            progress.update(1)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss_sum} at step {step}; lower optim.lr or enable grad_clip")
 
-        if tracker and (step % cfg.trainer.log_every == 0 or step == steps):
-            elapsed = time.perf_counter() - tick
-            rate = images_seen / elapsed
-            distill_terms = distiller.pop_terms() if distiller else {}
-            tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate, **distill_terms}, step)
-            progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
-            tick, images_seen = time.perf_counter(), 0
-        stopping = _any_rank(stop.requested is not None, ctx.device)
-        if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
-            save(step)
-        if stopping:
-            progress.close()
-            why = stop.requested or "another rank"
-            raise SystemExit(f"stopped by {why} at step {step}; resume with trainer.resume=auto")
-        if vset is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
-            evaluate_and_log(None)
+            if tracker and (step % cfg.trainer.log_every == 0 or step == steps):
+                elapsed = time.perf_counter() - tick
+                rate = images_seen / elapsed
+                distill_terms = distiller.pop_terms() if distiller else {}
+                tracker.metrics({"loss": loss_sum, "lr": lr, "img_per_s": rate, **distill_terms}, step)
+                progress.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
+                tick, images_seen = time.perf_counter(), 0
+            stopping = _any_rank(stop.requested is not None, ctx.device)
+            if stopping or step % cfg.trainer.checkpoint_every == 0 or step == steps:
+                save(step)
+            if stopping:
+                progress.close()
+                why = stop.requested or "another rank"
+                raise SystemExit(f"stopped by {why} at step {step}; resume with trainer.resume=auto")
+            if vset is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
+                evaluate_and_log(None)
     progress.close()
     if vset is not None:  # after the loop: a run resumed from its last checkpoint (killed while evaluating) gets it too
         metrics = evaluate_and_log(out / "roc.png")

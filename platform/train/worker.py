@@ -6,15 +6,21 @@ The config file is the resolved, validated config the launcher wrote, so ranks n
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 from pathlib import Path
 
 import yaml
 
 from faceforge.train.config import TrainConfig
+from faceforge.train.launch import die_with_parent
 from faceforge.train.loop import train
 
 
 def main() -> None:
+    # torchrun gives each rank a session of its own: its group's SIGKILL (a cancelled job past its grace period)
+    # would leave the rank training on, so the rank dies with torchrun.
+    die_with_parent(signal.SIGKILL, os.getppid())
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--run-id", default=None)
