@@ -23,6 +23,7 @@ from torch import nn
 
 from faceforge import models
 from faceforge.data import ImageFolderDataset, VerificationSet, write_bin
+from faceforge.distill.cli import distill_overrides
 from faceforge.heads import margin_spec
 from faceforge.locks import try_lock
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
@@ -134,6 +135,7 @@ def test_schedule_values_that_would_negate_or_raise_the_lr_are_refused(
     [
         ("eval", "batch_size", 0, "eval.batch_size must be between 1 and 65536, got 0"),
         ("eval", "crop_fraction", 0.0, "eval.crop_fraction must be in (0, 1]"),
+        ("trainer", "eval_every", -1, "trainer.eval_every must be between 0 and inf, got -1"),
         ("optim", "betas", [2.0, 0.999], "optim.betas must be two values in [0, 1), got [2.0, 0.999]"),
         ("optim", "betas", [0.9], "optim.betas must be two values in [0, 1), got [0.9]"),
     ],
@@ -503,16 +505,39 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     if nproc > 1:
         return  # resuming is the same code for any nproc, and is tested below and in the resharding test
 
-    result = run_cli(
-        *args[:-3],
-        f"trainer.steps={step + 2}",
-        "trainer.resume=auto",
-        "mlflow.log_model=false",
-        f"hydra.run.dir={out}",
-        env={"FACEFORGE_HOME": str(tmp_path)},
-    )
+    # The run's folder is all a resume needs: its width, input size and data come from what Hydra recorded.
+    assert f"faceforge train --resume {out}" in err
+    result = run_cli("--resume", str(out), f"trainer.steps={step + 2}", env={"FACEFORGE_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert resolve_checkpoint(out / "checkpoints").name == f"step_{step + 2:08d}"
+    assert (out / "mlflow_run_id").read_text() == run.info.run_id
+    assert TrainConfig.load(out / "config.yaml").model.width == 0.25
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--resume"], "--resume needs the run's folder"),
+        (["--resume", "{empty}"], "not a training run's folder"),
+        (["--resume={run}", "-m", "optim.lr=0.1,0.2"], "cannot be a sweep"),
+        (["--resume", "{run}", "hydra.run.dir=/elsewhere"], "drop hydra.run.dir=/elsewhere"),
+    ],
+)
+def test_a_resume_is_refused_in_one_line_when_it_cannot_continue_the_run(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text("- model.width=0.25\n")
+    (tmp_path / "empty").mkdir()
+    argv = [word.format(run=tmp_path / "run", empty=tmp_path / "empty") for word in arguments]
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("faceforge train: error: ") and message in line
+
+
+def test_a_resumed_distillation_keeps_its_recorded_preset() -> None:
+    assert distill_overrides(["--resume", "runs/train/x"]) == ["--resume", "runs/train/x"]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

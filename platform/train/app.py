@@ -33,8 +33,45 @@ def hydra_main(config: DictConfig) -> float | None:
     return _objective(metrics)
 
 
+RESUME_FLAG = "--resume"
+
+
+def resume_arguments(argv: list[str]) -> list[str]:
+    """`--resume RUN [overrides]` as the trainer's arguments: the overrides Hydra recorded for RUN, with `overrides`
+    replacing the values of the keys they set, continued in RUN from its latest checkpoint. A resume then never
+    depends on retyping the run's command line, and a forgotten override cannot silently change the run."""
+    from faceforge.jobs.spec import merge_overrides, quoted_path
+
+    at = next(i for i, word in enumerate(argv) if word.partition("=")[0] == RESUME_FLAG)
+    flag, _, run = argv[at].partition("=")
+    rest = argv[:at] + argv[at + (1 if run else 2) :]
+    run = run or (argv[at + 1] if at + 1 < len(argv) else "")
+    recorded = Path(run) / ".hydra" / "overrides.yaml"
+    if not run or run.startswith("-"):
+        raise ConfigError(f"{flag} needs the run's folder (runs/train/<run>)")
+    if not recorded.is_file():
+        raise ConfigError(f"{flag} {run}: not a training run's folder (it has no {recorded.relative_to(run)})")
+    overrides = [word for word in rest if "=" in word and not word.startswith("-")]
+    hydra_flags = [word for word in rest if word not in overrides]  # --cfg job, --info, ...
+    if {"-m", "--multirun"} & set(hydra_flags):
+        raise ConfigError(f"{flag} continues one run; it cannot be a sweep (-m)")
+    owned = ("trainer.resume", "output_dir", "hydra.run.dir")
+    if clashing := [word for word in overrides if word.partition("=")[0].lstrip("+~") in owned]:
+        raise ConfigError(f"{flag} sets {', '.join(owned)} itself; drop {' '.join(clashing)}")
+    folder = quoted_path(Path(run).resolve())
+    saved = OmegaConf.to_container(OmegaConf.load(recorded))
+    identity = ["trainer.resume=auto", f"output_dir={folder}", f"hydra.run.dir={folder}"]
+    return [*hydra_flags, *merge_overrides([str(word) for word in saved], [*overrides, *identity])]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the Hydra app with `argv` as its overrides (Hydra reads sys.argv itself)."""
-    if argv is not None:
-        sys.argv = ["faceforge train", *argv]
+    """Run the Hydra app with `argv` (default: the command line) as its arguments; Hydra reads sys.argv itself."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(word.partition("=")[0] == RESUME_FLAG for word in argv):
+        try:
+            argv = resume_arguments(argv)
+        except ConfigError as err:
+            print(f"faceforge train: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = ["faceforge train", *argv]
     hydra_main()

@@ -175,6 +175,11 @@ class TrainConfig:
     def micro_batch(self) -> int:
         return self.per_rank_batch // self.trainer.accumulate
 
+    @property
+    def resume_hint(self) -> str:
+        """How a stopped run continues: its folder records everything else."""
+        return f"resume with: faceforge train --resume {self.output_dir}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -340,6 +345,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("trainer.grad_clip", trainer.grad_clip, 0.0, math.inf),
         ("trainer.log_every", trainer.log_every, 1, math.inf),
         ("trainer.checkpoint_every", trainer.checkpoint_every, 1, math.inf),
+        ("trainer.eval_every", trainer.eval_every, 0, math.inf),  # 0: once, at the end
         ("trainer.threads", trainer.threads, 1, 1024),
         ("data.num_workers", cfg.data.num_workers, 0, 256),
         ("eval.batch_size", cfg.eval.batch_size, 1, 65536),

@@ -331,7 +331,7 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped:
-        raise SystemExit(f"stopped by {stopped}; resume with trainer.resume=auto")
+        raise SystemExit(f"stopped by {stopped}; {cfg.resume_hint}")
     if returncode != 0:
         raise SystemExit(f"training ranks exited with code {returncode}; see the log above")
     import yaml

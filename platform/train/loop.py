@@ -285,7 +285,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
                 progress.close()
                 raise SystemExit(
                     f"{unreadable or 'another rank met an unreadable training image'}; the {step} steps done are "
-                    "checkpointed: fix or remove the file, then resume with trainer.resume=auto"
+                    f"checkpointed: fix or remove the file, then {cfg.resume_hint}"
                 )
             images = images.to(ctx.device, memory_format=memory_format)
             labels = labels.to(ctx.device)
@@ -323,7 +323,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
             if stopping:
                 progress.close()
                 why = stop.requested or "another rank"
-                raise SystemExit(f"stopped by {why} at step {step}; resume with trainer.resume=auto")
+                raise SystemExit(f"stopped by {why} at step {step}; {cfg.resume_hint}")
             if vset is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
                 evaluate_and_log(None)
     progress.close()
