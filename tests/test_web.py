@@ -23,6 +23,8 @@ from markupsafe import escape
 from mlflow.tracking import MlflowClient
 
 from faceforge import models
+from faceforge.data import pack_folder
+from faceforge.data.record_dataset import INTERRUPTED_PACK_MARKER
 from faceforge.data_pipeline.autolabel_state import StateDB
 from faceforge.data_pipeline.versions import FaceRecord, write_version
 from faceforge.export import ExportSource, export_artifact, log_export, open_calibration_images, resolve_source
@@ -239,6 +241,55 @@ def test_sweep_preview_counts_points_and_submits_them(server: Server, tiny_train
     ]
     page = server.get(f"/sweeps/{sweep_id}").text
     assert all(job.id in page for job in jobs) and "<th>optim.lr</th>" in page
+
+
+def test_a_dataset_the_datasets_page_shows_broken_is_refused_until_fixed(
+    server: Server, roots: list[Path], tiny_train_root: Path
+) -> None:
+    """The form refuses it in the datasets page's own words, before a job fails at its start; fixed, it is taken."""
+    packed, cut = roots[1] / "packed", roots[1] / "cut-short"
+    pack_folder(tiny_train_root, packed)
+    shutil.copytree(tiny_train_root, cut)
+    first = sorted(cut.glob("*/*.jpg"))[0]  # the image the description decodes
+    try:
+        (packed / INTERRUPTED_PACK_MARKER).touch()  # a pack killed between its renames
+        first.write_bytes(b"")  # a copy cut short
+        page = server.get("/datasets").text
+        before = server.count()
+        for dataset in (packed, cut):
+            shown = re.search(rf'<td>{dataset.name}</td>\s*<td colspan="3" class="error">(.*?)</td>', page, re.S)
+            assert shown, page
+            reply = server.post("/jobs", data=job_form(dataset), headers=BEARER)
+            error = re.search(r'id="form-error"[^>]*>(.*?)</p>', reply.text, re.S)
+            assert reply.status_code == 400 and error, (dataset, reply.status_code)
+            assert shown.group(1) in error.group(1) and dataset.name in error.group(1), error.group(1)
+        assert server.count() == before
+        (packed / INTERRUPTED_PACK_MARKER).unlink()  # what a finished re-pack leaves
+        first.unlink()
+        for dataset in (packed, cut):
+            reply = server.post("/jobs", data=job_form(dataset), headers=BEARER)
+            assert reply.status_code == 303, reply.text
+    finally:
+        shutil.rmtree(packed)
+        shutil.rmtree(cut)
+
+
+def test_a_dataset_slow_to_describe_does_not_hold_the_form(
+    server: Server, roots: list[Path], tiny_train_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the wait the form takes the dataset undescribed; the description goes on, and the next submission has it."""
+    packed = roots[1] / "packed-slowly"
+    pack_folder(tiny_train_root, packed)
+    (packed / INTERRUPTED_PACK_MARKER).touch()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(web_app, "DESCRIBE_WAIT_SECONDS", 0.0)  # no description arrives in no time
+            reply = server.post("/jobs", data=job_form(packed), headers=BEARER)
+            assert reply.status_code == 303, reply.text
+        reply = server.post("/jobs", data=job_form(packed), headers=BEARER)
+        assert reply.status_code == 400 and "a pack into it was interrupted" in reply.text
+    finally:
+        shutil.rmtree(packed)
 
 
 def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Path], tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ from faceforge.registry import (
 from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
-from faceforge.web.datasets import DEMO, data_roots, describe, list_datasets
-from faceforge.web.forms import JobForm
+from faceforge.web.datasets import DEMO, Dataset, data_roots, describe_or_error, list_datasets
+from faceforge.web.forms import JobForm, trained_datasets
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
     CSRF_COOKIE,
@@ -67,6 +68,9 @@ POLL_SECONDS = 0.5  # how often a log stream looks for new bytes
 MLFLOW_UI_ENV = "FACEFORGE_MLFLOW_UI"
 REGISTRATION_WAIT_SECONDS = 60.0  # a finished sweep page polls this long for the champion the scheduler registers
 FRONTS_ON_MODELS_PAGE = 6  # the newest sweeps' Pareto fronts; older ones are on their sweep pages
+# How long a submission waits for its datasets' descriptions; a slower one is taken undescribed, and its
+# description goes on, cached for the datasets page and the next submission.
+DESCRIBE_WAIT_SECONDS = 5.0
 # Hydra's global state is per process: two requests composing configs at once would trip over each other.
 HYDRA_LOCK = threading.Lock()
 REGISTRY_LOCK = threading.Lock()
@@ -122,6 +126,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     backbones, heads = (sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")) for group in ("model", "head"))
     mlflow_ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
     home_uri = f"sqlite:///{home}/mlflow.db"
+    # One description at a time: a slow dataset submitted again waits for the first pass and then hits the cache,
+    # rather than filling the threads that compose and store jobs with more passes over the same folder.
+    describer = ThreadPoolExecutor(1, thread_name_prefix="describe")
 
     def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         # Where "Log in" returns to: this page with its query (a clone, a sweep's metric), or a form re-shown.
@@ -250,6 +257,18 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             return HTMLResponse(f'<span class="error">{escape(str(err))}</span>')
         return HTMLResponse(f"{count} point{'s' if count != 1 else ''}")
 
+    async def refuse_broken(datasets: list[Dataset]) -> None:
+        """ValueError with the datasets page's words for one the page shows broken (the job would fail at its
+        start); a description not ready within DESCRIBE_WAIT_SECONDS does not hold the form."""
+        try:
+            async with asyncio.timeout(DESCRIBE_WAIT_SECONDS):
+                for dataset in datasets:
+                    _, error = await asyncio.wrap_future(describer.submit(describe_or_error, dataset))
+                    if error:
+                        raise ValueError(f"dataset {dataset.name} cannot be trained on: {error}")
+        except TimeoutError:  # still being described: taken, as before; the job's start says what is wrong
+            return
+
     @app.post("/jobs", dependencies=[Depends(require_token)])
     async def submit(request: Request) -> Response:
         form = JobForm.from_form(await request.form())
@@ -257,6 +276,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             if form.executor not in EXECUTORS:
                 raise ValueError(f"unknown executor {form.executor!r}")
             overrides = form.overrides_list(roots)
+            await refuse_broken(trained_datasets(overrides))
             priority, slots = form.number("priority") or 0, form.number("slots")
             jobs = await asyncio.to_thread(
                 compose_jobs, overrides, name=form.name or None, priority=priority, slots=slots, executor=form.executor
@@ -451,12 +471,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.get("/datasets")
     def datasets_page(request: Request) -> HTMLResponse:
-        rows = []
-        for dataset in list_datasets(roots):
-            try:
-                rows.append((dataset, describe(dataset), None))
-            except (ValueError, OSError) as err:
-                rows.append((dataset, {}, str(err)))
+        rows = [(dataset, *describe_or_error(dataset)) for dataset in list_datasets(roots)]
         return render(request, "datasets.html", rows=rows, roots=roots, autolabel=autolabel_status(autolabel_dir))
 
     return app

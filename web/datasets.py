@@ -77,10 +77,14 @@ def _source(folder: Path) -> str:
     return str(folder)
 
 
+def demo_dataset() -> Dataset:
+    demo = demo_data_paths()
+    return Dataset(DEMO, demo.train_root, demo.source)
+
+
 def list_datasets(roots: list[Path]) -> list[Dataset]:
     """The demo set, then every training set that is a data root or a folder directly inside one."""
-    demo = demo_data_paths()
-    found = [Dataset(DEMO, demo.train_root, demo.source)]
+    found = [demo_dataset()]
     for root in roots:
         if not root.is_dir():
             continue
@@ -120,3 +124,12 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     with os.scandir(dataset.path) as entries:
         listing = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
     return _summary(dataset.path, listing)
+
+
+def describe_or_error(dataset: Dataset) -> tuple[dict[str, Any], str | None]:
+    """`describe`, or the one line saying why the dataset cannot be read: the datasets page shows it and the job
+    form refuses on it, so both say the same thing."""
+    try:
+        return describe(dataset), None
+    except (ValueError, OSError) as err:
+        return {}, str(err)

@@ -16,7 +16,7 @@ from typing import Any
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.jobs import Job, expand_sweep, faceforge_home, override_value, quoted_path
 from faceforge.train.app import CONFIG_DIR
-from faceforge.web.datasets import DEMO, confine
+from faceforge.web.datasets import DEMO, Dataset, confine, demo_dataset
 
 # Form field -> config key; blank means the config's default.
 HYPERPARAMETERS = {
@@ -198,6 +198,17 @@ def confined(override: str, roots: list[Path]) -> str:
             value = quoted_path(resolved)
         values.append(value)
     return f"{key}={','.join(values)}"
+
+
+def trained_datasets(overrides: list[str]) -> list[Dataset]:
+    """The datasets the jobs of `overrides` (checked by `overrides_list`) train on: each data.root, else the demo's."""
+    values = [
+        override_value(point)
+        for override in overrides
+        if override_key(override) == "data.root"
+        for [point] in expand_sweep([override])
+    ]
+    return [Dataset(Path(v).name, Path(v), v) if v else demo_dataset() for v in dict.fromkeys(values or [None])]
 
 
 def is_group_choice(group: str, value: str | None) -> bool:
