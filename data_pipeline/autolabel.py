@@ -64,10 +64,12 @@ from faceforge.data_pipeline.versions import FaceRecord, list_versions, version_
 CROP_SIZE = 112
 ROOT_ALBUM = "."  # files put straight into the inbox: the inbox itself, a name no album folder can have
 STATE = "state.db"
+LOCK = "daemon.lock"  # beside the state database: a folder holding both is a work folder a daemon has run in
 # A file that looks cut short waits this many times settle_seconds (a minute by default) before it is decided.
 INCOMPLETE_SETTLE_FACTOR = 30
 LOCK_PATIENCE_SECONDS = 1.0
 OUTCOMES = ("labelled", "rejected", "error")
+WORK_FOLDERS = (*OUTCOMES, "crops", "versions", "models")  # what the daemon writes below its work folder
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
 CHECKPOINT_KEY = "sha256:"  # a checkpoint's model key: the hash of its weights (a registered model's is its URI)
@@ -295,11 +297,33 @@ def resolve_model(source: str, tracking_uri: str | None) -> tuple[str, str]:
     if not Path(source).exists():
         raise AutolabelError(f"model {source}: neither a checkpoint nor an MLflow model URI")
     weights = resolve_checkpoint(Path(source)) / "model.pt"
-    return checkpoint_key(weights.read_bytes()), str(weights.parent)
+    return weights_key(weights), str(weights.parent)
 
 
-def checkpoint_key(weights: bytes) -> str:
-    return CHECKPOINT_KEY + hashlib.sha256(weights).hexdigest()[:16]
+def checkpoint_key(sha256: str) -> str:
+    return CHECKPOINT_KEY + sha256[:16]
+
+
+_weights_keys: dict[Path, tuple[tuple[int, int, int], str]] = {}  # model.pt -> ((size, mtime_ns, inode), key)
+
+
+def weights_key(weights: Path) -> str:
+    """The checkpoint key of a model.pt, hashed again only when it is another file (its size, mtime or inode
+    changed): the daemon resolves its model every pass, and an idle one must not read a large checkpoint each
+    poll. A file written or replaced while it is hashed is not cached, so the next pass hashes it again."""
+    path = weights.resolve()
+    signature = file_signature(path.stat())
+    if (cached := _weights_keys.get(path)) and cached[0] == signature:
+        return cached[1]
+    with path.open("rb") as stream:
+        key = checkpoint_key(hashlib.file_digest(stream, "sha256").hexdigest())
+        if file_signature(os.fstat(stream.fileno())) == signature:
+            _weights_keys[path] = (signature, key)
+    return key
+
+
+def file_signature(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def load_embedding_model(key: str, source: str, tracking_uri: str | None) -> EmbeddingModel:
@@ -341,6 +365,7 @@ class Autolabeller:
     def __init__(self, inbox: Path, workdir: Path, config: AutolabelConfig, log: Callable[[str], None] = print):
         self.inbox, self.workdir, self.config, self.log = Path(inbox), Path(workdir), config, log
         check_folders(self.inbox, self.workdir)
+        check_inputs(self.inbox, config)
         self.crops = self.workdir / "crops"
         self.versions = self.workdir / "versions"
         self.state = StateDB(self.workdir / STATE)
@@ -392,15 +417,32 @@ class Autolabeller:
     def inbox_files(self) -> list[Path]:
         """Every file of the inbox but hidden ones, in a fixed order. Album folders that are links are followed (each
         real folder once); a name that is not UTF-8 (the database stores text) is first renamed to its escaped form."""
-        files, seen = [], set()
+        files, seen, inside = [], set(), self.inbox.resolve()
         for folder, subfolders, names in os.walk(self.inbox, followlinks=True):
             if (real := os.path.realpath(folder)) in seen:
                 subfolders.clear()
                 continue
             seen.add(real)
+            self.check_inbox_folder(Path(folder), Path(real), linked=not Path(real).is_relative_to(inside))
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             files += [Path(folder, name) for name in names if not name.startswith(".")]
         return sorted(self.utf8_named(path) for path in files if path.is_file())
+
+    def check_inbox_folder(self, folder: Path, real: Path, linked: bool) -> None:
+        """An inbox folder must not be another daemon's work folder nor, reached through a link, lead into the work
+        folder, hold it, or lead into another daemon's: the daemon would take that daemon's files, or its own output
+        as new photos round after round. Checked on every scan: a link may be made while the daemon runs."""
+        if linked:
+            work, why = self.workdir.resolve(), "the daemon would take its own output as new photos"
+            if real.is_relative_to(work):
+                raise AutolabelError(f"{folder}: leads into the work folder {self.workdir}; {why}")
+            if work.is_relative_to(real):
+                raise AutolabelError(f"{folder}: holds the work folder {self.workdir}; {why}")
+        # A folder's parents inside the inbox were walked before it, and the inbox's own checked up front.
+        if owner := next((f for f in (real, *(real.parents if linked else ())) if is_work_folder(f)), None):
+            raise AutolabelError(
+                f"{folder}: the inbox reaches into the autolabel work folder {owner}; the daemon would take its files"
+            )
 
     def utf8_named(self, path: Path) -> Path:
         relative = path.relative_to(self.inbox).as_posix()
@@ -483,7 +525,7 @@ class Autolabeller:
         pinned = self.workdir / "models" / key.removeprefix(CHECKPOINT_KEY)
         if not (pinned / "model.pt").is_file():
             data = (Path(source) / "model.pt").read_bytes()
-            if checkpoint_key(data) != key:
+            if checkpoint_key(hashlib.sha256(data).hexdigest()) != key:
                 raise AutolabelError(f"{source}: its model.pt changed while it was read; trying again")
             write_atomic(pinned / "model.pt", data)
         for other in (self.workdir / "models").iterdir():
@@ -763,7 +805,7 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with (
-        _locked(workdir / "daemon.lock", f"{workdir}: another autolabel daemon is running on this work folder"),
+        _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder"),
         _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
     ):
         yield
@@ -775,10 +817,45 @@ def awaiting(job_id: str | None) -> int:
 
 
 def check_folders(inbox: Path, workdir: Path) -> None:
+    """Refuse an inbox and a work folder that overlap, or an inbox inside another daemon's work folder: the daemon
+    takes every file of its inbox, so it would label its own output round after round (error/ files are errors
+    again each round, a new version each time), empty its versions or state, or take another daemon's files."""
     if not inbox.is_dir():
         raise AutolabelError(f"{inbox}: inbox folder not found")
-    if workdir.resolve().is_relative_to(inbox.resolve()):
+    inbox_real, work_real = inbox.resolve(), workdir.resolve()
+    if work_real.is_relative_to(inbox_real):
         raise AutolabelError(f"{workdir}: the work folder must not be inside the inbox")
+    why = "the daemon would take its own output as new photos"
+    if inbox_real.is_relative_to(work_real):
+        raise AutolabelError(f"{inbox}: the inbox must not be inside the work folder {workdir}; {why}")
+    if owner := next((f for f in (inbox_real, *inbox_real.parents) if is_work_folder(f)), None):
+        raise AutolabelError(
+            f"{inbox}: the inbox is inside the autolabel work folder {owner}; the daemon would take its files"
+        )
+    for name in WORK_FOLDERS:  # a link made by hand, to put versions on a bigger disk say
+        if (workdir / name).resolve().is_relative_to(inbox_real):
+            raise AutolabelError(f"{workdir / name}: leads into the inbox {inbox}; {why}")
+
+
+def check_inputs(inbox: Path, config: AutolabelConfig) -> None:
+    """The model checkpoint and the reference folders must not overlap the inbox: the daemon would move their files
+    away as photos (and a reference folder holding the inbox would change under it with every move)."""
+    inbox_real = inbox.resolve()
+    dedup = config.dedup
+    for key, value in (
+        ("model", config.model),
+        ("dedup.known_root", dedup.known_root),
+        ("dedup.eval_root", dedup.eval_root),
+        ("dedup.calibration_root", dedup.calibration_root),
+    ):
+        if value and Path(value).exists():
+            real = Path(value).resolve()
+            if real.is_relative_to(inbox_real) or inbox_real.is_relative_to(real):
+                raise AutolabelError(f"{key}={value} and the inbox {inbox} must not hold one another")
+
+
+def is_work_folder(folder: Path) -> bool:
+    return (folder / STATE).is_file() and (folder / LOCK).is_file()
 
 
 @contextmanager
@@ -801,7 +878,7 @@ def _locked(path: Path, taken: str) -> Iterator[None]:
 
 
 def daemon_running(workdir: Path) -> bool:
-    path = workdir / "daemon.lock"
+    path = workdir / LOCK
     if not path.exists():
         return False
     with path.open("a") as lock:

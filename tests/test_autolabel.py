@@ -27,6 +27,7 @@ from faceforge.data_pipeline.autolabel import (
     AutolabelConfig,
     AutolabelError,
     Autolabeller,
+    checkpoint_key,
     daemon_running,
     exclusive,
     label_identities,
@@ -750,6 +751,118 @@ def test_a_work_folder_inside_the_inbox_is_refused_before_anything_is_made(tmp_p
     with pytest.raises(AutolabelError, match="must not be inside the inbox"), exclusive(inbox / "album" / "w", inbox):
         pass
     assert [p.relative_to(inbox).as_posix() for p in inbox.rglob("*")] == ["album"]  # no lock file to label
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file below `root`, links not followed: what must still be where it was."""
+    return {
+        os.path.relpath(os.path.join(folder, name), root): Path(folder, name).read_bytes()
+        for folder, _, names in os.walk(root)
+        for name in names
+        if os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name))
+    }
+
+
+def other_daemon(tmp_path: Path, model: Path) -> Path:
+    """The work folder of a daemon that has run (its state database beside its lock)."""
+    inbox, workdir = tmp_path / "other_inbox", tmp_path / "other_work"
+    inbox.mkdir()
+    with exclusive(workdir, inbox):
+        Autolabeller(inbox, workdir, config(model), log=lambda _: None).state.close()
+    return workdir
+
+
+NESTED = {
+    "inbox in its own error folder": "the inbox must not be inside the work folder",
+    "inbox in another daemon's labelled folder": "inside the autolabel work folder",
+    "another daemon's work folder in the inbox": "reaches into the autolabel work folder",
+    "album linking to the work folder": "leads into the work folder",
+    "album linking to a folder holding the work folder": "holds the work folder",
+    "versions folder linking into the inbox": "leads into the inbox",
+    "known identities in the inbox": "dedup.known_root",
+}
+
+
+@pytest.mark.parametrize("layout", NESTED)
+def test_nested_inbox_and_work_folders_are_refused_before_anything_is_taken(
+    layout: str, model_a: Path, tmp_path: Path
+) -> None:
+    """Each layout would have the daemon take its own output (round after round, or its versions and state.db), or
+    another daemon's files, or the reference photos it compares against: one line, and every file stays put."""
+    inbox, workdir, overrides = tmp_path / "inbox", tmp_path / "work", []
+    if layout == "inbox in its own error folder":
+        inbox = workdir / "error"
+    elif layout == "inbox in another daemon's labelled folder":
+        inbox = other_daemon(tmp_path, model_a) / "labelled"
+    elif layout == "another daemon's work folder in the inbox":
+        inbox.mkdir()
+        other_daemon(tmp_path, model_a).rename(inbox / "old_work")
+    elif layout == "album linking to the work folder":
+        (workdir / "crops").mkdir(parents=True)
+        inbox.mkdir()
+        (inbox / "trip").symlink_to(workdir / "crops", target_is_directory=True)
+    elif layout == "album linking to a folder holding the work folder":
+        inbox.mkdir()
+        (inbox / "everything").symlink_to(tmp_path, target_is_directory=True)
+    elif layout == "versions folder linking into the inbox":
+        (inbox / "datasets").mkdir(parents=True)
+        workdir.mkdir()
+        (workdir / "versions").symlink_to(inbox / "datasets", target_is_directory=True)
+    elif layout == "known identities in the inbox":
+        overrides = [f"dedup.known_root={inbox / 'people'}", "dedup.calibrate=false"]
+        (inbox / "people" / "someone").mkdir(parents=True)
+        (inbox / "people" / "someone" / "0.jpg").write_bytes(lfw_people(1)[0])
+    (inbox / "album").mkdir(parents=True, exist_ok=True)
+    (inbox / "album" / "a.jpg").write_bytes(lfw_people(1)[0])
+    before = files_under(tmp_path)
+    with pytest.raises(AutolabelError, match=NESTED[layout]) as refused, exclusive(workdir, inbox):
+        Autolabeller(inbox, workdir, config(model_a, *overrides), log=lambda _: None).run_once()
+    assert "\n" not in str(refused.value)
+    after = files_under(tmp_path)
+    assert {path: after.get(path) for path in before} == before, "a file was taken"
+
+
+def test_an_unchanged_model_file_is_not_read_again(model_a: Path, tmp_path: Path) -> None:
+    """The daemon resolves its model every pass; model.pt is hashed again only when its size, mtime or inode
+    changed. Shown by bytes changed behind an unchanged stat: the key stays the one first read."""
+    checkpoint = shutil.copytree(model_a, tmp_path / "checkpoint")
+    weights = checkpoint / "model.pt"
+    key = resolve_model(str(checkpoint), None)[0]
+    stat = weights.stat()
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 0xFF
+    weights.write_bytes(flipped)  # in place: the same inode and size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert resolve_model(str(checkpoint), None)[0] == key, "model.pt was read again though its stat is unchanged"
+
+
+def test_a_replaced_model_file_is_hashed_again(model_a: Path, tmp_path: Path) -> None:
+    """Training writes a new model.pt in place, or renames one over the old; either is a new embedding model."""
+    checkpoint = shutil.copytree(model_a, tmp_path / "checkpoint")
+    weights, model_b = checkpoint / "model.pt", save_backbone(tmp_path / "b", seed=1)
+    keys = [resolve_model(str(checkpoint), None)[0]]
+
+    def written_in_place() -> None:  # same inode; a later mtime
+        mtime = weights.stat().st_mtime_ns
+        shutil.copyfile(model_b / "model.pt", weights)
+        os.utime(weights, ns=(mtime + 10**9, mtime + 10**9))
+
+    def renamed_over() -> None:  # a new inode, even with the old mtime
+        mtime = weights.stat().st_mtime_ns
+        shutil.copyfile(model_a / "model.pt", checkpoint / "new.pt")
+        os.utime(checkpoint / "new.pt", ns=(mtime, mtime))
+        os.replace(checkpoint / "new.pt", weights)
+
+    def grown() -> None:  # the same inode and mtime, another size
+        mtime = weights.stat().st_mtime_ns
+        with weights.open("ab") as stream:
+            stream.write(b"\0")
+        os.utime(weights, ns=(mtime, mtime))
+
+    for replace in (written_in_place, renamed_over, grown):
+        replace()
+        keys.append(resolve_model(str(checkpoint), None)[0])
+        assert keys[-1] == checkpoint_key(hashlib.sha256(weights.read_bytes()).hexdigest()) != keys[-2]
 
 
 def test_near_copies_scored_by_different_models_keep_the_better_face() -> None:
