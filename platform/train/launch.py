@@ -295,7 +295,7 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "faceforge.train.torchrun",
         "--standalone",
         f"--nproc-per-node={cfg.trainer.nproc}",
         "-m",
@@ -309,8 +309,8 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.trainer.threads)}
     # torchrun starts each rank in a session of its own, so no signal to a group reaches them: torchrun forwards
-    # SIGTERM, and each rank dies with torchrun (see worker.py). A terminal's Ctrl-C reaches this process and
-    # torchrun, and each rank stops at its next step (torchrun adds its own traceback).
+    # SIGTERM, and each rank dies with torchrun (see worker.py). A stop sent to this process's group reaches
+    # torchrun twice, from there and from `stop` below; it acts on the first (see torchrun.py).
     launcher = os.getpid()
     ranks = subprocess.Popen(
         command, env=env, pass_fds=(lock,), preexec_fn=lambda: die_with_parent(signal.SIGTERM, launcher)
