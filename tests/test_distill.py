@@ -30,6 +30,7 @@ from faceforge.heads import margin_spec
 from faceforge.jobs.spec import compose_config
 from faceforge.parallel import DistContext, ShardedMarginSoftmax, all_reduce_sum
 from faceforge.train import ConfigError, TrainConfig, from_dict
+from faceforge.train import launch as launch_module
 from faceforge.train.checkpoint import load_backbone, resolve_checkpoint, save_checkpoint
 from faceforge.train.launch import launch
 from faceforge.train.loop import train_transform
@@ -152,6 +153,28 @@ def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tm
     resumed.trainer.steps = 4
     with pytest.raises(ConfigError, match=r"trainer\.resume: .*distill\.pt is not a readable distillation state"):
         launch(resumed)
+
+
+def test_a_teacher_changed_after_the_launchers_check_is_refused_by_the_rank(
+    tiny_train_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher checks its own copy of the teacher; the one the rank loads to train with is checked again, so
+    weights that change in between (a teacher still training into its folder) cannot be taken up silently."""
+    teacher = save_teacher(tmp_path / "teacher", seed=1)
+    launch(distill_config(tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0))
+    check = launch_module.check_distill_resume
+
+    def check_then_retrain_teacher(cfg: TrainConfig, path: Path) -> None:
+        check(cfg, path)
+        save_teacher(teacher, seed=2)
+
+    monkeypatch.setattr(launch_module, "check_distill_resume", check_then_retrain_teacher)
+    resumed = distill_config(
+        tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 3, "resume": "auto"}, embedding_weight=1.0
+    )
+    with pytest.raises(ConfigError, match=r"was distilled from teacher weights-sha256:.* now holds other weights"):
+        launch(resumed)
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
 
 
 def test_switching_distillation_on_or_off_on_resume_is_refused(tiny_train_root: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from faceforge.export import (
     OnnxEmbedder,
     artifact_files,
     equalize_channels,
+    export_artifact,
     export_file,
     export_model,
     export_onnx,
@@ -111,6 +112,24 @@ def test_export_onnx_checks_and_matches_pytorch(tmp_path: Path) -> None:
     assert "PRelu" not in ops and {"Relu", "Mul", "Sub"} <= ops, "PReLU is exported as relu(x) - a*relu(-x)"
     for batch in (1, 8):
         assert output_gap(model, path, 56, batch, seed=batch) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18"])
+@torch.no_grad()
+def test_card_params_are_those_the_exported_graph_stores(name: str, tmp_path: Path) -> None:
+    """Folding trades each BatchNorm's scale and shift for one conv bias; IResNet's pre-activation BatchNorms stay,
+    their running statistics stored as weights. The card counts model.onnx's weights, and the trained model's apart."""
+    model = _random_batchnorm_statistics(models.create(name, width=0.25, input_size=56, embedding_dim=32))
+    generator = torch.Generator().manual_seed(1)
+    for param in model.parameters():  # no two equal tensors: the exporter would store them once
+        param.add_(torch.randn(param.shape, generator=generator) * 1e-3)
+    card = export_artifact(model, "onnx", tmp_path, latency_runs=1)
+    stored = onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+    weights = sum(int(np.prod(tensor.dims)) for tensor in stored if tensor.data_type == onnx.TensorProto.FLOAT)
+    assert card.params == weights
+    assert card.trained_params == sum(p.numel() for p in model.parameters()) != weights
+    assert json.loads((tmp_path / "card.json").read_text())["trained_params"] == card.trained_params
+    assert "trained" in card.summary()
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +262,7 @@ def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained:
     assert export.source == str(trained.resolve()) and export.source_run_id is None and export.model_version is None
     assert export.files == {name: (c_array_export / name).stat().st_size for name in artifact_files("c-array")}
     card = json.loads((c_array_export / "card.json").read_text())
-    for key in ("params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms"):
+    for key in ("params", "trained_params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms"):
         assert export.metrics[key] == pytest.approx(card[key]), key
     assert export.metrics["largest_activation_bytes"] == card["largest_activation"]["bytes"]
     assert export.metrics["int8_fidelity.mean_cosine"] == pytest.approx(card["int8_fidelity"]["mean_cosine"])

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from faceforge.data import ImageFolderDataset, RecordDataset
 from faceforge.distill.features import FeatureTable, teacher_table
 from faceforge.distill.losses import DistillLoss, HeadLoss, centre_classifier, class_centres
-from faceforge.distill.teacher import load_teacher, teacher_identity
+from faceforge.distill.teacher import check_same_teacher, load_teacher, teacher_identity
 from faceforge.parallel import DistContext, all_reduce_sum
 from faceforge.train.config import TrainConfig
 
@@ -133,9 +133,17 @@ class Distiller:
         return {STATE_FILE: {"projection": self.projection.state_dict(), "teacher": self.teacher_id}}
 
     def load(self, checkpoint: Path) -> None:
-        if not self.parameters():
-            return
+        """The projection back, once the teacher this rank loaded is found to be the checkpoint's.
+
+        The launcher checked a copy of its own before the ranks started (check_distill_resume); this one trains,
+        and its source may have moved since (an alias re-pointed, a teacher still training into its folder).
+        """
         path = checkpoint / STATE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: this checkpoint has no distillation projection to resume")
-        self.projection.load_state_dict(torch.load(path, map_location=self.ctx.device, weights_only=True)["projection"])
+            if self.parameters():
+                raise FileNotFoundError(f"{path} missing: this checkpoint has no distillation projection to resume")
+            return
+        state = torch.load(path, map_location=self.ctx.device, weights_only=True)
+        check_same_teacher(state.get("teacher", ""), self.teacher_id, checkpoint, self.settings.teacher)
+        if self.parameters():
+            self.projection.load_state_dict(state["projection"])

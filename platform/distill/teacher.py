@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,3 +39,13 @@ def teacher_identity(teacher: nn.Module) -> str:
         digest.update(f"{name} {values.dtype} {tuple(values.shape)}".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy())
     return IDENTITY_PREFIX + digest.hexdigest()
+
+
+def check_same_teacher(saved: str, identity: str, checkpoint: Path, source: str) -> None:
+    """A resumed run must learn from the teacher its checkpoint learnt from: `saved` and `identity` are their
+    teacher_identity. One saved before weight hashes (no IDENTITY_PREFIX) cannot be compared and is taken on trust."""
+    if saved.startswith(IDENTITY_PREFIX) and saved != identity:
+        raise ConfigError(
+            f"trainer.resume {checkpoint} was distilled from teacher {saved}; distill.teacher {source} now holds "
+            "other weights: resume with that teacher or start a new run"
+        )

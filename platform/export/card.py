@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from faceforge.export.c_array import Activation, largest_activation
+from faceforge.export.onnx_export import fold_batchnorm
 from faceforge.export.quantize import FIDELITY_BARS
 from faceforge.export.runtime import LATENCY_RUNS, onnx_latency_ms
 from faceforge.models.card import count_macs, count_params
@@ -19,7 +20,10 @@ from faceforge.registry.selection import DEFAULT_METRIC, TIE_BREAK
 class ArtifactCard:
     format: str
     model: dict[str, Any]
+    # The weights model.onnx stores (BatchNorm folded); trained_params is the count of the model as trained, which
+    # the model cards and the training run's model.params report.
     params: int
+    trained_params: int
     macs: int
     fp32_bytes: int
     fp32_latency_ms: float
@@ -40,7 +44,7 @@ class ArtifactCard:
         act = self.largest_activation
         rows = {
             "model": " ".join(f"{k}={v}" for k, v in self.model.items()),
-            "params": f"{self.params:,}",
+            "params": f"{self.params:,} exported ({self.trained_params:,} as trained, before BatchNorm folding)",
             "MACs": f"{self.macs / 1e6:.1f} M",
             "fp32": f"{self.fp32_bytes / 1024:.1f} KiB, {self.fp32_latency_ms:.2f} ms",
         }
@@ -80,11 +84,15 @@ def artifact_card(
     """Latencies are onnxruntime's at batch 1 on one thread (median of `latency_runs`)."""
     input_size = model.input_size
     deployed = int8_path or fp32_path
+    exported = fold_batchnorm(model)
+    # A BatchNorm left unfolded becomes a BatchNormalization node, whose running statistics the file stores as weights.
+    statistics = sum(buffer.numel() for buffer in exported.buffers() if buffer.is_floating_point())
     return ArtifactCard(
         format=fmt,
         model=dict(getattr(model, "config", {})),
-        params=count_params(model),
-        macs=count_macs(model, input_size),
+        params=count_params(exported) + statistics,
+        trained_params=count_params(model),
+        macs=count_macs(exported, input_size),
         fp32_bytes=fp32_path.stat().st_size,
         fp32_latency_ms=onnx_latency_ms(fp32_path, input_size, latency_runs),
         int8_bytes=int8_path.stat().st_size if int8_path else None,

@@ -27,7 +27,7 @@ from faceforge.registry.selection import check_id
 EXPORTS_EXPERIMENT = "exports"
 SOURCE_TAG, SOURCE_RUN_TAG, FORMAT_TAG = "faceforge.source", "faceforge.source_run_id", "faceforge.export_format"
 MODEL_NAME_TAG, MODEL_VERSION_TAG = "faceforge.model_name", "faceforge.model_version"
-CARD_METRICS = ("params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms")
+CARD_METRICS = ("params", "trained_params", "macs", "fp32_bytes", "fp32_latency_ms", "int8_bytes", "int8_latency_ms")
 ACTIVATION_METRIC = "largest_activation_bytes"
 LISTED_EXPORTS = 200  # the newest; older ones stay queryable in MLflow
 

@@ -16,7 +16,7 @@ import torch
 from faceforge.data import load_bin, open_dataset
 from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
-from faceforge.distill.teacher import IDENTITY_PREFIX, load_teacher, teacher_identity
+from faceforge.distill.teacher import IDENTITY_PREFIX, check_same_teacher, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
 from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
@@ -198,11 +198,7 @@ def check_distill_resume(cfg: TrainConfig, path: Path) -> None:
         return
     if not saved_teacher.startswith(IDENTITY_PREFIX):
         print(f"trainer.resume {path} predates teacher weight hashes: distill.teacher is taken on trust", flush=True)
-    elif saved_teacher != teacher_identity(teacher):
-        raise ConfigError(
-            f"trainer.resume {path} was distilled from teacher {saved_teacher}; distill.teacher "
-            f"{cfg.distill.teacher} now holds other weights: resume with that teacher or start a new run"
-        )
+    check_same_teacher(saved_teacher, teacher_identity(teacher), path, cfg.distill.teacher)
 
 
 def launch(cfg: TrainConfig) -> dict[str, float]:
