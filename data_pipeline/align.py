@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -177,6 +178,10 @@ _worker_detectors: list[Detector] = []
 
 
 def _start_worker(settings: AlignSettings, threads: int) -> None:
+    # A terminal's Ctrl-C reaches the whole process group: the parent takes it and stops its workers, which would
+    # otherwise each print a KeyboardInterrupt traceback. Blocked since their spawn, so none came while importing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     parent = multiprocessing.parent_process()
     if parent is not None:  # a run killed with -9 leaves no workers behind: each ends once its parent has gone
         threading.Thread(target=_exit_after, args=(parent.sentinel,), daemon=True).start()
@@ -193,6 +198,13 @@ def _exit_after(sentinel: int) -> None:
 def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
     assert _worker_detectors, "worker started without _start_worker"
     return align_sources(settings, sources, _worker_detectors)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now (Python 3.14's `terminate_workers`); the chunks they had not returned are not
+    in the manifest, so a rerun aligns them."""
+    for process in list((pool._processes or {}).values()):
+        process.terminate()
 
 
 def list_sources(src: Path, exclude: Path) -> list[str]:
@@ -327,9 +339,18 @@ def align_tree(
             threads = max(1, (os.cpu_count() or 1) // workers)
             spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
             with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(settings, threads)) as pool:
-                futures = {pool.submit(_align_in_worker, settings, chunk): len(chunk) for chunk in chunks}
-                for future in as_completed(futures):
-                    log(future.result(), futures[future])
+                try:
+                    # Workers spawn on submit and start with this thread's signal mask: SIGINT blocked until set up.
+                    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                    try:
+                        futures = {pool.submit(_align_in_worker, settings, chunk): len(chunk) for chunk in chunks}
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C meanwhile is raised here
+                    for future in as_completed(futures):
+                        log(future.result(), futures[future])
+                except BaseException:
+                    stop_workers(pool)  # not after the rest of the queue: the pool's exit would wait for all of it
+                    raise
     return {key: counts[key] for key in ("images", "skipped", "aligned", "no_face", "error")}
 
 

@@ -1,6 +1,6 @@
 """The closed-loop demo's parts that need no training: profiles, the identity split, albums and ground truth,
 the aligned base and pair sets and their cache, union folders, clustering scores against the truth, the demo
-home's resume rules and the summary table."""
+home's resume rules, the summary table and a Ctrl-C while it aligns."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_align_interrupt import CLI, signal_group_when, worker_starting
 
 from faceforge import models
 from faceforge.cli import _interrupt, build_parser, main
@@ -39,6 +40,8 @@ from faceforge.demo.services import train_progress
 from faceforge.jobs import CANCELLED, QUEUED, make_jobs
 from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE
 from faceforge.jobs.paths import job_dir
+
+from conftest import shared_data
 
 SAMPLE = demo_data_paths(SAMPLE_ROOT.parent / "no-shared-data-here")  # the shipped sample, on every machine
 
@@ -371,3 +374,33 @@ def test_only_the_first_interrupt_counts_so_the_orderly_stop_finishes() -> None:
 def test_demo_options_it_would_ignore_are_refused(argv: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=f"faceforge demo: error: {re.escape(message)}"):
         main(["demo", *argv])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_demo_stopped_while_its_align_workers_start_prints_one_line_and_resumes(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The workers get a terminal's Ctrl-C too; one importing torch used to print a KeyboardInterrupt traceback."""
+    shared_data()
+    home = tmp_path / "demo"
+    demo = [*CLI, "demo", "--profile", "tiny", "--home", str(home)]
+    code, stderr = signal_group_when(demo, sig, worker_starting, tmp_path / "stderr")
+
+    assert code == 1
+    assert "Traceback" not in stderr, stderr
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"faceforge demo: interrupted; jobs and servers stopped. Rerun it to resume ({home})"
+    )
+    assert list(json.loads((home / STATE_FILE).read_text())["stages"]) == ["data"]
+
+    rerun = Demo(home, TINY, demo_data_paths(), [], port=8000, fresh=False)  # its first stages, without servers
+    try:
+        rerun.stage("data", rerun.prepare)
+        rerun.stage("align", rerun.align)
+    finally:
+        os.close(rerun.lock)
+    base = rerun.value("align", "base")
+    assert base["aligned"] > 0 and sum(base.get(status, 0) for status in ("aligned", "no_face", "error")) == (
+        TINY.base_identities * TINY.base_photos_per_identity
+    )

@@ -146,17 +146,20 @@ def _data_inspect(args: argparse.Namespace) -> None:
 def _data_align(args: argparse.Namespace) -> None:
     from faceforge.data_pipeline import align_tree
 
-    counts = align_tree(
-        args.src,
-        args.dst,
-        args.detector,
-        args.workers,
-        args.size,
-        all_faces=args.all_faces,
-        fallbacks=args.fallback or (),
-        redo=args.redo or (),
-        min_face_size=args.min_face_size,
-    )
+    try:
+        counts = align_tree(
+            args.src,
+            args.dst,
+            args.detector,
+            args.workers,
+            args.size,
+            all_faces=args.all_faces,
+            fallbacks=args.fallback or (),
+            redo=args.redo or (),
+            min_face_size=args.min_face_size,
+        )
+    except KeyboardInterrupt:  # the manifest holds every photo done so far
+        sys.exit(f"faceforge data align: interrupted; rerun the same command to resume ({args.dst})")
     print("  ".join(f"{k}={v}" for k, v in counts.items()) + f"  manifest: {args.dst / 'manifest.jsonl'}")
 
 
