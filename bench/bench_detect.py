@@ -11,16 +11,23 @@ those above 500 px resized to 500 px, every face of each (--all-faces): once in 
 (steady state, no start-up), once end to end with --workers processes (spawning them included). Run from the
 repo root:
 
-    .venv/bin/python bench/bench_detect.py                  # about a minute
+    .venv/bin/python bench/bench_detect.py                  # about two minutes
     .venv/bin/python bench/bench_detect.py --copies 40 --onet-thresholds 0.7 0.9 0.95
+    .venv/bin/python bench/bench_detect.py --sections memory --phone-batches 1 2 4
+
+Memory: peak RSS of one MTCNN.detect call on phone-size photos (detection photos upscaled to --phone-size, bicubic),
+--phone-batches of them per call, each call in a fresh process: its RSS before the call (torch, the nets, the
+photos), the peak during it (VmHWM, reset just before) and the difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -110,6 +117,44 @@ def throughput_table(args: argparse.Namespace) -> None:
             )
 
 
+def status_mib(key: str) -> float:
+    """A /proc/self/status figure (VmRSS, VmHWM) in MiB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) / 2**10
+
+
+def peak_rss(photo: str, size: tuple[int, int], batch: int) -> tuple[float, float, float, list[int]]:
+    """In a fresh process: RSS before detecting `batch` upscaled copies of `photo` in one call, peak RSS during it,
+    seconds, faces found in each copy."""
+    detector = MTCNN()
+    image = read_image(DETECTION / photo)
+    detector.detect([image])  # warm-up: thread pools, first-call allocations
+    images = [cv2.resize(image, size, interpolation=cv2.INTER_CUBIC) for _ in range(batch)]
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before, start = status_mib("VmRSS"), time.perf_counter()
+    found = detector.detect(images)
+    return before, status_mib("VmHWM"), time.perf_counter() - start, [len(faces) for faces in found]
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    width, height = args.phone_size
+    print(
+        f"\n| photo, upscaled to {width}x{height} | photos per call | RSS before (MiB) | peak RSS (MiB) | "
+        "increment (MiB) | MiB per photo | seconds | faces |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    spawn = multiprocessing.get_context("spawn")
+    for photo in args.phone_photos:
+        for batch in args.phone_batches:
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                before, peak, seconds, faces = pool.submit(peak_rss, photo, (width, height), batch).result()
+            print(
+                f"| {photo} | {batch} | {before:.0f} | {peak:.0f} | {peak - before:.0f} | "
+                f"{(peak - before) / batch:.0f} | {seconds:.1f} | {faces} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=["mtcnn", "haar"], choices=["mtcnn", "haar"])
@@ -117,12 +162,25 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=20, help="copies of the 12 photos for the throughput runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--longest-side", type=int, default=500, help="throughput photos are at most this large")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["accuracy", "throughput", "memory"],
+        choices=["accuracy", "throughput", "memory"],
+    )
+    parser.add_argument("--phone-size", nargs=2, type=int, default=[4000, 3000], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--phone-photos", nargs="+", default=["2008_002506.jpg", "bald_guys.jpg"])
+    parser.add_argument("--phone-batches", nargs="+", type=int, default=[1, 2], help="photos per detect call")
     args = parser.parse_args()
     if not DETECTION.is_dir():
         raise SystemExit(f"{DETECTION}: detection data not found")
     print(machine_line(f"torch {torch.__version__}"), flush=True)
-    accuracy_table(args)
-    throughput_table(args)
+    if "accuracy" in args.sections:
+        accuracy_table(args)
+    if "throughput" in args.sections:
+        throughput_table(args)
+    if "memory" in args.sections:
+        memory_table(args)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (other jobs on the 2 cores slow every figure)")
 
 

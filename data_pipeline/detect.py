@@ -16,7 +16,6 @@ from faceforge.data_pipeline.mtcnn import (
     Detections,
     ONet,
     check_image,
-    images_to_batch,
     load_mtcnn_nets,
     onet_stage,
     split_by_image,
@@ -43,7 +42,7 @@ def onet_in_boxes(onet: ONet, image: np.ndarray, boxes: Tensor) -> Detections:
         return Detections.empty()
     boxes, crops = boxes[usable], crops[usable]
     image_index = torch.zeros(len(boxes), dtype=torch.long, device=boxes.device)
-    table = summed_area_table(images_to_batch([image], boxes.device))
+    table = summed_area_table([image], boxes.device)
     scores, _, landmarks = onet_stage(onet, table, image_index, crops)
     return split_by_image(1, image_index, boxes, scores, landmarks)[0]
 

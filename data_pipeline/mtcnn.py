@@ -1,15 +1,19 @@
 """MTCNN (Zhang et al., 2016) as our own torch modules over the weights shipped in the facenet-pytorch wheel.
 
 The stages follow the reference implementation: P-Net proposals over an image pyramid, then R-Net and O-Net
-rescoring of square crops, O-Net adding five landmarks. Each stage handles the whole batch at once: one P-Net
-call per pyramid level, then one crop op and one network call for all candidate boxes of all images.
+rescoring of square crops, O-Net adding five landmarks. Each stage handles the whole batch at once: P-Net over
+each pyramid level, then R-Net and O-Net over the candidate boxes of all images together.
+
+Memory is bounded for phone photos: the only full-size structure is a 4-byte summed-area table of the photos,
+pyramid levels are read from it strip by strip as P-Net needs them, the nets see at most NET_PIXELS input pixels
+a call, and a call's photos go through the cascade in batches of at most BATCH_PIXELS.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 WEIGHTS_DISTRIBUTION = "facenet-pytorch==2.5.3"
+# Same-size photos share a batch up to this many pixels: batching pays for small photos, whose ops are too small to
+# keep the cores busy, and would only multiply the memory of large ones.
+BATCH_PIXELS = 2**22
+# Input pixels of one net call: P-Net reads a pyramid level in strips this large (all photos of the batch together),
+# R-Net and O-Net take their crops this many pixels at a time. Their first layers hold 100-250 bytes an input pixel:
+# 0.4 GB over the 2400 x 1800 first level of a 12 Mpx photo, as much for the thousands of crops it can propose.
+NET_PIXELS = 2**18
 
 
 def weights_dir() -> Path:
@@ -146,11 +157,6 @@ def check_image(image: object, where: str) -> np.ndarray:
     return image
 
 
-def images_to_batch(images: Sequence[np.ndarray], device: torch.device) -> Tensor:
-    """Same-size RGB uint8 images -> float B x 3 x H x W on device."""
-    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float()
-
-
 def nms(
     boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float, mode: str = "union", block: int = 256
 ) -> Tensor:
@@ -195,41 +201,99 @@ def square_crops(boxes: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([corner, corner + side], 1).long(), side[:, 0] >= 1
 
 
-def summed_area_table(batch: Tensor) -> Tensor:
-    """B x (H+1) x (W+1) x C prefix sums, in float64: float32 would lose whole grey levels over a large photo."""
-    return F.pad(batch.double(), (1, 0, 1, 0)).cumsum(2).cumsum(3).permute(0, 2, 3, 1).contiguous()
+def summed_area_table(images: Sequence[np.ndarray], device: torch.device) -> Tensor:
+    """B x (H+1) x (W+1) x C prefix sums of same-size RGB uint8 images, modulo 2**32 (int32 bits), on device.
+
+    Four bytes a value and built in place: float32 would lose whole grey levels over a large photo, float64 takes
+    twice the memory. The sums wrap, but `area_means` takes each rectangle's sum modulo 2**32 as well, which is
+    exact for any rectangle under 2**32 / 255 = 16.8 M pixels, far more than one output pixel of a crop or a
+    pyramid level covers.
+    """
+    height, width, channels = images[0].shape
+    table = np.zeros((len(images), height + 1, width + 1, channels), np.uint32)
+    for sums, image in zip(table, images, strict=True):
+        sums[1:, 1:] = image
+    np.cumsum(table, axis=1, out=table)  # in place, same dtype: no temporary copy
+    np.cumsum(table, axis=2, out=table)
+    return torch.from_numpy(table.view(np.int32)).to(device)
+
+
+def bin_edges(
+    start: Tensor, length: Tensor, size: int, first: int = 0, stop: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Source rows (or columns) [lo, hi) of output pixels first..stop-1 when `length` pixels from `start` (one per
+    row of K) are resized to `size`: floor(i length / size) to ceil((i + 1) length / size), as F.interpolate(mode=
+    "area") bins them. K x (stop - first) each."""
+    steps = torch.arange(first, (size if stop is None else stop) + 1, device=start.device)
+    lo = start[:, None] + steps[None, :-1] * length[:, None] // size
+    hi = start[:, None] - (-steps[None, 1:] * length[:, None] // size)
+    return lo, hi
+
+
+def area_means(table: Tensor, image_index: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Tensor]) -> Tensor:
+    """K x C x h x w float32 means of the source rectangles rows[0] <= y < rows[1], cols[0] <= x < cols[1] (K x h and
+    K x w edges) of images image_index (K), pixels outside the image counting as zero: four look-ups a pixel."""
+    height, width, channels = table.shape[1] - 1, table.shape[2] - 1, table.shape[3]
+    (y_lo, y_hi), (x_lo, x_hi) = rows, cols
+    flat, first_row = table.view(-1, channels), (image_index * (height + 1))[:, None, None]
+
+    def corner(ys: Tensor, xs: Tensor) -> Tensor:
+        ys, xs = ys.clamp(0, height), xs.clamp(0, width)
+        return flat[((first_row + ys[:, :, None]) * (width + 1) + xs[:, None, :]).flatten()].long()
+
+    sums = corner(y_hi, x_hi)
+    sums -= corner(y_lo, x_hi)
+    sums -= corner(y_hi, x_lo)
+    sums += corner(y_lo, x_lo)
+    sums &= 0xFFFFFFFF  # the rectangle's sum modulo 2**32: the true sum, as it is smaller
+    area = ((y_hi - y_lo)[:, :, None] * (x_hi - x_lo)[:, None, :]).flatten()[:, None]
+    means = (sums.double() / area).float()
+    return means.view(len(image_index), y_lo.shape[1], x_lo.shape[1], channels).permute(0, 3, 1, 2)
 
 
 def area_crops(table: Tensor, image_index: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Resize integer boxes (x1, y1, x2, y2; zero outside the image) to size x size, every box in one op.
+    """Resize integer boxes (x1, y1, x2, y2; zero outside the image) to size x size, every box in one op, as
+    F.interpolate(mode="area") resizes a single crop."""
+    rows = bin_edges(boxes[:, 1], boxes[:, 3] - boxes[:, 1], size)
+    return area_means(table, image_index, rows, bin_edges(boxes[:, 0], boxes[:, 2] - boxes[:, 0], size))
 
-    Output pixel (i, j) averages source rows [floor(i h / size), ceil((i + 1) h / size)) and the matching columns,
-    as F.interpolate(mode="area") does for a single crop; the summed-area table makes that four look-ups per
-    pixel whatever the box size.
+
+def pnet_strips(
+    pnet: PNet, table: Tensor, size: tuple[int, int], strip_pixels: int = NET_PIXELS
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """P-Net over every image of the table area-resized to size (height, width), in strips of rows of about
+    strip_pixels: each strip's first output row, its face probabilities (B x S x W') and offsets (B x 4 x S x W').
+
+    Output row r sees input rows 2r to 2r + 11, so strips of 2S + 10 rows from an even row give exactly those
+    rows of the whole level's maps; the last strip runs to the level's end, where ceil_mode pooling adds its row.
     """
-    rows, cols, channels = table.shape[1:]
-    steps = torch.arange(size + 1, device=boxes.device)
+    count, height, width = table.shape[0], table.shape[1] - 1, table.shape[2] - 1
+    level_height, level_width = size
+    out_rows = (level_height - 1) // 2 - 4  # conv 3, max-pool 2 (ceil), conv 3, conv 3
+    step = max(1, (strip_pixels // (count * level_width) - 10) // 2)
+    image_index = torch.arange(count, device=table.device)
+    zeros = torch.zeros(count, dtype=torch.long, device=table.device)
+    cols = bin_edges(zeros, torch.full_like(zeros, width), level_width)
+    for first in range(0, out_rows, step):
+        stop = level_height if first + step >= out_rows else 2 * (first + step) + 10
+        rows = bin_edges(zeros, torch.full_like(zeros, height), level_height, 2 * first, stop)
+        probs, offsets = pnet(_normalise(area_means(table, image_index, rows, cols)))
+        yield first, probs, offsets
 
-    def bins(start: Tensor, length: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor]:
-        lo = start[:, None] + steps[None, :-1] * length[:, None] // size
-        hi = start[:, None] - (-steps[None, 1:] * length[:, None] // size)
-        return lo.clamp(0, limit - 1), hi.clamp(0, limit - 1), hi - lo
 
-    x_lo, x_hi, x_len = bins(boxes[:, 0], boxes[:, 2] - boxes[:, 0], cols)
-    y_lo, y_hi, y_len = bins(boxes[:, 1], boxes[:, 3] - boxes[:, 1], rows)
-    flat, first_row = table.view(-1, channels), (image_index * rows)[:, None, None]
-
-    def corner(ys: Tensor, xs: Tensor) -> Tensor:
-        return flat[((first_row + ys[:, :, None]) * cols + xs[:, None, :]).flatten()]
-
-    sums = corner(y_hi, x_hi) - corner(y_lo, x_hi) - corner(y_hi, x_lo) + corner(y_lo, x_lo)
-    area = (y_len[:, :, None] * x_len[:, None, :]).flatten()[:, None]
-    return (sums / area).view(len(boxes), size, size, channels).permute(0, 3, 1, 2).float()
+def on_crops(net: RNet | ONet, table: Tensor, image_index: Tensor, crops: Tensor, size: int) -> tuple[Tensor, ...]:
+    """The net's outputs for integer square crops resized to size x size, NET_PIXELS of input at a time."""
+    step = max(1, NET_PIXELS // size**2)
+    parts = [
+        net(_normalise(area_crops(table, image_index[i : i + step], crops[i : i + step], size)))
+        for i in range(0, max(len(crops), 1), step)  # one call when there is no crop: empty outputs
+    ]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
 
 def onet_stage(onet: ONet, table: Tensor, image_index: Tensor, crops: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """O-Net on integer square crops: face probabilities, regressed boxes and landmarks (K x 5 x 2)."""
-    probs, offsets, points = onet(_normalise(area_crops(table, image_index, crops, 48)))
+    probs, offsets, points = on_crops(onet, table, image_index, crops, 48)
     crops = crops.float()
     side = (crops[:, 2] - crops[:, 0])[:, None, None]
     # Landmarks were trained as 1-based positions inside the crop; -1 makes them 0-based pixel indices.
@@ -284,38 +348,46 @@ class MTCNN:
         for i, image in enumerate(images):
             by_size.setdefault(check_image(image, f"image {i}").shape, []).append(i)
         found: dict[int, Detections] = {}
-        for indices in by_size.values():
-            batch = images_to_batch([images[i] for i in indices], self.device)
-            found.update(zip(indices, self._detect_batch(batch), strict=True))
+        for shape, indices in by_size.items():
+            per_batch = max(1, BATCH_PIXELS // max(1, shape[0] * shape[1]))
+            for start in range(0, len(indices), per_batch):
+                chunk = indices[start : start + per_batch]
+                table = summed_area_table([images[i] for i in chunk], self.device)
+                found.update(zip(chunk, self._detect_batch(table), strict=True))
+                del table  # before the next chunk's is built
         return [found[i] for i in range(len(images))]
 
-    def _propose(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+    def _propose(self, table: Tensor) -> tuple[Tensor, Tensor]:
         """Stage 1: P-Net over the pyramid; per level NMS, then across levels; regressed square crops."""
-        height, width = batch.shape[2:]
+        height, width = table.shape[1] - 1, table.shape[2] - 1
         candidates = []
         scale = 12.0 / self.min_face_size
         while min(height, width) * scale >= 12:
-            level = F.interpolate(batch, size=(math.ceil(height * scale), math.ceil(width * scale)), mode="area")
-            probs, offsets = self.pnet(_normalise(level))
-            image_index, row, col = (probs >= self.thresholds[0]).nonzero(as_tuple=True)
+            level = []
+            for first, probs, offsets in pnet_strips(
+                self.pnet, table, (math.ceil(height * scale), math.ceil(width * scale))
+            ):
+                image_index, row, col = (probs >= self.thresholds[0]).nonzero(as_tuple=True)
+                level.append(
+                    (image_index, row + first, col, probs[image_index, row, col], offsets[image_index, :, row, col])
+                )
+            image_index, row, col, scores, offsets = (torch.cat(parts) for parts in zip(*level, strict=True))
             windows = torch.stack([col, row, col + 6, row + 6], 1) * (2.0 / scale)
-            scores, offsets = probs[image_index, row, col], offsets[image_index, :, row, col]
             keep = nms(windows, scores, image_index, 0.5)
             candidates.append((image_index[keep], windows[keep], scores[keep], offsets[keep]))
             scale *= self.factor
         if not candidates:  # the image is smaller than one 12 px window at min_face_size
-            none = batch.new_zeros((0, 4), dtype=torch.long)
+            none = table.new_zeros((0, 4), dtype=torch.long)
             return none[:, 0], none
         image_index, windows, scores, offsets = (torch.cat(parts) for parts in zip(*candidates, strict=True))
         keep = nms(windows, scores, image_index, 0.7)
         crops, usable = square_crops(regress(windows[keep], offsets[keep]))
         return image_index[keep][usable], crops[usable]
 
-    def _detect_batch(self, batch: Tensor) -> list[Detections]:
-        table = summed_area_table(batch)
-        image_index, crops = self._propose(batch)
+    def _detect_batch(self, table: Tensor) -> list[Detections]:
+        image_index, crops = self._propose(table)
         # Stage 2: R-Net rescoring of 24x24 crops.
-        probs, offsets = self.rnet(_normalise(area_crops(table, image_index, crops, 24)))
+        probs, offsets = on_crops(self.rnet, table, image_index, crops, 24)
         passed = probs > self.thresholds[1]
         image_index, boxes, probs = image_index[passed], regress(crops[passed].float(), offsets[passed]), probs[passed]
         keep = nms(boxes, probs, image_index, 0.7)
@@ -326,4 +398,4 @@ class MTCNN:
         passed = probs > self.thresholds[2]
         image_index, boxes, probs, landmarks = image_index[passed], boxes[passed], probs[passed], landmarks[passed]
         keep = nms(boxes, probs, image_index, 0.7, mode="min")
-        return split_by_image(len(batch), image_index[keep], boxes[keep], probs[keep], landmarks[keep])
+        return split_by_image(len(table), image_index[keep], boxes[keep], probs[keep], landmarks[keep])

@@ -32,7 +32,15 @@ from faceforge.data_pipeline import (
 )
 from faceforge.data_pipeline.align import AlignSettings, align_sources
 from faceforge.data_pipeline.detection_eval import AnnotatedImage, DetectionScore, read_imglab
-from faceforge.data_pipeline.mtcnn import area_crops, load_mtcnn_nets, nms, summed_area_table, weights_dir
+from faceforge.data_pipeline.mtcnn import (
+    _normalise,
+    area_crops,
+    load_mtcnn_nets,
+    nms,
+    pnet_strips,
+    summed_area_table,
+    weights_dir,
+)
 
 from conftest import CLI, shared_data
 
@@ -107,6 +115,44 @@ def test_an_images_faces_do_not_depend_on_its_batch(mtcnn: MTCNN) -> None:
         np.testing.assert_allclose(alone.landmarks, together.landmarks, atol=0.01)
 
 
+PEAK_RSS_OF_DETECT = """
+import json, sys
+from pathlib import Path
+import cv2
+from faceforge.data import read_image
+from faceforge.data_pipeline import MTCNN
+
+def status_mib(key):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) / 2**10
+
+detector = MTCNN()
+image = read_image(sys.argv[1])
+detector.detect([image])  # first-call allocations and thread pools
+photos = [cv2.resize(image, (4000, 3000), interpolation=cv2.INTER_CUBIC) for _ in range(2)]
+Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here
+before = status_mib("VmRSS")
+found = detector.detect(photos)
+print(json.dumps({"rise_mib": status_mib("VmHWM") - before, "faces": [len(faces) for faces in found]}))
+"""
+
+
+def test_phone_photos_are_detected_in_bounded_memory() -> None:
+    """Two 12 Mpx photos in one call (a group photo upscaled) once took 70 bytes a pixel each, 1.7 GB: a float copy,
+    a float64 summed-area table, P-Net over the whole 2400 x 1800 first pyramid level. Now one photo's 4-byte table
+    at a time and net inputs of bounded size: about 250 MiB. Peak RSS in a fresh process, whatever the allocator."""
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_OF_DETECT, str(detection_dir() / "2008_002506.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.splitlines()[-1])
+    assert figures["faces"] == [3, 3]
+    assert figures["rise_mib"] < 600, figures
+
+
 def test_batched_crops_equal_per_crop_area_resize() -> None:
     """All crops at once from the summed-area table equal F.interpolate(area) of each zero-padded crop."""
     image = read_image(detection_dir() / "2008_002470.jpg")
@@ -116,11 +162,28 @@ def test_batched_crops_equal_per_crop_area_resize() -> None:
     side = rng.integers(3, 180, 60)  # tiny crops are upsampled, large ones averaged down
     boxes = torch.as_tensor(np.stack([x1, y1, x1 + side, y1 + side], 1))
     batch = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    batched = area_crops(summed_area_table(batch), torch.zeros(60, dtype=torch.long), boxes, 24)
+    table = summed_area_table([image], torch.device("cpu"))
+    batched = area_crops(table, torch.zeros(60, dtype=torch.long), boxes, 24)
     padded = F.pad(batch, (200, 200, 200, 200))
     for crop, (left, top, right, bottom) in zip(batched, boxes.tolist(), strict=True):
         one = padded[:, :, top + 200 : bottom + 200, left + 200 : right + 200]
         torch.testing.assert_close(crop, F.interpolate(one, size=(24, 24), mode="area")[0], atol=1e-3, rtol=0)
+
+
+@torch.inference_mode()
+def test_pnet_in_strips_equals_pnet_over_the_whole_level(mtcnn: MTCNN) -> None:
+    """Levels read strip by strip from the summed-area table give the maps of P-Net over the F.interpolate(area)
+    level: odd and even level heights, strips of one output row up to the whole level, two photos at once."""
+    images = [read_image(detection_dir() / name) for name in ("2007_007763.jpg", "2008_001322.jpg")]
+    table = summed_area_table(images, torch.device("cpu"))
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    for size in [(101, 135), (40, 53), (12, 16)]:
+        probs, offsets = mtcnn.pnet(_normalise(F.interpolate(batch, size=size, mode="area")))
+        for strip_pixels in (1, 2 * 53 * 20, 10**9):
+            strips = list(pnet_strips(mtcnn.pnet, table, size, strip_pixels))
+            assert [first for first, *_ in strips] == list(np.cumsum([0] + [p.shape[1] for _, p, _ in strips[:-1]]))
+            torch.testing.assert_close(torch.cat([p for _, p, _ in strips], 1), probs, atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat([o for *_, o in strips], 2), offsets, atol=1e-5, rtol=0)
 
 
 def test_nms_within_each_image() -> None:
