@@ -11,6 +11,13 @@ nothing), so it is measured for each --checkpoint, and with --train-steps N for 
 trained N steps on CelebA (2 ranks, the demo data recipe) by the trainer's `launch`: the cosine between
 the int8 and fp32 embeddings of --faces LFW faces (centre crop 0.5, as in evaluation), mean and 1st percentile.
 
+With --calibration-methods M..., each --checkpoint is instead quantised once per calibration method, calibrated as
+`faceforge export` calibrates it by default (up to --calibration-count images of the training data and crop the
+checkpoint recorded), through quantize_int8. Besides quantize.CALIBRATION_METHODS, it takes the methods tried and
+not offered (TRIED below). Each row gives the card's fidelity (quantize.int8_fidelity: held-out calibration-set faces,
+or the calibration faces when calibration read them all), the agreement on --faces faces of --lfw-root at
+--lfw-crop, the wall time of quantize_int8 and its process's peak RSS (measured in a forked child).
+
 The PReLU rows compare three forms of MobileFaceNet (the first PReLU --checkpoint's weights if given): torch's
 nn.PReLU (an ONNX PRelu node), the platform's relu(x) - a*relu(-x), and ReLU (untrained). Run from the repo
 root on a quiet machine (10-20 minutes for all backbones):
@@ -18,6 +25,8 @@ root on a quiet machine (10-20 minutes for all backbones):
     .venv/bin/python bench/bench_export.py
     .venv/bin/python bench/bench_export.py --models mobilefacenet --checkpoint runs/train/X/checkpoints
     .venv/bin/python bench/bench_export.py --input-size 64 --train-steps 80 --no-prelu-rows   # fidelity per backbone
+    .venv/bin/python bench/bench_export.py --checkpoint runs/train/X/checkpoints \
+        --calibration-methods minmax percentile --lfw-root /work/aligned/lfw --lfw-crop 1.0   # calibration methods
 """
 
 from __future__ import annotations
@@ -25,23 +34,31 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import multiprocessing
+import resource
 import tempfile
+import time
 from pathlib import Path
 
 import onnxruntime
 import torch
 from machine import machine_line
+from onnxruntime.quantization import CalibrationMethod
 from torch import nn
 
 from faceforge import models
+from faceforge.data import open_dataset
 from faceforge.export import (
     FaceCalibrationReader,
     embedding_agreement,
     export_onnx,
+    int8_fidelity,
     largest_activation,
     onnx_latency_ms,
     open_calibration_images,
+    quantize,
     quantize_int8,
+    training_data_of,
 )
 from faceforge.jobs.spec import compose_config
 from faceforge.models.card import count_macs, count_params
@@ -53,6 +70,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_CROP = 0.75  # configs/data/demo.yaml
 LFW_CROP = 0.5  # configs/eval/demo.yaml
 MB = 1e6
+# Calibrations tried and not offered by `faceforge export` (quantize.CALIBRATION_METHODS says why), run through the
+# same quantize_int8 when --calibration-methods names them.
+TRIED = {
+    "percentile-99.9": (CalibrationMethod.Percentile, {"CalibPercentile": 99.9}),
+    "percentile-99.99": (CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
+    "entropy": (CalibrationMethod.Entropy, {}),
+    "distribution": (CalibrationMethod.Distribution, {}),
+}
 
 
 @torch.no_grad()
@@ -130,7 +155,7 @@ def measure(label: str, model: nn.Module, args: argparse.Namespace, work: Path, 
     fp32_ms, int8_ms = best_latencies([fp32, int8], input_size, args.runs, args.repeats)
     fidelity = "- | -"
     if lfw is not None:
-        agreement = embedding_agreement(fp32, int8, lfw, input_size=input_size, crop_fraction=LFW_CROP)
+        agreement = embedding_agreement(fp32, int8, lfw, input_size=input_size, crop_fraction=args.lfw_crop)
         fidelity = f"{agreement['mean_cosine']:.4f} | {agreement['p1_cosine']:.4f}"
     print(
         f"| {label} | {input_size} | {count_params(model) / 1e6:.2f} | {count_macs(model, input_size) / 1e6:.0f} | "
@@ -138,6 +163,59 @@ def measure(label: str, model: nn.Module, args: argparse.Namespace, work: Path, 
         f"{fp32_ms / int8_ms:.2f} | {fidelity} | {largest_activation(int8).bytes / 1024:.0f} |",
         flush=True,
     )
+
+
+def quantize_in_child(fp32: Path, int8: Path, reader: FaceCalibrationReader, method: str) -> tuple[float, float]:
+    """quantize_int8 in a forked child: (seconds, the child's peak RSS in MB). A process's peak RSS never falls,
+    so each method gets a fresh one, starting from this process's footprint."""
+
+    def run(results: multiprocessing.Queue) -> None:
+        start = time.perf_counter()
+        quantize_int8(fp32, int8, reader, method)
+        results.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=run, args=(results,))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"quantising with {method} failed (exit code {child.exitcode})")
+    return results.get()
+
+
+def compare_calibrations(checkpoint: str, args: argparse.Namespace, work: Path, lfw: list[bytes]) -> None:
+    """One row per --calibration method for `checkpoint`, calibrated as `faceforge export` does by default."""
+    model = load_backbone(checkpoint)
+    root, crop = training_data_of(checkpoint)
+    reader = FaceCalibrationReader(
+        open_dataset(root), input_size=model.input_size, crop_fraction=crop, count=args.calibration_count
+    )
+    fp32 = export_onnx(model, model.input_size, work / "calibrated.onnx")
+    config = model.config
+    label = f"{config['name']} {config['width']:g}x, {config['input_size']} px, {config['act']} ({checkpoint})"
+    for method in args.calibration_methods:
+        int8 = work / f"calibrated_{method}.onnx"
+        seconds, peak_mb = quantize_in_child(fp32, int8, reader, method)
+        card = int8_fidelity(fp32, int8, reader)
+        held = (
+            f"{card['mean_cosine']:.4f} | {card['p1_cosine']:.4f} | {card['faces']:.0f} "
+            f"{'held-out' if card['held_out'] else 'calibration'}"
+        )
+        faces = embedding_agreement(fp32, int8, lfw, input_size=model.input_size, crop_fraction=args.lfw_crop)
+        print(
+            f"| {label} | {method} | {len(reader)} in {len(reader.batches)} x {reader.batch_size} | {held} | "
+            f"{faces['mean_cosine']:.4f} | {faces['p1_cosine']:.4f} | {seconds:.1f} | {peak_mb:.0f} |",
+            flush=True,
+        )
+
+
+def simd_flags() -> str:
+    """The x86 vector extensions onnxruntime's int8 kernels choose between (VNNI: 8-bit dot products)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    known = [flag for flag in ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni") if flag in flags]
+    return f"SIMD {' '.join(known) or '-'}"
 
 
 def main() -> None:
@@ -153,13 +231,29 @@ def main() -> None:
     parser.add_argument("--checkpoint", nargs="*", default=[], help="trained checkpoints: rows with fidelity")
     parser.add_argument("--no-prelu-rows", action="store_true", help="skip the PReLU comparison")
     parser.add_argument("--train-steps", type=int, default=0, help="train each backbone this long: fidelity rows")
+    parser.add_argument(
+        "--calibration-methods", nargs="+", default=[], help="compare these int8 calibrations on each --checkpoint"
+    )
+    parser.add_argument("--lfw-root", type=Path, default=SHARED / "lfw", help="the fidelity columns' faces")
+    parser.add_argument("--lfw-crop", type=float, default=LFW_CROP, help="their crop (1.0 for aligned crops)")
     args = parser.parse_args()
     if not (SHARED / "celeba_ids").is_dir():
         raise SystemExit(f"{SHARED}: shared face data not found")
     torch.set_num_threads(1)
-    print(machine_line(f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"), flush=True)
-    lfw_paths = sorted((SHARED / "lfw").glob("*/*.jpg"))
+    print(
+        machine_line(simd_flags(), f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"), flush=True
+    )
+    lfw_paths = sorted(args.lfw_root.glob("*/*.jpg"))
     lfw = [path.read_bytes() for path in lfw_paths[:: max(1, len(lfw_paths) // args.faces)][: args.faces]]
+    if args.calibration_methods:
+        quantize.CALIBRATION_METHODS.update(TRIED)
+        columns = "calibration | images, batches | card mean cos | card p1 cos | card faces | LFW mean cos | LFW p1 cos"
+        print(f"\n| model | {columns} | quantise s | peak RSS (MB) |")
+        print("| --- | --- | --- " + "| ---: " * 2 + "| --- " + "| ---: " * 4 + "|")
+        with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+            for checkpoint in args.checkpoint:
+                compare_calibrations(checkpoint, args, Path(tmp), lfw)
+        return
 
     def untrained(name: str, act: str = "prelu") -> nn.Module:
         size, dim = args.input_size, args.embedding_dim

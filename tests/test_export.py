@@ -43,7 +43,7 @@ from faceforge.export import (
 )
 from faceforge.export.c_array import Activation
 from faceforge.export.card import ArtifactCard
-from faceforge.export.quantize import FIDELITY_BARS
+from faceforge.export.quantize import CALIBRATION_BATCH, CALIBRATION_METHODS, DEFAULT_CALIBRATION, FIDELITY_BARS
 from faceforge.jobs.spec import compose_config
 from faceforge.registry import prepare_tracking, select_and_register
 from faceforge.registry.selection import SWEEP_TAG
@@ -179,14 +179,17 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
     assert largest_activation(c_array_export / "model.onnx").bytes == 4 * 32 * 56 * 56
     assert card["largest_activation"]["shape"] == [1, 3, 112, 112]
     assert card["largest_activation"]["bytes"] == 4 * 3 * 112 * 112 > 32 * 56 * 56
-    # 240 training images, all read by the 256-image calibration: fidelity is measured on those.
+    # 234 training images (some identities have fewer than 6), all read by the 256-image calibration: fidelity is
+    # measured on those.
     fidelity = card["int8_fidelity"]
     assert fidelity["faces"] == 128 and fidelity["held_out"] == 0.0
-    # How much int8 keeps of a 60-step model depends on the CPU it trained on: on this VM's AVX-only EPYC its
-    # activations reach 100x their spread, and MinMax ranges spend the 8 bits on those outliers (mean cosine 0.76,
-    # where the CPU of earlier sessions gave a 1st percentile above 0.9). The card must say when it falls short.
+    # How much int8 keeps of a 60-step model varies between machines: on the AMD EPYC VMs its activations reach 100x
+    # their spread, MinMax ranges spend the 8 bits on those outliers (mean cosine 0.76) and the default percentile
+    # calibration keeps 0.91 (docs/benchmarks.md), where other machines gave a 1st percentile above 0.9. The card
+    # must say when it falls short.
     assert -1.0 <= fidelity["p1_cosine"] <= fidelity["mean_cosine"] <= 1.0 and fidelity["mean_cosine"] > 0.5
     below = any(fidelity[key] < bar for key, bar in FIDELITY_BARS.items())
+    assert card["int8_calibration"] == DEFAULT_CALIBRATION
     read_back = ArtifactCard(**(card | {"largest_activation": Activation(**card["largest_activation"])}))
     assert ("BELOW the bars" in read_back.summary()) == below
 
@@ -194,6 +197,9 @@ def test_export_cli_writes_artifacts_and_card(c_array_export: Path, trained: Pat
         faceforge(["export", "/nonexistent/checkpoint"])
     with pytest.raises(SystemExit, match=r"faceforge export: error: crop fraction must be in \(0, 1\], got 0\.0"):
         faceforge(["export", str(trained), "--format", "onnx-int8", "--crop-fraction", "0"])  # not "the default"
+    with pytest.raises(SystemExit, match=r"^faceforge export: error: unknown calibration method 'bogus'") as bad:
+        faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration-method", "bogus"])
+    assert "\n" not in str(bad.value.code), "one line"
     with pytest.raises(SystemExit, match=r"faceforge export: error: calibration set .* not found"):
         faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration", "/nonexistent/faces"])
     an_image = next((shared_data() / "lfw").rglob("*.jpg"))
@@ -267,6 +273,7 @@ def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained:
     assert export.metrics["largest_activation_bytes"] == card["largest_activation"]["bytes"]
     assert export.metrics["int8_fidelity.mean_cosine"] == pytest.approx(card["int8_fidelity"]["mean_cosine"])
     assert export.params["model.name"] == "mobilefacenet" and export.params["largest_activation.shape"] == "1x3x112x112"
+    assert export.params["int8_calibration"] == card["int8_calibration"] == DEFAULT_CALIBRATION
     logged = export_file(uri, export.run_id, "model_int8.onnx")
     assert logged.read_bytes() == (c_array_export / "model_int8.onnx").read_bytes()
 
@@ -299,10 +306,12 @@ def test_export_of_a_registered_version_links_to_it(trained: Path, tmp_path: Pat
     faceforge(["export", "models:/exported@champion", "--out", str(tmp_path / "fp32"), "--tracking-uri", uri])
     card = json.loads((tmp_path / "fp32" / "card.json").read_text())
     assert card["accuracy"] == {"accuracy": 0.875, "eer": 0.125} and card["int8_bytes"] is None
+    assert card["int8_calibration"] is None
     [export] = [e for e in list_exports(uri) if e.model_name == "exported"]
     assert (export.model_version, export.source_run_id) == (version.version, run_id)
     assert export.source == "models:/exported@champion" and export.format == "onnx"
     assert export.metrics["eval.accuracy"] == 0.875 and "int8_latency_ms" not in export.metrics
+    assert "int8_calibration" not in export.params
     assert list(export.files) == ["model.onnx", "card.json"]
 
     quiet = tmp_path / "quiet"
@@ -315,6 +324,17 @@ def test_micro_config_fits_250_kb_as_int8(c_array_export: Path) -> None:
     card = json.loads((c_array_export / "card.json").read_text())
     assert card["model"]["width"] == 0.25, "the fixture exported configs/model/mobilefacenet_micro.yaml"
     assert card["int8_bytes"] <= 250_000
+
+
+@pytest.mark.parametrize("method", sorted(set(CALIBRATION_METHODS) - {DEFAULT_CALIBRATION}))
+def test_export_records_another_calibration_method(method: str, trained: Path, tmp_path: Path) -> None:
+    """The c-array export above uses the default; this one names another, on the same 234 training images (once
+    batches of 16 and a last one of 10)."""
+    out = tmp_path / "export"
+    faceforge(["export", str(trained), "--format", "onnx-int8", "--calibration-method", method, "--out", str(out),
+               "--no-log"])  # fmt: skip
+    card = json.loads((out / "card.json").read_text())
+    assert card["int8_calibration"] == method and card["int8_fidelity"]["faces"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +431,35 @@ def test_compaction_keeps_int8_outputs_bit_identical(tmp_path: Path, monkeypatch
     batch = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (4, 3, 56, 56)).astype(np.float32))
     assert np.array_equal(OnnxEmbedder(compacted)(batch), OnnxEmbedder(original)(batch))
     assert largest_activation(compacted).bytes == largest_activation(original).bytes
+
+
+@pytest.mark.parametrize("method", sorted(CALIBRATION_METHODS))
+def test_every_calibration_method_takes_an_uneven_image_count(method: str, tmp_path: Path) -> None:
+    """20 faces used to come in batches of 16 and 4; onnxruntime's histogram calibrators stack each tensor's batches
+    into one array and failed on them (ValueError: inhomogeneous shape)."""
+    model = _random_batchnorm_statistics(models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32))
+    fp32 = export_onnx(model, 56, tmp_path / "model.onnx")
+    faces = open_calibration_images(shared_data() / "celeba_ids")
+    reader = FaceCalibrationReader(faces, input_size=56, crop_fraction=0.75, count=20)
+    int8 = quantize_int8(fp32, tmp_path / "int8.onnx", reader, method)
+    onnx.checker.check_model(str(int8))
+    fidelity = int8_fidelity(fp32, int8, reader, count=8)
+    assert -1.0 <= fidelity["p1_cosine"] <= fidelity["mean_cosine"] <= 1.0
+    with pytest.raises(ValueError, match=r"unknown calibration method 'bogus'; expected"):
+        quantize_int8(fp32, tmp_path / "bogus.onnx", reader, "bogus")
+
+
+def test_calibration_batches_are_equal_and_read_every_image() -> None:
+    """onnxruntime takes calibration batches of one size only: nothing is dropped or padded to get them."""
+    faces = open_calibration_images(shared_data() / "celeba_ids")
+    for count, size in ((3, 3), (16, 16), (17, 1), (20, 10), (234, 13), (256, 16)):
+        reader = FaceCalibrationReader(faces, input_size=56, crop_fraction=0.75, count=count)
+        assert [len(batch) for batch in reader.batches] == [size] * (count // size), count
+        assert np.array_equal(np.concatenate(reader.batches), reader.indices) and len(reader) == count
+        assert reader.batch_size == size <= CALIBRATION_BATCH
+    reader = FaceCalibrationReader(faces, input_size=56, crop_fraction=0.75, count=20)
+    reader.set_range(10, 20)  # what onnxruntime's strided collection asks for: the second batch of 10, then nothing
+    assert reader.get_next()["input"].shape == (10, 3, 56, 56) and reader.get_next() is None
 
 
 def test_int8_fidelity_is_measured_on_faces_calibration_did_not_read(tmp_path: Path) -> None:

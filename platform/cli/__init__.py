@@ -107,7 +107,7 @@ def _config_reference(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from faceforge.export import EXPORTS_EXPERIMENT, export_model
+    from faceforge.export import DEFAULT_CALIBRATION, EXPORTS_EXPERIMENT, export_model
     from faceforge.registry import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -119,6 +119,7 @@ def _export(args: argparse.Namespace) -> None:
         calibration=args.calibration,
         crop_fraction=args.crop_fraction,
         calibration_count=args.calibration_count,
+        calibration_method=args.calibration_method or DEFAULT_CALIBRATION,
         log=not args.no_log,
         overwrite=args.overwrite,
         say=print,
@@ -586,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", type=Path, help="int8 calibration faces: a folder or a .txt list (default: training data)"
     )
     export.add_argument("--calibration-count", type=int, default=256, help="images drawn evenly from the set")
+    export.add_argument(
+        "--calibration-method",
+        help="how int8 activation ranges are taken from the faces: percentile (all but the 0.001%% largest "
+        "magnitudes; the default) or minmax (all)",
+    )
     export.add_argument("--crop-fraction", type=float, default=None, help="default: the crop the model trained with")
     export.add_argument(
         "--tracking-uri",

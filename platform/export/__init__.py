@@ -6,6 +6,8 @@ from faceforge.export.card import ArtifactCard, artifact_card
 from faceforge.export.onnx_export import DEFAULT_OPSET, equalize_channels, export_onnx, fold_batchnorm, output_gap
 from faceforge.export.pipeline import ExportResult, export_model
 from faceforge.export.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION,
     CalibrationImages,
     FaceCalibrationReader,
     ImageList,
@@ -26,6 +28,8 @@ from faceforge.export.tracking import (
 )
 
 __all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_CALIBRATION",
     "DEFAULT_OPSET",
     "EXPORTS_EXPERIMENT",
     "FORMATS",

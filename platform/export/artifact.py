@@ -18,6 +18,7 @@ from faceforge.export.card import ArtifactCard, artifact_card
 from faceforge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from faceforge.export.quantize import (
     CALIBRATION_COUNT,
+    DEFAULT_CALIBRATION,
     CalibrationImages,
     FaceCalibrationReader,
     int8_fidelity,
@@ -68,13 +69,15 @@ def export_artifact(
     calibration: CalibrationImages | None = None,
     crop_fraction: float = 1.0,
     calibration_count: int = CALIBRATION_COUNT,
+    calibration_method: str = DEFAULT_CALIBRATION,
     latency_runs: int = LATENCY_RUNS,
     opset: int = DEFAULT_OPSET,
     accuracy: dict[str, float] | None = None,
 ) -> ArtifactCard:
     """Write model.onnx, then model_int8.onnx (int8 formats) and faceforge_model.c/.h (c-array), and card.json.
 
-    `calibration` (required by the int8 formats) is read with `crop_fraction`, the crop the model saw.
+    `calibration` (required by the int8 formats) is read with `crop_fraction`, the crop the model saw, and sets
+    the int8 ranges by `calibration_method` (quantize.CALIBRATION_METHODS).
     `accuracy` is what the model's training run measured (`resolve_source`), recorded on the card as is; int8
     fidelity is measured on calibration-set faces that calibration did not read.
 
@@ -98,11 +101,12 @@ def export_artifact(
             reader = FaceCalibrationReader(
                 calibration, input_size=model.input_size, crop_fraction=crop_fraction, count=calibration_count
             )
-            int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader)
+            int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader, calibration_method)
             fidelity = int8_fidelity(fp32_path, int8_path, reader)
         if fmt == "c-array":
             write_c_array(int8_path, building, C_SYMBOL)
-        card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity)
+        method = calibration_method if int8_path else None
+        card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity, method)
         (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
         (out_dir / CARD_FILE).unlink(missing_ok=True)
         for name in artifact_files(fmt):  # the card last

@@ -35,6 +35,8 @@ class ArtifactCard:
     accuracy: dict[str, float] = field(default_factory=dict)
     # int8 against fp32 embeddings on held-out calibration faces (quantize.int8_fidelity); empty without int8.
     int8_fidelity: dict[str, float] = field(default_factory=dict)
+    # How the int8 activation ranges were calibrated (quantize.CALIBRATION_METHODS); None without int8.
+    int8_calibration: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +52,10 @@ class ArtifactCard:
         }
         if self.int8_bytes is not None and self.int8_latency_ms is not None:
             speedup = self.fp32_latency_ms / self.int8_latency_ms
-            rows["int8"] = f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x)"
+            rows["int8"] = (
+                f"{self.int8_bytes / 1024:.1f} KiB, {self.int8_latency_ms:.2f} ms ({speedup:.2f}x), "
+                f"{self.int8_calibration} calibration"
+            )
         if self.int8_fidelity:
             fidelity = self.int8_fidelity
             below = any(fidelity[key] < bar for key, bar in FIDELITY_BARS.items())
@@ -80,6 +85,7 @@ def artifact_card(
     latency_runs: int = LATENCY_RUNS,
     accuracy: dict[str, float] | None = None,
     int8_fidelity: dict[str, float] | None = None,
+    int8_calibration: str | None = None,
 ) -> ArtifactCard:
     """Latencies are onnxruntime's at batch 1 on one thread (median of `latency_runs`)."""
     input_size = model.input_size
@@ -100,4 +106,5 @@ def artifact_card(
         largest_activation=largest_activation(deployed),
         accuracy=dict(accuracy or {}),
         int8_fidelity=dict(int8_fidelity or {}),
+        int8_calibration=int8_calibration,
     )

@@ -13,7 +13,9 @@ from faceforge.export.artifact import export_artifact, export_lock, exported_fil
 from faceforge.export.card import ArtifactCard
 from faceforge.export.quantize import (
     CALIBRATION_COUNT,
+    DEFAULT_CALIBRATION,
     FEW_CALIBRATION_FACES,
+    check_calibration_method,
     open_calibration_images,
     training_data_of,
 )
@@ -38,6 +40,7 @@ def export_model(
     calibration: Path | None = None,
     crop_fraction: float | None = None,
     calibration_count: int = CALIBRATION_COUNT,
+    calibration_method: str = DEFAULT_CALIBRATION,
     log: bool = True,
     overwrite: bool = False,
     say: Callable[[str], None] | None = None,
@@ -50,6 +53,7 @@ def export_model(
             links to: quicker than loading an MLflow model.
         calibration, crop_fraction: the int8 formats' calibration images and the crop they are read with;
             default the training data and crop that `source` recorded.
+        calibration_method: how the int8 formats take activation ranges from them (quantize.CALIBRATION_METHODS).
         log: False writes the files only.
         overwrite: replace the export already in `out` (with --no-log, nothing else keeps it).
         say: where progress lines go (the CLI prints them).
@@ -57,6 +61,7 @@ def export_model(
     Raises:
         ValueError, OSError: a bad format, source or calibration set, in one line.
     """
+    check_calibration_method(calibration_method)
     if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
     model = load_model(str(checkpoint or source), tracking_uri)
@@ -76,7 +81,10 @@ def export_model(
                 calibration = train_root if calibration is None else calibration
                 crop_fraction = train_crop if crop_fraction is None else crop_fraction
             if say:
-                say(f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}")
+                say(
+                    f"calibration: up to {calibration_count} images from {calibration}, crop {crop_fraction:g}, "
+                    f"{calibration_method} ranges"
+                )
             if not training_set:
                 images = open_calibration_images(calibration)
             else:
@@ -96,6 +104,7 @@ def export_model(
             calibration=images,
             crop_fraction=1.0 if crop_fraction is None else crop_fraction,
             calibration_count=calibration_count,
+            calibration_method=calibration_method,
             accuracy=found.accuracy,
         )
         return ExportResult(out, card, log_export(tracking_uri, found, out, card) if log else None)

@@ -110,6 +110,8 @@ def log_export(tracking_uri: str, source: ExportSource, out_dir: str | Path, car
         act = card.largest_activation
         params = {"format": card.format, **{f"model.{key}": value for key, value in card.model.items()}}
         params |= {"largest_activation.name": act.name, "largest_activation.shape": "x".join(map(str, act.shape))}
+        if card.int8_calibration is not None:
+            params["int8_calibration"] = card.int8_calibration
         client.log_batch(
             run_id,
             metrics=[Metric(key, float(value), now, 0) for key, value in figures.items()],
