@@ -463,13 +463,15 @@ def test_one_run_trains_in_a_folder_and_resumes_only_its_own_mlflow_run(tiny_tra
 
 
 @pytest.mark.parametrize(
-    ("nproc", "stop", "whole_group"), [(1, signal.SIGTERM, False), (2, signal.SIGTERM, True), (2, signal.SIGINT, True)]
+    ("nproc", "stop", "whole_group"),
+    [(1, signal.SIGTERM, False), (2, signal.SIGTERM, True), (2, signal.SIGINT, True), (2, signal.SIGHUP, True)],
 )
 def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     tiny_train_root: Path, tmp_path: Path, nproc: int, stop: signal.Signals, whole_group: bool
 ) -> None:
-    """The queue signals a job's process group, `kill` the launcher alone, and a terminal's Ctrl-C its foreground
-    group. Every way the ranks checkpoint and the MLflow run is ended, not left RUNNING."""
+    """The queue signals a job's process group, `kill` the launcher alone, a terminal's Ctrl-C (pressed twice here)
+    and hangup its foreground group. Every way the ranks checkpoint and the MLflow run is ended, not left RUNNING:
+    torchrun, which gets a group's signal and the launcher's SIGTERM, acts on the first and ignores the rest."""
     out = tmp_path / "run"
     args = tiny_cli_run(tiny_train_root, out, "trainer.steps=100000", "trainer.checkpoint_every=100000")
     args = [f"trainer.nproc={nproc}", *args]
@@ -489,6 +491,9 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     try:
         if whole_group:
             os.killpg(proc.pid, stop)
+            if stop == signal.SIGINT:
+                time.sleep(0.3)
+                os.killpg(proc.pid, stop)
         else:
             proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
@@ -178,7 +179,7 @@ class TrainConfig:
     @property
     def resume_hint(self) -> str:
         """How a stopped run continues: its folder records everything else."""
-        return f"resume with: faceforge train --resume {self.output_dir}"
+        return f"resume with: faceforge train --resume {shlex.quote(str(self.output_dir))}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

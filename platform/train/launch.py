@@ -21,6 +21,7 @@ from faceforge.eval.metrics import check_folds
 from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
+from faceforge.train.torchrun import STOP_SIGNALS
 from faceforge.train.tracking import create_run, finish_run
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -320,7 +321,7 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
             stopped = signal.Signals(signum).name
             ranks.send_signal(signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         returncode = ranks.wait()
     finally:

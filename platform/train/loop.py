@@ -42,17 +42,18 @@ from faceforge.train.allocator import keep_freed_memory
 from faceforge.train.checkpoint import LATEST, load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
 from faceforge.train.schedule import lr_at
+from faceforge.train.torchrun import STOP_SIGNALS
 from faceforge.train.tracking import RunTracker
 
 CARD_LATENCY_RUNS = 20
 
 
 class _StopSignal:
-    """SIGTERM or Ctrl-C (SIGINT) asks for a checkpoint at the next step boundary instead of killing the step."""
+    """A stop (SIGTERM, Ctrl-C, a hangup) asks for a checkpoint at the next step boundary, not the step killed."""
 
     def __enter__(self) -> _StopSignal:
         self.requested: str | None = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:

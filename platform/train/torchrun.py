@@ -1,9 +1,10 @@
 """torchrun (torch.distributed.run) for the launcher's local ranks, stopped once and quietly.
 
-A stop can reach torchrun twice: as a signal to the job's process group (the queue's cancel, a terminal's Ctrl-C)
-and as the launcher's own SIGTERM. torchrun's handler raises at each one, so the second cut its shutdown short,
-and the ranks, which die with torchrun, lost the steps since their last checkpoint. Here the first SIGTERM or
-SIGINT starts torchrun's shutdown and later ones are ignored; the launcher prints the one line about the stop.
+A stop can reach torchrun more than once: as a signal to the job's process group (the queue's cancel, a terminal's
+Ctrl-C, again if pressed twice, a hangup) and as the launcher's own SIGTERM. torchrun's handler raises at each one,
+so a later one cut its shutdown short, and the ranks, which die with torchrun, lost the steps since their last
+checkpoint. Here the first SIGTERM, SIGINT or SIGHUP starts torchrun's shutdown (SIGTERM to the ranks, which
+checkpoint) and later ones are ignored; the launcher prints the one line about the stop.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from types import FrameType
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main
 
-STOPS = (signal.SIGTERM, signal.SIGINT)
+# What stops a training run with a checkpoint, in every process of it: a kill, a terminal's Ctrl-C or hangup.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _stop_once(signum: int, frame: FrameType | None) -> None:
-    for sig in STOPS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    raise SignalException(f"stopped by {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+    raise SignalException(f"stopped by {signal.Signals(signum).name}", sigval=signal.SIGTERM)
 
 
 if __name__ == "__main__":
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # SIGTERM and SIGINT are handled above
-    for sig in STOPS:
+    # torchrun's --signals-to-handle (read from this variable) would put its own handler over ours.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGQUIT"
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _stop_once)
     try:
         main()
