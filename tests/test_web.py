@@ -274,6 +274,21 @@ def test_a_dataset_the_datasets_page_shows_broken_is_refused_until_fixed(
         shutil.rmtree(cut)
 
 
+def test_a_dangling_link_beside_the_images_does_not_make_a_dataset_broken(
+    server: Server, roots: list[Path], tiny_train_root: Path
+) -> None:
+    """An editor's lock file (`.#notes.txt`, a link to nowhere) is not an image; the trainer never reads it."""
+    people = roots[1] / "with-lock-file"
+    shutil.copytree(tiny_train_root, people)
+    (sorted(people.iterdir())[0] / ".#notes.txt").symlink_to("user@host.1234")
+    try:
+        reply = server.post("/jobs", data=job_form(people), headers=BEARER)
+        assert reply.status_code == 303, reply.text
+        assert re.search(rf"<td>{people.name}</td>\s*<td>6</td>", server.get("/datasets").text)
+    finally:
+        shutil.rmtree(people)
+
+
 def test_a_dataset_slow_to_describe_does_not_hold_the_form(
     server: Server, roots: list[Path], tiny_train_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -126,9 +126,24 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     backbones, heads = (sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")) for group in ("model", "head"))
     mlflow_ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
     home_uri = f"sqlite:///{home}/mlflow.db"
-    # One description at a time: a slow dataset submitted again waits for the first pass and then hits the cache,
-    # rather than filling the threads that compose and store jobs with more passes over the same folder.
-    describer = ThreadPoolExecutor(1, thread_name_prefix="describe")
+    describing: dict[Path, Future] = {}  # one pass per folder at a time, however often it is submitted meanwhile
+    describing_lock = threading.Lock()
+
+    def description(dataset: Dataset) -> Future:
+        """describe_or_error(dataset), computed once in a daemon thread of its own: a slow folder holds neither the
+        other datasets' checks nor the server's exit."""
+        with describing_lock:
+            future = describing.get(dataset.path)
+            if future is None or future.done():
+                future = describing[dataset.path] = Future()
+                threading.Thread(target=fill, args=(future, dataset), name="describe", daemon=True).start()
+            return future
+
+    def fill(future: Future, dataset: Dataset) -> None:
+        try:
+            future.set_result(describe_or_error(dataset))
+        except BaseException as err:  # a bug, not a broken dataset: the submission shows it rather than hang
+            future.set_exception(err)
 
     def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         # Where "Log in" returns to: this page with its query (a clone, a sweep's metric), or a form re-shown.
@@ -263,7 +278,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         try:
             async with asyncio.timeout(DESCRIBE_WAIT_SECONDS):
                 for dataset in datasets:
-                    _, error = await asyncio.wrap_future(describer.submit(describe_or_error, dataset))
+                    _, error = await asyncio.shield(asyncio.wrap_future(description(dataset)))  # goes on
                     if error:
                         raise ValueError(f"dataset {dataset.name} cannot be trained on: {error}")
         except TimeoutError:  # still being described: taken, as before; the job's start says what is wrong

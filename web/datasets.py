@@ -101,6 +101,15 @@ def list_datasets(roots: list[Path]) -> list[Dataset]:
     return found
 
 
+def _stat(path: str | Path) -> os.stat_result:
+    """The file's, or a dangling link's own (an editor's `.#name` lock): the trainer only reads image files, so a
+    link leading nowhere among them must not make the set unreadable."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return os.lstat(path)
+
+
 def _fingerprint(folder: Path) -> str:
     """A content version: a hash of every file's relative path and size, stable while the data is unchanged."""
     digest = hashlib.sha256()
@@ -108,7 +117,7 @@ def _fingerprint(folder: Path) -> str:
         subdirs.sort()
         for name in sorted(files):
             path = Path(directory, name)
-            digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
+            digest.update(f"{path.relative_to(folder)}\0{_stat(path).st_size}\n".encode())
     return digest.hexdigest()[:12]
 
 
@@ -122,7 +131,7 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     """Identities, images and content version; cached until the folder's listing or one of its entries changes:
     an image added to an identity folder changes that folder's mtime, a repacked .rec its own size and mtime."""
     with os.scandir(dataset.path) as entries:
-        listing = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
+        listing = tuple(sorted((e.name, (info := _stat(e.path)).st_mtime_ns, info.st_size) for e in entries))
     return _summary(dataset.path, listing)
 
 
