@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -182,21 +184,23 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="faceforge-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=calibrate_method,
-            # Collect one batch at a time, whatever the method (onnxruntime merges ranges and histograms): percentile
-            # otherwise keeps every activation of every calibration face at once (6.7 GB peak for a 64 px width-1
-            # MobileFaceNet, against 0.9 GB batch by batch). MinMax ranges come out bit-identical.
-            extra_options={**options, "CalibStridedMinMax": reader.batch_size},
-        )
+        # Histogram calibration prints a line per batch collected: hundreds on the export's console.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(prepared),
+                str(int8_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=calibrate_method,
+                # Collect one batch at a time, whatever the method (onnxruntime merges ranges and histograms):
+                # percentile otherwise keeps every activation of every calibration face at once (6.7 GB peak for a
+                # 64 px width-1 MobileFaceNet, against 0.9 GB batch by batch). MinMax ranges come out bit-identical.
+                extra_options={**options, "CalibStridedMinMax": reader.batch_size},
+            )
     onnx.save(compact_qdq(onnx.load(str(int8_path))), str(int8_path))
     return int8_path
 
