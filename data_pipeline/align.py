@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,28 @@ def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
     return align_sources(settings, sources, _worker_detectors)
 
 
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C held back until the block ends, then delivered as usual, so none lands while a worker is spawned.
+
+    Blocked in this thread, so workers spawned meanwhile start with it blocked (until `_start_worker`); noted, not
+    raised, when another thread (tqdm's monitor) takes it, as Python then runs the handler in this one anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here reaches the noting handler
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)
+
+
 def stop_workers(pool: ProcessPoolExecutor) -> None:
     """End the pool's workers now (Python 3.14's `terminate_workers`); the chunks they had not returned are not
     in the manifest, so a rerun aligns them."""
@@ -340,12 +363,8 @@ def align_tree(
             spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
             with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(settings, threads)) as pool:
                 try:
-                    # Workers spawn on submit and start with this thread's signal mask: SIGINT blocked until set up.
-                    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                    try:
+                    with sigint_deferred():  # workers spawn on submit
                         futures = {pool.submit(_align_in_worker, settings, chunk): len(chunk) for chunk in chunks}
-                    finally:
-                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C meanwhile is raised here
                     for future in as_completed(futures):
                         log(future.result(), futures[future])
                 except BaseException:
