@@ -70,6 +70,7 @@ INCOMPLETE_SETTLE_FACTOR = 30
 LOCK_PATIENCE_SECONDS = 1.0
 OUTCOMES = ("labelled", "rejected", "error")
 WORK_FOLDERS = (*OUTCOMES, "crops", "versions", "models")  # what the daemon writes below its work folder
+OWN_OUTPUT = "the daemon would take its own output as new photos"  # why an inbox and its work folder must not meet
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
 CHECKPOINT_KEY = "sha256:"  # a checkpoint's model key: the hash of its weights (a registered model's is its URI)
@@ -433,11 +434,11 @@ class Autolabeller:
         folder, hold it, or lead into another daemon's: the daemon would take that daemon's files, or its own output
         as new photos round after round. Checked on every scan: a link may be made while the daemon runs."""
         if linked:
-            work, why = self.workdir.resolve(), "the daemon would take its own output as new photos"
+            work = self.workdir.resolve()
             if real.is_relative_to(work):
-                raise AutolabelError(f"{folder}: leads into the work folder {self.workdir}; {why}")
+                raise AutolabelError(f"{folder}: leads into the work folder {self.workdir}; {OWN_OUTPUT}")
             if work.is_relative_to(real):
-                raise AutolabelError(f"{folder}: holds the work folder {self.workdir}; {why}")
+                raise AutolabelError(f"{folder}: holds the work folder {self.workdir}; {OWN_OUTPUT}")
         # A folder's parents inside the inbox were walked before it, and the inbox's own checked up front.
         if owner := next((f for f in (real, *(real.parents if linked else ())) if is_work_folder(f)), None):
             raise AutolabelError(
@@ -825,16 +826,15 @@ def check_folders(inbox: Path, workdir: Path) -> None:
     inbox_real, work_real = inbox.resolve(), workdir.resolve()
     if work_real.is_relative_to(inbox_real):
         raise AutolabelError(f"{workdir}: the work folder must not be inside the inbox")
-    why = "the daemon would take its own output as new photos"
     if inbox_real.is_relative_to(work_real):
-        raise AutolabelError(f"{inbox}: the inbox must not be inside the work folder {workdir}; {why}")
+        raise AutolabelError(f"{inbox}: the inbox must not be inside the work folder {workdir}; {OWN_OUTPUT}")
     if owner := next((f for f in (inbox_real, *inbox_real.parents) if is_work_folder(f)), None):
         raise AutolabelError(
             f"{inbox}: the inbox is inside the autolabel work folder {owner}; the daemon would take its files"
         )
     for name in WORK_FOLDERS:  # a link made by hand, to put versions on a bigger disk say
         if (workdir / name).resolve().is_relative_to(inbox_real):
-            raise AutolabelError(f"{workdir / name}: leads into the inbox {inbox}; {why}")
+            raise AutolabelError(f"{workdir / name}: leads into the inbox {inbox}; {OWN_OUTPUT}")
 
 
 def check_inputs(inbox: Path, config: AutolabelConfig) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from faceforge.eval.sources import MLFLOW_SCHEMES
-from faceforge.jobs import Job, expand_sweep, faceforge_home, override_value, quoted_path
+from faceforge.jobs import Job, expand_sweep, faceforge_home, override_key, override_value, quoted_path
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web.datasets import DEMO, Dataset, confine, demo_dataset
 
@@ -216,7 +216,3 @@ def is_group_choice(group: str, value: str | None) -> bool:
     if value is None or not re.fullmatch(r"[\w-]+", value):
         return False
     return (CONFIG_DIR / group / f"{value}.yaml").is_file()
-
-
-def override_key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")

@@ -315,7 +315,7 @@ def _queue_submit(args: argparse.Namespace) -> None:
 
 
 def _queue_clone(args: argparse.Namespace) -> None:
-    from faceforge.jobs import merge_overrides
+    from faceforge.jobs import merge_overrides, override_key
     from faceforge.train.config import ConfigError
 
     original = _stored_job(_job_store(), args.id)
@@ -326,7 +326,7 @@ def _queue_clone(args: argparse.Namespace) -> None:
         sys.exit(2)
     print(f"clone of {original.id}: {' '.join(overrides)}")
     slots = args.slots
-    if slots is None and not any(o.split("=", 1)[0].lstrip("+~") == "trainer.nproc" for o in args.overrides):
+    if slots is None and not any(override_key(o) == "trainer.nproc" for o in args.overrides):
         slots = original.slots  # the original's share of the machine, unless the clone changes its ranks
     _enqueue(
         "clone",

@@ -38,6 +38,7 @@ from faceforge.jobs import (
     JobStore,
     make_jobs,
     merge_overrides,
+    override_key,
     quoted_path,
     retry,
     store_path,
@@ -78,7 +79,7 @@ class Stage:
 
 def check_overrides(profile: Profile, overrides: list[str]) -> None:
     """The user's training overrides, checked before anything runs rather than minutes later inside a job."""
-    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    keys = [override_key(override) for override in overrides]
     if profile.sweep_key in keys:
         raise DemoError(
             f"{profile.sweep_key} is what the demo's sweep varies ({profile.sweep}); override something else"

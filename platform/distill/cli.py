@@ -6,6 +6,7 @@ queue (`faceforge queue submit distill=embedding distill.teacher=...`) are the t
 
 from __future__ import annotations
 
+from faceforge.jobs.spec import override_key
 from faceforge.train.app import RESUME_FLAG
 
 DEFAULT_PRESET = "embedding"
@@ -14,7 +15,7 @@ DEFAULT_PRESET = "embedding"
 def distill_overrides(overrides: list[str]) -> list[str]:
     """The trainer's overrides: `distill=<DEFAULT_PRESET>` first unless the command line picks a preset or resumes a
     run (which keeps the preset it recorded)."""
-    chooses_preset = any(item.split("=", 1)[0].lstrip("+~") in ("distill", RESUME_FLAG) for item in overrides)
+    chooses_preset = any(override_key(item) in ("distill", RESUME_FLAG) for item in overrides)
     return list(overrides) if chooses_preset else [f"distill={DEFAULT_PRESET}", *overrides]
 
 

@@ -90,6 +90,11 @@ def _axis_length(override: Override) -> int:
         raise ConfigError(f"{override.input_line}: not a sweep the queue can run ({_one_line(err)})") from None
 
 
+def override_key(override: str) -> str:
+    """The key an override sets, without its +, ++ or ~ prefix."""
+    return override.partition("=")[0].lstrip("+~")
+
+
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
     """`base` with every key that `changes` sets replaced by its new value: a clone with edits."""
     parser = OverridesParser.create()

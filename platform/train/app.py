@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,14 +21,19 @@ def _objective(metrics: dict[str, float]) -> float | None:
     return metrics.get("accuracy")
 
 
+def _refuse(err: ConfigError) -> NoReturn:
+    """A bad config or command line: one line and exit status 2, not a traceback."""
+    print(f"faceforge train: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def hydra_main(config: DictConfig) -> float | None:
     try:
         cfg = from_dict(OmegaConf.to_container(config, resolve=True))
         metrics = launch(cfg)
     except ConfigError as err:
-        print(f"faceforge train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(err)
     if metrics:
         print("final: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return _objective(metrics)
@@ -39,10 +45,13 @@ RESUME_FLAG = "--resume"
 def resume_arguments(argv: list[str]) -> list[str]:
     """`--resume RUN [overrides]` as the trainer's arguments: the overrides Hydra recorded for RUN, with `overrides`
     replacing the values of the keys they set, continued in RUN from its latest checkpoint. A resume then never
-    depends on retyping the run's command line, and a forgotten override cannot silently change the run."""
-    from faceforge.jobs.spec import merge_overrides, quoted_path
+    depends on retyping the run's command line, and a forgotten override cannot silently change the run. Without
+    the flag, `argv` as it is."""
+    at = next((i for i, word in enumerate(argv) if word.partition("=")[0] == RESUME_FLAG), None)
+    if at is None:
+        return argv
+    from faceforge.jobs.spec import merge_overrides, override_key, quoted_path
 
-    at = next(i for i, word in enumerate(argv) if word.partition("=")[0] == RESUME_FLAG)
     flag, _, run = argv[at].partition("=")
     rest = argv[:at] + argv[at + (1 if run else 2) :]
     run = run or (argv[at + 1] if at + 1 < len(argv) else "")
@@ -56,7 +65,7 @@ def resume_arguments(argv: list[str]) -> list[str]:
     if {"-m", "--multirun"} & set(hydra_flags):
         raise ConfigError(f"{flag} continues one run; it cannot be a sweep (-m)")
     owned = ("trainer.resume", "output_dir", "hydra.run.dir")
-    if clashing := [word for word in overrides if word.partition("=")[0].lstrip("+~") in owned]:
+    if clashing := [word for word in overrides if override_key(word) in owned]:
         raise ConfigError(f"{flag} sets {', '.join(owned)} itself; drop {' '.join(clashing)}")
     folder = quoted_path(Path(run).resolve())
     saved = OmegaConf.to_container(OmegaConf.load(recorded))
@@ -66,12 +75,9 @@ def resume_arguments(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the Hydra app with `argv` (default: the command line) as its arguments; Hydra reads sys.argv itself."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(word.partition("=")[0] == RESUME_FLAG for word in argv):
-        try:
-            argv = resume_arguments(argv)
-        except ConfigError as err:
-            print(f"faceforge train: error: {err}", file=sys.stderr)
-            sys.exit(2)
+    try:
+        argv = resume_arguments(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        _refuse(err)
     sys.argv = ["faceforge train", *argv]
     hydra_main()
