@@ -519,6 +519,34 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     assert TrainConfig.load(out / "config.yaml").model.width == 0.25
 
 
+def test_torchrun_stops_once_when_stops_arrive_together(tmp_path: Path) -> None:
+    """A hangup, the launcher's SIGTERM and a Ctrl-C that land before torchrun's handler has run: the first stops the
+    ranks, the others are dropped without CPython's "ignored due to race condition" traceback (CI saw it once)."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(print('rank stopped', flush=True)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "faceforge.train.torchrun", "--nproc-per-node=1", str(rank)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        for stop in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            proc.send_signal(stop)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "rank stopped" in out and "Traceback" not in err, err[-3000:]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -242,9 +242,10 @@ def _port(text: str) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     """The first Ctrl-C (or SIGTERM) stops the demo's jobs and servers in order; more would cut that short and leave
-    the servers, which run in their own sessions, behind: they are ignored until it is done."""
+    the servers, which run in their own sessions, behind: they are dropped until it is done. By a handler, not SIG_IGN:
+    one that arrived with the first would then be reported as "ignored due to race condition" with a traceback."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: None)
     print("faceforge demo: stopping jobs and servers (up to a minute)...", file=sys.stderr, flush=True)
     raise KeyboardInterrupt
 

@@ -21,9 +21,14 @@ from torch.distributed.run import main
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _drop(signum: int, frame: FrameType | None) -> None:
+    """Not SIG_IGN: a stop that arrived with the first, before its handler ran, would then be reported as "ignored
+    due to race condition" with a traceback."""
+
+
 def _stop_once(signum: int, frame: FrameType | None) -> None:
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _drop)
     raise SignalException(f"stopped by {signal.Signals(signum).name}", sigval=signal.SIGTERM)
 
 
