@@ -202,25 +202,31 @@ def _align_in_worker(settings: AlignSettings, sources: list[str]) -> list[dict]:
 
 
 @contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """A Ctrl-C held back until the block ends, then delivered as usual, so none lands while a worker is spawned.
+def stops_deferred() -> Iterator[None]:
+    """A Ctrl-C (or a SIGTERM handled in Python) held back until the block ends, then delivered as usual, so none
+    lands while a worker is spawned.
 
     Blocked in this thread, so workers spawned meanwhile start with it blocked (until `_start_worker`); noted, not
     raised, when another thread (tqdm's monitor) takes it, as Python then runs the handler in this one anyway.
+    A SIGTERM this process handles in Python (the demo's stop) is noted too, not blocked: the workers keep dying of
+    it. Raised mid-spawn, either loses the worker's pid before it got its instructions, and the orphan prints an
+    EOFError traceback once its parent has gone.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signal.SIGTERM)) else (signal.SIGINT,)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here reaches the noting handler
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(caught[0])
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -363,7 +369,7 @@ def align_tree(
             spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
             with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(settings, threads)) as pool:
                 try:
-                    with sigint_deferred():  # workers spawn on submit
+                    with stops_deferred():  # workers spawn on submit
                         futures = {pool.submit(_align_in_worker, settings, chunk): len(chunk) for chunk in chunks}
                     for future in as_completed(futures):
                         log(future.result(), futures[future])

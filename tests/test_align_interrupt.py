@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from faceforge.data_pipeline.align import stops_deferred
+
 from conftest import shared_data
 
 # A shell's background job (CI, `cmd &`) starts with SIGINT ignored, which the CLI and its workers would inherit;
@@ -140,3 +142,22 @@ def test_an_interrupted_align_stops_its_workers_quietly_and_at_once_and_a_rerun_
     assert f"images={PHOTOS}  skipped={len(done)}  " in rerun.stdout
     sources = sorted(record["source"] for record in recorded(dst))
     assert sources == sorted(f"{photo.parent.name}/{photo.name}" for photo in photos)
+
+
+def test_a_stop_the_process_handles_is_held_back_while_workers_spawn() -> None:
+    """The demo turns SIGTERM into KeyboardInterrupt too: raised inside a worker's start (a group's SIGTERM that
+    lands before the fork of the second), the pid is lost before the worker got its instructions, and the orphan
+    printed an EOFError traceback once its parent had gone. Like a Ctrl-C, it is noted and raised after the spawn."""
+    spawned: list[bool] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), stops_deferred():
+            signal.raise_signal(signal.SIGTERM)  # its handler runs at the next bytecode: here, mid-spawn
+            spawned.append(True)
+        assert spawned, "the stop was raised while workers were being spawned"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
