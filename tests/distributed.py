@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,16 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+def _entry(rank: int, world_size: int, store: Path, fn: Callable[..., Any], args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         # No rank tears down its gloo connections while another still uses them: that race aborts a rank
@@ -32,5 +25,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Run fn on `world_size` gloo ranks; an assertion failing on any rank fails the caller."""
-    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")
+    """Run fn on `world_size` gloo ranks; an assertion failing on any rank fails the caller.
+
+    The ranks meet through a file, not a TCP port picked beforehand: another process could take such a port
+    between the pick and rank 0's bind, a second or more later (rank 0 imports torch first)."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = Path(folder) / "store"
+        mp.start_processes(_entry, args=(world_size, store, fn, args), nprocs=world_size, start_method="spawn")
