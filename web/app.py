@@ -318,7 +318,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.get("/jobs/{job_id}/status")
     def job_status(request: Request, job_id: str) -> HTMLResponse:
-        return render(request, "_job_status.html", job=get_job(job_id))
+        return render(request, "_job_status.html", job=get_job(job_id), polled=True)
 
     @app.get("/jobs/{job_id}/metrics")
     def job_metrics(request: Request, job_id: str) -> HTMLResponse:
