@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, expect, sync_playwright
 
+from faceforge import models
 from faceforge.jobs import TERMINAL, JobStore, make_jobs, store_path
+from faceforge.registry import prepare_tracking
+from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
+from faceforge.train.tracking import RunTracker
 
 from conftest import shared_data
 from test_web import TOKEN as WEB_TOKEN
@@ -181,28 +186,99 @@ def test_clone_with_an_edit(page: Page, site: str, shared: dict) -> None:
     expect(page.locator("#job-state")).to_have_text("cancelled", timeout=TIMEOUT_MS)
 
 
+def hold_a_press_across_a_poll(tab: Page, target: str, poll: str) -> None:
+    """Press the mouse on `target` and release it only once a poll of a URL containing `poll` was answered and
+    swapped in (or, unchanged, left alone): a person's slow click meeting the page's refresh."""
+    box = tab.locator(target).bounding_box()
+    assert box is not None
+    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    with tab.expect_response(lambda response: poll in response.url, timeout=30_000):
+        tab.mouse.down()
+    tab.wait_for_timeout(300)  # htmx swaps the answer in just after it arrives
+    tab.mouse.up()
+
+
+@contextmanager
+def unscheduled(page: Page, home: Path, roots: list[Path]) -> Iterator[tuple[Server, Page]]:
+    """An in-process server without a scheduler (its jobs stay as the test leaves them) and a tab of the module's
+    browser (one Playwright per thread) with cookies of its own."""
+    served = Server(home, roots)
+    tab = page.context.browser.new_page()
+    try:
+        yield served, tab
+    finally:
+        tab.close()
+        served.stop()
+
+
 def test_a_press_on_cancel_held_across_a_status_poll_still_cancels(
     page: Page, tmp_path: Path, tiny_train_root: Path
 ) -> None:
     """A person's click lasts a tenth of a second, a tenth of the job page's poll: chromium drops a click whose
     button the poll replaced between its press and its release."""
-    served = Server(tmp_path, [tiny_train_root])  # no scheduler: the job stays queued and its page keeps polling
-    tab = page.context.browser.new_page()  # one Playwright per thread: the module's, with cookies of its own
-    try:
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):  # the job stays queued, its page polling
         [job] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
         sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
-        box = tab.locator("#cancel").bounding_box()
-        assert box is not None
-        tab.evaluate("() => { window.beforePoll = document.getElementById('job-status'); }")
-        tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        tab.mouse.down()
-        tab.wait_for_function("() => document.getElementById('job-status') !== window.beforePoll")
-        tab.mouse.up()
+        hold_a_press_across_a_poll(tab, "#cancel", "/status")
         expect(tab.locator("#job-state")).to_have_text("cancelled", timeout=30_000)
         expect(tab.locator("#cancel")).to_have_count(0)
-    finally:
-        tab.close()
-        served.stop()
+
+
+def test_a_press_on_a_queue_link_held_across_a_table_poll_still_follows_it(
+    page: Page, tmp_path: Path, tiny_train_root: Path
+) -> None:
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        [job] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
+        sign_in(tab, served.url, WEB_TOKEN, "/queue")
+        hold_a_press_across_a_poll(tab, f"#queue-table a[href='/jobs/{job.id}']", "/queue/table")
+        tab.wait_for_url(f"{served.url}/jobs/{job.id}", timeout=10_000)
+
+
+def test_a_press_on_the_sweep_link_held_across_a_status_poll_still_follows_it(
+    page: Page, tmp_path: Path, tiny_train_root: Path
+) -> None:
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        [job, _] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}", "optim.lr=0.1,0.05"]))
+        sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
+        hold_a_press_across_a_poll(tab, f"a[href='/sweeps/{job.sweep_id}']", "/status")
+        tab.wait_for_url(f"{served.url}/sweeps/{job.sweep_id}", timeout=10_000)
+
+
+def test_a_press_on_the_mlflow_link_held_across_a_metrics_poll_still_opens_it(
+    page: Page, tmp_path: Path, tiny_train_root: Path
+) -> None:
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        experiment = prepare_tracking(uri)
+        [job] = served.store.submit(
+            make_jobs(["data=folder", f"data.root={tiny_train_root}", f"mlflow.tracking_uri={uri}"])
+        )
+        MlflowClient(uri).create_run(experiment, tags={JOB_TAG: job.id})  # the job's run, still running
+        sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
+        with tab.context.expect_page(timeout=10_000):  # the link opens MLflow in a tab of its own
+            hold_a_press_across_a_poll(tab, "#job-metrics a[target=_blank]", "/metrics")
+
+
+def test_a_press_on_register_held_across_a_sweep_poll_still_registers(
+    page: Page, tmp_path: Path, tiny_train_root: Path
+) -> None:
+    """The finished sweep's page polls on for the scheduler's registration, the Register button under it."""
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        experiment = prepare_tracking(uri)
+        overrides = ["data=folder", f"data.root={tiny_train_root}", f"mlflow.tracking_uri={uri}", "optim.lr=0.1,0.05"]
+        jobs = served.store.submit(make_jobs(overrides))
+        client = MlflowClient(uri)
+        for job, accuracy in zip(jobs, (0.75, 0.875), strict=True):
+            run_id = client.create_run(experiment, tags={SWEEP_TAG: job.sweep_id, JOB_TAG: job.id}).info.run_id
+            client.log_metric(run_id, "eval.accuracy", accuracy)
+            model = models.create("mobilefacenet", width=0.25, input_size=56, embedding_dim=32).eval()
+            RunTracker(uri, run_id).model(model, 56, step=1)
+            client.set_terminated(run_id)
+            served.store.cancel(job.id)  # ended just now: the page polls for the registration a while
+        sign_in(tab, served.url, WEB_TOKEN, f"/sweeps/{jobs[0].sweep_id}")
+        hold_a_press_across_a_poll(tab, "#register", "/body")
+        expect(tab.locator("#champion")).to_contain_text("current champion", timeout=30_000)
 
 
 def test_cancel_a_running_job(page: Page, site: str, tiny_train_root: Path) -> None:

@@ -406,6 +406,16 @@ def test_queue_page_paginates_a_thousand_jobs(server: Server, tiny_train_root: P
     assert "page: Input should be a valid integer" in malformed.text
 
 
+def test_a_poll_leaves_an_unchanged_table_in_place(server: Server, tiny_train_root: Path) -> None:
+    """204 (htmx swaps nothing) while the table shown is current: a click held across the poll lands."""
+    shown = re.search(r'hx-get="/queue/table\?page=1&v=(\w+)"', server.get("/queue").text)
+    assert shown
+    assert server.get("/queue/table", params={"page": 1, "v": shown.group(1)}).status_code == 204
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], name="newer"))
+    changed = server.get("/queue/table", params={"page": 1, "v": shown.group(1)})
+    assert changed.status_code == 200 and job.id in changed.text and shown.group(1) not in changed.text
+
+
 def test_log_stream_resumes_from_the_last_event_id(server: Server, tiny_train_root: Path, tmp_path: Path) -> None:
     [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], priority=99))
     log = tmp_path / "job.log"
@@ -504,6 +514,10 @@ def test_job_page_plots_metrics_links_mlflow_and_diffs(server: Server, tiny_trai
     assert "eval.accuracy" in metrics and "0.625" in metrics
     assert f"/#/experiments/{experiment}/runs/{run.info.run_id}" in metrics
     assert "No MLflow run yet" in server.get(f"/jobs/{second.id}/metrics").text
+    polled = server.get(f"/jobs/{first.id}/metrics", params={"run": f"{run.info.run_id} RUNNING"}).text
+    assert "<polyline" in polled and 'id="job-run"' not in polled  # the link shown stays in place
+    run_appeared = server.get(f"/jobs/{first.id}/metrics", params={"run": ""}).text
+    assert re.search(r'id="job-run" hx-swap-oob="true">.*/runs/', run_appeared, re.S)
 
     page = server.get(f"/jobs/{second.id}", params={"diff": first.id}).text
     assert '<span class="del">-  steps: 5</span>' in page and '<span class="add">+  steps: 7</span>' in page

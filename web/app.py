@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import hashlib
 import os
 import threading
 import time
@@ -152,6 +153,19 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         context |= {"csrf": request.state.csrf, "logged_in": _logged_in(request), "here": here}
         return templates.TemplateResponse(request, name, context, status_code=status)
 
+    def version(request: Request, name: str, context: dict[str, Any]) -> str:
+        """A digest of what the polled fragment `name` shows: its poll URL carries it, so that an unchanged
+        fragment is answered 204 and left in place (the browser drops a click on a link replaced mid-press)."""
+        html = templates.get_template(name).render(context | {"csrf": request.state.csrf, "version": ""})
+        return hashlib.sha256(html.encode()).hexdigest()[:16]
+
+    def refresh(request: Request, name: str, shown: str | None, context: dict[str, Any]) -> Response:
+        """The polled fragment `name`, or 204 (htmx swaps nothing and polls on) when it is the `shown` version."""
+        current = version(request, name, context)
+        if current == shown:
+            return Response(status_code=204)
+        return render(request, name, **context, version=current)
+
     def _logged_in(request: Request) -> bool:
         return same(request.cookies.get(SESSION_COOKIE, ""), session_value(app.state.token))
 
@@ -237,11 +251,12 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.get("/queue")
     def queue(request: Request, state: str | None = None, page: int = 1) -> HTMLResponse:
-        return render(request, "queue.html", **queue_context(state, page))
+        context = queue_context(state, page)
+        return render(request, "queue.html", **context, version=version(request, "_queue_table.html", context))
 
     @app.get("/queue/table")
-    def queue_table(request: Request, state: str | None = None, page: int = 1) -> HTMLResponse:
-        return render(request, "_queue_table.html", **queue_context(state, page))
+    def queue_table(request: Request, state: str | None = None, page: int = 1, v: str | None = None) -> Response:
+        return refresh(request, "_queue_table.html", v, queue_context(state, page))
 
     def form_page(request: Request, form: JobForm, error: str | None, clone_of: str | None = None) -> HTMLResponse:
         return render(
@@ -321,8 +336,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         return render(request, "_job_status.html", job=get_job(job_id), polled=True)
 
     @app.get("/jobs/{job_id}/metrics")
-    def job_metrics(request: Request, job_id: str) -> HTMLResponse:
-        job = get_job(job_id)
+    def job_metrics(request: Request, job_id: str, run: str | None = None) -> HTMLResponse:
+        """The metrics section; polled (`run`: the run line shown), its charts and the run line if it changed."""
+        job, shown_run = get_job(job_id), run
         run = runs.job_run(job)
         charts, values, link = [], {}, None
         if run is not None:
@@ -332,7 +348,18 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
                 else:
                     values[key] = points[-1][1]
             link = f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-        return render(request, "_job_metrics.html", job=job, run=run, charts=charts, values=values, link=link)
+        run_key = f"{run.info.run_id} {run.info.status}" if run else ""
+        return render(
+            request,
+            "_job_metrics.html",
+            job=job,
+            run=run,
+            run_key=run_key,
+            shown_run=shown_run,
+            charts=charts,
+            values=values,
+            link=link,
+        )
 
     @app.get("/jobs/{job_id}/logs")
     async def job_logs(request: Request, job_id: str, offset: int = 0) -> StreamingResponse:
@@ -417,13 +444,17 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "error": None,
         }
 
+    def sweep_page_of(request: Request, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+        body = version(request, "_sweep_body.html", context)
+        return render(request, "sweep.html", status, **context, version=body)
+
     @app.get("/sweeps/{sweep_id}")
     def sweep_page(request: Request, sweep_id: str, metric: str | None = None) -> HTMLResponse:
-        return render(request, "sweep.html", **sweep_context(sweep_id, metric))
+        return sweep_page_of(request, sweep_context(sweep_id, metric))
 
     @app.get("/sweeps/{sweep_id}/body")
-    def sweep_body(request: Request, sweep_id: str, metric: str | None = None) -> HTMLResponse:
-        return render(request, "_sweep_body.html", **sweep_context(sweep_id, metric))
+    def sweep_body(request: Request, sweep_id: str, metric: str | None = None, v: str | None = None) -> Response:
+        return refresh(request, "_sweep_body.html", v, sweep_context(sweep_id, metric))
 
     @app.post("/sweeps/{sweep_id}/register", dependencies=[Depends(require_token)])
     async def register(request: Request, sweep_id: str) -> Response:
@@ -435,7 +466,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             uri = runs.tracking_uri(context["jobs"][0])
             await asyncio.to_thread(register_champion, uri, sweep_id, context["policy"], context["registered_model"])
         except (ValueError, MlflowException) as err:
-            return render(request, "sweep.html", 400, **(context | {"error": str(err).splitlines()[0]}))
+            return sweep_page_of(request, context | {"error": str(err).splitlines()[0]}, 400)
         return RedirectResponse(f"/sweeps/{sweep_id}", 303)
 
     @app.get("/models")
