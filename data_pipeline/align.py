@@ -225,8 +225,8 @@ def stops_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here reaches the noting handler
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if caught:
-        signal.raise_signal(caught[0])
+        if caught:  # the stop wins over what the block raised (a worker it killed breaks the pool)
+            signal.raise_signal(caught[0])
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:

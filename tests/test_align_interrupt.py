@@ -159,5 +159,9 @@ def test_a_stop_the_process_handles_is_held_back_while_workers_spawn() -> None:
             signal.raise_signal(signal.SIGTERM)  # its handler runs at the next bytecode: here, mid-spawn
             spawned.append(True)
         assert spawned, "the stop was raised while workers were being spawned"
+        # A spawn that fails meanwhile (the same SIGTERM killed a new worker: BrokenProcessPool) keeps the stop.
+        with pytest.raises(KeyboardInterrupt), stops_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            raise RuntimeError("a worker died while the pool spawned it")
     finally:
         signal.signal(signal.SIGTERM, previous)

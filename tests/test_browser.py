@@ -187,14 +187,18 @@ def test_clone_with_an_edit(page: Page, site: str, shared: dict) -> None:
 
 
 def hold_a_press_across_a_poll(tab: Page, target: str, poll: str) -> None:
-    """Press the mouse on `target` and release it only once a poll of a URL containing `poll` was answered and
-    swapped in (or, unchanged, left alone): a person's slow click meeting the page's refresh."""
+    """Press the mouse on `target` and release it only once htmx has handled a poll of a URL containing `poll`
+    (swapped its answer in, or left an unchanged part alone): a person's slow click meeting the page's refresh."""
     box = tab.locator(target).bounding_box()
     assert box is not None
     tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    with tab.expect_response(lambda response: poll in response.url, timeout=30_000):
-        tab.mouse.down()
-    tab.wait_for_timeout(300)  # htmx swaps the answer in just after it arrives
+    tab.evaluate(
+        """poll => { window.polled = false; document.addEventListener("htmx:afterRequest", event => {
+            if (event.detail.pathInfo.requestPath.includes(poll)) window.polled = true; }); }""",
+        poll,
+    )
+    tab.mouse.down()
+    tab.wait_for_function("() => window.polled", timeout=30_000)  # htmx fires it after the swap
     tab.mouse.up()
 
 

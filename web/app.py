@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -146,25 +146,27 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         except BaseException as err:  # a bug, not a broken dataset: the submission shows it rather than hang
             future.set_exception(err)
 
-    def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    def page_context(request: Request, name: str, context: dict[str, Any]) -> dict[str, Any]:
         # Where "Log in" returns to: this page with its query (a clone, a sweep's metric), or a form re-shown.
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         here = here if request.method == "GET" else "/jobs/new" if name == "job_form.html" else "/"
-        context |= {"csrf": request.state.csrf, "logged_in": _logged_in(request), "here": here}
-        return templates.TemplateResponse(request, name, context, status_code=status)
+        return context | {"csrf": request.state.csrf, "logged_in": _logged_in(request), "here": here}
 
-    def version(request: Request, name: str, context: dict[str, Any]) -> str:
+    def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, page_context(request, name, context), status_code=status)
+
+    def digest(request: Request, name: str, context: dict[str, Any]) -> str:
         """A digest of what the polled fragment `name` shows: its poll URL carries it, so that an unchanged
         fragment is answered 204 and left in place (the browser drops a click on a link replaced mid-press)."""
-        html = templates.get_template(name).render(context | {"csrf": request.state.csrf, "version": ""})
-        return hashlib.sha256(html.encode()).hexdigest()[:16]
+        shown = page_context(request, name, context) | {"request": request, "digest": ""}
+        return hashlib.sha256(templates.get_template(name).render(shown).encode()).hexdigest()[:16]
 
     def refresh(request: Request, name: str, shown: str | None, context: dict[str, Any]) -> Response:
-        """The polled fragment `name`, or 204 (htmx swaps nothing and polls on) when it is the `shown` version."""
-        current = version(request, name, context)
+        """The polled fragment `name`, or 204 (htmx swaps nothing and polls on) when it is the `shown` digest."""
+        current = digest(request, name, context)
         if current == shown:
             return Response(status_code=204)
-        return render(request, name, **context, version=current)
+        return render(request, name, **context, digest=current)
 
     def _logged_in(request: Request) -> bool:
         return same(request.cookies.get(SESSION_COOKIE, ""), session_value(app.state.token))
@@ -252,7 +254,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.get("/queue")
     def queue(request: Request, state: str | None = None, page: int = 1) -> HTMLResponse:
         context = queue_context(state, page)
-        return render(request, "queue.html", **context, version=version(request, "_queue_table.html", context))
+        return render(request, "queue.html", **context, digest=digest(request, "_queue_table.html", context))
 
     @app.get("/queue/table")
     def queue_table(request: Request, state: str | None = None, page: int = 1, v: str | None = None) -> Response:
@@ -336,9 +338,9 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         return render(request, "_job_status.html", job=get_job(job_id), polled=True)
 
     @app.get("/jobs/{job_id}/metrics")
-    def job_metrics(request: Request, job_id: str, run: str | None = None) -> HTMLResponse:
+    def job_metrics(request: Request, job_id: str, shown_run: str | None = Query(None, alias="run")) -> HTMLResponse:
         """The metrics section; polled (`run`: the run line shown), its charts and the run line if it changed."""
-        job, shown_run = get_job(job_id), run
+        job = get_job(job_id)
         run = runs.job_run(job)
         charts, values, link = [], {}, None
         if run is not None:
@@ -444,13 +446,12 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "error": None,
         }
 
-    def sweep_page_of(request: Request, context: dict[str, Any], status: int = 200) -> HTMLResponse:
-        body = version(request, "_sweep_body.html", context)
-        return render(request, "sweep.html", status, **context, version=body)
+    def render_sweep(request: Request, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+        return render(request, "sweep.html", status, **context, digest=digest(request, "_sweep_body.html", context))
 
     @app.get("/sweeps/{sweep_id}")
     def sweep_page(request: Request, sweep_id: str, metric: str | None = None) -> HTMLResponse:
-        return sweep_page_of(request, sweep_context(sweep_id, metric))
+        return render_sweep(request, sweep_context(sweep_id, metric))
 
     @app.get("/sweeps/{sweep_id}/body")
     def sweep_body(request: Request, sweep_id: str, metric: str | None = None, v: str | None = None) -> Response:
@@ -466,7 +467,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             uri = runs.tracking_uri(context["jobs"][0])
             await asyncio.to_thread(register_champion, uri, sweep_id, context["policy"], context["registered_model"])
         except (ValueError, MlflowException) as err:
-            return sweep_page_of(request, context | {"error": str(err).splitlines()[0]}, 400)
+            return render_sweep(request, context | {"error": str(err).splitlines()[0]}, 400)
         return RedirectResponse(f"/sweeps/{sweep_id}", 303)
 
     @app.get("/models")
