@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, expect, sync_playwright
 
 from faceforge import models
-from faceforge.jobs import TERMINAL, JobStore, make_jobs, store_path
+from faceforge.jobs import TERMINAL, Job, JobStore, make_jobs, store_path
 from faceforge.registry import prepare_tracking
 from faceforge.registry.selection import JOB_TAG, SWEEP_TAG
 from faceforge.train.tracking import RunTracker
@@ -228,35 +228,35 @@ def test_a_press_on_cancel_held_across_a_status_poll_still_cancels(
         expect(tab.locator("#cancel")).to_have_count(0)
 
 
-def test_a_press_on_a_queue_link_held_across_a_table_poll_still_follows_it(
-    page: Page, tmp_path: Path, tiny_train_root: Path
-) -> None:
-    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
-        [job] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
-        sign_in(tab, served.url, WEB_TOKEN, "/queue")
-        hold_a_press_across_a_poll(tab, f"#queue-table a[href='/jobs/{job.id}']", "/queue/table")
-        tab.wait_for_url(f"{served.url}/jobs/{job.id}", timeout=10_000)
+def tracked_jobs(served: Server, folder: Path, root: Path, *overrides: str) -> tuple[str, str, list[Job]]:
+    """Jobs on `root` submitted to `served`, logging to an MLflow database in `folder`: its URI, experiment, jobs."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    experiment = prepare_tracking(uri)
+    overrides = ("data=folder", f"data.root={root}", f"mlflow.tracking_uri={uri}", *overrides)
+    return uri, experiment, served.store.submit(make_jobs(list(overrides)))
 
 
-def test_a_press_on_the_sweep_link_held_across_a_status_poll_still_follows_it(
-    page: Page, tmp_path: Path, tiny_train_root: Path
+@pytest.mark.parametrize(
+    ("landing", "link", "poll"),
+    [("/queue", "/jobs/{job}", "/queue/table"), ("/jobs/{job}", "/sweeps/{sweep}", "/status")],
+    ids=["queue-table", "job-status"],
+)
+def test_a_press_on_a_link_held_across_a_poll_still_follows_it(
+    page: Page, tmp_path: Path, tiny_train_root: Path, landing: str, link: str, poll: str
 ) -> None:
     with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
         [job, _] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}", "optim.lr=0.1,0.05"]))
-        sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
-        hold_a_press_across_a_poll(tab, f"a[href='/sweeps/{job.sweep_id}']", "/status")
-        tab.wait_for_url(f"{served.url}/sweeps/{job.sweep_id}", timeout=10_000)
+        names = {"job": job.id, "sweep": job.sweep_id}
+        sign_in(tab, served.url, WEB_TOKEN, landing.format(**names))
+        hold_a_press_across_a_poll(tab, f"a[href='{link.format(**names)}']", poll)
+        tab.wait_for_url(served.url + link.format(**names), timeout=10_000)
 
 
 def test_a_press_on_the_mlflow_link_held_across_a_metrics_poll_still_opens_it(
     page: Page, tmp_path: Path, tiny_train_root: Path
 ) -> None:
     with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        experiment = prepare_tracking(uri)
-        [job] = served.store.submit(
-            make_jobs(["data=folder", f"data.root={tiny_train_root}", f"mlflow.tracking_uri={uri}"])
-        )
+        uri, experiment, [job] = tracked_jobs(served, tmp_path, tiny_train_root)
         MlflowClient(uri).create_run(experiment, tags={JOB_TAG: job.id})  # the job's run, still running
         sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
         with tab.context.expect_page(timeout=10_000):  # the link opens MLflow in a tab of its own
@@ -268,10 +268,7 @@ def test_a_press_on_register_held_across_a_sweep_poll_still_registers(
 ) -> None:
     """The finished sweep's page polls on for the scheduler's registration, the Register button under it."""
     with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        experiment = prepare_tracking(uri)
-        overrides = ["data=folder", f"data.root={tiny_train_root}", f"mlflow.tracking_uri={uri}", "optim.lr=0.1,0.05"]
-        jobs = served.store.submit(make_jobs(overrides))
+        uri, experiment, jobs = tracked_jobs(served, tmp_path, tiny_train_root, "optim.lr=0.1,0.05")
         client = MlflowClient(uri)
         for job, accuracy in zip(jobs, (0.75, 0.875), strict=True):
             run_id = client.create_run(experiment, tags={SWEEP_TAG: job.sweep_id, JOB_TAG: job.id}).info.run_id
