@@ -4,7 +4,9 @@ ids."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import sys
 import tempfile
 import threading
@@ -218,6 +220,41 @@ def test_the_scheduler_copies_a_ray_jobs_log_where_the_web_page_reads_it(
     assert job.log_path == str(job_dir(home, job.id) / f"{job.handle}.log")
     copied = Path(job.log_path).read_text()
     assert copied == executor.read_log(job)[0] and "mlflow:" in copied  # whole, and copied once
+
+
+def test_a_head_that_dies_in_use_says_why_before_its_logs_go(tmp_path: Path) -> None:
+    """Ray's `start --block` ends the whole head when one of its processes dies; the tests that use it then fail
+    on "connection refused" alone (CI saw it once), so leaving the head names what died, from head.log."""
+    died = r"(?s)Ray head exited with code \d+ while in use.*exited unexpectedly"
+    with (
+        tempfile.TemporaryDirectory(prefix="ffray-") as temp_dir,
+        pytest.raises(RuntimeError, match=died),
+        local_head(Path(temp_dir), num_cpus=1) as address,
+    ):
+        descendants = ray_jobs._descendants(os.getpid())
+        [head] = [pid for pid, _ in descendants if "start --head" in _command(pid)]
+        [dashboard] = [pid for pid, _ in descendants if "dashboard/dashboard.py" in _command(pid)]
+        assert _reachable(address)
+        os.kill(dashboard, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while _command(head):  # a zombie's command line is empty: `ray start` has ended
+            assert time.monotonic() < deadline, "the head outlived its dashboard"
+            time.sleep(0.5)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _reachable(address: str) -> bool:
+    try:
+        ray_jobs.cluster_cpus(address)
+    except Exception:  # refused, reset or timed out: whatever a dead head gives
+        return False
+    return True
 
 
 def test_a_bare_host_port_address_is_read_as_the_dashboard(ray_address: str) -> None:

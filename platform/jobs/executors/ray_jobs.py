@@ -268,6 +268,7 @@ def local_head(temp_dir: Path, num_cpus: int, timeout: float = 120.0) -> Iterato
     head_log = temp_dir / "head.log"
     with head_log.open("wb") as out:
         head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    died_in_use = None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -282,6 +283,7 @@ def local_head(temp_dir: Path, num_cpus: int, timeout: float = 120.0) -> Iterato
                 raise TimeoutError(f"Ray head at {address} not up after {timeout:.0f} s; see {head_log}")
             time.sleep(1.0)
         yield address
+        died_in_use = head.poll()
     finally:
         started = _descendants(head.pid)
         head.terminate()  # `ray start --block` stops its processes on SIGTERM
@@ -292,3 +294,6 @@ def local_head(temp_dir: Path, num_cpus: int, timeout: float = 120.0) -> Iterato
             head.wait()
         for pid, start_time in started:  # whatever outlived the graceful stop, job entrypoints included
             _kill_if_same(pid, start_time)
+    if died_in_use is not None:  # `ray start --block` ends the head when one of its processes dies: say which
+        tail = "\n".join(head_log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"the Ray head exited with code {died_in_use} while in use; the end of {head_log}:\n{tail}")
