@@ -231,9 +231,9 @@ def test_a_head_that_dies_in_use_says_why_before_its_logs_go(tmp_path: Path) -> 
         pytest.raises(RuntimeError, match=died),
         local_head(Path(temp_dir), num_cpus=1) as address,
     ):
-        descendants = ray_jobs._descendants(os.getpid())
-        [head] = [pid for pid, _ in descendants if "start --head" in _command(pid)]
-        [dashboard] = [pid for pid, _ in descendants if "dashboard/dashboard.py" in _command(pid)]
+        ours = [pid for pid, _ in ray_jobs._descendants(os.getpid()) if temp_dir in _command(pid)]  # not the session's
+        [head] = [pid for pid in ours if "start --head" in _command(pid)]
+        [dashboard] = [pid for pid in ours if "dashboard/dashboard.py" in _command(pid)]
         assert _reachable(address)
         os.kill(dashboard, signal.SIGKILL)
         deadline = time.monotonic() + 60
