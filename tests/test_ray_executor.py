@@ -173,17 +173,18 @@ def test_a_retried_job_runs_again_as_a_new_submission(ray_address: str, home: Pa
         time.sleep(0.5)
 
 
+def command_line(pid: int | str) -> str:
+    """A process's command line, its words joined by spaces; empty once it has ended (a zombie's is empty too)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # not a process, or one that has just ended
+        return ""
+
+
 def processes_naming(text: str) -> list[str]:
     """Command lines of live processes that contain `text` (a job's id is in its trainer's arguments)."""
-    found = []
-    for process in Path("/proc").iterdir():
-        try:
-            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # not a process, or one that has just ended
-            continue
-        if process.name.isdigit() and text in command:
-            found.append(command)
-    return found
+    commands = (command_line(process.name) for process in Path("/proc").iterdir() if process.name.isdigit())
+    return [command for command in commands if text in command]
 
 
 def test_unknown_submission_is_lost(ray_address: str, home: Path, tiny_train_root: Path) -> None:
@@ -231,22 +232,16 @@ def test_a_head_that_dies_in_use_says_why_before_its_logs_go(tmp_path: Path) -> 
         pytest.raises(RuntimeError, match=died),
         local_head(Path(temp_dir), num_cpus=1) as address,
     ):
-        ours = [pid for pid, _ in ray_jobs._descendants(os.getpid()) if temp_dir in _command(pid)]  # not the session's
-        [head] = [pid for pid in ours if "start --head" in _command(pid)]
-        [dashboard] = [pid for pid in ours if "dashboard/dashboard.py" in _command(pid)]
+        # Picked by its folder: the session's head runs beside it when the module runs whole.
+        ours = [pid for pid, _ in ray_jobs._descendants(os.getpid()) if temp_dir in command_line(pid)]
+        [head] = [pid for pid in ours if "start --head" in command_line(pid)]
+        [dashboard] = [pid for pid in ours if "dashboard/dashboard.py" in command_line(pid)]
         assert _reachable(address)
         os.kill(dashboard, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while _command(head):  # a zombie's command line is empty: `ray start` has ended
+        while command_line(head):  # a zombie's command line is empty: `ray start` has ended
             assert time.monotonic() < deadline, "the head outlived its dashboard"
             time.sleep(0.5)
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _reachable(address: str) -> bool:
