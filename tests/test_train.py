@@ -519,6 +519,46 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     assert TrainConfig.load(out / "config.yaml").model.width == 0.25
 
 
+@pytest.mark.parametrize(
+    ("nproc", "stopped_in", "status", "returncode"),
+    [
+        (1, "faceforge.train.launch.finish_run", "FINISHED", -signal.SIGTERM),
+        (2, "faceforge.train.launch.finish_run", "FINISHED", -signal.SIGTERM),
+        (1, "faceforge.train.loop.build_optimizer", "FAILED", 1),
+    ],
+)
+def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(
+    tiny_train_root: Path, tmp_path: Path, nproc: int, stopped_in: str, status: str, returncode: int
+) -> None:
+    """The default SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. A stop during set-up
+    ends the run as FAILED with the resume hint; one that lands while the launcher records how the run ended waits
+    for that record, then takes effect."""
+    cfg = tiny_config(tmp_path / "run", tiny_train_root, None, steps=2, nproc=nproc, threads=1)
+    cfg.save(config := tmp_path / "config.yaml")
+    module, _, name = stopped_in.rpartition(".")
+    launcher = (
+        "import importlib, os, signal, sys\n"
+        "from faceforge.train.config import TrainConfig\n"
+        "from faceforge.train.launch import launch\n"
+        f"module = importlib.import_module({module!r})\n"
+        f"original = module.{name}\n"
+        "def stopped_inside(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(*args)\n"
+        f"module.{name} = stopped_inside\n"
+        "launch(TrainConfig.load(sys.argv[1]))\n"
+        "print('carried on after the stop', flush=True)\n"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", launcher, str(config)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == returncode and "carried on" not in result.stdout, result.stderr[-3000:]
+    if status == "FAILED":
+        assert "stopped by SIGTERM; resume with" in result.stderr and "Traceback" not in result.stderr
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text())
+    assert run.info.status == status
+
+
 def test_torchrun_stops_once_when_stops_arrive_together(tmp_path: Path) -> None:
     """A hangup, the launcher's SIGTERM and a Ctrl-C that land before torchrun's handler has run: the first stops the
     ranks, the others are dropped without CPython's "ignored due to race condition" traceback (CI saw it once)."""

@@ -228,23 +228,50 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
         tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
         run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags)
         run_id_file.write_text(run_id)
-    config_path = out / "config.yaml"
-    cfg.save(config_path)
-    print(f"output: {out}\nmlflow: {cfg.mlflow.tracking_uri} run {run_id}", flush=True)
-
     metrics: dict[str, float] = {}
     succeeded = False
-    try:
-        if cfg.trainer.nproc == 1:
-            from faceforge.train.loop import train
+    with _RunStops(cfg.resume_hint) as stops:
+        try:
+            config_path = out / "config.yaml"
+            cfg.save(config_path)
+            print(f"output: {out}\nmlflow: {cfg.mlflow.tracking_uri} run {run_id}", flush=True)
+            if cfg.trainer.nproc == 1:
+                from faceforge.train.loop import train
 
-            metrics = train(cfg, run_id)
-        else:
-            metrics = _torchrun(cfg, config_path, run_id, lock)
-        succeeded = True
-    finally:
-        finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
+                metrics = train(cfg, run_id)
+            else:
+                metrics = _torchrun(cfg, config_path, run_id, lock)
+            succeeded = True
+        finally:
+            stops.held_back = True
+            finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
     return metrics, run_id
+
+
+class _RunStops:
+    """A stop outside training's own handling (set-up, the moment after) ends the run as FAILED, where the default
+    SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. Once `held_back`, while the run's end
+    is recorded, a stop waits for the record and then takes effect. Training's handlers replace this one while
+    steps run and restore it after, so no moment goes uncovered."""
+
+    def __init__(self, resume_hint: str) -> None:
+        self.resume_hint, self.held_back, self.held = resume_hint, False, 0
+
+    def __enter__(self) -> _RunStops:
+        self.previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.held:
+            signal.raise_signal(self.held)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if self.held_back:
+            self.held = self.held or signum
+        else:
+            raise SystemExit(f"stopped by {signal.Signals(signum).name}; {self.resume_hint}")
 
 
 def _train_lock(out: Path) -> int:
