@@ -301,6 +301,30 @@ def test_registered_teacher_is_frozen_and_its_identity_follows_its_weights_not_i
         load_teacher(str(tmp_path / "foreign"), uri, torch.device("cpu"))
 
 
+def _distiller_on_rank(rank: int, world_size: int, train_root: Path, teachers: list[Path], out: Path) -> None:
+    """A Distiller built on this rank from `teachers[rank]`; what it said is written to out/rank_<rank>."""
+    cfg = distill_config(out / "run", train_root, teachers[rank], embedding_weight=1.0)
+    ctx = DistContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    try:
+        Distiller(cfg, open_dataset(train_root, train_transform(cfg)), ctx)
+        said = "built"
+    except ConfigError as err:
+        said = str(err)
+    (out / f"rank_{rank}").write_text(said)
+
+
+def test_ranks_that_loaded_different_teachers_all_refuse_to_train(tiny_train_root: Path, tmp_path: Path) -> None:
+    """Each rank loads the teacher itself; one re-pointed or retrained between their loads would have ranks distil
+    from different teachers, unseen. Every rank refuses, so none waits on the others in a collective."""
+    same = save_teacher(tmp_path / "same", seed=1)
+    run_ranks(_distiller_on_rank, 2, tiny_train_root, [same, same], tmp_path)
+    assert [(tmp_path / f"rank_{rank}").read_text() for rank in range(2)] == ["built", "built"]
+    other = save_teacher(tmp_path / "other", seed=2)
+    run_ranks(_distiller_on_rank, 2, tiny_train_root, [same, other], tmp_path)
+    for rank in range(2):
+        assert "the ranks loaded different weights from distill.teacher" in (tmp_path / f"rank_{rank}").read_text()
+
+
 def _distill_loss_grads(
     rank: int, world_size: int, out: str, student: nn.Linear, projection: nn.Module, centres: torch.Tensor
 ) -> None:

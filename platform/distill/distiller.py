@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 from faceforge.data import ImageFolderDataset, RecordDataset
 from faceforge.distill.features import FeatureTable, teacher_table
 from faceforge.distill.losses import DistillLoss, HeadLoss, centre_classifier, class_centres
-from faceforge.distill.teacher import check_same_teacher, load_teacher, teacher_identity
-from faceforge.parallel import DistContext, all_reduce_sum
-from faceforge.train.config import TrainConfig
+from faceforge.distill.teacher import IDENTITY_PREFIX, check_same_teacher, load_teacher, teacher_identity
+from faceforge.parallel import DistContext, all_gather_tensor, all_reduce_sum
+from faceforge.train.config import ConfigError, TrainConfig
 
 STATE_FILE = "distill.pt"
 
@@ -52,6 +52,19 @@ def make_projection(student_dim: int, teacher_dim: int, seed: int) -> nn.Module:
     return projection
 
 
+def _check_ranks_agree(identity: str, source: str, ctx: DistContext) -> None:
+    """Each rank loads the teacher itself: one re-pointed or retrained between their loads would have the ranks
+    distil from different teachers. Every rank sees every identity, so all refuse together and none waits on the
+    others in a collective."""
+    digest = torch.frombuffer(bytearray.fromhex(identity.removeprefix(IDENTITY_PREFIX)), dtype=torch.int64)
+    identities = all_gather_tensor(digest.unsqueeze(0).to(ctx.device))
+    if not (identities == identities[0]).all():
+        raise ConfigError(
+            f"the ranks loaded different weights from distill.teacher {source}: it changed while they started "
+            "(an alias re-pointed, a teacher still training into its folder); start again once it is settled"
+        )
+
+
 class Distiller:
     """Built on every rank from `cfg.distill`; the teacher's feature table is computed collectively."""
 
@@ -61,6 +74,7 @@ class Distiller:
         self.settings, self.ctx = settings, ctx
         teacher = load_teacher(settings.teacher, cfg.mlflow.tracking_uri, ctx.device)
         self.teacher_id = teacher_identity(teacher)
+        _check_ranks_agree(self.teacher_id, settings.teacher, ctx)
         self.teacher_dim, self.teacher_size = teacher.embedding_dim, teacher.input_size
         table, centres = None, None
         if settings.cache or settings.centre_weight > 0:
