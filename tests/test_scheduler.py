@@ -19,7 +19,9 @@ from faceforge.jobs import CANCELLED, RUNNING, SUCCEEDED, Job, JobStore, make_jo
 from faceforge.jobs.executors.local import LocalExecutor, job_environment
 from faceforge.jobs.executors.local_runner import process_start_time
 from faceforge.jobs.scheduler import Scheduler
+from faceforge.locks import try_lock
 from faceforge.registry import champion
+from faceforge.train.launch import TRAIN_LOCK
 
 from conftest import CLI, REPO, SHARED, running_scheduler
 
@@ -163,6 +165,33 @@ def test_killed_scheduler_and_runner_every_job_ends_with_bounded_duplicates(home
     experiment = client.get_experiment_by_name("faceforge").experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.`faceforge.job_id` = '{victim.id}'")
     assert [run.info.run_id for run in runs] == [final[victim.id].mlflow_run_id]  # the rerun resumed its run
+
+
+def test_a_job_runs_on_while_torchrun_outlives_its_launcher_killed_with_9(home: Path, tiny_train_root: Path) -> None:
+    """torchrun stops its ranks for a few seconds after its launcher is killed with 9 (`kill` of the launcher
+    alone). The job runs on until then: shown ended, it would be retried into a folder still being trained in."""
+    store = JobStore(store_path())
+    [job] = store.submit(make_jobs([*tiny(home, tiny_train_root, steps=100000), "trainer.nproc=2"], slots=2))
+    executor = LocalExecutor(slots=2)
+    Scheduler(store, {"local": executor}, home, lease_seconds=10, poll_seconds=0.2).run_once()
+    wait_for(lambda: "train:" in log_of(store.get(job.id)), timeout=120, what="training")
+    job = store.get(job.id)
+    runner = json.loads(job.handle)["pid"]
+    [launcher] = Path(f"/proc/{runner}/task/{runner}/children").read_text().split()
+    os.kill(int(launcher), signal.SIGKILL)
+    folder_lock, looks = Path(job.log_path).parent / TRAIN_LOCK, 0
+    deadline = time.monotonic() + 90
+    while True:
+        state = executor.status(job).state
+        if (free := try_lock(folder_lock)) is not None:
+            os.close(free)
+            break
+        assert state == RUNNING, "the job was shown ended while torchrun still held its folder"
+        looks += 1
+        assert time.monotonic() < deadline, "torchrun never stopped"
+        time.sleep(0.05)
+    assert looks > 0, "torchrun had stopped before the job could be looked at"
+    wait_for(lambda: executor.status(job).state != RUNNING, timeout=30, what="end once torchrun stopped")
 
 
 def faceforge(home: Path, *args: str) -> subprocess.CompletedProcess:

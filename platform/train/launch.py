@@ -18,6 +18,7 @@ from faceforge.data.verification import read_pairs
 from faceforge.distill.distiller import STATE_FILE as DISTILL_STATE
 from faceforge.distill.teacher import IDENTITY_PREFIX, check_same_teacher, load_teacher, teacher_identity
 from faceforge.eval.metrics import check_folds
+from faceforge.jobs.executors.local_runner import JOB_LOCK_FD_VARIABLE
 from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
@@ -312,6 +313,17 @@ def die_with_parent(sig: signal.Signals, parent: int) -> None:
         os.kill(os.getpid(), sig)
 
 
+def _job_lock() -> tuple[int, ...]:
+    """The queue's lock on this job, when a queue runner started it: torchrun holds it too, so a launcher killed
+    alone with 9 leaves the job running while torchrun stops the ranks, not ended and retried into their folder."""
+    fd = os.environ.get(JOB_LOCK_FD_VARIABLE, "")
+    try:
+        os.fstat(int(fd))
+    except (ValueError, OSError):  # not started by a runner, or not inherited here
+        return ()
+    return (int(fd),)
+
+
 def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> dict[str, float]:
     """Local ranks under torchrun; multi-node jobs run the same worker under torchrun's own rendezvous."""
     metrics_path = config_path.parent / "metrics.yaml"
@@ -337,7 +349,10 @@ def _torchrun(cfg: TrainConfig, config_path: Path, run_id: str, lock: int) -> di
     # torchrun twice, from there and from `stop` below; it acts on the first (see torchrun.py).
     launcher = os.getpid()
     ranks = subprocess.Popen(
-        command, env=env, pass_fds=(lock,), preexec_fn=lambda: die_with_parent(signal.SIGTERM, launcher)
+        command,
+        env=env,
+        pass_fds=(lock, *_job_lock()),
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM, launcher),
     )
     stopped: str | None = None
 

@@ -1,7 +1,8 @@
 """Runs one job's command and records how it ended, so the exit code outlives the scheduler that started it.
 
 `python local_runner.py JOB_DIR --lock-fd N -- COMMAND...` is started by LocalExecutor in a session of its
-own. It keeps the job's lock (inherited as fd N, and passed on to COMMAND), records its pid and start time
+own. It keeps the job's lock (inherited as fd N, and passed on to COMMAND, which learns its number from
+JOB_LOCK_FD_VARIABLE and passes it on to its own helpers, torchrun), records its pid and start time
 in runner.json, runs COMMAND with the job's log as stdout and stderr, and atomically writes exit_code when it
 ends. A stop signals the whole process group; the runner ignores SIGTERM so that the trainer's
 checkpoint-then-exit is still recorded. It imports only the standard library (the executor runs it by path,
@@ -26,6 +27,7 @@ RUNNER_FILE, EXIT_CODE_FILE, LOCK_FILE, LOG_FILE, STOP_FILE = (
     "job.log",
     "stop",
 )
+JOB_LOCK_FD_VARIABLE = "FACEFORGE_JOB_LOCK_FD"
 
 
 def process_start_time(pid: int) -> int | None:
@@ -64,7 +66,8 @@ def main(argv: list[str]) -> None:
     write_atomic(args.job_dir / RUNNER_FILE, json.dumps({"pid": pid, "start_time": process_start_time(pid)}))
     _say(f"pid {pid} starts: {' '.join(command)}")
     try:
-        code = subprocess.Popen(command, pass_fds=(args.lock_fd,)).wait()
+        env = {**os.environ, JOB_LOCK_FD_VARIABLE: str(args.lock_fd)}
+        code = subprocess.Popen(command, pass_fds=(args.lock_fd,), env=env).wait()
     except OSError as err:
         _say(f"cannot start the command: {err}")
         code = 127
