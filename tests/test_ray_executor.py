@@ -223,25 +223,28 @@ def test_the_scheduler_copies_a_ray_jobs_log_where_the_web_page_reads_it(
     assert copied == executor.read_log(job)[0] and "mlflow:" in copied  # whole, and copied once
 
 
-def test_a_head_that_dies_in_use_says_why_before_its_logs_go(tmp_path: Path) -> None:
+def test_a_head_that_dies_in_use_says_why_before_its_logs_go() -> None:
     """Ray's `start --block` ends the whole head when one of its processes dies; the tests that use it then fail
-    on "connection refused" alone (CI saw it once), so leaving the head names what died, from head.log."""
+    on "connection refused" alone (CI saw it once), so leaving the head names what died, from head.log, and quotes
+    that process's own log, which goes with the temp folder (Ray tails only its .out and .err, here both empty)."""
     died = r"(?s)Ray head exited with code \d+ while in use.*exited unexpectedly"
-    with (
-        tempfile.TemporaryDirectory(prefix="ffray-") as temp_dir,
-        pytest.raises(RuntimeError, match=died),
-        local_head(Path(temp_dir), num_cpus=1) as address,
-    ):
-        # Picked by its folder: the session's head runs beside it when the module runs whole.
-        ours = [pid for pid, _ in ray_jobs._descendants(os.getpid()) if temp_dir in command_line(pid)]
-        [head] = [pid for pid in ours if "start --head" in command_line(pid)]
-        [dashboard] = [pid for pid in ours if "dashboard/dashboard.py" in command_line(pid)]
-        assert _reachable(address)
-        os.kill(dashboard, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while command_line(head):  # a zombie's command line is empty: `ray start` has ended
-            assert time.monotonic() < deadline, "the head outlived its dashboard"
-            time.sleep(0.5)
+    with tempfile.TemporaryDirectory(prefix="ffray-") as temp_dir:
+        logs = Path(temp_dir) / "session_latest" / "logs"
+        with pytest.raises(RuntimeError, match=died) as raised, local_head(Path(temp_dir), num_cpus=1) as address:
+            # Picked by its folder: the session's head runs beside it when the module runs whole.
+            ours = [pid for pid, _ in ray_jobs._descendants(os.getpid()) if temp_dir in command_line(pid)]
+            [head] = [pid for pid in ours if "start --head" in command_line(pid)]
+            [dashboard] = [pid for pid in ours if "dashboard/dashboard.py" in command_line(pid)]
+            assert _reachable(address)
+            os.kill(dashboard, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while command_line(head):  # a zombie's command line is empty: `ray start` has ended
+                assert time.monotonic() < deadline, "the head outlived its dashboard"
+                time.sleep(0.5)
+        own_log = (logs / "dashboard.log").read_text().splitlines()
+        message = str(raised.value)
+        assert f"the end of {logs / 'dashboard.log'}:\n" in message and message.endswith(own_log[-1])
+        assert "dashboard.err" not in message  # empty
 
 
 def _reachable(address: str) -> bool:

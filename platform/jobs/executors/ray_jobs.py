@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -40,6 +41,9 @@ CAPACITY_TTL_SECONDS = 10.0
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Environment the trainer needs to resolve its config exactly as the scheduler did.
 PASSED_ENV = ("FACEFORGE_CONFIGS",)
+# `ray start --block` names each of its processes that died in head.log as "dashboard [exit code=-9]", in colour.
+DIED_PROCESS = re.compile(r"(\w+) \[exit code=")
+COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*m")
 STATES = {
     JobStatus.PENDING: RUNNING,
     JobStatus.RUNNING: RUNNING,
@@ -294,6 +298,18 @@ def local_head(temp_dir: Path, num_cpus: int, timeout: float = 120.0) -> Iterato
             head.wait()
         for pid, start_time in started:  # whatever outlived the graceful stop, job entrypoints included
             _kill_if_same(pid, start_time)
-    if died_in_use is not None:  # `ray start --block` ends the head when one of its processes dies: say which
-        tail = "\n".join(head_log.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"the Ray head exited with code {died_in_use} while in use; the end of {head_log}:\n{tail}")
+    if died_in_use is not None:  # `ray start --block` ends the head when one of its processes dies: say why
+        raise RuntimeError(f"the Ray head exited with code {died_in_use} while in use; {_last_words(temp_dir)}")
+
+
+def _last_words(temp_dir: Path, lines: int = 40) -> str:
+    """The end of head.log, which names the processes that died, then the end of each one's own non-empty logs:
+    they go with the temp folder, and Ray quotes only their .out and .err (the dashboard writes to its .log)."""
+    head_log, logs = temp_dir / "head.log", temp_dir / "session_latest" / "logs"
+    head_text = COLOUR_CODE.sub("", head_log.read_text(errors="replace"))
+    quotes = [(head_log, head_text)]
+    for name in dict.fromkeys(DIED_PROCESS.findall(head_text)):
+        for path in (logs / f"{name}.log", logs / f"{name}.out", logs / f"{name}.err"):
+            if path.is_file() and path.stat().st_size:
+                quotes.append((path, COLOUR_CODE.sub("", path.read_text(errors="replace"))))
+    return "\n".join(f"the end of {path}:\n" + "\n".join(text.splitlines()[-lines:]) for path, text in quotes)
