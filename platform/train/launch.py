@@ -252,8 +252,8 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
 class _RunStops:
     """A stop outside training's own handling (set-up, the moment after) ends the run as FAILED, where the default
     SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. Once `held_back`, while the run's end
-    is recorded, a stop waits for the record and then takes effect. Training's handlers replace this one while
-    steps run and restore it after, so no moment goes uncovered."""
+    is recorded, a stop waits for the record and then ends the launcher, unless it is already ending. Training's
+    handlers replace this one while steps run and restore it after, so no moment goes uncovered."""
 
     def __init__(self, resume_hint: str) -> None:
         self.resume_hint, self.held_back, self.held = resume_hint, False, 0
@@ -262,11 +262,11 @@ class _RunStops:
         self.previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if self.held:
-            signal.raise_signal(self.held)
+        if self.held and kind is None:
+            raise SystemExit(f"stopped by {signal.Signals(self.held).name} as the run ended")
 
     def _stop(self, signum: int, frame: object) -> None:
         if self.held_back:
