@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,19 +186,29 @@ def test_clone_with_an_edit(page: Page, site: str, shared: dict) -> None:
     expect(page.locator("#job-state")).to_have_text("cancelled", timeout=TIMEOUT_MS)
 
 
-def hold_a_press_across_a_poll(tab: Page, target: str, poll: str) -> None:
-    """Press the mouse on `target` and release it only once htmx has handled a poll of a URL containing `poll`
-    (swapped its answer in, or left an unchanged part alone): a person's slow click meeting the page's refresh."""
+def hold_a_press_across_a_poll(tab: Page, target: str, poll: str, change: Callable[[], object] | None = None) -> None:
+    """Press the mouse on `target`, make the `change` (if any), and release the press only once htmx has handled a
+    poll of a URL containing `poll` sent after both (the poll sees the change): a person's slow click meeting the
+    page's refresh."""
     box = tab.locator(target).bounding_box()
     assert box is not None
     tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     tab.evaluate(
-        """poll => { window.polled = false; document.addEventListener("htmx:afterRequest", event => {
-            if (event.detail.pathInfo.requestPath.includes(poll)) window.polled = true; }); }""",
+        """poll => {
+            window.sent = 0; window.handled = 0;  // polls numbered as sent; the latest one htmx has swapped or left
+            const polled = event => event.detail.pathInfo.requestPath.includes(poll);
+            document.addEventListener("htmx:beforeRequest", event => {
+                if (polled(event)) event.detail.xhr.number = ++window.sent; });
+            document.addEventListener("htmx:afterRequest", event => {
+                if (polled(event)) window.handled = Math.max(window.handled, event.detail.xhr.number); });
+        }""",
         poll,
     )
     tab.mouse.down()
-    tab.wait_for_function("() => window.polled", timeout=30_000)  # htmx fires it after the swap
+    if change is not None:
+        change()
+    sent = tab.evaluate("() => window.sent")
+    tab.wait_for_function("sent => window.handled > sent", arg=sent, timeout=30_000)
     tab.mouse.up()
 
 
@@ -228,6 +238,40 @@ def test_a_press_on_cancel_held_across_a_status_poll_still_cancels(
         expect(tab.locator("#cancel")).to_have_count(0)
 
 
+@pytest.mark.parametrize(
+    ("landing", "target", "poll", "link"),
+    [
+        ("/queue", "a[href='/jobs/{job}']", "/queue/table", "/jobs/{job}"),
+        ("/jobs/{job}", "#clone", "/status", "/jobs/new?clone={job}"),
+    ],
+    ids=["queue-table", "job-page"],
+)
+def test_a_press_held_across_a_poll_bringing_a_change_still_follows_its_link(
+    page: Page, tmp_path: Path, tiny_train_root: Path, landing: str, target: str, poll: str, link: str
+) -> None:
+    """The job ends during the press: the queue table's poll brings its new state, the job page's brings its ended
+    state with the buttons under it (Clone without Cancel). Either swap waits for the release."""
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        [job] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
+        sign_in(tab, served.url, WEB_TOKEN, landing.format(job=job.id))
+        hold_a_press_across_a_poll(tab, target.format(job=job.id), poll, lambda: served.store.cancel(job.id))
+        tab.wait_for_url(served.url + link.format(job=job.id), timeout=10_000)
+
+
+def test_a_change_held_back_by_a_press_is_shown_after_its_release(
+    page: Page, tmp_path: Path, tiny_train_root: Path
+) -> None:
+    """The table held back under the press keeps the digest of what it shows, so a poll after the release brings
+    the change."""
+    with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
+        [job] = served.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"]))
+        sign_in(tab, served.url, WEB_TOKEN, "/queue")
+        hold_a_press_across_a_poll(
+            tab, "#queue-table td:nth-child(2)", "/queue/table", lambda: served.store.cancel(job.id)
+        )
+        expect(tab.locator("#queue-table .state")).to_have_text("cancelled", timeout=10_000)
+
+
 def tracked_jobs(served: Server, folder: Path, root: Path, *overrides: str) -> tuple[str, str, list[Job]]:
     """Jobs on `root` submitted to `served`, logging to an MLflow database in `folder`: its URI, experiment, jobs."""
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -252,15 +296,19 @@ def test_a_press_on_a_link_held_across_a_poll_still_follows_it(
         tab.wait_for_url(served.url + link.format(**names), timeout=10_000)
 
 
+@pytest.mark.parametrize("ends", [False, True], ids=["unchanged", "run-ends"])
 def test_a_press_on_the_mlflow_link_held_across_a_metrics_poll_still_opens_it(
-    page: Page, tmp_path: Path, tiny_train_root: Path
+    page: Page, tmp_path: Path, tiny_train_root: Path, ends: bool
 ) -> None:
+    """The run's line is swapped when its run ends; a press held meanwhile still opens the link."""
     with unscheduled(page, tmp_path, [tiny_train_root]) as (served, tab):
         uri, experiment, [job] = tracked_jobs(served, tmp_path, tiny_train_root)
-        MlflowClient(uri).create_run(experiment, tags={JOB_TAG: job.id})  # the job's run, still running
+        client = MlflowClient(uri)
+        run_id = client.create_run(experiment, tags={JOB_TAG: job.id}).info.run_id  # the job's run, still running
         sign_in(tab, served.url, WEB_TOKEN, f"/jobs/{job.id}")
+        change = (lambda: client.set_terminated(run_id)) if ends else None
         with tab.context.expect_page(timeout=10_000):  # the link opens MLflow in a tab of its own
-            hold_a_press_across_a_poll(tab, "#job-metrics a[target=_blank]", "/metrics")
+            hold_a_press_across_a_poll(tab, "#job-metrics a[target=_blank]", "/metrics", change)
 
 
 def test_a_press_on_register_held_across_a_sweep_poll_still_registers(
