@@ -522,17 +522,19 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
 @pytest.mark.parametrize(
     ("nproc", "stopped_in", "status", "said"),
     [
+        (1, "faceforge.train.launch.create_run", "FAILED", "stopped by SIGTERM; resume with"),
+        (1, "faceforge.train.loop.build_optimizer", "FAILED", "stopped by SIGTERM; resume with"),
         (1, "faceforge.train.launch.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
         (2, "faceforge.train.launch.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
-        (1, "faceforge.train.loop.build_optimizer", "FAILED", "stopped by SIGTERM; resume with"),
     ],
 )
 def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(
     tiny_train_root: Path, tmp_path: Path, nproc: int, stopped_in: str, status: str, said: str
 ) -> None:
-    """The default SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. A stop during set-up
-    ends the run as FAILED with the resume hint; one that lands while the launcher records how the run ended waits
-    for that record, then ends the launcher."""
+    """The default SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. A stop while the run is
+    created (its params logged) or during set-up ends the run as FAILED with the resume hint; one that lands while
+    the launcher records how the run ended waits for that record, then ends the launcher. Each stop lands inside
+    `stopped_in`, after the run exists."""
     cfg = tiny_config(tmp_path / "run", tiny_train_root, None, steps=2, nproc=nproc, threads=1)
     cfg.save(config := tmp_path / "config.yaml")
     module, _, name = stopped_in.rpartition(".")
@@ -543,6 +545,10 @@ def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(
         f"module = importlib.import_module({module!r})\n"
         f"original = module.{name}\n"
         "def stopped_inside(*args):\n"
+        "    if original.__name__ == 'create_run':\n"
+        "        run_id = original(*args)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return run_id\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return original(*args)\n"
         f"module.{name} = stopped_inside\n"

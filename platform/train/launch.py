@@ -222,17 +222,20 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
 def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]:
     """The MLflow run (a resumed run's own), then training, in this process or under torchrun."""
     run_id_file = out / RUN_ID_FILE
-    if cfg.trainer.resume and run_id_file.exists():
-        run_id = run_id_file.read_text().strip()
-        _check_run(cfg.mlflow.tracking_uri, run_id, run_id_file)
-    else:
-        tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
-        run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags)
-        run_id_file.write_text(run_id)
     metrics: dict[str, float] = {}
     succeeded = False
-    with _RunStops(cfg.resume_hint) as stops:
+    with _RunStops(cfg.resume_hint) as stops:  # held back while the run is created: it may not exist yet
+        if cfg.trainer.resume and run_id_file.exists():
+            run_id = run_id_file.read_text().strip()
+            _check_run(cfg.mlflow.tracking_uri, run_id, run_id_file)
+        else:
+            tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
+            run_id = create_run(
+                cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags
+            )
+            run_id_file.write_text(run_id)
         try:
+            stops.release()
             config_path = out / "config.yaml"
             cfg.save(config_path)
             print(f"output: {out}\nmlflow: {cfg.mlflow.tracking_uri} run {run_id}", flush=True)
@@ -250,13 +253,13 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
 
 
 class _RunStops:
-    """A stop outside training's own handling (set-up, the moment after) ends the run as FAILED, where the default
-    SIGTERM would kill the launcher and leave its MLflow run RUNNING for good. Once `held_back`, while the run's end
-    is recorded, a stop waits for the record and then ends the launcher, unless it is already ending. Training's
-    handlers replace this one while steps run and restore it after, so no moment goes uncovered."""
+    """Every stop ends the MLflow run, where the default SIGTERM would kill the launcher and leave the run RUNNING for
+    good. While `held_back` (the run being created, then its end being recorded) a stop waits, then ends the
+    launcher unless it is already ending; once released (set-up, the moment after training) a stop ends the run as
+    FAILED at once. Training's handlers replace this one while steps run and restore it after."""
 
     def __init__(self, resume_hint: str) -> None:
-        self.resume_hint, self.held_back, self.held = resume_hint, False, 0
+        self.resume_hint, self.held_back, self.held = resume_hint, True, 0
 
     def __enter__(self) -> _RunStops:
         self.previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
@@ -267,6 +270,12 @@ class _RunStops:
             signal.signal(sig, handler)
         if self.held and kind is None:
             raise SystemExit(f"stopped by {signal.Signals(self.held).name} as the run ended")
+
+    def release(self) -> None:
+        """From here a stop ends the run at once; one held while the run was created does so now."""
+        self.held_back, held, self.held = False, self.held, 0
+        if held:
+            self._stop(held, None)
 
     def _stop(self, signum: int, frame: object) -> None:
         if self.held_back:

@@ -9,7 +9,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 from torch import nn
 
 from faceforge.registry.database import prepare_tracking
@@ -36,8 +38,9 @@ def create_run(
     experiment_id = prepare_tracking(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    for key, value in flatten(params).items():
-        client.log_param(run.info.run_id, key, value)
+    flat = [Param(key, str(value)) for key, value in flatten(params).items()]
+    for start in range(0, len(flat), MAX_PARAMS_TAGS_PER_BATCH):  # a write per batch, not per param
+        client.log_batch(run.info.run_id, params=flat[start : start + MAX_PARAMS_TAGS_PER_BATCH])
     return run.info.run_id
 
 
