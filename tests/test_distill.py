@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,11 +156,13 @@ def test_resuming_against_a_changed_teacher_is_refused(tiny_train_root: Path, tm
         launch(resumed)
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_a_teacher_changed_after_the_launchers_check_is_refused_by_the_rank(
-    tiny_train_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_train_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, nproc: int
 ) -> None:
     """The launcher checks its own copy of the teacher; the one the rank loads to train with is checked again, so
-    weights that change in between (a teacher still training into its folder) cannot be taken up silently."""
+    weights that change in between (a teacher still training into its folder) cannot be taken up silently. Ranks
+    under torchrun refuse in one line each, as the launcher would, not with their tracebacks and torchrun's."""
     teacher = save_teacher(tmp_path / "teacher", seed=1)
     launch(distill_config(tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 2}, embedding_weight=1.0))
     check = launch_module.check_distill_resume
@@ -170,10 +173,23 @@ def test_a_teacher_changed_after_the_launchers_check_is_refused_by_the_rank(
 
     monkeypatch.setattr(launch_module, "check_distill_resume", check_then_retrain_teacher)
     resumed = distill_config(
-        tmp_path / "run", tiny_train_root, teacher, trainer={"steps": 3, "resume": "auto"}, embedding_weight=1.0
+        tmp_path / "run",
+        tiny_train_root,
+        teacher,
+        trainer={"steps": 3, "resume": "auto", "nproc": nproc, "threads": 1},
+        embedding_weight=1.0,
     )
-    with pytest.raises(ConfigError, match=r"was distilled from teacher weights-sha256:.* now holds other weights"):
-        launch(resumed)
+    refused = r"was distilled from teacher weights-sha256:.* now holds other weights"
+    if nproc == 1:
+        with pytest.raises(ConfigError, match=refused):
+            launch(resumed)
+    else:
+        capfd.readouterr()
+        with pytest.raises(SystemExit, match="training ranks exited with code 2"):
+            launch(resumed)
+        err = capfd.readouterr().err
+        assert re.search(rf"^faceforge train: error: trainer\.resume .*{refused}", err, re.M), err
+        assert "Traceback" not in err, err
     assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
 
 

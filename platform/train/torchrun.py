@@ -15,6 +15,7 @@ import sys
 from types import FrameType
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
 # What stops a training run with a checkpoint, in every process of it: a kill, a terminal's Ctrl-C or hangup.
@@ -41,3 +42,7 @@ if __name__ == "__main__":
         main()
     except SignalException as stop:
         sys.exit(128 + stop.sigval)
+    except ChildFailedError as failed:  # the ranks have said why; the table says which ended how, the traceback nothing
+        print(failed, file=sys.stderr)
+        code = failed.get_first_failure()[1].exitcode
+        sys.exit(code if code > 0 else 128 - code)  # a rank killed by signal N: 128 + N, as a shell reports it

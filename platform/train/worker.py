@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 
 import yaml
 
-from faceforge.train.config import TrainConfig
+from faceforge.train.config import ConfigError, TrainConfig
 from faceforge.train.launch import die_with_parent
 from faceforge.train.loop import train
 
@@ -26,7 +27,11 @@ def main() -> None:
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--metrics-out", type=Path, default=None)
     args = parser.parse_args()
-    metrics = train(TrainConfig.load(args.config), args.run_id)
+    try:
+        metrics = train(TrainConfig.load(args.config), args.run_id)
+    except ConfigError as err:  # what a rank finds refusable on its own (a teacher changed since the launcher's check)
+        print(f"faceforge train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     if args.metrics_out and metrics:
         args.metrics_out.write_text(yaml.safe_dump(metrics))
 
