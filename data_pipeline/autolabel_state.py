@@ -108,12 +108,28 @@ class FaceOutcome:
 ROUND_COLUMNS = "round, model, model_source, started, finished, version, files, job_id"  # Round's fields
 
 
+# What SQLite says of a file that is not a database, or whose pages are damaged; a busy or unopenable one is
+# another error, for which moving the file aside would be the wrong advice.
+DAMAGED = {sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT}
+
+
+class StateError(ValueError):
+    """The state database cannot be read: one line for the user, saying what to do."""
+
+
 def outcome_name(file_id: int, name: str) -> str:
-    """`<id>_<file name>`, its stem cut to keep within the 255 bytes a file name may have."""
-    path = Path(name)
-    budget = 255 - len(f"{file_id}_{path.suffix}".encode())
-    stem = path.stem.encode()[:budget].decode(errors="ignore")
-    return f"{file_id}_{stem}{path.suffix}"
+    """`<id>_<file name>` within the 255 bytes a file name may have: its stem is cut, keeping the suffix, or its end
+    if the suffix alone leaves no room (no file type is that long); the id keeps it unique."""
+    prefix, suffix = f"{file_id}_", Path(name).suffix
+    budget = 255 - len(prefix.encode())
+    if len(suffix.encode()) > budget:
+        suffix = ""
+    return prefix + cut_utf8(name.removesuffix(suffix), budget - len(suffix.encode())) + suffix
+
+
+def cut_utf8(text: str, size: int) -> str:
+    """At most `size` bytes of `text` in UTF-8, without the part of a character split by the cut."""
+    return text.encode()[:size].decode(errors="ignore")
 
 
 class StateDB:
@@ -122,9 +138,19 @@ class StateDB:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            if err.sqlite_errorcode & 0xFF not in DAMAGED:  # the primary code, under any extended one
+                raise
+            raise StateError(
+                f"{path}: not a readable state database ({err}); move it aside and the next run starts a new one, "
+                "which knows only the files that arrive from then on (the labelled photos and dataset versions "
+                "on disk are kept)"
+            ) from None
 
     def close(self) -> None:
         self.db.close()

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceforge.data_pipeline.autolabel import status as autolabel_status
+from faceforge.data_pipeline.autolabel_state import StateError
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
 from faceforge.jobs import STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
 from faceforge.jobs.logs import read_log
@@ -519,6 +520,10 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     @app.get("/datasets")
     def datasets_page(request: Request) -> HTMLResponse:
         rows = [(dataset, *describe_or_error(dataset)) for dataset in list_datasets(roots)]
-        return render(request, "datasets.html", rows=rows, roots=roots, autolabel=autolabel_status(autolabel_dir))
+        try:
+            autolabel = autolabel_status(autolabel_dir)
+        except StateError as err:  # a damaged state.db: the datasets are still listed, beside what to do about it
+            autolabel = {"workdir": str(autolabel_dir), "error": str(err)}
+        return render(request, "datasets.html", rows=rows, roots=roots, autolabel=autolabel)
 
     return app
