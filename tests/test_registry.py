@@ -104,6 +104,28 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
     return uri, runs
 
 
+def test_processes_that_prepare_a_fresh_database_together_all_get_it(tmp_path: Path) -> None:
+    """MLflow migrates a fresh SQLite database on first use without a lock: exports or jobs started together on a
+    new home broke each other's migrations ("table _alembic_tmp_experiments already exists")."""
+    uri, start = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "start"
+    prepare = (
+        "import sys, time\nfrom pathlib import Path\nfrom faceforge.registry import prepare_tracking\n"
+        "while not Path(sys.argv[2]).exists(): time.sleep(0.01)\n"
+        "print(prepare_tracking(sys.argv[1], 'exports'))\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", prepare, uri, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    time.sleep(3)  # every process imported MLflow and waits at the line
+    start.touch()
+    answers = [process.communicate(timeout=120) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err.decode()[-2000:] for _, err in answers]
+    assert len({out for out, _ in answers}) == 1  # one experiment
+
+
 def test_selection_with_and_without_limits(sweep: tuple[str, dict[str, str]]) -> None:
     uri, runs = sweep
     candidates = sweep_candidates(uri, SWEEP)

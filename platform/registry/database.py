@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -33,11 +34,18 @@ def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:
     """Create the database, its tables and the experiment from this one process; returns the experiment id.
 
     MLflow migrates an empty SQLite database on first use without any lock, so jobs that start together on a
-    fresh database break each other's migrations. Call this before enqueueing or starting them. Artifacts go
-    next to the database rather than into ./mlruns of whichever directory a job happens to run in.
+    fresh database break each other's migrations. Call this before enqueueing or starting them; processes that
+    prepare at once (exports, demo services) take turns on a lock beside the database. Artifacts go next to the
+    database rather than into ./mlruns of whichever directory a job happens to run in.
     """
     path = database_path(tracking_uri)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".prepare.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _prepare(tracking_uri, path, experiment)
+
+
+def _prepare(tracking_uri: str, path: Path, experiment: str) -> str:
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None and found.lifecycle_stage == "deleted":
