@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from faceforge.data import load_pairs
 from faceforge.data_pipeline import align_tree
 from faceforge.eval import embed_images, evaluate_verification
 from faceforge.export import (
+    EXPORTS_EXPERIMENT,
     FaceCalibrationReader,
     OnnxEmbedder,
     artifact_files,
@@ -293,6 +296,63 @@ def test_export_is_logged_to_mlflow_with_its_card(c_array_export: Path, trained:
         export_file(uri, training_run, "config.yaml")
     with pytest.raises(ValueError, match="bad run id"):
         export_file(uri, "../x", "model.onnx")
+
+
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "sqlite:////proc/none/mlflow.db"])
+def test_a_tracking_uri_that_cannot_log_is_refused_before_anything_is_written(
+    trained: Path, tmp_path: Path, uri: str
+) -> None:
+    """Found after the whole export, it left files logged nowhere that a corrected rerun then refused to replace."""
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, OSError)):
+        export_model(str(trained), "onnx", uri.format(tmp=tmp_path), out=out)
+    assert not out.exists()
+
+
+def test_a_ctrl_c_during_an_export_is_one_line(trained: Path, tmp_path: Path) -> None:
+    exporter = (
+        "import os, signal, sys\n"
+        "from faceforge.cli import main\n"
+        "from faceforge.export import artifact\n"
+        "export_onnx = artifact.export_onnx\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return export_onnx(*args, **kwargs)\n"
+        "artifact.export_onnx = interrupted\n"
+        "main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "out"
+    command = ["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"]
+    result = subprocess.run([sys.executable, "-c", exporter, *command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "faceforge export: interrupted before the export was complete; rerun to export" in result.stderr
+    assert visible(out) == []
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_an_export_is_logged_ends_its_run_in_one_line(
+    trained: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """The default SIGTERM killed `faceforge export` mid-log and left its MLflow run RUNNING for good; a Ctrl-C
+    there printed a KeyboardInterrupt traceback. The run now ends FAILED, and the export says how to log it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exporter = (
+        "import os, signal, sys\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "from faceforge.cli import main\n"
+        "log_artifact = MlflowClient.log_artifact\n"
+        "def stopped_while_logging(*args, **kwargs):\n"
+        f"    os.kill(os.getpid(), {int(stop)})\n"
+        "    return log_artifact(*args, **kwargs)\n"
+        "MlflowClient.log_artifact = stopped_while_logging\n"
+        "main(sys.argv[1:])\n"
+    )
+    command = ["export", str(trained), "--format", "onnx", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
+    result = subprocess.run([sys.executable, "-c", exporter, *command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"stopped by {stop.name}" in result.stderr and "--overwrite" in result.stderr, result.stderr[-3000:]
+    [run] = MlflowClient(uri).search_runs([prepare_tracking(uri, EXPORTS_EXPERIMENT)])
+    assert run.info.status == "FAILED"
 
 
 def test_export_of_a_registered_version_links_to_it(trained: Path, tmp_path: Path) -> None:

@@ -111,19 +111,22 @@ def _export(args: argparse.Namespace) -> None:
     from faceforge.registry import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    result = export_model(
-        args.model,
-        args.format,
-        uri,
-        out=args.out,
-        calibration=args.calibration,
-        crop_fraction=args.crop_fraction,
-        calibration_count=args.calibration_count,
-        calibration_method=args.calibration_method or DEFAULT_CALIBRATION,
-        log=not args.no_log,
-        overwrite=args.overwrite,
-        say=print,
-    )
+    try:
+        result = export_model(
+            args.model,
+            args.format,
+            uri,
+            out=args.out,
+            calibration=args.calibration,
+            crop_fraction=args.crop_fraction,
+            calibration_count=args.calibration_count,
+            calibration_method=args.calibration_method or DEFAULT_CALIBRATION,
+            log=not args.no_log,
+            overwrite=args.overwrite,
+            say=print,
+        )
+    except KeyboardInterrupt:  # built in a hidden folder, an export is whole only once its card.json is written
+        sys.exit("faceforge export: interrupted before the export was complete; rerun to export")
     print(result.card.summary())
     print(f"written to {result.out}")
     if result.run_id is not None:

@@ -19,8 +19,9 @@ from faceforge.export.quantize import (
     open_calibration_images,
     training_data_of,
 )
-from faceforge.export.tracking import log_export, resolve_source
+from faceforge.export.tracking import EXPORTS_EXPERIMENT, log_export, resolve_source
 from faceforge.jobs.paths import faceforge_home
+from faceforge.registry import prepare_tracking
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def export_model(
     check_calibration_method(calibration_method)
     if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
+    if log:  # a database that cannot take the run is found now, not after the export is written
+        prepare_tracking(tracking_uri, EXPORTS_EXPERIMENT)
     model = load_model(str(checkpoint or source), tracking_uri)
     out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
     with export_lock(out, say):

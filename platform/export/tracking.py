@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from faceforge.eval.sources import MLFLOW_SCHEMES
 from faceforge.export.artifact import artifact_files
@@ -23,6 +24,7 @@ from faceforge.export.card import ArtifactCard
 from faceforge.registry.champion import registered_version
 from faceforge.registry.database import open_database, prepare_tracking
 from faceforge.registry.selection import check_id
+from faceforge.train.tracking import RunStops
 
 EXPORTS_EXPERIMENT = "exports"
 SOURCE_TAG, SOURCE_RUN_TAG, FORMAT_TAG = "faceforge.source", "faceforge.source_run_id", "faceforge.export_format"
@@ -100,30 +102,38 @@ def log_export(tracking_uri: str, source: ExportSource, out_dir: str | Path, car
     links = {SOURCE_RUN_TAG: source.run_id, MODEL_NAME_TAG: source.model_name, MODEL_VERSION_TAG: source.model_version}
     tags |= {key: value for key, value in links.items() if value is not None}
     label = f"v{source.model_version}" if source.model_version else card.model.get("name", "model")
-    run_id = client.create_run(experiment_id, run_name=f"{label}-{card.format}", tags=tags).info.run_id
-    try:
-        now = int(time.time() * 1000)
-        figures = {key: getattr(card, key) for key in CARD_METRICS if getattr(card, key) is not None}
-        figures[ACTIVATION_METRIC] = card.largest_activation.bytes
-        figures |= {f"eval.{key}": value for key, value in card.accuracy.items()}
-        figures |= {f"int8_fidelity.{key}": value for key, value in card.int8_fidelity.items()}
-        act = card.largest_activation
-        params = {"format": card.format, **{f"model.{key}": value for key, value in card.model.items()}}
-        params |= {"largest_activation.name": act.name, "largest_activation.shape": "x".join(map(str, act.shape))}
-        if card.int8_calibration is not None:
-            params["int8_calibration"] = card.int8_calibration
-        client.log_batch(
-            run_id,
-            metrics=[Metric(key, float(value), now, 0) for key, value in figures.items()],
-            params=[Param(key, str(value)) for key, value in params.items()],
-        )
-        for path in files:
-            client.log_artifact(run_id, str(path))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id)
+    with RunStops(f"the export in {out_dir} is whole but not logged; rerun with --overwrite to log it") as stops:
+        run_id = client.create_run(experiment_id, run_name=f"{label}-{card.format}", tags=tags).info.run_id
+        succeeded = False
+        try:
+            stops.release()
+            _log_files(client, run_id, card, files)
+            succeeded = True
+        finally:
+            stops.held_back = True
+            client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
     return run_id
+
+
+def _log_files(client: MlflowClient, run_id: str, card: ArtifactCard, files: list[Path]) -> None:
+    """The card's figures as metrics, the model config as params, the format's files as artifacts."""
+    now = int(time.time() * 1000)
+    figures = {key: getattr(card, key) for key in CARD_METRICS if getattr(card, key) is not None}
+    figures[ACTIVATION_METRIC] = card.largest_activation.bytes
+    figures |= {f"eval.{key}": value for key, value in card.accuracy.items()}
+    figures |= {f"int8_fidelity.{key}": value for key, value in card.int8_fidelity.items()}
+    act = card.largest_activation
+    params = {"format": card.format, **{f"model.{key}": value for key, value in card.model.items()}}
+    params |= {"largest_activation.name": act.name, "largest_activation.shape": "x".join(map(str, act.shape))}
+    if card.int8_calibration is not None:
+        params["int8_calibration"] = card.int8_calibration
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in figures.items()],
+        params=[Param(key, str(value)) for key, value in params.items()],
+    )
+    for path in files:
+        client.log_artifact(run_id, str(path))
 
 
 def list_exports(tracking_uri: str, limit: int = LISTED_EXPORTS) -> list[LoggedExport]:

@@ -23,7 +23,7 @@ from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.torchrun import STOP_SIGNALS
-from faceforge.train.tracking import create_run, finish_run
+from faceforge.train.tracking import RunStops, create_run, finish_run
 
 RUN_ID_FILE = "mlflow_run_id"
 TRAIN_LOCK = ".train.lock"
@@ -224,7 +224,7 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
     run_id_file = out / RUN_ID_FILE
     metrics: dict[str, float] = {}
     succeeded = False
-    with _RunStops(cfg.resume_hint) as stops:  # held back while the run is created: it may not exist yet
+    with RunStops(cfg.resume_hint) as stops:  # held back while the run is created: it may not exist yet
         if cfg.trainer.resume and run_id_file.exists():
             run_id = run_id_file.read_text().strip()
             _check_run(cfg.mlflow.tracking_uri, run_id, run_id_file)
@@ -250,38 +250,6 @@ def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]
             stops.held_back = True
             finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
     return metrics, run_id
-
-
-class _RunStops:
-    """Every stop ends the MLflow run, where the default SIGTERM would kill the launcher and leave the run RUNNING for
-    good. While `held_back` (the run being created, then its end being recorded) a stop waits, then ends the
-    launcher unless it is already ending; once released (set-up, the moment after training) a stop ends the run as
-    FAILED at once. Training's handlers replace this one while steps run and restore it after."""
-
-    def __init__(self, resume_hint: str) -> None:
-        self.resume_hint, self.held_back, self.held = resume_hint, True, 0
-
-    def __enter__(self) -> _RunStops:
-        self.previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if self.held and kind is None:
-            raise SystemExit(f"stopped by {signal.Signals(self.held).name} as the run ended")
-
-    def release(self) -> None:
-        """From here a stop ends the run at once; one held while the run was created does so now."""
-        self.held_back, held, self.held = False, self.held, 0
-        if held:
-            self._stop(held, None)
-
-    def _stop(self, signum: int, frame: object) -> None:
-        if self.held_back:
-            self.held = self.held or signum
-        else:
-            raise SystemExit(f"stopped by {signal.Signals(signum).name}; {self.resume_hint}")
 
 
 def _train_lock(out: Path) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 from torch import nn
 
 from faceforge.registry.database import prepare_tracking
+from faceforge.train.torchrun import STOP_SIGNALS
 
 for _noisy in ("mlflow", "alembic", "faiss.loader"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -46,6 +49,45 @@ def create_run(
 
 def finish_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+class RunStops:
+    """Every stop ends the MLflow run, where the default SIGTERM would kill the process and leave the run RUNNING
+    for good. While `held_back` (the run being created, then its end being recorded) a stop waits, then ends the
+    process unless it is already ending; once released a stop ends the run at once, as FAILED, saying `hint`.
+    Only the interpreter's own handlers are taken over: a caller's (the demo's Ctrl-C) still acts, raising through
+    the code that ends the run. Training's handlers replace this one while steps run and restore it after."""
+
+    def __init__(self, hint: str) -> None:
+        self.hint, self.held_back, self.held = hint, True, 0
+
+    def __enter__(self) -> RunStops:
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+            defaults = (signal.SIG_DFL, signal.default_int_handler)
+            self.previous = {sig: handler for sig, handler in handlers.items() if handler in defaults}
+        for sig in self.previous:
+            signal.signal(sig, self._stop)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.held and kind is None:
+            raise SystemExit(f"stopped by {signal.Signals(self.held).name} as the run ended")
+
+    def release(self) -> None:
+        """From here a stop ends the run at once; one held while the run was created does so now."""
+        self.held_back, held, self.held = False, self.held, 0
+        if held:
+            self._stop(held, None)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if self.held_back:
+            self.held = self.held or signum
+        else:
+            raise SystemExit(f"stopped by {signal.Signals(signum).name}; {self.hint}")
 
 
 class RunTracker:
