@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -28,9 +30,10 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import cv2
 import numpy as np
@@ -72,6 +75,8 @@ OUTCOMES = ("labelled", "rejected", "error")
 WORK_FOLDERS = (*OUTCOMES, "crops", "versions", "models")  # what the daemon writes below its work folder
 OWN_OUTPUT = "the daemon would take its own output as new photos"  # why an inbox and its work folder must not meet
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PGM_GAP = rb"(?:\s|#[^\r\n]*[\r\n])+"  # whitespace and comments between the fields of a PGM header
+PGM_HEADER = re.compile(rb"P5" + (PGM_GAP + rb"(\d+)") * 3 + rb"\s")  # width, height, maxval, then one whitespace
 FINGERPRINT_KEY = "crop-fingerprint-16"  # stored beside the models' embeddings, under a key no model has
 CHECKPOINT_KEY = "sha256:"  # a checkpoint's model key: the hash of its weights (a registered model's is its URI)
 
@@ -218,12 +223,29 @@ def file_problem(path: Path, size: int, max_bytes: float) -> str | None:
 
 
 def truncation_problem(data: bytes) -> str | None:
-    """A cut-off JPEG or PNG still decodes (grey below the cut); what it lacks is its end. The format is read from
-    the bytes, not the name, and anything after the end is allowed: phones append a video to "motion photos"."""
+    """A cut-off JPEG or PNG still decodes (grey below the cut); what it lacks is its end. WebP, BMP and binary PGM
+    declare their size in their header, so one shorter than that is a copy still arriving, not corruption. The
+    format is read from the bytes, not the name, and anything after the end is allowed: phones append a video to
+    "motion photos"."""
     if data.startswith(b"\xff\xd8") and data.find(b"\xff\xd9", jpeg_scan_start(data)) < 0:
         return "truncated: the JPEG has no end-of-image marker"
     if data.startswith(PNG_SIGNATURE) and png_cut_short(data):
         return "truncated: the PNG has no IEND chunk"
+    if (declared := declared_size(data)) and len(data) < declared[1]:
+        return f"truncated: the {declared[0]} header declares {declared[1]} bytes, the file has {len(data)}"
+    return None
+
+
+def declared_size(data: bytes) -> tuple[str, int] | None:
+    """(format, size in bytes) that a WebP (RIFF chunk size), BMP (bfSize) or binary PGM header (width x height
+    samples of one or two bytes, by maxval) declares; None for any other format or a header that does not parse."""
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP", 8 + int.from_bytes(data[4:8], "little")
+    if data.startswith(b"BM") and len(data) >= 6:
+        return "BMP", int.from_bytes(data[2:6], "little")
+    if header := PGM_HEADER.match(data):
+        width, height, maxval = map(int, header.groups())
+        return "PGM", header.end() + width * height * (1 if maxval < 256 else 2)
     return None
 
 
@@ -381,7 +403,7 @@ class Autolabeller:
     def scan(self) -> int:
         """Register inbox files not seen before that have been left alone for `settle_seconds`; returns how many.
 
-        A file that looks cut short (empty, or a JPEG or PNG without its end) waits INCOMPLETE_SETTLE_FACTOR times
+        A file that looks cut short (empty, or see `truncation_problem`) waits INCOMPLETE_SETTLE_FACTOR times
         as long: a copy that pauses would otherwise be decided as truncated and moved to error/ mid-copy.
         """
         known = self.state.unmoved_sources()
@@ -431,14 +453,20 @@ class Autolabeller:
 
     def check_inbox_folder(self, folder: Path, real: Path, linked: bool) -> None:
         """An inbox folder must not be another daemon's work folder nor, reached through a link, lead into the work
-        folder, hold it, or lead into another daemon's: the daemon would take that daemon's files, or its own output
-        as new photos round after round. Checked on every scan: a link may be made while the daemon runs."""
+        folder, the model checkpoint or a reference folder, hold one, or lead into another daemon's: the daemon would
+        take that daemon's files, its own output as new photos round after round, or the files it reads. Checked on
+        every scan: a link may be made while the daemon runs."""
         if linked:
             work = self.workdir.resolve()
             if real.is_relative_to(work):
                 raise AutolabelError(f"{folder}: leads into the work folder {self.workdir}; {OWN_OUTPUT}")
             if work.is_relative_to(real):
                 raise AutolabelError(f"{folder}: holds the work folder {self.workdir}; {OWN_OUTPUT}")
+            for key, value, input_real in input_paths(self.config):  # the inbox itself is checked by check_inputs
+                if overlap(real, input_real):
+                    raise AutolabelError(
+                        f"{folder}: links to {key}={value} or a folder holding it; the daemon would move its files away"
+                    )
         # A folder's parents inside the inbox were walked before it, and the inbox's own checked up front.
         if owner := next((f for f in (real, *(real.parents if linked else ())) if is_work_folder(f)), None):
             raise AutolabelError(
@@ -473,9 +501,13 @@ class Autolabeller:
         for file_id, album, name, sha256, destination in self.state.unmoved_outcomes():
             source = self.inbox_path(album, name)
             present = os.path.lexists(source)  # a link whose target has gone is still moved, not left behind
+            beside = None
             try:
                 if present and (sha256 is None or sha256_of(source) == sha256):
-                    move_file(source, self.workdir / destination)
+                    moved = move_file(source, self.workdir / destination)
+                    if moved.name != Path(destination).name:
+                        beside = str(Path(destination).with_name(moved.name))
+                        self.log(f"{album}/{name}: {destination} holds another file; moved to {moved.name} beside it")
                 elif present:
                     self.log(f"{album}/{name}: replaced after it was decided; it will be decided as a new file")
                 else:
@@ -485,7 +517,7 @@ class Autolabeller:
                     self.unmovable.add(file_id)
                     self.log(f"{album}/{name}: cannot move it out of the inbox ({err.strerror or err}); will retry")
                 continue
-            self.state.mark_moved(file_id)
+            self.state.mark_moved(file_id, beside)
 
     # Models
 
@@ -800,15 +832,24 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     """One daemon per work folder and per inbox: a second one fails within a second instead of racing the first
     (two work folders on one inbox would both label, and move, the same photos).
 
-    It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
-    The inbox is locked as a directory, so nothing is written into it.
+    The inbox is locked exclusively and the folders holding it shared, so a daemon on a folder inside a watched
+    inbox, or on one holding it, is refused too, while daemons on sibling inboxes run side by side. It retries for
+    that second because `daemon_running` (status, the web page) takes the lock for an instant. Folders are locked
+    as directories, so nothing is written into them.
     """
     check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with (
-        _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder"),
-        _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
-    ):
+    real = inbox.resolve()
+    with ExitStack() as locks:
+        locks.enter_context(
+            _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder")
+        )
+        taken = f"{inbox}: another autolabel daemon is taking files from this inbox, or a folder inside it"
+        locks.enter_context(_locked(real, taken))
+        for holder in real.parents:
+            if os.access(holder, os.R_OK):  # a folder this user cannot read cannot be opened to lock it
+                taken = f"{inbox}: another autolabel daemon is taking files from {holder}, which holds this inbox"
+                locks.enter_context(_locked(holder, taken, shared=True))
         yield
 
 
@@ -841,17 +882,25 @@ def check_inputs(inbox: Path, config: AutolabelConfig) -> None:
     """The model checkpoint and the reference folders must not overlap the inbox: the daemon would move their files
     away as photos (and a reference folder holding the inbox would change under it with every move)."""
     inbox_real = inbox.resolve()
+    for key, value, real in input_paths(config):
+        if overlap(real, inbox_real):
+            raise AutolabelError(f"{key}={value} and the inbox {inbox} must not hold one another")
+
+
+def input_paths(config: AutolabelConfig) -> list[tuple[str, str, Path]]:
+    """(setting, value, real path) of each existing file or folder the daemon reads and must never take from."""
     dedup = config.dedup
-    for key, value in (
+    settings = (
         ("model", config.model),
         ("dedup.known_root", dedup.known_root),
         ("dedup.eval_root", dedup.eval_root),
         ("dedup.calibration_root", dedup.calibration_root),
-    ):
-        if value and Path(value).exists():
-            real = Path(value).resolve()
-            if real.is_relative_to(inbox_real) or inbox_real.is_relative_to(real):
-                raise AutolabelError(f"{key}={value} and the inbox {inbox} must not hold one another")
+    )
+    return [(key, value, Path(value).resolve()) for key, value in settings if value and Path(value).exists()]
+
+
+def overlap(one: Path, other: Path) -> bool:
+    return one.is_relative_to(other) or other.is_relative_to(one)
 
 
 def is_work_folder(folder: Path) -> bool:
@@ -859,14 +908,14 @@ def is_work_folder(folder: Path) -> bool:
 
 
 @contextmanager
-def _locked(path: Path, taken: str) -> Iterator[None]:
-    """flock on `path`, a directory or a lock file (created if missing)."""
+def _locked(path: Path, taken: str, shared: bool = False) -> Iterator[None]:
+    """flock on `path`, a directory or a lock file (created if missing), exclusive unless `shared`."""
     descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -900,23 +949,74 @@ def outcome_of(file: InboxFile, sha256: str, faces: list[FaceOutcome]) -> Decide
     return file, sha256, "rejected", f"low_quality: {', '.join(reasons)}", faces
 
 
-def move_file(source: Path, target: Path) -> None:
-    """Rename, or across file systems copy whole then remove; a source that cannot be removed leaves no copy."""
+def move_file(source: Path, target: Path) -> Path:
+    """Move a file, never over another: a state database started afresh numbers files from 1 again, so `target`
+    may hold an earlier photo; the file then goes beside it as `<stem>~<n><suffix>`. Returns where it went.
+
+    A hard link then an unlink, or, across file systems or on one without hard links, a whole copy then an unlink;
+    a source that cannot be removed leaves no copy. A target that is already the same file is a move a crash cut
+    short: only the unlink is left to do.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(source, target)
-        return
-    except OSError as err:
-        if err.errno != errno.EXDEV:
+    n = 0
+    while True:
+        candidate = numbered(target, n) if n else target
+        try:
+            place(source, candidate)
+        except FileExistsError:
+            if same_file(source, candidate):
+                source.unlink()
+                return candidate
+            n += 1
+            continue
+        try:
+            source.unlink()
+        except OSError:
+            candidate.unlink()
             raise
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+        return candidate
+
+
+def place(source: Path, target: Path) -> None:
+    """A second name (or a whole copy) of `source` at `target`; FileExistsError if a file holds `target`."""
+    if link(source, target):
+        return
+    temporary = target.parent / ".moving.tmp"  # one move at a time: the work folder has one daemon
     try:
-        source.unlink()
-    except OSError:
-        target.unlink()
+        shutil.copyfile(source, temporary)
+        if not link(temporary, target):  # no hard links here, and the daemon alone writes its work folder
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+            os.rename(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def link(source: Path, target: Path) -> bool:
+    """Hard-link `source` (a link itself, not what it points to) at `target`, which fails if a file holds it;
+    False where the two are on different file systems or the file system has no hard links."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            return False
         raise
+    return True
+
+
+def same_file(one: Path, other: Path) -> bool:
+    """The same inode, or two regular files of the same bytes."""
+    one_stat, other_stat = os.lstat(one), os.lstat(other)
+    if os.path.samestat(one_stat, other_stat):
+        return True
+    regular = S_ISREG(one_stat.st_mode) and S_ISREG(other_stat.st_mode)
+    return regular and filecmp.cmp(one, other, shallow=False)
+
+
+def numbered(target: Path, n: int) -> Path:
+    """`<stem>~<n><suffix>`, its stem cut to keep within the 255 bytes a file name may have."""
+    tail = f"~{n}{target.suffix}"
+    return target.with_name(target.stem.encode()[: 255 - len(tail.encode())].decode(errors="ignore") + tail)
 
 
 def encode_jpeg(crop: np.ndarray) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from faceforge.data_pipeline.autolabel import (
     exclusive,
     label_identities,
     load_config,
+    move_file,
     resolve_model,
     status,
     truncation_problem,
@@ -167,6 +170,30 @@ def test_file_checks_read_the_format_from_the_bytes() -> None:
     assert [truncation_problem(data) for data in (photo, with_thumbnail, png, motion_photo)] == [None] * 4
     for cut in (photo[: len(photo) // 2], with_thumbnail[: len(with_thumbnail) - 40], png[: len(png) - 20]):
         assert (truncation_problem(cut) or "").startswith("truncated: "), len(cut)
+
+
+def test_a_paused_copy_of_a_webp_bmp_or_pgm_waits_like_a_jpeg(model_a: Path, tmp_path: Path) -> None:
+    """Their headers declare their size (RIFF size, bfSize, width x height x maxval): a copy cut short waits for the
+    rest instead of being decided as corrupt mid-copy; bytes past the declared end are allowed, as for a JPEG."""
+    inbox = tmp_path / "inbox"
+    (inbox / "album").mkdir(parents=True)
+    face = cv2.imdecode(np.frombuffer(lfw_photos(1)[0], np.uint8), cv2.IMREAD_COLOR)
+    grey = cv2.cvtColor(face, cv2.COLOR_BGR2GRAY)
+    encoded = {
+        ext: cv2.imencode(ext, image)[1].tobytes() for ext, image in ((".webp", face), (".bmp", face), (".pgm", grey))
+    }
+    assert encoded[".pgm"].startswith(b"P5")
+    for ext, data in encoded.items():
+        assert truncation_problem(data) is None and truncation_problem(data + bytes(100)) is None, ext
+        assert (truncation_problem(data[: len(data) - 1]) or "").startswith("truncated: "), ext
+        (inbox / "album" / f"whole{ext}").write_bytes(data)
+        (inbox / "album" / f"half{ext}").write_bytes(data[: len(data) // 2])
+    paused = time.time() - 5  # past settle_seconds, short of 30 times it
+    for path in (inbox / "album").iterdir():
+        os.utime(path, (paused, paused))
+    labeller = Autolabeller(inbox, tmp_path / "work", config(model_a, "settle_seconds=1"), log=lambda _: None)
+    labeller.scan()
+    assert sorted(name for _, name in labeller.state.unmoved_sources()) == ["whole.bmp", "whole.pgm", "whole.webp"]
 
 
 def test_awkward_names_and_layouts_each_end_in_one_place(model_a: Path, tmp_path: Path) -> None:
@@ -549,6 +576,23 @@ def test_one_daemon_per_work_folder_and_per_inbox(tmp_path: Path) -> None:
     assert list(inbox.iterdir()) == []  # the inbox is locked as a directory: nothing is written into it
 
 
+def test_one_daemon_per_inbox_also_across_nested_inboxes(tmp_path: Path) -> None:
+    """A daemon on a folder inside a watched inbox, or on one holding it, would label the same photos; a daemon on a
+    sibling inbox takes other photos and may run."""
+    inbox, inner, sibling = tmp_path / "in", tmp_path / "in" / "a", tmp_path / "in2"
+    inner.mkdir(parents=True)
+    sibling.mkdir()
+    for watched, other, taken in ((inbox, inner, "which holds this inbox"), (inner, inbox, "or a folder inside it")):
+        with exclusive(tmp_path / "work1", watched):
+            with pytest.raises(AutolabelError, match=taken) as refused, exclusive(tmp_path / "work2", other):
+                pass
+            assert "\n" not in str(refused.value)
+            with exclusive(tmp_path / "work3", sibling):
+                pass
+    with exclusive(tmp_path / "work1", inbox), exclusive(tmp_path / "work2", sibling):  # released, and siblings
+        pass
+
+
 def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None:
     """`daemon_running` (autolabel status, the datasets page) takes the lock for an instant to test it."""
     done, inbox, work = threading.Event(), tmp_path / "inbox", tmp_path / "work"
@@ -717,6 +761,49 @@ def test_a_fresh_state_database_writes_a_new_version_not_over_an_old_one(model_a
     assert (workdir / "versions" / "v0001" / "manifest.jsonl").read_bytes() == before
 
 
+def test_a_fresh_state_database_never_moves_a_photo_over_an_earlier_one(model_a: Path, tmp_path: Path) -> None:
+    """File ids start at 1 again, so a camera's next IMG_0001.jpg is headed for the earlier one's outcome name."""
+    inbox, workdir = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "phone").mkdir(parents=True)
+    first, second = lfw_people(2)
+    (inbox / "phone" / "IMG_0001.jpg").write_bytes(first)
+    assert Autolabeller(inbox, workdir, config(model_a), log=lambda _: None).run_once() is not None
+    for path in workdir.glob("state.db*"):
+        path.unlink()
+    (inbox / "phone" / "IMG_0001.jpg").write_bytes(second)
+    logs: list[str] = []
+    assert Autolabeller(inbox, workdir, config(model_a), log=logs.append).run_once() is not None
+    assert inputs(inbox) == []
+    landed = {p.name: p.read_bytes() for outcome in OUTCOMES for p in (workdir / outcome).rglob("*") if p.is_file()}
+    assert sorted(landed.values()) == sorted([first, second]), sorted(landed)
+    assert any("phone/IMG_0001.jpg: " in line and "holds another file" in line for line in logs), logs
+    with contextlib.closing(sqlite3.connect(workdir / "state.db")) as state:
+        [(recorded,)] = state.execute("SELECT destination FROM files").fetchall()
+    assert (workdir / recorded).read_bytes() == second  # the record names where the photo went
+
+
+@pytest.mark.parametrize("across_devices", [False, True], ids=["one file system", "two file systems"])
+def test_a_move_never_overwrites_and_a_move_cut_short_is_finished(across_devices: bool, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    if across_devices:
+        if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+            pytest.skip("no second file system (/dev/shm) here")
+        inbox = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        target = tmp_path / "labelled" / "1_a.jpg"
+        for i in range(3):
+            (inbox / "a.jpg").write_bytes(b"photo %d" % i)
+            assert move_file(inbox / "a.jpg", target) == target.with_name(f"1_a~{i}.jpg" if i else "1_a.jpg")
+        assert sorted(p.read_bytes() for p in target.parent.iterdir()) == [b"photo 0", b"photo 1", b"photo 2"]
+        # A crash after the link (or copy) was placed, before the source was removed: only the removal is left.
+        (shutil.copyfile if across_devices else os.link)(target, inbox / "a.jpg")
+        assert move_file(inbox / "a.jpg", target) == target
+        assert not (inbox / "a.jpg").exists() and len(list(target.parent.iterdir())) == 3
+    finally:
+        shutil.rmtree(inbox)
+
+
 def test_inbox_oddities_end_in_one_place(model_a: Path, tmp_path: Path) -> None:
     """A photo dated in the future, a name at the length limit, and an album renamed before its files' decision."""
     inbox, workdir = tmp_path / "inbox", tmp_path / "work"
@@ -780,6 +867,8 @@ NESTED = {
     "album linking to a folder holding the work folder": "holds the work folder",
     "versions folder linking into the inbox": "leads into the inbox",
     "known identities in the inbox": "dedup.known_root",
+    "album linking to the known identities": "links to dedup.known_root=",
+    "album linking to the model checkpoint": "links to model=",
 }
 
 
@@ -789,7 +878,7 @@ def test_nested_inbox_and_work_folders_are_refused_before_anything_is_taken(
 ) -> None:
     """Each layout would have the daemon take its own output (round after round, or its versions and state.db), or
     another daemon's files, or the reference photos it compares against: one line, and every file stays put."""
-    inbox, workdir, overrides = tmp_path / "inbox", tmp_path / "work", []
+    inbox, workdir, model, overrides = tmp_path / "inbox", tmp_path / "work", model_a, []
     if layout == "inbox in its own error folder":
         inbox = workdir / "error"
     elif layout == "inbox in another daemon's labelled folder":
@@ -812,11 +901,22 @@ def test_nested_inbox_and_work_folders_are_refused_before_anything_is_taken(
         overrides = [f"dedup.known_root={inbox / 'people'}", "dedup.calibrate=false"]
         (inbox / "people" / "someone").mkdir(parents=True)
         (inbox / "people" / "someone" / "0.jpg").write_bytes(lfw_people(1)[0])
+    elif layout == "album linking to the known identities":
+        known = tmp_path / "known"
+        overrides = [f"dedup.known_root={known}", "dedup.calibrate=false"]
+        (known / "someone").mkdir(parents=True)
+        (known / "someone" / "0.jpg").write_bytes(lfw_people(1)[0])
+        inbox.mkdir()
+        (inbox / "people").symlink_to(known, target_is_directory=True)
+    elif layout == "album linking to the model checkpoint":
+        model = shutil.copytree(model_a, tmp_path / "checkpoint")
+        inbox.mkdir()
+        (inbox / "weights").symlink_to(model, target_is_directory=True)
     (inbox / "album").mkdir(parents=True, exist_ok=True)
     (inbox / "album" / "a.jpg").write_bytes(lfw_people(1)[0])
     before = files_under(tmp_path)
     with pytest.raises(AutolabelError, match=NESTED[layout]) as refused, exclusive(workdir, inbox):
-        Autolabeller(inbox, workdir, config(model_a, *overrides), log=lambda _: None).run_once()
+        Autolabeller(inbox, workdir, config(model, *overrides), log=lambda _: None).run_once()
     assert "\n" not in str(refused.value)
     after = files_under(tmp_path)
     assert {path: after.get(path) for path in before} == before, "a file was taken"
