@@ -181,7 +181,8 @@ def quantize_int8(
     calibrate_method, options = CALIBRATION_METHODS[check_calibration_method(method)]
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="faceforge-quant-") as tmp:
+    # Beside the output, inside the export's build folder: a killed export's leftovers go with that folder.
+    with tempfile.TemporaryDirectory(prefix="quant-", dir=int8_path.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         # Histogram calibration prints a line per batch collected: hundreds on the export's console.
