@@ -30,8 +30,9 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from stat import S_ISREG
 
@@ -223,10 +224,10 @@ def file_problem(path: Path, size: int, max_bytes: float) -> str | None:
 
 
 def truncation_problem(data: bytes) -> str | None:
-    """A cut-off JPEG or PNG still decodes (grey below the cut); what it lacks is its end. WebP, BMP and binary PGM
-    declare their size in their header, so one shorter than that is a copy still arriving, not corruption. The
-    format is read from the bytes, not the name, and anything after the end is allowed: phones append a video to
-    "motion photos"."""
+    """A cut-off JPEG or PNG still decodes (grey below the cut); what it lacks is its end. WebP and binary PGM
+    declare their size in their header, so one shorter than that is a copy still arriving, not corruption (a BMP's
+    bfSize is not trusted: many writers fill it wrongly). The format is read from the bytes, not the name, and
+    anything after the end is allowed: phones append a video to "motion photos"."""
     if data.startswith(b"\xff\xd8") and data.find(b"\xff\xd9", jpeg_scan_start(data)) < 0:
         return "truncated: the JPEG has no end-of-image marker"
     if data.startswith(PNG_SIGNATURE) and png_cut_short(data):
@@ -237,12 +238,10 @@ def truncation_problem(data: bytes) -> str | None:
 
 
 def declared_size(data: bytes) -> tuple[str, int] | None:
-    """(format, size in bytes) that a WebP (RIFF chunk size), BMP (bfSize) or binary PGM header (width x height
-    samples of one or two bytes, by maxval) declares; None for any other format or a header that does not parse."""
+    """(format, size in bytes) that a WebP (RIFF chunk size) or binary PGM header (width x height samples of one
+    or two bytes, by maxval) declares; None for any other format or a header that does not parse."""
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
         return "WebP", 8 + int.from_bytes(data[4:8], "little")
-    if data.startswith(b"BM") and len(data) >= 6:
-        return "BMP", int.from_bytes(data[2:6], "little")
     if header := PGM_HEADER.match(data):
         width, height, maxval = map(int, header.groups())
         return "PGM", header.end() + width * height * (1 if maxval < 256 else 2)
@@ -501,12 +500,11 @@ class Autolabeller:
         for file_id, album, name, sha256, destination in self.state.unmoved_outcomes():
             source = self.inbox_path(album, name)
             present = os.path.lexists(source)  # a link whose target has gone is still moved, not left behind
-            beside = None
             try:
                 if present and (sha256 is None or sha256_of(source) == sha256):
-                    moved = move_file(source, self.workdir / destination)
-                    if moved.name != Path(destination).name:
-                        beside = str(Path(destination).with_name(moved.name))
+                    planned = self.workdir / destination
+                    moved = move_file(source, planned, partial(self.record_beside, file_id, destination))
+                    if moved != planned:
                         self.log(f"{album}/{name}: {destination} holds another file; moved to {moved.name} beside it")
                 elif present:
                     self.log(f"{album}/{name}: replaced after it was decided; it will be decided as a new file")
@@ -517,7 +515,12 @@ class Autolabeller:
                     self.unmovable.add(file_id)
                     self.log(f"{album}/{name}: cannot move it out of the inbox ({err.strerror or err}); will retry")
                 continue
-            self.state.mark_moved(file_id, beside)
+            self.state.mark_moved(file_id)
+
+    def record_beside(self, file_id: int, destination: str, where: Path) -> None:
+        """Where a file goes when its planned destination holds another, recorded before it leaves the inbox."""
+        if (placed := where.relative_to(self.workdir).as_posix()) != destination:
+            self.state.set_destination(file_id, placed)
 
     # Models
 
@@ -832,24 +835,15 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     """One daemon per work folder and per inbox: a second one fails within a second instead of racing the first
     (two work folders on one inbox would both label, and move, the same photos).
 
-    The inbox is locked exclusively and the folders holding it shared, so a daemon on a folder inside a watched
-    inbox, or on one holding it, is refused too, while daemons on sibling inboxes run side by side. It retries for
-    that second because `daemon_running` (status, the web page) takes the lock for an instant. Folders are locked
-    as directories, so nothing is written into them.
+    It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
+    The inbox is locked as a directory, so nothing is written into it.
     """
     check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    real = inbox.resolve()
-    with ExitStack() as locks:
-        locks.enter_context(
-            _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder")
-        )
-        taken = f"{inbox}: another autolabel daemon is taking files from this inbox, or a folder inside it"
-        locks.enter_context(_locked(real, taken))
-        for holder in real.parents:
-            if os.access(holder, os.R_OK):  # a folder this user cannot read cannot be opened to lock it
-                taken = f"{inbox}: another autolabel daemon is taking files from {holder}, which holds this inbox"
-                locks.enter_context(_locked(holder, taken, shared=True))
+    with (
+        _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder"),
+        _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
+    ):
         yield
 
 
@@ -908,14 +902,14 @@ def is_work_folder(folder: Path) -> bool:
 
 
 @contextmanager
-def _locked(path: Path, taken: str, shared: bool = False) -> Iterator[None]:
-    """flock on `path`, a directory or a lock file (created if missing), exclusive unless `shared`."""
+def _locked(path: Path, taken: str) -> Iterator[None]:
+    """flock on `path`, a directory or a lock file (created if missing)."""
     descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -949,9 +943,10 @@ def outcome_of(file: InboxFile, sha256: str, faces: list[FaceOutcome]) -> Decide
     return file, sha256, "rejected", f"low_quality: {', '.join(reasons)}", faces
 
 
-def move_file(source: Path, target: Path) -> Path:
+def move_file(source: Path, target: Path, placed: Callable[[Path], None] = lambda where: None) -> Path:
     """Move a file, never over another: a state database started afresh numbers files from 1 again, so `target`
-    may hold an earlier photo; the file then goes beside it as `<stem>~<n><suffix>`. Returns where it went.
+    may hold an earlier photo; the file then goes beside it as `<stem>~<n><suffix>`. Returns where it went, also
+    told to `placed` before the source goes, so that a record of it survives a crash at any step.
 
     A hard link then an unlink, or, across file systems or on one without hard links, a whole copy then an unlink;
     a source that cannot be removed leaves no copy. A target that is already the same file is a move a crash cut
@@ -964,14 +959,16 @@ def move_file(source: Path, target: Path) -> Path:
         try:
             place(source, candidate)
         except FileExistsError:
-            if same_file(source, candidate):
-                source.unlink()
-                return candidate
-            n += 1
-            continue
-        try:
+            if not same_file(source, candidate):
+                n += 1
+                continue
+            placed(candidate)
             source.unlink()
-        except OSError:
+            return candidate
+        try:
+            placed(candidate)
+            source.unlink()
+        except BaseException:
             candidate.unlink()
             raise
         return candidate
@@ -1005,11 +1002,13 @@ def link(source: Path, target: Path) -> bool:
 
 
 def same_file(one: Path, other: Path) -> bool:
-    """The same inode, or two regular files of the same bytes."""
-    one_stat, other_stat = os.lstat(one), os.lstat(other)
-    if os.path.samestat(one_stat, other_stat):
+    """The same inode, or the same bytes: across file systems `place` copies what a linked source points to."""
+    if os.path.samestat(os.lstat(one), os.lstat(other)):
         return True
-    regular = S_ISREG(one_stat.st_mode) and S_ISREG(other_stat.st_mode)
+    try:
+        regular = S_ISREG(os.stat(one).st_mode) and S_ISREG(os.stat(other).st_mode)
+    except FileNotFoundError:  # a link to nowhere
+        return False
     return regular and filecmp.cmp(one, other, shallow=False)
 
 

@@ -243,11 +243,11 @@ class StateDB:
             )
         )
 
-    def mark_moved(self, file_id: int, destination: str | None = None) -> None:
-        """Moved, to `destination` when the planned one held another file (see autolabel.move_file)."""
-        self.db.execute(
-            "UPDATE files SET moved = 1, destination = coalesce(?, destination) WHERE id = ?", (destination, file_id)
-        )
+    def mark_moved(self, file_id: int) -> None:
+        self.db.execute("UPDATE files SET moved = 1 WHERE id = ?", (file_id,))
+
+    def set_destination(self, file_id: int, destination: str) -> None:
+        self.db.execute("UPDATE files SET destination = ? WHERE id = ?", (destination, file_id))
 
     # Faces
 
