@@ -309,6 +309,13 @@ def test_a_tracking_uri_that_cannot_log_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
+def test_a_registered_model_that_is_not_there_leaves_no_database_at_a_mistyped_uri(tmp_path: Path) -> None:
+    typo = tmp_path / "hom" / "mlflow.db"
+    with pytest.raises((ValueError, OSError)):
+        export_model("models:/face/1", "onnx", f"sqlite:///{typo}", out=tmp_path / "out")
+    assert not typo.parent.exists()
+
+
 def test_a_ctrl_c_during_an_export_is_one_line(trained: Path, tmp_path: Path) -> None:
     exporter = (
         "import os, signal, sys\n"

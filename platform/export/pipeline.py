@@ -65,9 +65,9 @@ def export_model(
     check_calibration_method(calibration_method)
     if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop fraction must be in (0, 1], got {crop_fraction}")
+    model = load_model(str(checkpoint or source), tracking_uri)  # first: a typo'd database is not created
     if log:  # a database that cannot take the run is found now, not after the export is written
         prepare_tracking(tracking_uri, EXPORTS_EXPERIMENT)
-    model = load_model(str(checkpoint or source), tracking_uri)
     out = out or faceforge_home() / "exports" / f"{model.config['name']}-{fmt}"
     with export_lock(out, say):
         if not overwrite and (earlier := exported_files(out)):
