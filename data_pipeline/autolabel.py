@@ -25,12 +25,13 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,6 +73,7 @@ LOCK = "daemon.lock"  # beside the state database: a folder holding both is a wo
 # A file that looks cut short waits this many times settle_seconds (a minute by default) before it is decided.
 INCOMPLETE_SETTLE_FACTOR = 30
 LOCK_PATIENCE_SECONDS = 1.0
+INBOX_LOCKS = Path(tempfile.gettempdir()) / "faceforge-inbox-locks"  # see `exclusive`
 OUTCOMES = ("labelled", "rejected", "error")
 WORK_FOLDERS = (*OUTCOMES, "crops", "versions", "models")  # what the daemon writes below its work folder
 OWN_OUTPUT = "the daemon would take its own output as new photos"  # why an inbox and its work folder must not meet
@@ -836,15 +838,32 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     (two work folders on one inbox would both label, and move, the same photos).
 
     It retries for that second because `daemon_running` (status, the web page) takes the lock for an instant.
-    The inbox is locked as a directory, so nothing is written into it.
+    The inbox is locked as a directory, so nothing is written into it. Nested inboxes are refused through lock
+    files of the daemons' own (`inbox_lock`): the inbox's exclusively, each folder holding it shared. Locks on the
+    folders themselves would meet other programs' (the demo locks its home, which holds its inbox).
     """
     check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with (
-        _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder"),
-        _locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"),
-    ):
+    real = inbox.resolve()
+    with ExitStack() as locks:
+        locks.enter_context(
+            _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder")
+        )
+        locks.enter_context(_locked(inbox, f"{inbox}: another autolabel daemon is taking files from this inbox"))
+        taken = f"{inbox}: another autolabel daemon is taking files from a folder inside it"
+        locks.enter_context(_locked(inbox_lock(real), taken))
+        for holder in real.parents:
+            taken = f"{inbox}: another autolabel daemon is taking files from {holder}, which holds this inbox"
+            locks.enter_context(_locked(inbox_lock(holder), taken, shared=True))
         yield
+
+
+def inbox_lock(folder: Path) -> Path:
+    """The lock file standing for `folder` among every user's daemons on this machine."""
+    INBOX_LOCKS.mkdir(exist_ok=True)
+    if INBOX_LOCKS.stat().st_uid == os.getuid():
+        INBOX_LOCKS.chmod(0o1777)  # like /tmp: every user's daemons lock here, none removes another's files
+    return INBOX_LOCKS / hashlib.sha256(os.fsencode(folder)).hexdigest()[:32]
 
 
 def awaiting(job_id: str | None) -> int:
@@ -902,14 +921,14 @@ def is_work_folder(folder: Path) -> bool:
 
 
 @contextmanager
-def _locked(path: Path, taken: str) -> Iterator[None]:
-    """flock on `path`, a directory or a lock file (created if missing)."""
+def _locked(path: Path, taken: str, shared: bool = False) -> Iterator[None]:
+    """flock on `path`, a directory or a lock file (created if missing), exclusive unless `shared`."""
     descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + LOCK_PATIENCE_SECONDS
         while True:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:

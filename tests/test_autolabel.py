@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -577,6 +578,29 @@ def test_one_daemon_per_work_folder_and_per_inbox(tmp_path: Path) -> None:
     with exclusive(work, inbox):  # released
         pass
     assert list(inbox.iterdir()) == []  # the inbox is locked as a directory: nothing is written into it
+
+
+def test_one_daemon_per_inbox_also_across_nested_inboxes(tmp_path: Path) -> None:
+    """A daemon on a folder inside a watched inbox, or on one holding it, would label the same photos; a daemon on a
+    sibling inbox takes other photos and may run, and so does one whose parent folder another program has locked
+    (the demo locks its home, which holds its inbox)."""
+    inbox, inner, sibling = tmp_path / "in", tmp_path / "in" / "a", tmp_path / "in2"
+    inner.mkdir(parents=True)
+    sibling.mkdir()
+    for watched, other, taken in ((inbox, inner, "which holds this inbox"), (inner, inbox, "from a folder inside it")):
+        with exclusive(tmp_path / "work1", watched):
+            with pytest.raises(AutolabelError, match=taken) as refused, exclusive(tmp_path / "work2", other):
+                pass
+            assert "\n" not in str(refused.value)
+            with exclusive(tmp_path / "work3", sibling):
+                pass
+    held = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with exclusive(tmp_path / "work1", inbox), exclusive(tmp_path / "work2", sibling):
+            pass
+    finally:
+        os.close(held)
 
 
 def test_status_probes_never_stop_a_daemon_from_starting(tmp_path: Path) -> None:
