@@ -524,8 +524,8 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     [
         (1, "faceforge.train.launch.create_run", "FAILED", "stopped by SIGTERM; resume with"),
         (1, "faceforge.train.loop.build_optimizer", "FAILED", "stopped by SIGTERM; resume with"),
-        (1, "faceforge.train.launch.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
-        (2, "faceforge.train.launch.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
+        (1, "faceforge.train.tracking.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
+        (2, "faceforge.train.tracking.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
     ],
 )
 def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(

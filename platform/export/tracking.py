@@ -24,7 +24,7 @@ from faceforge.export.card import ArtifactCard
 from faceforge.registry.champion import registered_version
 from faceforge.registry.database import open_database, prepare_tracking
 from faceforge.registry.selection import check_id
-from faceforge.train.tracking import RunStops
+from faceforge.train.tracking import run_always_ended
 
 EXPORTS_EXPERIMENT = "exports"
 SOURCE_TAG, SOURCE_RUN_TAG, FORMAT_TAG = "faceforge.source", "faceforge.source_run_id", "faceforge.export_format"
@@ -102,16 +102,13 @@ def log_export(tracking_uri: str, source: ExportSource, out_dir: str | Path, car
     links = {SOURCE_RUN_TAG: source.run_id, MODEL_NAME_TAG: source.model_name, MODEL_VERSION_TAG: source.model_version}
     tags |= {key: value for key, value in links.items() if value is not None}
     label = f"v{source.model_version}" if source.model_version else card.model.get("name", "model")
-    with RunStops(f"the export in {out_dir} is whole but not logged; rerun with --overwrite to log it") as stops:
-        run_id = client.create_run(experiment_id, run_name=f"{label}-{card.format}", tags=tags).info.run_id
-        succeeded = False
-        try:
-            stops.release()
-            _log_files(client, run_id, card, files)
-            succeeded = True
-        finally:
-            stops.held_back = True
-            client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    hint = f"the export in {out_dir} is whole but not logged; rerun with --overwrite to log it"
+
+    def open_run() -> str:
+        return client.create_run(experiment_id, run_name=f"{label}-{card.format}", tags=tags).info.run_id
+
+    with run_always_ended(tracking_uri, hint, open_run) as run_id:
+        _log_files(client, run_id, card, files)
     return run_id
 
 

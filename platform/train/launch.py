@@ -23,7 +23,7 @@ from faceforge.locks import try_lock
 from faceforge.train.checkpoint import LATEST, load_file, read_meta, read_model_state, resolve_checkpoint
 from faceforge.train.config import ConfigError, HeadConfig, TrainConfig
 from faceforge.train.torchrun import STOP_SIGNALS
-from faceforge.train.tracking import RunStops, create_run, finish_run
+from faceforge.train.tracking import create_run, run_always_ended
 
 RUN_ID_FILE = "mlflow_run_id"
 TRAIN_LOCK = ".train.lock"
@@ -222,33 +222,27 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
 def _run(cfg: TrainConfig, out: Path, lock: int) -> tuple[dict[str, float], str]:
     """The MLflow run (a resumed run's own), then training, in this process or under torchrun."""
     run_id_file = out / RUN_ID_FILE
-    metrics: dict[str, float] = {}
-    succeeded = False
-    with RunStops(cfg.resume_hint) as stops:  # held back while the run is created: it may not exist yet
+
+    def open_run() -> str:
         if cfg.trainer.resume and run_id_file.exists():
             run_id = run_id_file.read_text().strip()
             _check_run(cfg.mlflow.tracking_uri, run_id, run_id_file)
-        else:
-            tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
-            run_id = create_run(
-                cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags
-            )
-            run_id_file.write_text(run_id)
-        try:
-            stops.release()
-            config_path = out / "config.yaml"
-            cfg.save(config_path)
-            print(f"output: {out}\nmlflow: {cfg.mlflow.tracking_uri} run {run_id}", flush=True)
-            if cfg.trainer.nproc == 1:
-                from faceforge.train.loop import train
+            return run_id
+        tags = {f"faceforge.{key}": value for key in ("job_id", "sweep_id") if (value := getattr(cfg.mlflow, key))}
+        run_id = create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.to_dict(), tags)
+        run_id_file.write_text(run_id)
+        return run_id
 
-                metrics = train(cfg, run_id)
-            else:
-                metrics = _torchrun(cfg, config_path, run_id, lock)
-            succeeded = True
-        finally:
-            stops.held_back = True
-            finish_run(cfg.mlflow.tracking_uri, run_id, succeeded)
+    with run_always_ended(cfg.mlflow.tracking_uri, cfg.resume_hint, open_run) as run_id:
+        config_path = out / "config.yaml"
+        cfg.save(config_path)
+        print(f"output: {out}\nmlflow: {cfg.mlflow.tracking_uri} run {run_id}", flush=True)
+        if cfg.trainer.nproc == 1:
+            from faceforge.train.loop import train
+
+            metrics = train(cfg, run_id)
+        else:
+            metrics = _torchrun(cfg, config_path, run_id, lock)
     return metrics, run_id
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,23 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
 
 
-class RunStops:
+@contextmanager
+def run_always_ended(tracking_uri: str, hint: str, open_run: Callable[[], str]) -> Iterator[str]:
+    """The MLflow run that `open_run` creates or reopens, recorded FINISHED when the block completes and FAILED
+    otherwise, whatever stops the process meanwhile (see _RunStops); `hint` says how to carry on after a stop."""
+    with _RunStops(hint) as stops:
+        run_id = open_run()
+        succeeded = False
+        try:
+            stops.release()
+            yield run_id
+            succeeded = True
+        finally:
+            stops.held_back = True
+            finish_run(tracking_uri, run_id, succeeded)
+
+
+class _RunStops:
     """Every stop ends the MLflow run, where the default SIGTERM would kill the process and leave the run RUNNING
     for good. While `held_back` (the run being created, then its end being recorded) a stop waits, then ends the
     process unless it is already ending; once released a stop ends the run at once, as FAILED, saying `hint`.
@@ -61,7 +79,7 @@ class RunStops:
     def __init__(self, hint: str) -> None:
         self.hint, self.held_back, self.held = hint, True, 0
 
-    def __enter__(self) -> RunStops:
+    def __enter__(self) -> _RunStops:
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
             handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
