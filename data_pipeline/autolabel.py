@@ -45,7 +45,15 @@ from torch import nn
 from faceforge.data.folder import IMAGE_EXTENSIONS
 from faceforge.data.image import ImageDecodeError, decode_image
 from faceforge.data_pipeline.align import align_face, write_atomic
-from faceforge.data_pipeline.autolabel_state import GONE, RETRAIN_PENDING, FaceOutcome, InboxFile, Round, StateDB
+from faceforge.data_pipeline.autolabel_state import (
+    GONE,
+    RETRAIN_PENDING,
+    FaceOutcome,
+    InboxFile,
+    Round,
+    StateDB,
+    cut_utf8,
+)
 from faceforge.data_pipeline.cluster import CLUSTERERS
 from faceforge.data_pipeline.dedup import (
     CopyEvidence,
@@ -845,6 +853,9 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
     check_folders(inbox, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     real = inbox.resolve()
+    INBOX_LOCKS.mkdir(exist_ok=True)
+    if INBOX_LOCKS.stat().st_uid == os.getuid():
+        INBOX_LOCKS.chmod(0o1777)  # like /tmp: every user's daemons lock here, none removes another's files
     with ExitStack() as locks:
         locks.enter_context(
             _locked(workdir / LOCK, f"{workdir}: another autolabel daemon is running on this work folder")
@@ -860,9 +871,6 @@ def exclusive(workdir: Path, inbox: Path) -> Iterator[None]:
 
 def inbox_lock(folder: Path) -> Path:
     """The lock file standing for `folder` among every user's daemons on this machine."""
-    INBOX_LOCKS.mkdir(exist_ok=True)
-    if INBOX_LOCKS.stat().st_uid == os.getuid():
-        INBOX_LOCKS.chmod(0o1777)  # like /tmp: every user's daemons lock here, none removes another's files
     return INBOX_LOCKS / hashlib.sha256(os.fsencode(folder)).hexdigest()[:32]
 
 
@@ -1034,7 +1042,7 @@ def same_file(one: Path, other: Path) -> bool:
 def numbered(target: Path, n: int) -> Path:
     """`<stem>~<n><suffix>`, its stem cut to keep within the 255 bytes a file name may have."""
     tail = f"~{n}{target.suffix}"
-    return target.with_name(target.stem.encode()[: 255 - len(tail.encode())].decode(errors="ignore") + tail)
+    return target.with_name(cut_utf8(target.stem, 255 - len(tail.encode())) + tail)
 
 
 def encode_jpeg(crop: np.ndarray) -> bytes:
