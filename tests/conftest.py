@@ -19,7 +19,8 @@ import pytest
 from faceforge.train import TrainConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from faceforge.cli import main; main()"]
+CLI_MAIN = "from faceforge.cli import main; main()"
+CLI = [sys.executable, "-c", CLI_MAIN]
 SHARED = REPO.parent / "shared" / "data"
 
 
@@ -70,6 +71,33 @@ def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: obje
         "output_dir": str(out),
     }
     return from_dict(values)
+
+
+def run_stopped_inside(
+    target: str, stop: int, main: str, args: list[str], *, after: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run `main` (code that reads sys.argv[1:]) in a fresh Python whose `target` ("module:Name" or
+    "module:Class.method") sends its own process `stop` on each call: before the original runs, or once it has
+    returned. It lets a test land a real signal inside one exact step."""
+    module, _, path = target.partition(":")
+    signal_self = f"    os.kill(os.getpid(), {int(stop)})\n"
+    stopper = (
+        "import importlib, os\n"
+        f"owner = importlib.import_module({module!r})\n"
+        f"*parents, name = {path!r}.split('.')\n"
+        "for parent in parents:\n"
+        "    owner = getattr(owner, parent)\n"
+        "original = getattr(owner, name)\n"
+        "def stopped_inside(*args, **kwargs):\n"
+        + ("" if after else signal_self)
+        + "    result = original(*args, **kwargs)\n"
+        + (signal_self if after else "")
+        + "    return result\n"
+        "setattr(owner, name, stopped_inside)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", stopper + main, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @contextmanager

@@ -53,7 +53,7 @@ from faceforge.data_pipeline.versions import (
 )
 from faceforge.jobs import JobStore, compose_config
 
-from conftest import shared_data
+from conftest import run_stopped_inside, shared_data
 
 PEOPLE, PER_PERSON = 8, 5
 BAD_FILES = {
@@ -792,7 +792,7 @@ def test_a_fresh_state_database_never_moves_a_photo_over_an_earlier_one(model_a:
     assert (workdir / recorded).read_bytes() == second  # the record names where the photo went
 
 
-@pytest.mark.parametrize("crash", ["placed", "mark_moved"])
+@pytest.mark.parametrize("crash", ["set_destination", "mark_moved"])
 def test_a_move_beside_another_photo_is_recorded_before_a_crash_can_lose_it(tmp_path: Path, crash: str) -> None:
     """Killed with 9 once the photo is placed beside the planned name's holder, or once it has left the inbox: on
     restart the state names the file that holds it, never the earlier photo."""
@@ -808,24 +808,17 @@ def test_a_move_beside_another_photo_is_recorded_before_a_crash_can_lose_it(tmp_
     (work / planned).parent.mkdir(parents=True)
     (work / planned).write_bytes(b"earlier photo")  # labelled under a state database since removed
     labeller.state.close()
-    killed = (
-        "import os, signal, sys\n"
+    mover = (
+        "import sys\n"
         "from pathlib import Path\n"
         "from faceforge.data_pipeline import autolabel\n"
-        "from faceforge.data_pipeline.autolabel_state import StateDB\n"
-        "def kill(*args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"if {crash!r} == 'placed':\n"
-        "    move_file = autolabel.move_file\n"
-        "    def move_then_die(source, target, placed):\n"
-        "        return move_file(source, target, lambda where: (placed(where), kill()))\n"
-        "    autolabel.move_file = move_then_die\n"
-        "else:\n"
-        "    StateDB.mark_moved = kill\n"
         "inbox, work = map(Path, sys.argv[1:3])\n"
         "autolabel.Autolabeller(inbox, work, autolabel.load_config(None, []), log=print).move_decided()\n"
     )
-    result = subprocess.run([sys.executable, "-c", killed, str(inbox), str(work)], capture_output=True, text=True)
+    # The place is recorded (set_destination) before the source goes, and the move after it (mark_moved).
+    target = "faceforge.data_pipeline.autolabel_state:StateDB." + crash
+    after = crash == "set_destination"
+    result = run_stopped_inside(target, signal.SIGKILL, mover, [str(inbox), str(work)], after=after)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     restarted = Autolabeller(inbox, work, load_config(None, []), log=lambda _: None)
     restarted.move_decided()

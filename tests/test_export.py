@@ -7,7 +7,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from faceforge.train.checkpoint import load_backbone
 from faceforge.train.launch import RUN_ID_FILE, launch
 from faceforge.train.tracking import RunTracker
 
-from conftest import shared_data, tiny_config, waiting_behind
+from conftest import CLI_MAIN, run_stopped_inside, shared_data, tiny_config, waiting_behind
 
 
 def _random_batchnorm_statistics(model: nn.Module) -> nn.Module:
@@ -317,20 +316,9 @@ def test_a_registered_model_that_is_not_there_leaves_no_database_at_a_mistyped_u
 
 
 def test_a_ctrl_c_during_an_export_is_one_line(trained: Path, tmp_path: Path) -> None:
-    exporter = (
-        "import os, signal, sys\n"
-        "from faceforge.cli import main\n"
-        "from faceforge.export import artifact\n"
-        "export_onnx = artifact.export_onnx\n"
-        "def interrupted(*args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "    return export_onnx(*args, **kwargs)\n"
-        "artifact.export_onnx = interrupted\n"
-        "main(sys.argv[1:])\n"
-    )
     out = tmp_path / "out"
     command = ["export", str(trained), "--format", "onnx", "--out", str(out), "--no-log"]
-    result = subprocess.run([sys.executable, "-c", exporter, *command], capture_output=True, text=True, timeout=300)
+    result = run_stopped_inside("faceforge.export.artifact:export_onnx", signal.SIGINT, CLI_MAIN, command)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "faceforge export: interrupted before the export was complete; rerun to export" in result.stderr
     assert visible(out) == []
@@ -343,19 +331,8 @@ def test_a_stop_while_an_export_is_logged_ends_its_run_in_one_line(
     """The default SIGTERM killed `faceforge export` mid-log and left its MLflow run RUNNING for good; a Ctrl-C
     there printed a KeyboardInterrupt traceback. The run now ends FAILED, and the export says how to log it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exporter = (
-        "import os, signal, sys\n"
-        "from mlflow.tracking import MlflowClient\n"
-        "from faceforge.cli import main\n"
-        "log_artifact = MlflowClient.log_artifact\n"
-        "def stopped_while_logging(*args, **kwargs):\n"
-        f"    os.kill(os.getpid(), {int(stop)})\n"
-        "    return log_artifact(*args, **kwargs)\n"
-        "MlflowClient.log_artifact = stopped_while_logging\n"
-        "main(sys.argv[1:])\n"
-    )
     command = ["export", str(trained), "--format", "onnx", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
-    result = subprocess.run([sys.executable, "-c", exporter, *command], capture_output=True, text=True, timeout=300)
+    result = run_stopped_inside("mlflow.tracking:MlflowClient.log_artifact", stop, CLI_MAIN, command)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"stopped by {stop.name}" in result.stderr and "--overwrite" in result.stderr, result.stderr[-3000:]
     [run] = MlflowClient(uri).search_runs([prepare_tracking(uri, EXPORTS_EXPERIMENT)])

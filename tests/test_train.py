@@ -34,7 +34,7 @@ from faceforge.train.launch import TRAIN_LOCK, check_against_disk, launch
 from faceforge.train.loop import build_optimizer, forward_backward
 from faceforge.train.schedule import lr_at
 
-from conftest import REPO, tiny_config
+from conftest import REPO, run_stopped_inside, tiny_config
 from distributed import run_ranks
 
 PYTHON = sys.executable
@@ -522,10 +522,10 @@ def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
 @pytest.mark.parametrize(
     ("nproc", "stopped_in", "status", "said"),
     [
-        (1, "faceforge.train.launch.create_run", "FAILED", "stopped by SIGTERM; resume with"),
-        (1, "faceforge.train.loop.build_optimizer", "FAILED", "stopped by SIGTERM; resume with"),
-        (1, "faceforge.train.tracking.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
-        (2, "faceforge.train.tracking.finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
+        (1, "faceforge.train.launch:create_run", "FAILED", "stopped by SIGTERM; resume with"),
+        (1, "faceforge.train.loop:build_optimizer", "FAILED", "stopped by SIGTERM; resume with"),
+        (1, "faceforge.train.tracking:finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
+        (2, "faceforge.train.tracking:finish_run", "FINISHED", "stopped by SIGTERM as the run ended"),
     ],
 )
 def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(
@@ -537,27 +537,15 @@ def test_a_stop_outside_the_steps_still_ends_the_mlflow_run(
     `stopped_in`, after the run exists."""
     cfg = tiny_config(tmp_path / "run", tiny_train_root, None, steps=2, nproc=nproc, threads=1)
     cfg.save(config := tmp_path / "config.yaml")
-    module, _, name = stopped_in.rpartition(".")
     launcher = (
-        "import importlib, os, signal, sys\n"
+        "import sys\n"
         "from faceforge.train.config import TrainConfig\n"
         "from faceforge.train.launch import launch\n"
-        f"module = importlib.import_module({module!r})\n"
-        f"original = module.{name}\n"
-        "def stopped_inside(*args):\n"
-        "    if original.__name__ == 'create_run':\n"
-        "        run_id = original(*args)\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        return run_id\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return original(*args)\n"
-        f"module.{name} = stopped_inside\n"
         "launch(TrainConfig.load(sys.argv[1]))\n"
         "print('carried on after the stop', flush=True)\n"
     )
-    result = subprocess.run(
-        [PYTHON, "-c", launcher, str(config)], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    after = stopped_in.endswith(":create_run")  # once the run exists
+    result = run_stopped_inside(stopped_in, signal.SIGTERM, launcher, [str(config)], after=after)
     assert result.returncode == 1 and "carried on" not in result.stdout, result.stderr[-3000:]
     assert said in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text())
