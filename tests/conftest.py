@@ -74,7 +74,7 @@ def tiny_config(out: Path, train_root: Path, pairs: Path | None, **trainer: obje
 
 
 def run_stopped_inside(
-    target: str, stop: int, main: str, args: list[str], *, after: bool = False
+    target: str, stop: int, main: str, args: list[str], *, after: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run `main` (code that reads sys.argv[1:]) in a fresh Python whose `target` ("module:Name" or
     "module:Class.method") sends its own process `stop` on each call: before the original runs, or once it has
@@ -96,7 +96,12 @@ def run_stopped_inside(
         "setattr(owner, name, stopped_inside)\n"
     )
     return subprocess.run(
-        [sys.executable, "-c", stopper + main, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", stopper + main, *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -324,6 +324,21 @@ def test_a_ctrl_c_during_an_export_is_one_line(trained: Path, tmp_path: Path) ->
     assert visible(out) == []
 
 
+def test_an_int8_export_killed_while_it_calibrates_leaves_nothing_outside_its_out_folder(
+    trained: Path, tmp_path: Path
+) -> None:
+    """onnxruntime's quantiser keeps its augmented model in a temporary folder of its own, which a kill left behind
+    in the system's; it now goes with the export's build folder, which the next export into --out clears."""
+    out, temporary = tmp_path / "out", tmp_path / "tmp"
+    temporary.mkdir()
+    command = ["export", str(trained), "--format", "onnx-int8", "--out", str(out), "--no-log"]
+    reader = "faceforge.export.quantize:FaceCalibrationReader.get_next"
+    result = run_stopped_inside(reader, signal.SIGKILL, CLI_MAIN, command, env={"TMPDIR": str(temporary)})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert [p.name for p in temporary.iterdir()] in ([], [".ses"])  # .ses: onnxruntime's one session-id file
+    assert visible(out) == [] and [p.name for p in out.glob(".building-*/quant-*/ort.quant.*")] != []
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_while_an_export_is_logged_ends_its_run_in_one_line(
     trained: Path, tmp_path: Path, stop: signal.Signals

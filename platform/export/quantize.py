@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -181,8 +182,9 @@ def quantize_int8(
     calibrate_method, options = CALIBRATION_METHODS[check_calibration_method(method)]
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the output, inside the export's build folder: a killed export's leftovers go with that folder.
-    with tempfile.TemporaryDirectory(prefix="quant-", dir=int8_path.parent) as tmp:
+    # Beside the output, inside the export's build folder: a killed export's leftovers go with that folder. So do
+    # onnxruntime's own (its augmented model), which it keeps in a temporary folder it makes where tempfile says.
+    with tempfile.TemporaryDirectory(prefix="quant-", dir=int8_path.parent) as tmp, temporary_files_in(tmp):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         # Histogram calibration prints a line per batch collected: hundreds on the export's console.
@@ -204,6 +206,16 @@ def quantize_int8(
             )
     onnx.save(compact_qdq(onnx.load(str(int8_path))), str(int8_path))
     return int8_path
+
+
+@contextlib.contextmanager
+def temporary_files_in(folder: str) -> Iterator[None]:
+    """Point tempfile's default folder at `folder` for the block: a library's temporary files go there too."""
+    default, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = default
 
 
 def compact_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
