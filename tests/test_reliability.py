@@ -99,7 +99,7 @@ def hidden(folder: Path) -> list[str]:
         ("data.augment=3", "data.augment must be a mapping"),
         ("head.sample_rate=5", "head.sample_rate must be in (0, 1]"),
         ("optim.lr=nan", "optim.lr must be positive, got nan"),
-        ("data.batch_size=0", "data.batch_size=0 does not divide"),
+        ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
         ("data.crop_fraction=2", "data.crop_fraction must be in (0, 1]"),
         ("model.width=0", "model.width must be between"),
         ("model.input_size=1000000", "model.input_size must be between"),

@@ -289,8 +289,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(trainer.accumulate >= 1, f"trainer.accumulate must be >= 1, got {trainer.accumulate}")
     _require(trainer.threads >= 1, f"trainer.threads must be >= 1, got {trainer.threads}")
     batch, ways = cfg.data.batch_size, trainer.nproc * trainer.accumulate
+    _require(batch >= 1, f"data.batch_size must be >= 1, got {batch}")
     _require(
-        batch > 0 and batch % ways == 0,
+        batch % ways == 0,
         f"data.batch_size={batch} does not divide into trainer.nproc={trainer.nproc} x "
         f"trainer.accumulate={trainer.accumulate} equal micro-batches",
     )
