@@ -42,6 +42,7 @@ from faceforge.data import (
 )
 from faceforge.data.recordio import MAGIC, MAGIC_BYTES
 from faceforge.data.transforms import similarity_jitter
+from faceforge.data.verification import read_pairs
 
 from conftest import waiting_behind
 
@@ -102,6 +103,23 @@ def test_folder_dataset_errors(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path)
 
 
+def test_identity_names_that_are_not_utf8_train_and_evaluate(face_tree: Path, tmp_path: Path) -> None:
+    """A folder named in Latin-1 (José as bytes 4A 6F 73 E9): the digest a checkpoint records of its identities
+    raised UnicodeEncodeError, and a pairs file naming it in those same bytes could not find its images."""
+    person = next(p for p in sorted(face_tree.iterdir()) if p.name != "zz_empty")
+    name = os.fsdecode(b"Jos\xe9")
+    for identity in (name, "Anna"):
+        shutil.copytree(person, tmp_path / "faces" / identity)
+        for i, image in enumerate(sorted((tmp_path / "faces" / identity).glob("*.jpg")), 1):
+            image.rename(image.with_name(f"{identity}_{i:04d}.jpg"))
+    dataset = ImageFolderDataset(tmp_path / "faces")
+    assert dataset.classes == ["Anna", name] and len(dataset.identity_digest) == 16
+    (tmp_path / "pairs.txt").write_bytes(b"1\t1\nJos\xe9\t1\t2\nJos\xe9\t1\tAnna\t1\n")
+    pairs, issame, _ = read_pairs(tmp_path / "pairs.txt", tmp_path / "faces")
+    assert pairs[0] == (tmp_path / "faces" / name / f"{name}_0001.jpg", tmp_path / "faces" / name / f"{name}_0002.jpg")
+    assert issame.tolist() == [True, False]
+
+
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bob").mkdir()
     (tmp_path / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
@@ -111,6 +129,15 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bob" / "broken.jpg").unlink()  # gone since the listing: the trainer stops as for a corrupt one
     with pytest.raises(ImageDecodeError, match=r"broken\.jpg: cannot be read"):
         dataset[0]
+
+
+def test_a_jpeg_with_stray_bytes_before_a_marker_decodes_as_libjpeg_does(face_tree: Path) -> None:
+    """libjpeg skips bytes between segments with a warning; the size read from the header gave up on them and the
+    image was refused as undecodable."""
+    clean = next(face_tree.rglob("*.jpg")).read_bytes()
+    after_app0 = 4 + struct.unpack_from(">H", clean, 4)[0]
+    padded = clean[:after_app0] + b"\x00\x00" + clean[after_app0:]
+    np.testing.assert_array_equal(decode_image(padded, "padded.jpg"), decode_image(clean))
 
 
 def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:

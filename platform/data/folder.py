@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def identity_digest(self) -> str:
-        """Which people the labels stand for, in label order: a checkpoint's classifier rows are theirs."""
-        return hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:16]
+        """Which people the labels stand for, in label order: a checkpoint's classifier rows are theirs. Hashed as
+        the names' bytes on disk: a folder name need not be UTF-8."""
+        return hashlib.sha256(b"\n".join(map(os.fsencode, self.classes))).hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.samples)

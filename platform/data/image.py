@@ -30,7 +30,12 @@ PNM_MAXVAL = re.compile(rb"P[2356](?:(?:\s|#[^\r\n]*)+\d+){2}(?:\s|#[^\r\n]*)+(\
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     pos = 2
-    while pos + 9 <= len(data) and data[pos] == 0xFF:
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:  # stray bytes before a marker: libjpeg skips them with a warning, and so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
         marker = data[pos + 1]
         if marker in JPEG_SOF_MARKERS:
             height, width = struct.unpack_from(">HH", data, pos + 5)

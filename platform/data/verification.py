@@ -83,7 +83,8 @@ def read_pairs(pairs_txt: str | Path, root: str | Path) -> tuple[list[tuple[Path
     (pairsDevTrain.txt style) means one fold.
     """
     pairs_txt, root = Path(pairs_txt), Path(root)
-    text = pairs_txt.read_text(encoding="utf-8-sig", errors="replace")  # junk fails the header check, named
+    # Names in other encodings stay their bytes on disk, as os.listdir gives them; junk fails the header check.
+    text = pairs_txt.read_text(encoding="utf-8-sig", errors="surrogateescape")
     lines = [(no, line.split()) for no, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{pairs_txt}: empty pairs file")
