@@ -120,6 +120,22 @@ def test_identity_names_that_are_not_utf8_train_and_evaluate(face_tree: Path, tm
     assert issame.tolist() == [True, False]
 
 
+def test_every_format_decoding_reads_is_listed(tmp_path: Path) -> None:
+    """decode_image reads the whole PNM family; a .ppm face beside .jpg ones was skipped without a word."""
+    import cv2
+
+    colour, grey = np.full((8, 8, 3), 90, np.uint8), np.full((8, 8), 90, np.uint8)
+    (tmp_path / "ann").mkdir()
+    for suffix in (".jpg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".pnm", ".pbm"):
+        encoder, face = {".pnm": (".ppm", colour), ".pgm": (".pgm", grey), ".pbm": (".pbm", grey)}.get(
+            suffix, (suffix, colour)
+        )
+        (tmp_path / "ann" / f"face{suffix}").write_bytes(cv2.imencode(encoder, face)[1].tobytes())
+    dataset = ImageFolderDataset(tmp_path)
+    assert len(dataset) == 8
+    assert all(decode_image(Path(path).read_bytes()).shape == (8, 8, 3) for path, _ in dataset.samples)
+
+
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bob").mkdir()
     (tmp_path / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")

@@ -14,7 +14,7 @@ import torch
 from faceforge.data.image import read_image
 from faceforge.data.transforms import item_rng
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pbm", ".pgm", ".ppm", ".pnm"})
 
 
 def list_images(folder: Path) -> list[Path]:
