@@ -196,3 +196,71 @@ def test_a_clone_keeps_the_originals_slots_unless_it_changes_the_ranks(
     (single,) = [job for job in JobStore(store_path(tmp_path)).list() if job.slots == 1]
     main(["queue", "clone", single.id, "trainer.nproc=2", "data.batch_size=16"])  # two ranks need two slots
     assert max(JobStore(store_path(tmp_path)).list(), key=lambda job: job.created_at).slots == 2
+
+
+def test_queue_logs_follows_a_restarted_local_job_without_repeating_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Every attempt of a local job appends to the same job.log, so a restart must not start the log again."""
+    from faceforge.jobs import SUCCEEDED, Job, JobStore, store_path
+    from faceforge.jobs.store import new_id
+
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
+    store = JobStore(store_path(tmp_path))
+    (job,) = store.submit([Job(id=new_id(), name="restarted", overrides=[], config_yaml="x: 1\n")])
+    store.claim("local", "me", 1, 30)
+    (log := tmp_path / "job.log").write_text("first attempt: step 1\n")
+    store.update(job.id, "me", log_path=str(log))
+
+    def restart(seconds: float) -> None:
+        """While the follower waits, the first run is lost and the second attempt appends to job.log and ends."""
+        store.requeue(job.id, "me", "runner lost")
+        assert store.claim("local", "me", 1, 30).attempts == 2
+        with open(log, "a") as file:
+            file.write("second attempt: step 1\n")
+        store.finish(job.id, "me", SUCCEEDED, 0)
+
+    monkeypatch.setattr("time.sleep", restart)
+    main(["queue", "logs", job.id, "--follow"])
+    assert capsys.readouterr().out == "first attempt: step 1\nsecond attempt: step 1\n"
+
+
+def test_queue_list_says_when_its_limit_leaves_jobs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A 1000-point sweep must not silently hide the jobs queued before it (the oldest, listed last)."""
+    from faceforge.jobs import Job, JobStore, store_path
+    from faceforge.jobs.store import new_id
+
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
+    jobs = [Job(id=new_id(), name=f"j{i}", overrides=[], config_yaml="x: 1\n") for i in range(1001)]
+    JobStore(store_path(tmp_path)).submit(jobs)
+
+    def listed(*options: str) -> tuple[list[str], str]:
+        main(["queue", "list", *options])
+        printed = capsys.readouterr()
+        return [line.split()[0] for line in printed.out.splitlines()[1:]], printed.err
+
+    ids, note = listed()
+    assert ids == [job.id for job in reversed(jobs[1:])]
+    assert note == "showing the 1000 newest jobs; more exist: pass --limit 0 to list them all\n"
+    ids, note = listed("--limit", "0")
+    assert len(ids) == 1001 and ids[-1] == jobs[0].id and note == ""
+    ids, note = listed("--state", "queued", "--limit", "2")
+    assert ids == [jobs[-1].id, jobs[-2].id] and "the 2 newest queued jobs" in note
+    ids, note = listed("--limit", "1001")
+    assert len(ids) == 1001 and note == ""
+    with pytest.raises(SystemExit) as negative:
+        main(["queue", "list", "--limit", "-1"])
+    assert negative.value.code == 2 and "--limit must be 0 (all jobs) or more" in capsys.readouterr().err
+
+
+def test_the_local_executors_default_slots_are_the_cpus_this_process_may_use() -> None:
+    """A scheduler pinned to fewer cores (taskset, a container's cpuset) must not run a job per core of the machine."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed")
+    capacity = "from faceforge.jobs.executors.local import LocalExecutor; print(LocalExecutor().capacity())"
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", PYTHON, "-c", capacity], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert pinned.returncode == 0 and pinned.stdout == "1\n", pinned.stderr

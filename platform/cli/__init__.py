@@ -349,8 +349,14 @@ def _when(timestamp: float | None) -> str:
 
 
 def _queue_list(args: argparse.Namespace) -> None:
+    if args.limit < 0:
+        print("faceforge queue list: error: --limit must be 0 (all jobs) or more", file=sys.stderr)
+        sys.exit(2)
     store = _job_store()
-    jobs = store.list(states=[args.state] if args.state else None, sweep_id=args.sweep)
+    states, limit = [args.state] if args.state else None, args.limit or None
+    # One row past the limit tells that some were left out, without counting every job; SQLite reads -1 as no limit.
+    fetched = store.list(states=states, sweep_id=args.sweep, limit=limit + 1 if limit else -1)
+    jobs = fetched[:limit]
     positions = store.positions()
     rows = [("ID", "NAME", "STATE", "POS", "PRIO", "SLOTS", "EXECUTOR", "TRIES", "CREATED", "SWEEP")]
     for job in jobs:
@@ -360,6 +366,9 @@ def _queue_list(args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if len(fetched) > len(jobs):  # the oldest are the ones hidden, among them the head of the queue
+        kind = f"{args.state} jobs" if args.state else "jobs"
+        print(f"showing the {len(jobs)} newest {kind}; more exist: pass --limit 0 to list them all", file=sys.stderr)
 
 
 def _queue_show(args: argparse.Namespace) -> None:
@@ -400,10 +409,10 @@ def _queue_logs(args: argparse.Namespace) -> None:
     if job.state == "queued" and not args.follow:
         print(f"{job.id} is queued; it has no log yet (--follow waits for it)", file=sys.stderr)
         return
-    offset, attempt = 0, (job.log_path, job.attempts)
+    offset, log_path = 0, job.log_path
     while True:  # the log in the job folder, which the scheduler keeps copying from a remote executor
-        if (job.log_path, job.attempts) != attempt:  # a new start writes a new log (a new file on Ray)
-            offset, attempt = 0, (job.log_path, job.attempts)
+        if job.log_path != log_path:  # a new Ray submission writes a new file; local attempts append to job.log
+            offset, log_path = 0, job.log_path
         finished = job.terminal  # known before the read, so the last read sees all the job wrote
         text, offset = read_log(job.log_path, offset, finished)
         sys.stdout.write(text)
@@ -695,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = queue_cmds.add_parser("list", help="jobs, newest first, with their queue positions")
     listing.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled", "lost"))
     listing.add_argument("--sweep", default=None, help="only the jobs of this sweep id")
+    listing.add_argument("--limit", type=int, default=1000, help="list at most this many, the newest (0: all)")
     listing.set_defaults(func=_queue_list)
     show = queue_cmds.add_parser("show", help="every field of a job")
     show.add_argument("id")

@@ -44,7 +44,9 @@ class LocalExecutor:
     remote_log = False
 
     def __init__(self, slots: int | None = None, grace_seconds: float = 30.0) -> None:
-        self.slots = slots if slots is not None else os.cpu_count() or 1
+        if slots is None:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
+            slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.slots = slots
         if self.slots < 1:
             raise ValueError(f"the local executor needs at least 1 slot, got {self.slots}")
         self.grace_seconds = grace_seconds
