@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -42,6 +44,8 @@ from faceforge.jobs.executors.local_runner import RUNNER_FILE
 from faceforge.jobs.scheduler import Scheduler
 from faceforge.jobs.store import new_id
 from faceforge.train.config import ConfigError
+
+from conftest import CLI, waiting_behind
 
 TINY = ["model.width=0.25", "model.input_size=56", "model.embedding_dim=32", "trainer.steps=3", "eval=none"]
 
@@ -193,6 +197,75 @@ def test_a_job_whose_tracking_database_cannot_be_made_fails_instead_of_holding_i
     failed = store.get(stuck.id)
     assert failed.state == FAILED and failed.error.startswith("could not start: ") and "a_file" in failed.error
     assert store.used_slots("local") == 0 and not job_dir(tmp_path, stuck.id).exists()
+
+
+def test_a_job_the_local_executor_cannot_start_fails_and_the_next_one_runs(template: Job, tmp_path: Path) -> None:
+    """Every OSError from a start was taken for an unreachable cluster and retried each tick: a job whose folder
+    cannot be made stayed running for good, holding its slot. Only an unreachable executor is retried now."""
+    (tmp_path / "jobs").write_text("a file where the job folders go")
+    store = JobStore(tmp_path / "jobs.db")
+    first, second = store.submit(copies(template, 2, slots=1))
+    scheduler = Scheduler(store, {"local": LocalExecutor(slots=1)}, tmp_path)
+    scheduler.run_once()
+    for job in (first, second):
+        failed = store.get(job.id)
+        assert failed.state == FAILED and failed.error.startswith("could not start: "), failed.error
+        assert str(tmp_path / "jobs") in failed.error
+    assert store.used_slots("local") == 0
+
+
+def test_processes_opening_one_new_database_take_turns(tmp_path: Path) -> None:
+    """Two processes turning one new file to WAL at once: one could fail at once with "locked" (2 of 300 openings
+    by two processes at a time), so `faceforge web` and `faceforge scheduler` started together could exit."""
+    with waiting_behind(tmp_path / "jobs.db.lock", lambda: JobStore(tmp_path / "jobs.db")) as opening:
+        assert opening.is_alive() and not (tmp_path / "jobs.db").exists(), "it waits for the other to finish"
+    assert opening.error is None and JobStore(tmp_path / "jobs.db").list() == []
+
+
+def test_a_damaged_database_is_one_line(template: Job, tmp_path: Path) -> None:
+    """A malformed page raised sqlite3.DatabaseError, a traceback from every command; it is an OSError naming the
+    file now, which the CLI, the scheduler and the web form report in one line."""
+    store = JobStore(tmp_path / "jobs.db")
+    store.submit(copies(template, 300))
+    data = bytearray((tmp_path / "jobs.db").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8192] = bytes(range(256)) * 32
+    (tmp_path / "jobs.db").write_bytes(data)
+    with pytest.raises(OSError, match=r"job database .*jobs\.db cannot be opened: database disk image is malformed"):
+        store.list()
+    listed = subprocess.run([*CLI, "queue", "list"], env={**os.environ, "FACEFORGE_HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listed.returncode != 0 and "Traceback" not in listed.stderr, listed.stderr[-2000:]
+    assert "jobs.db cannot be opened: database disk image is malformed" in listed.stderr
+
+
+def test_a_sweep_is_up_for_its_champion_once_no_job_of_it_is_left_to_run(template: Job, tmp_path: Path) -> None:
+    """However its last job ends: here a cancel while queued, which no scheduler sees end (the champion was only
+    chosen when a scheduler recorded a finished run). Claimed once per try, kept once chosen, up again on a retry;
+    the sweeps of a database from before this ended before it and are never chosen again."""
+    store = JobStore(tmp_path / "jobs.db")
+    finished, waiting = store.submit(copies(template, 2, sweep_id="sweep-a"))
+    store.submit(copies(template, 1, sweep_id="sweep-b"))  # still queued
+    store.claim("local", "me", 2, 30)
+    assert store.finish(finished.id, "me", SUCCEEDED, exit_code=0)
+    assert store.claim_ended_sweeps(retry_seconds=30) == []
+    store.cancel(waiting.id)
+    [up] = store.claim_ended_sweeps(retry_seconds=30)
+    assert (up.sweep_id, up.id) == ("sweep-a", waiting.id)
+    assert store.claim_ended_sweeps(retry_seconds=30) == [], "claimed: another scheduler does not take it"
+    assert [job.sweep_id for job in store.claim_ended_sweeps(retry_seconds=0)] == ["sweep-a"], "a failed try"
+    store.sweep_selected("sweep-a")
+    assert store.claim_ended_sweeps(retry_seconds=0) == []
+    store.retry(waiting.id)
+    assert store.claim_ended_sweeps(retry_seconds=0) == []
+    store.cancel(waiting.id)
+    assert [job.sweep_id for job in store.claim_ended_sweeps(retry_seconds=0)] == ["sweep-a"]
+
+    old = tmp_path / "old.db"
+    shutil.copy(tmp_path / "jobs.db", old)
+    with contextlib.closing(sqlite3.connect(old)) as db:
+        db.execute("DROP TABLE sweep_selections")
+        db.commit()
+    assert JobStore(old).claim_ended_sweeps(retry_seconds=0) == []
 
 
 def test_a_locked_database_reports_itself(template: Job, tmp_path: Path) -> None:

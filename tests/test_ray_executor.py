@@ -181,6 +181,11 @@ def command_line(pid: int | str) -> str:
         return ""
 
 
+def is_zombie(pid: int) -> bool:
+    """Ended, its exit code waiting for its parent: what `Popen.poll` sees."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def processes_naming(text: str) -> list[str]:
     """Command lines of live processes that contain `text` (a job's id is in its trainer's arguments)."""
     commands = (command_line(process.name) for process in Path("/proc").iterdir() if process.name.isdigit())
@@ -238,7 +243,7 @@ def test_a_head_that_dies_in_use_says_why_before_its_logs_go() -> None:
             assert _reachable(address)
             os.kill(dashboard, signal.SIGKILL)
             deadline = time.monotonic() + 60
-            while command_line(head):  # a zombie's command line is empty: `ray start` has ended
+            while not is_zombie(head):  # not an empty command line: a process still exiting has one too
                 assert time.monotonic() < deadline, "the head outlived its dashboard"
                 time.sleep(0.5)
         own_log = (logs / "dashboard.log").read_text().splitlines()

@@ -248,11 +248,17 @@ def test_a_finished_sweep_registers_its_best_run_as_champion(
     evaluated = [o for o in tiny(home, tiny_train_root) if o not in ("eval=none", "mlflow.log_model=false")]
     evaluated += ["eval=pairs", f"eval.pairs={tiny_pairs}", f"eval.root={SHARED / 'lfw'}", "eval.crop_fraction=0.5"]
     store = JobStore(store_path())
-    jobs = store.submit(make_jobs([*evaluated, "optim.lr=0.05,0.02"]))
+    *jobs, waiting = make_jobs([*evaluated, "optim.lr=0.05,0.02,0.01"])
+    waiting.executor = "ray"  # no scheduler here drives it: it waits until cancelled, and ends the sweep then
+    store.submit([*jobs, waiting])
     scheduler = Scheduler(store, {"local": LocalExecutor(slots=2)}, home, poll_seconds=0.2)
     drive(scheduler, all_terminal(store, jobs), timeout=300)
     finished = [store.get(job.id) for job in jobs]
     assert {job.state for job in finished} == {SUCCEEDED}, [(job.id, job.error) for job in finished]
+    with pytest.raises(ValueError, match="no models:/faceforge@champion in the registry yet"):
+        champion(f"sqlite:///{home}/mlflow.db")  # not before the sweep has ended
+    store.cancel(waiting.id)
+    scheduler.run_once()
     version = champion(f"sqlite:///{home}/mlflow.db")
     best = max(finished, key=lambda job: job.metrics["eval.accuracy"])
     assert version.run_id == best.mlflow_run_id

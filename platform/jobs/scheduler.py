@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from faceforge.jobs.executors import Executor, Status
+from faceforge.jobs.executors import Executor, ExecutorUnreachableError, Status
 from faceforge.jobs.executors.local_runner import EXIT_CODE_FILE, LOG_FILE
 from faceforge.jobs.paths import job_dir
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, RETRYABLE, RUNNING, Job, JobStore
@@ -70,6 +70,9 @@ class Scheduler:
                     log.error("%s failed: %s", job.id, job.error)
             while (job := self.store.claim(name, self.owner, capacity, self.lease_seconds)) is not None:
                 self._start(job, executor)
+        for job in self.store.claim_ended_sweeps(retry_seconds=self.lease_seconds):
+            if select_champion(job):
+                self.store.sweep_selected(job.sweep_id or "")
 
     def _owned(self) -> list[Job]:
         return [job for job in self.store.list(states=[RUNNING]) if job.lease_owner == self.owner]
@@ -90,7 +93,7 @@ class Scheduler:
             return
         try:
             handle = executor.start(job, directory)
-        except OSError as err:  # e.g. a cluster head that is briefly unreachable: the next tick tries again
+        except ExecutorUnreachableError as err:  # e.g. a cluster head that is briefly down: the next tick tries again
             log.warning("could not start %s yet: %s", job.id, err)
             return
         except Exception as err:  # one job that cannot start must not stop the others
@@ -171,8 +174,6 @@ class Scheduler:
         # An earlier attempt's loss stays in `error`, so a job that succeeded on a second start shows why.
         self.store.finish(job.id, self.owner, state, status.exit_code, status.error or job.error)
         log.info("%s %s (exit code %s)", job.id, state, status.exit_code)
-        if job.sweep_id and all(j.terminal for j in self.store.list(sweep_id=job.sweep_id, limit=1_000_000)):
-            select_champion(job)
 
     def _prepare_tracking(self, job: Job) -> None:
         """Create the MLflow database and experiment here, once, before jobs use them concurrently."""
@@ -199,8 +200,9 @@ def retry(store: JobStore, home: Path, job_id: str) -> Job:
     return store.retry(job_id)
 
 
-def select_champion(job: Job) -> None:
-    """When the last job of a sweep ends, register its best run as the champion.
+def select_champion(job: Job) -> bool:
+    """Once no job of `job`'s sweep is left to run, register its best run as the champion. False when MLflow could
+    not be asked, to try again later.
 
     The policy is the one the sweep was launched with (saved by the Hydra launcher), else the default policy.
     """
@@ -215,9 +217,11 @@ def select_champion(job: Job) -> None:
     except ValueError as err:  # no run qualified: failed runs, or none logged a model
         log.warning("sweep %s ended without a champion: %s", job.sweep_id, err)
     except MlflowException as err:
-        log.warning("sweep %s: could not register its champion: %s", job.sweep_id, err)
+        log.warning("sweep %s: could not register its champion yet: %s", job.sweep_id, err)
+        return False
     else:
         log.info("sweep %s: champion %s v%s: %s", job.sweep_id, version.name, version.version, selection.reason)
+    return True
 
 
 def mlflow_result(job: Job) -> tuple[str | None, dict[str, float]]:

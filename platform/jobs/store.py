@@ -8,6 +8,7 @@ least once: executors start a job idempotently, keyed by its id.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import time
@@ -55,7 +56,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, executor, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_sweep ON jobs (sweep_id);
+CREATE TABLE IF NOT EXISTS sweep_selections (
+    sweep_id TEXT PRIMARY KEY,
+    tried_at REAL NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
 """
+# Sweeps with no job left to run: their champion can be chosen.
+ENDED_SWEEPS = f"SELECT sweep_id, MAX(seq) AS seq FROM jobs WHERE sweep_id IS NOT NULL GROUP BY sweep_id \
+HAVING SUM(state IN ('{QUEUED}', '{RUNNING}')) = 0"
 
 
 @dataclass
@@ -118,35 +127,46 @@ class JobStore:
         """`busy_seconds`: how long a transaction waits for another writer before "database is locked"."""
         self.path, self.busy_seconds = Path(path), busy_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with self._busy_as_error():
-                db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
-                try:
-                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
-                    db.executescript(SCHEMA)
-                finally:
-                    db.close()
-        except sqlite3.Error as err:  # not a database, or a folder in its place: a line for the user, not a traceback
-            raise OSError(f"job database {self.path} cannot be opened: {err}") from None
+        # Turning a new file to WAL can fail at once with "locked", never waiting, while another process does the
+        # same (a scheduler and the web UI started together on a new home): opening takes turns.
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as opening, self._as_os_errors():
+            fcntl.flock(opening, fcntl.LOCK_EX)  # released when the file closes
+            db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
+                selections = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sweep_selections'").fetchone()
+                db.executescript(SCHEMA)
+                if selections is None:  # a database from before the table: its ended sweeps had their turn
+                    db.execute(
+                        f"INSERT OR IGNORE INTO sweep_selections SELECT sweep_id, ?, 1 FROM ({ENDED_SWEEPS})",
+                        (time.time(),),
+                    )
+            finally:
+                db.close()
 
     @contextmanager
-    def _busy_as_error(self) -> Iterator[None]:
+    def _as_os_errors(self) -> Iterator[None]:
+        """SQLite's errors about the file as OSErrors naming it, which every command reports in one line."""
         try:
             yield
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):  # the caller's mistakes, not the file's
+            raise
         except sqlite3.OperationalError as err:
-            if "locked" not in str(err) and "busy" not in str(err):
-                raise
-            raise JobStoreBusyError(
-                f"job database {self.path} stayed locked by another process for {self.busy_seconds:g} s; "
-                "nothing was changed, try again"
-            ) from None
+            if "locked" in str(err) or "busy" in str(err):
+                raise JobStoreBusyError(
+                    f"job database {self.path} stayed locked by another process for {self.busy_seconds:g} s; "
+                    "nothing was changed, try again"
+                ) from None
+            raise OSError(f"job database {self.path} cannot be opened: {err}") from None
+        except sqlite3.DatabaseError as err:  # not a database, or a damaged one
+            raise OSError(f"job database {self.path} cannot be opened: {err}") from None
 
     @contextmanager
     def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=self.busy_seconds, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            with self._busy_as_error():
+            with self._as_os_errors():
                 db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
                 yield db
                 db.execute("COMMIT")
@@ -346,6 +366,29 @@ class JobStore:
             raise KeyError(f"no job {job_id!r}")
         return _row_to_job(row)
 
+    def claim_ended_sweeps(self, retry_seconds: float) -> list[Job]:
+        """The latest job of each sweep that has no job left to run and no champion chosen yet, however its last
+        job ended (finished, failed to start, cancelled while queued, lost). Each sweep is claimed for
+        `retry_seconds`, so one scheduler chooses it, and any takes it up again if that one fails or dies."""
+        now = time.time()
+        with self._connect(immediate=True) as db:
+            rows = db.execute(
+                f"SELECT jobs.* FROM ({ENDED_SWEEPS}) AS ended JOIN jobs ON jobs.seq = ended.seq "
+                "WHERE ended.sweep_id NOT IN (SELECT sweep_id FROM sweep_selections WHERE done OR tried_at > ?)",
+                (now - retry_seconds,),
+            ).fetchall()
+            db.executemany(
+                "INSERT INTO sweep_selections (sweep_id, tried_at) VALUES (?, ?) "
+                "ON CONFLICT (sweep_id) DO UPDATE SET tried_at = excluded.tried_at",
+                [(row["sweep_id"], now) for row in rows],
+            )
+        return [_row_to_job(row) for row in rows]
+
+    def sweep_selected(self, sweep_id: str) -> None:
+        """Its champion is chosen (or none qualified): not claimed again unless a job of it is retried."""
+        with self._connect(immediate=True) as db:
+            db.execute("UPDATE sweep_selections SET done = 1 WHERE sweep_id = ?", (sweep_id,))
+
     def retry(self, job_id: str) -> Job:
         """Queue a cancelled, failed or lost job again under its own id: the row alone. Callers use
         faceforge.jobs.retry, which also clears what the job's last run left in its directory."""
@@ -356,6 +399,8 @@ class JobStore:
                 "exit_code = NULL, error = NULL WHERE id = ? AND state IN (?, ?, ?) RETURNING *",
                 (QUEUED, job_id, *RETRYABLE),
             ).fetchone()
+            if row is not None:  # its sweep has a job to run again: its champion is chosen again once it ends
+                db.execute("DELETE FROM sweep_selections WHERE sweep_id = ?", (row["sweep_id"],))
         if row is None:
             raise ValueError(f"job {job_id!r} does not exist or has not ended in cancelled, failed or lost")
         return _row_to_job(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from faceforge.jobs.executors.base import Executor, Status
+from faceforge.jobs.executors.base import Executor, ExecutorUnreachableError, Status
 
 # Imported on demand: `ray` is a heavy import that only clusters need.
 EXECUTORS = {
@@ -22,4 +22,4 @@ def get_executor(name: str, **options: Any) -> Executor:
     return getattr(import_module(module), cls)(**options)
 
 
-__all__ = ["EXECUTORS", "Executor", "Status", "get_executor"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorUnreachableError", "Status", "get_executor"]

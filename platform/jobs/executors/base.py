@@ -11,6 +11,11 @@ import yaml
 from faceforge.jobs.store import Job
 
 
+class ExecutorUnreachableError(ConnectionError):
+    """The executor could not be asked (a cluster head down, slow or answering 5xx): the scheduler asks again
+    next tick. Any other error from a start fails the job, which would otherwise hold its slots for good."""
+
+
 @dataclass(frozen=True)
 class Status:
     """An executor's view of a job: still running, or finished with a terminal state and exit code."""

@@ -29,7 +29,7 @@ import requests
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 from ray.util.state import list_nodes
 
-from faceforge.jobs.executors.base import Status, threads_per_rank
+from faceforge.jobs.executors.base import ExecutorUnreachableError, Status, threads_per_rank
 from faceforge.jobs.paths import faceforge_home
 from faceforge.jobs.spec import train_command
 from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Job
@@ -37,7 +37,7 @@ from faceforge.jobs.store import CANCELLED, FAILED, LOST, RUNNING, SUCCEEDED, Jo
 log = logging.getLogger(__name__)
 
 CAPACITY_TTL_SECONDS = 10.0
-# A hung head must not stall the scheduler's tick: a request that takes longer fails as an OSError (retried).
+# A hung head must not stall the scheduler's tick: a request that takes longer is ExecutorUnreachableError.
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Environment the trainer needs to resolve its config exactly as the scheduler did.
 PASSED_ENV = ("FACEFORGE_CONFIGS",)
@@ -85,11 +85,14 @@ class TimedJobSubmissionClient(JobSubmissionClient):
 
     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", REQUEST_TIMEOUT_SECONDS)
-        response = super()._do_request(method, endpoint, **kwargs)
+        try:
+            response = super()._do_request(method, endpoint, **kwargs)
+        except requests.RequestException as err:  # refused, reset or timed out
+            raise ExecutorUnreachableError(f"Ray at {self._address} did not answer {method} {endpoint}: {err}") from err
         submission = method == "POST" and endpoint.rstrip("/") == "/api/jobs"
         if response.status_code >= 500 and not submission:
             last_line = (response.text.strip().splitlines() or [""])[-1]  # the body may be a whole traceback
-            raise ConnectionError(
+            raise ExecutorUnreachableError(
                 f"Ray at {self._address} answered {method} {endpoint} with {response.status_code}: {last_line}"
             )
         return response
@@ -103,9 +106,9 @@ def _is_missing(err: RuntimeError) -> bool:
 class RayExecutor:
     """One Ray cluster, addressed by its dashboard URL. Each start of a job is one submission (`submission_id`).
 
-    start, status and stop raise OSError while the head is unreachable, slow or answering 5xx, so the scheduler
-    retries on its next tick instead of declaring running jobs lost over a network blip. The submission id comes
-    from the job alone, so a start whose handle was never recorded can still be found.
+    start, status and stop raise ExecutorUnreachableError while the head is down, slow or answering 5xx, so the
+    scheduler retries on its next tick instead of declaring running jobs lost over a network blip. The submission id
+    comes from the job alone, so a start whose handle was never recorded can still be found.
     """
 
     name = "ray"
