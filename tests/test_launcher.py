@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from faceforge.jobs import QUEUED, SUCCEEDED, JobStore
 from faceforge.registry import champion, sweep_candidates, versions
 
-from conftest import CLI, REPO, SHARED
+from conftest import CLI, CLI_MAIN, REPO, SHARED, run_stopped_inside
 
 QUEUE = ["hydra/launcher=faceforge_queue"]
 WAIT = [*QUEUE, "hydra.launcher.wait=true", "hydra.launcher.poll_seconds=0.5"]
@@ -83,6 +84,30 @@ def test_sweep_enqueues_every_point_and_returns_at_once(tiny_train_root: Path, t
     bad = subprocess.run(command, env={**os.environ, "FACEFORGE_HOME": str(broken)}, cwd=REPO, capture_output=True)
     assert bad.returncode == 2 and b"Traceback" not in bad.stderr, bad.stderr
     assert b"error: hydra.sweep.dir " in bad.stderr and b"a_file/sweep: Not a directory" in bad.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=lambda stop: stop.name)
+def test_a_stop_while_a_sweep_waits_says_its_jobs_stay_queued(
+    stop: signal.Signals, tiny_train_root: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C ends only the waiting: the jobs still run, so the user is told how to follow or cancel them."""
+    command = ["train", "-m", f"hydra.sweep.dir={tmp_path}/sweep", *WAIT, "optim.lr=0.1,0.05"]
+    # No scheduler runs: the stop lands in the polling loop, once it has read a job's state.
+    result = run_stopped_inside(
+        "faceforge.jobs:JobStore.get",
+        stop,
+        CLI_MAIN,
+        [*command, *tiny(tmp_path, tiny_train_root)],
+        after=True,
+        env={"FACEFORGE_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 128 + stop and "Traceback" not in result.stderr, result.stdout + result.stderr
+    sweep_id = sweep_id_of(result)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"faceforge train: stopped by {stop.name} while waiting; sweep {sweep_id}'s 2 ")
+    assert f"`faceforge queue list --sweep {sweep_id}`" in line and "`faceforge queue cancel <job-id>`" in line
+    jobs = JobStore(tmp_path / "jobs.db").list(sweep_id=sweep_id)
+    assert len(jobs) == 2 and all(job.state == QUEUED for job in jobs)
 
 
 @pytest.mark.slow

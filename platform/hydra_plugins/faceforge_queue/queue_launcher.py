@@ -10,6 +10,7 @@ imported inside `launch` because Hydra imports every plugin at start-up.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import Counter
@@ -146,18 +147,44 @@ class QueueLauncher(Launcher):
         return jobs, tracking_uri, experiment
 
     def _wait(self, store: JobStore, jobs: list[Job]) -> list[Job]:
+        """A stop (Ctrl-C, SIGTERM) ends only the waiting, in one line and no traceback: the jobs stay queued and
+        a scheduler still runs them and registers the champion, so the user is told how to follow or cancel them."""
+
+        stopped_by = signal.SIGINT
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopped_by
+            stopped_by = signal.Signals(signum)
+            raise KeyboardInterrupt
+
         print("waiting for them to finish; a scheduler must be running (`faceforge scheduler`)", flush=True)
-        last_summary = ""
-        while True:
-            current = [store.get(job.id) for job in jobs]
-            counts = sorted(Counter(job.state for job in current).items())
-            summary = ", ".join(f"{count} {state}" for state, count in counts)
-            if summary != last_summary:
-                print(f"sweep {self.sweep_id}: {summary}", flush=True)
-                last_summary = summary
-            if all(job.terminal for job in current):
-                return current
-            time.sleep(self.poll_seconds)
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        current, last_summary = jobs, ""
+        try:
+            while True:
+                current = [store.get(job.id) for job in jobs]
+                counts = sorted(Counter(job.state for job in current).items())
+                summary = ", ".join(f"{count} {state}" for state, count in counts)
+                if summary != last_summary:
+                    print(f"sweep {self.sweep_id}: {summary}", flush=True)
+                    last_summary = summary
+                if all(job.terminal for job in current):
+                    return current
+                time.sleep(self.poll_seconds)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        unfinished = sum(not job.terminal for job in current)
+        print(
+            f"faceforge train: stopped by {stopped_by.name} while waiting; sweep {self.sweep_id}'s {unfinished} "
+            "unfinished job(s) stay in the queue, and a scheduler still runs them and registers the champion: "
+            f"follow them with `faceforge queue list --sweep {self.sweep_id}`, "
+            "cancel each with `faceforge queue cancel <job-id>`",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stopped_by)  # as a shell reports a process stopped by that signal
 
     def _results(self, jobs: list[Job], tracking_uri: str, policy: Policy) -> list[JobReturn]:
         """Each job's metric from its MLflow run, then the champion of the sweep so far."""
