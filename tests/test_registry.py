@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from faceforge.registry import (
     Policy,
     champion,
     prepare_tracking,
+    register,
     save_policy,
     saved_policy,
     select,
@@ -34,6 +39,7 @@ from faceforge.registry import (
     versions,
 )
 from faceforge.registry.champion import registered_version, registry_lock
+from faceforge.registry.database import open_database
 from faceforge.registry.selection import JOB_TAG, POLICY_TAG, REGISTERED_MODEL_TAG, SWEEP_TAG, Candidate
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
@@ -244,6 +250,67 @@ def test_a_run_that_logged_its_model_again_offers_the_latest(sweep: tuple[str, d
     assert candidate.model_id == logged[-1].model_id
     client.delete_logged_model(logged[-1].model_id)  # a copy the user cleaned up: the one before it remains
     assert sweep_candidates(uri, "sweep-resumed")[0].model_id == logged[0].model_id
+
+
+def test_a_run_whose_model_was_deleted_gives_way_to_the_runner_up(sweep: tuple[str, dict[str, str]]) -> None:
+    """Its only logged model deleted, the best run won anyway and registration failed with a traceback, leaving
+    the sweep without a champion although another run qualified."""
+    uri, _ = sweep
+    experiment_id = prepare_tracking(uri, "tests")
+    best = add_run(uri, experiment_id, "best", "mobilefacenet", {"eval.accuracy": 0.95}, sweep_id="sweep-deleted")
+    ok = add_run(uri, experiment_id, "ok", "mobilefacenet", {"eval.accuracy": 0.9}, sweep_id="sweep-deleted")
+    client = MlflowClient(uri)
+    client.delete_logged_model(client.get_run(best).outputs.model_outputs[0].model_id)
+    selection, version = select_and_register(uri, "sweep-deleted", name="deleted")
+    assert selection.excluded == {"best (mobilefacenet)": "no logged model to register"}
+    assert version.run_id == ok and CHAMPION_ALIAS in version.aliases
+
+    # Deleted between selection and registration: one line for the CLI, the scheduler and the web app.
+    stale = select(sweep_candidates(uri, "sweep-deleted"), Policy(), "sweep-deleted")
+    client.delete_logged_model(client.get_run(ok).outputs.model_outputs[0].model_id)
+    with pytest.raises(ValueError, match=r"sweep sweep-deleted: could not register ok \(mobilefacenet\): .*not found"):
+        register(uri, stale, "deleted-later")
+
+
+def test_a_run_whose_model_files_are_missing_gives_way_to_the_runner_up(
+    sweep: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """With its model's files cleaned from disk, the best run became a champion that nothing could load."""
+    uri, _ = sweep
+    experiment_id = prepare_tracking(uri, "tests")
+    best = add_run(uri, experiment_id, "best", "mobilefacenet", {"eval.accuracy": 0.95}, sweep_id="sweep-lost")
+    ok = add_run(uri, experiment_id, "ok", "mobilefacenet", {"eval.accuracy": 0.9}, sweep_id="sweep-lost")
+    client = MlflowClient(uri)
+    location = client.get_logged_model(client.get_run(best).outputs.model_outputs[0].model_id).artifact_location
+    shutil.rmtree(Path(url2pathname(urlparse(location).path)))
+    selection, version = select_and_register(uri, "sweep-lost", name="lost")
+    assert selection.excluded == {"best (mobilefacenet)": "its model's files are missing"}
+    assert version.run_id == ok
+
+    from faceforge.registry.selection import _files_missing
+
+    spaced = tmp_path / "a model"  # a file URI quotes the space
+    spaced.mkdir()
+    assert _files_missing(spaced.as_uri()) and _files_missing(str(spaced))
+    (spaced / "MLmodel").touch()
+    assert not _files_missing(spaced.as_uri()) and not _files_missing(str(spaced))
+    assert not _files_missing("s3://bucket/models/m-1/artifacts")  # remote stores are not checked
+
+
+def test_a_corrupt_database_is_one_line_not_a_traceback(sweep: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """MLflow reads the schema as it opens the database: a damaged one ended the CLI with a SQLAlchemy traceback."""
+    garbage, truncated = tmp_path / "garbage.db", tmp_path / "truncated.db"
+    garbage.write_text("this is not a database\n")
+    shutil.copyfile(sweep[0].removeprefix("sqlite:///"), truncated)
+    os.truncate(truncated, 20_000)
+    for path, why in ((garbage, "file is not a database"), (truncated, "database disk image is malformed")):
+        with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable MLflow database ({why})")):
+            open_database(f"sqlite:///{path}")
+    for command in (("champion",), ("select", SWEEP)):
+        failed = faceforge("registry", "--tracking-uri", f"sqlite:///{garbage}", *command)
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
+        error = f"faceforge registry: error: {garbage} is not a readable MLflow database (file is not a database)"
+        assert failed.stderr.splitlines()[-1] == error
 
 
 def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, dict[str, str]]) -> None:

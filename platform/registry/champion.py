@@ -118,36 +118,45 @@ def registry_lock(tracking_uri: str, exclusive: bool) -> Iterator[None]:
 
 
 def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MODEL) -> Version:
-    """Register the winner's logged model (once per sweep), tag it with the selection and make it champion."""
+    """Register the winner's logged model (once per sweep), tag it with the selection and make it champion.
+
+    ValueError when no run won, or when MLflow refuses (the model deleted since selection): the CLI, the
+    scheduler and the web app report it as one line.
+    """
     winner = selection.winner
     if winner is None:
         raise ValueError(f"sweep {selection.sweep_id}: {selection.reason}")
     assert winner.model_id is not None, "selection only lets runs with a logged model win"
     check_id(name, "registered model name")
     client = open_database(tracking_uri)
-    with registry_lock(tracking_uri, exclusive=True):
-        try:
-            client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
-        except MlflowException as err:
-            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-        tags = {
-            SWEEP_TAG: selection.sweep_id,
-            METRIC_TAG: selection.ranked_by,
-            VALUE_TAG: f"{selection.value:.6g}",
-            REASON_TAG: selection.reason,
-        }
-        existing = client.search_model_versions(f"name = '{name}' AND run_id = '{winner.run_id}'")
-        mv = next((v for v in existing if (v.tags or {}).get(SWEEP_TAG) == selection.sweep_id), None)
-        if mv is None:
-            # The artifact location, not models:/<id>: MLflow resolves that through the global tracking URI.
-            source = client.get_logged_model(winner.model_id).artifact_location
-            mv = client.create_model_version(name, source, run_id=winner.run_id, tags=tags, model_id=winner.model_id)
-        else:  # the same sweep again: refresh what a changed policy may have changed
-            for key, value in tags.items():
-                client.set_model_version_tag(name, mv.version, key, value)
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
-    return _version(client, client.get_model_version(name, mv.version))
+    try:
+        with registry_lock(tracking_uri, exclusive=True):
+            try:
+                client.create_registered_model(name, description="Face embedding backbones chosen by faceforge sweeps.")
+            except MlflowException as err:
+                if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                    raise
+            tags = {
+                SWEEP_TAG: selection.sweep_id,
+                METRIC_TAG: selection.ranked_by,
+                VALUE_TAG: f"{selection.value:.6g}",
+                REASON_TAG: selection.reason,
+            }
+            existing = client.search_model_versions(f"name = '{name}' AND run_id = '{winner.run_id}'")
+            mv = next((v for v in existing if (v.tags or {}).get(SWEEP_TAG) == selection.sweep_id), None)
+            if mv is None:
+                # The artifact location, not models:/<id>: MLflow resolves that through the global tracking URI.
+                source = client.get_logged_model(winner.model_id).artifact_location
+                mv = client.create_model_version(
+                    name, source, run_id=winner.run_id, tags=tags, model_id=winner.model_id
+                )
+            else:  # the same sweep again: refresh what a changed policy may have changed
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, mv.version, key, value)
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
+        return _version(client, client.get_model_version(name, mv.version))
+    except MlflowException as err:
+        raise ValueError(f"sweep {selection.sweep_id}: could not register {winner.label}: {err.message}") from None
 
 
 def select_and_register(

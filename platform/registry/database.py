@@ -23,11 +23,20 @@ def database_path(tracking_uri: str) -> Path:
 
 
 def open_database(tracking_uri: str) -> MlflowClient:
-    """A tracking and registry client on an existing database; MLflow would create an empty one at a typo."""
+    """A tracking and registry client on an existing database; MLflow would create an empty one at a typo.
+
+    MLflow reads the database's tables as it opens it: ValueError when the file is not an SQLite database or is
+    damaged (a one-line error for the user, not a SQLAlchemy traceback).
+    """
+    from sqlalchemy.exc import DatabaseError  # MLflow imports it to open the file; at the top, 0.3 s per import
+
     path = database_path(tracking_uri)
     if not path.is_file():
         raise FileNotFoundError(f"no MLflow database at {path}")
-    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    except DatabaseError as err:
+        raise ValueError(f"{path} is not a readable MLflow database ({err.orig})") from None
 
 
 def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:

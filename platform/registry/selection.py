@@ -10,8 +10,11 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from mlflow.entities import Run
+from mlflow.entities import LoggedModel, Run
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -85,6 +88,7 @@ class Candidate:
     start_time: int
     metrics: dict[str, float]
     model_id: str | None  # the run's logged MLflow model; without one there is nothing to register
+    model_files_missing: bool = False  # its files were removed from disk: registered, it would load nowhere
 
     @property
     def label(self) -> str:
@@ -146,19 +150,21 @@ def sweep_candidates(tracking_uri: str, sweep_id: str) -> list[Candidate]:
         token = page.token
         if not token:
             break
-    return [
-        Candidate(
-            run_id=run.info.run_id,
-            run_name=run.info.run_name or run.info.run_id,
-            job_id=run.data.tags.get(JOB_TAG),
-            backbone=run.data.params.get("model.name"),
-            status=run.info.status,
-            start_time=run.info.start_time or 0,
-            metrics=dict(run.data.metrics),
-            model_id=_logged_model(client, run),
-        )
-        for run in runs
-    ]
+    return [_candidate(run, _logged_model(client, run)) for run in runs]
+
+
+def _candidate(run: Run, model: LoggedModel | None) -> Candidate:
+    return Candidate(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or run.info.run_id,
+        job_id=run.data.tags.get(JOB_TAG),
+        backbone=run.data.params.get("model.name"),
+        status=run.info.status,
+        start_time=run.info.start_time or 0,
+        metrics=dict(run.data.metrics),
+        model_id=model.model_id if model else None,
+        model_files_missing=model is not None and _files_missing(model.artifact_location),
+    )
 
 
 def save_policy(tracking_uri: str, experiment_id: str, sweep_id: str, policy: Policy, registered_model: str) -> None:
@@ -186,20 +192,29 @@ def sweep_policy(tracking_uri: str, sweep_id: str, **changes: object) -> tuple[P
     return replace(policy, **{key: value for key, value in changes.items() if value is not None}), name
 
 
-def _logged_model(client: MlflowClient, run: Run) -> str | None:
-    """The id of the run's logged model; when a resumed run logged more than one, the latest step's, and of
-    those the last logged (a run killed after logging its model logs it again at the same step)."""
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if len(outputs) <= 1:
-        return outputs[0].model_id if outputs else None
+def _logged_model(client: MlflowClient, run: Run) -> LoggedModel | None:
+    """The run's logged model, None once the user deleted it (the run still names it); when a resumed run logged
+    more than one, the latest step's, and of those the last logged (a run killed after logging its model logs it
+    again at the same step)."""
     found = []
-    for output in outputs:
+    for output in run.outputs.model_outputs if run.outputs else []:
         try:
-            found.append((output.step, client.get_logged_model(output.model_id).creation_timestamp, output.model_id))
-        except MlflowException as err:  # a stale copy the user deleted
+            model = client.get_logged_model(output.model_id)
+        except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
-    return max(found)[2] if found else None
+        else:
+            found.append((output.step, model.creation_timestamp, model))
+    return max(found, key=lambda entry: entry[:2])[2] if found else None
+
+
+def _files_missing(artifact_location: str) -> bool:
+    """Whether a model stored on this machine lost its MLmodel file (cleaned from disk); a remote store is not
+    checked, as that would need its credentials and a round trip per run."""
+    parsed = urlparse(artifact_location)
+    if parsed.scheme == "file":
+        return not (Path(url2pathname(parsed.path)) / "MLmodel").is_file()
+    return not parsed.scheme and not (Path(artifact_location) / "MLmodel").is_file()
 
 
 def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
@@ -224,6 +239,8 @@ def _exclusion(candidate: Candidate, policy: Policy) -> str | None:
             return f"params {int(params):,} > {policy.max_params:,}"
     if candidate.model_id is None:
         return "no logged model to register"
+    if candidate.model_files_missing:
+        return "its model's files are missing"
     return None
 
 
