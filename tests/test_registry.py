@@ -326,7 +326,7 @@ def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, 
     _, limited = select_and_register(uri, SWEEP, Policy(max_latency_ms=10), "reg")  # a new policy picks a new winner
     assert limited.run_id == runs["fast"] and limited.version != first.version
     assert champion(uri, "reg").version == limited.version
-    _, back = select_and_register(uri, SWEEP, name="reg")
+    _, back = select_and_register(uri, SWEEP, Policy(), "reg")  # the default policy again: its version again
     assert back.version == first.version and len(versions(uri, "reg")) == 2
     assert [v.aliases for v in versions(uri, "reg")] == [[], [CHAMPION_ALIAS]]
 
@@ -345,6 +345,24 @@ def test_registration_sets_champion_and_reruns_are_idempotent(sweep: tuple[str, 
     _, launched = select_and_register(uri, SWEEP)
     assert (launched.name, launched.version) == ("reg", limited.version)
     assert champion(uri, "reg").version == limited.version
+
+
+def test_a_policy_chosen_at_a_selection_is_kept_for_the_next(sweep: tuple[str, dict[str, str]]) -> None:
+    """`registry select --max-latency-ms 10` crowned a fast model; when a retried job of the sweep ended, the
+    scheduler selected again by the policy the sweep was launched with and crowned a model over that budget."""
+    uri, _ = sweep
+    experiment_id = prepare_tracking(uri, "tests")
+    fast = add_run(uri, experiment_id, "fast", "mobilefacenet", {"eval.accuracy": 0.9, "model.latency_ms": 5.0},
+                   sweep_id="sweep-kept")  # fmt: skip
+    add_run(uri, experiment_id, "slow", "mobilefacenet", {"eval.accuracy": 0.95, "model.latency_ms": 20.0},
+            sweep_id="sweep-kept")  # fmt: skip
+    with pytest.raises(ValueError, match="bad registered model name 'bad name'"):
+        save_policy(uri, experiment_id, "sweep-kept", Policy(), "bad name")  # the launcher's check, before training
+    save_policy(uri, experiment_id, "sweep-kept", Policy(), "kept")  # launched with no budget
+    _, chosen = select_and_register(uri, "sweep-kept", Policy(max_latency_ms=10))
+    _, again = select_and_register(uri, "sweep-kept")  # what the scheduler runs
+    assert chosen.run_id == again.run_id == fast and again.name == "kept"
+    assert champion(uri, "kept").run_id == fast
 
 
 def test_registry_uris_resolve_to_versions_or_a_clear_error(sweep: tuple[str, dict[str, str]]) -> None:

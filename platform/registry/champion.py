@@ -30,6 +30,7 @@ from faceforge.registry.selection import (
     Policy,
     Selection,
     check_id,
+    save_policy,
     saved_policy,
     select,
     sweep_candidates,
@@ -164,11 +165,17 @@ def select_and_register(
 ) -> tuple[Selection, Version]:
     """Select over the sweep's runs and register the winner; ValueError when no run qualifies.
 
-    Without a policy or a name, those the sweep was launched with (`save_policy`), else the defaults.
+    Without a policy or a name, those the sweep was launched with (`save_policy`), else the defaults. A policy or
+    name given is saved as the sweep's once its winner is registered: a later selection (the scheduler's, when a
+    retried job of the sweep ends) judges the sweep as the user last chose.
     """
     launched_with, launched_name = saved_policy(tracking_uri, sweep_id)
     selection = select(sweep_candidates(tracking_uri, sweep_id), policy or launched_with, sweep_id)
-    return selection, register(tracking_uri, selection, name or launched_name or REGISTERED_MODEL)
+    version = register(tracking_uri, selection, name or launched_name or REGISTERED_MODEL)
+    if policy is not None or name is not None:
+        experiment_id = open_database(tracking_uri).get_run(version.run_id).info.experiment_id
+        save_policy(tracking_uri, experiment_id, sweep_id, selection.policy, version.name)
+    return selection, version
 
 
 def registered_version(client: MlflowClient, uri: str) -> ModelVersion | None:

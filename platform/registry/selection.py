@@ -171,6 +171,7 @@ def save_policy(tracking_uri: str, experiment_id: str, sweep_id: str, policy: Po
     """Remember how a sweep is judged and where its champion goes, so that whoever selects when it ends (the
     scheduler) does the same."""
     check_id(sweep_id, "sweep id")
+    check_id(registered_model, "registered model name")  # refused now, not once the sweep has trained
     client = open_database(tracking_uri)
     client.set_experiment_tag(experiment_id, POLICY_TAG + sweep_id, json.dumps(asdict(policy)))
     client.set_experiment_tag(experiment_id, REGISTERED_MODEL_TAG + sweep_id, registered_model)
