@@ -255,6 +255,27 @@ def test_queue_list_says_when_its_limit_leaves_jobs_out(
     assert negative.value.code == 2 and "--limit must be 0 (all jobs) or more" in capsys.readouterr().err
 
 
+def test_queue_cancel_of_a_job_that_ends_as_it_is_cancelled_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job succeeds between the command's read and its cancel: it stays succeeded, and is not said cancelled."""
+    import faceforge.cli as cli
+    from faceforge.jobs import SUCCEEDED, Job, JobStore, store_path
+    from faceforge.jobs.store import new_id
+
+    monkeypatch.setenv("FACEFORGE_HOME", str(tmp_path))
+    store = JobStore(store_path(tmp_path))
+    [job] = store.submit([Job(id=new_id(), name="j", overrides=[], config_yaml="x: 1\n")])
+    running = store.claim("local", "me", 1, 30)
+    assert running is not None and store.finish(job.id, "me", SUCCEEDED, exit_code=0)
+    monkeypatch.setattr(cli, "_stored_job", lambda store, job_id: running)  # read while it still ran
+    with pytest.raises(SystemExit) as refused:
+        main(["queue", "cancel", job.id])
+    assert refused.value.code == f"faceforge queue: error: {job.id} already succeeded"
+    ended = store.get(job.id)
+    assert (ended.state, ended.cancel_requested) == (SUCCEEDED, False)
+
+
 def test_the_local_executors_default_slots_are_the_cpus_this_process_may_use() -> None:
     """A scheduler pinned to fewer cores (taskset, a container's cpuset) must not run a job per core of the machine."""
     if shutil.which("taskset") is None:

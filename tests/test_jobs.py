@@ -240,8 +240,8 @@ def test_a_damaged_database_is_one_line(template: Job, tmp_path: Path) -> None:
 
 def test_a_sweep_is_up_for_its_champion_once_no_job_of_it_is_left_to_run(template: Job, tmp_path: Path) -> None:
     """However its last job ends: here a cancel while queued, which no scheduler sees end (the champion was only
-    chosen when a scheduler recorded a finished run). Claimed once per try, kept once chosen, up again on a retry;
-    the sweeps of a database from before this ended before it and are never chosen again."""
+    chosen when a scheduler recorded a finished run). Claimed once per try, kept once chosen, up again on a retry
+    or a new batch; the sweeps of a database from before this ended before it and are never chosen again."""
     store = JobStore(tmp_path / "jobs.db")
     finished, waiting = store.submit(copies(template, 2, sweep_id="sweep-a"))
     store.submit(copies(template, 1, sweep_id="sweep-b"))  # still queued
@@ -258,7 +258,12 @@ def test_a_sweep_is_up_for_its_champion_once_no_job_of_it_is_left_to_run(templat
     store.retry(waiting.id)
     assert store.claim_ended_sweeps(retry_seconds=0) == []
     store.cancel(waiting.id)
-    assert [job.sweep_id for job in store.claim_ended_sweeps(retry_seconds=0)] == ["sweep-a"]
+    [up] = store.claim_ended_sweeps(retry_seconds=0)
+    store.sweep_selected("sweep-a")
+    (batch,) = store.submit(copies(template, 1, sweep_id="sweep-a"))  # an optimiser's next batch
+    assert store.claim_ended_sweeps(retry_seconds=0) == []
+    store.cancel(batch.id)
+    assert [job.id for job in store.claim_ended_sweeps(retry_seconds=0)] == [batch.id]
 
     old = tmp_path / "old.db"
     shutil.copy(tmp_path / "jobs.db", old)

@@ -427,9 +427,12 @@ def _queue_logs(args: argparse.Namespace) -> None:
 def _queue_cancel(args: argparse.Namespace) -> None:
     store = _job_store()
     job = _stored_job(store, args.id)
-    if job.terminal:
+    ended = job.terminal
+    if not ended:
+        job = store.cancel(job.id)
+        ended = job.terminal and job.state != "cancelled"  # it ended just before the cancel, which left it so
+    if ended:
         raise ValueError(f"{job.id} already {job.state}")
-    job = store.cancel(job.id)
     if job.terminal:
         print(f"{job.id} cancelled")
     else:

@@ -198,6 +198,11 @@ class JobStore:
                 )
                 job.seq = cursor.lastrowid or 0
                 submitted.append(job)
+            # An optimiser's next batch joins its sweep: the champion is chosen again once that batch has ended.
+            db.executemany(
+                "DELETE FROM sweep_selections WHERE sweep_id = ?",
+                [(job.sweep_id,) for job in submitted if job.sweep_id],
+            )
         return submitted
 
     def get(self, job_id: str) -> Job:
@@ -351,17 +356,21 @@ class JobStore:
         return cursor.rowcount == 1
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job at once; ask the owning scheduler to stop a running one."""
+        """Cancel a queued job at once; ask the owning scheduler to stop a running one. A job that has ended is
+        returned as it ended: its record must not say a cancel was asked of it (callers check `terminal` first)."""
         now = time.time()
         with self._connect(immediate=True) as db:
-            row = db.execute(
-                "UPDATE jobs SET cancel_requested = 1, "
-                "state = CASE WHEN state = ? THEN ? ELSE state END, "
-                "cancelled_at = CASE WHEN state = ? THEN ? ELSE cancelled_at END, "
-                "finished_at = CASE WHEN state = ? THEN ? ELSE finished_at END "
-                "WHERE id = ? RETURNING *",
-                (QUEUED, CANCELLED, QUEUED, now, QUEUED, now, job_id),
-            ).fetchone()
+            row = (
+                db.execute(
+                    "UPDATE jobs SET cancel_requested = 1, "
+                    "state = CASE WHEN state = ? THEN ? ELSE state END, "
+                    "cancelled_at = CASE WHEN state = ? THEN ? ELSE cancelled_at END, "
+                    "finished_at = CASE WHEN state = ? THEN ? ELSE finished_at END "
+                    f"WHERE id = ? AND state NOT IN ({', '.join('?' * len(TERMINAL))}) RETURNING *",
+                    (QUEUED, CANCELLED, QUEUED, now, QUEUED, now, job_id, *TERMINAL),
+                ).fetchone()
+                or db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            )
         if row is None:
             raise KeyError(f"no job {job_id!r}")
         return _row_to_job(row)
@@ -399,7 +408,7 @@ class JobStore:
                 "exit_code = NULL, error = NULL WHERE id = ? AND state IN (?, ?, ?) RETURNING *",
                 (QUEUED, job_id, *RETRYABLE),
             ).fetchone()
-            if row is not None:  # its sweep has a job to run again: its champion is chosen again once it ends
+            if row is not None:  # as for a new batch of the sweep
                 db.execute("DELETE FROM sweep_selections WHERE sweep_id = ?", (row["sweep_id"],))
         if row is None:
             raise ValueError(f"job {job_id!r} does not exist or has not ended in cancelled, failed or lost")
