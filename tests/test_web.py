@@ -12,8 +12,10 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import replace
 from functools import partial
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -35,11 +37,11 @@ from faceforge.registry.selection import SWEEP_TAG
 from faceforge.train.tracking import RunTracker
 from faceforge.web import app as web_app
 from faceforge.web import confine, create_app
-from faceforge.web.datasets import DEMO, describe, list_datasets
+from faceforge.web.datasets import DEMO, describe, describe_or_error, list_datasets
 from faceforge.web.plots import line_chart
-from faceforge.web.security import resolve_token
+from faceforge.web.security import resolve_token, session_value
 
-from conftest import shared_data
+from conftest import shared_data, waiting_behind
 
 TOKEN = "test-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -137,6 +139,50 @@ def test_token_file_is_private_and_printed_once(
     assert resolve_token(tmp_path) == "from-env"
 
 
+@pytest.mark.parametrize("left", ["", " \n"])
+def test_a_blank_token_file_gets_a_new_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], left: str
+) -> None:
+    """What a first start killed before writing, or `touch web_token`, leaves: a blank token is public, never used."""
+    monkeypatch.delenv("FACEFORGE_TOKEN", raising=False)
+    (tmp_path / "web_token").write_text(left)
+    token = resolve_token(tmp_path)
+    assert token.strip() and token in capsys.readouterr().out
+    assert (tmp_path / "web_token").read_text() == f"{token}\n"
+    assert stat.S_IMODE((tmp_path / "web_token").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".web_token.lock", "web_token"]  # no temporary file
+    monkeypatch.setenv("FACEFORGE_TOKEN", " ")
+    assert resolve_token(tmp_path) == token
+
+
+def test_servers_starting_together_share_one_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each would make and print its own, and the file keep the last: the first server's token opened nothing."""
+    monkeypatch.delenv("FACEFORGE_TOKEN", raising=False)
+    tokens: list[str] = []
+    with waiting_behind(tmp_path / ".web_token.lock", lambda: tokens.append(resolve_token(tmp_path))) as second:
+        (tmp_path / "web_token").write_text("the-first-servers\n")  # what the first start writes while it holds it
+    assert second.error is None and tokens == ["the-first-servers"]
+
+
+def test_a_blank_app_token_lets_nobody_in(tmp_path: Path, roots: list[Path], tiny_train_root: Path) -> None:
+    """A session cookie keyed with an empty token is computable by anyone: with no token, nothing authenticates."""
+    served = Server(tmp_path, roots)
+    served.server.config.app.state.token = ""
+    try:
+        session = requests.Session()
+        session.get(served.url + "/queue", timeout=30)
+        session.cookies.set("ff_session", session_value(""))
+        csrf = session.cookies["ff_csrf"]
+        reply = session.post(served.url + "/jobs", data=job_form(tiny_train_root, csrf=csrf), allow_redirects=False)
+        assert reply.status_code == 503 and "no access token" in reply.text
+        assert "Submitting needs the access token" in session.get(served.url + "/jobs/new", timeout=30).text
+        login = session.post(served.url + "/login", data={"token": "", "csrf": csrf}, allow_redirects=False)
+        assert login.status_code == 401
+        assert served.count() == 0
+    finally:
+        served.stop()
+
+
 def test_mutations_need_the_token(server: Server, tiny_train_root: Path) -> None:
     before = server.count()
     assert server.post("/jobs", data=job_form(tiny_train_root)).status_code == 401
@@ -163,6 +209,20 @@ def test_cross_site_posts_are_refused(server: Server, tiny_train_root: Path) -> 
     reply = session.post(cancel, data={"csrf": csrf}, headers={"Origin": server.url}, allow_redirects=False)
     assert reply.status_code == 303
     assert server.store.get(job.id).state == CANCELLED
+
+
+def test_a_cancel_for_a_job_that_has_ended_changes_nothing(server: Server, tiny_train_root: Path) -> None:
+    """A page left open: the job succeeded since; there is nothing to cancel, and its record must not say there was."""
+    [job] = server.store.submit(make_jobs(["data=folder", f"data.root={tiny_train_root}"], priority=99))
+    assert server.store.claim("local", "test-owner", capacity=1000, lease_seconds=60).id == job.id
+    server.store.finish(job.id, "test-owner", "succeeded", exit_code=0)
+    reply = server.post(f"/jobs/{job.id}/cancel", headers=BEARER)
+    assert reply.status_code == 409 and f"{job.id} had already ended (succeeded)" in reply.text
+    ended = server.store.get(job.id)
+    assert server.store.cancel(job.id) == ended  # what a cancel racing the end gets: the job as it ended
+    assert ended.state == "succeeded" and not ended.cancel_requested and ended.cancelled_at is None
+    with pytest.raises(KeyError):
+        server.store.cancel("job-missing")
 
 
 def test_bad_form_shows_the_message_and_enqueues_nothing(server: Server, tiny_train_root: Path) -> None:
@@ -307,6 +367,48 @@ def test_a_dataset_slow_to_describe_does_not_hold_the_form(
         shutil.rmtree(packed)
 
 
+def test_a_folder_named_in_another_encoding_is_shown_and_not_offered(tmp_path: Path, tiny_train_root: Path) -> None:
+    """A name that is not UTF-8 (Latin-1 `caf\\xe9` from an old disk) cannot go in a page as it is, nor in a job."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_train_root, root / "good")
+    shutil.copytree(tiny_train_root, os.fsdecode(os.fsencode(root) + b"/caf\xe9"))
+    served = Server(tmp_path / "home", [root])
+    try:
+        page = served.get("/datasets")
+        assert page.status_code == 200 and "<td>caf\ufffd</td>" in page.text
+        form = served.get("/jobs/new")
+        assert form.status_code == 200
+        assert re.search(r"<option [^>]*disabled[^>]*>caf\ufffd \(.*\) is not named in UTF-8: rename it", form.text)
+        assert f'<option value="{(root / "good").resolve()}"' in form.text
+    finally:
+        served.stop()
+
+
+def test_a_file_named_in_another_encoding_leaves_its_dataset_readable(tmp_path: Path, tiny_train_root: Path) -> None:
+    """The trainer reads such an image; the version fingerprint must hash the name's bytes, not fail on them."""
+    shutil.copytree(tiny_train_root, tmp_path / "faces")
+    person = sorted((tmp_path / "faces").iterdir())[0]
+    shutil.copy(next(person.glob("*.jpg")), os.fsdecode(os.fsencode(person) + b"/photo_caf\xe9.jpg"))
+    (faces,) = [d for d in list_datasets([tmp_path]) if d.name != DEMO]
+    assert describe_or_error(faces)[1] is None
+
+
+def test_a_folder_named_demo_is_offered_beside_the_demo_set(tmp_path: Path, tiny_train_root: Path) -> None:
+    """The form's values tell them apart by what they are, not by name: the folder trains on itself."""
+    folder = tmp_path / "root" / "demo"
+    shutil.copytree(tiny_train_root, folder)
+    served = Server(tmp_path / "home", [folder.parent])
+    try:
+        options = re.findall(r'<option value="([^"]*)"[^>]*>demo \(', served.get("/jobs/new").text)
+        assert options == [DEMO, str(folder.resolve())], options
+        reply = served.post("/jobs", data=job_form(folder), headers=BEARER)
+        assert reply.status_code == 303, reply.text
+        job = served.store.get(reply.headers["location"].removeprefix("/jobs/"))
+        assert "data=folder" in job.overrides and compose_config(job.overrides).data.root == str(folder.resolve())
+    finally:
+        served.stop()
+
+
 def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Path], tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     (outside / "person").mkdir(parents=True)
@@ -346,6 +448,47 @@ def test_paths_outside_the_data_roots_are_refused(server: Server, roots: list[Pa
     finally:
         link.unlink()
     assert confine(roots[0] / ".." / roots[0].name, [roots[0]]) == confine(".", [roots[0]]) == roots[0].resolve()
+
+
+def test_a_path_longer_than_the_file_system_allows_is_refused(server: Server, roots: list[Path]) -> None:
+    """Looking such a path up fails (ENAMETOOLONG) rather than answering no: the form says so, as for a missing one."""
+    long, before = "x" * 300, server.count()
+    for fields in [
+        {"dataset": long},
+        {"overrides": f"eval=pairs eval.pairs={long} eval.root={roots[2]}"},
+        {"overrides": f"trainer.init_from={long}"},
+    ]:
+        reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
+        error = re.search(r'id="form-error"[^>]*>(.*?)</p>', reply.text, re.S)
+        assert reply.status_code == 400 and error and "File name too long" in error.group(1), (fields, reply.text[:200])
+        assert 'name="lr"' in reply.text
+    assert server.count() == before
+
+
+def test_an_override_that_drops_a_select_choice_is_refused(server: Server, roots: list[Path]) -> None:
+    """The Backbone, Head and Dataset selects, like the fields, are not silently replaced by an override of their key;
+    a sweep that keeps the choice among its values loses nothing (test_a_path_with_commas...) and is taken."""
+    before = server.count()
+    for fields, message in [
+        ({"overrides": "eval=none model=squeezenet"}, "model is also set in the overrides (model=squeezenet)"),
+        ({"sweep": "head=cosface,softmax"}, "head is also set in the overrides (head=cosface,softmax)"),
+        (
+            {"overrides": f"eval=none data.root={roots[2]}"},
+            f"dataset is also set in the overrides (data.root={roots[2]})",
+        ),
+        ({"overrides": "data=demo"}, "dataset is also set in the overrides (data=demo)"),
+        ({"dataset": DEMO, "overrides": "data=folder"}, "dataset is also set in the overrides (data=folder)"),
+        ({"overrides": "eval=none data.root="}, "data.root= names no dataset"),
+        ({"dataset": DEMO, "overrides": "data.root=''"}, "data.root='' names no dataset"),
+    ]:
+        reply = server.post("/jobs", data=job_form(roots[0], **fields), headers=BEARER)
+        error = re.search(r'id="form-error"[^>]*>(.*?)</p>', reply.text, re.S)
+        assert reply.status_code == 400 and error and message in unescape(error.group(1)), (fields, error)
+    assert server.count() == before
+    reply = server.post(
+        "/jobs", data=job_form(roots[0], lr="", sweep="model=mobilefacenet,mobilefacenet_micro"), headers=BEARER
+    )
+    assert reply.status_code == 303, reply.text
 
 
 def test_a_relative_path_is_stored_as_the_absolute_path_it_was_checked_as(server: Server, roots: list[Path]) -> None:
@@ -554,6 +697,32 @@ def test_models_and_datasets_pages(server: Server, tiny_train_root: Path) -> Non
     row = re.search(rf"<td>{tiny_train_root.name}</td>\s*<td>(\d+)</td><td>(\d+)</td><td><code>(\w+)</code>", datasets)
     assert row and row.groups()[:2] == ("6", "24")
     assert "demo" in datasets
+
+
+def test_an_out_of_date_mlflow_database_is_named_on_the_pages(tmp_path: Path, roots: list[Path]) -> None:
+    """A database an older MLflow made: each page says how to upgrade it, beside what it can show without it."""
+    made, home = tmp_path / "made.db", tmp_path / "home"
+    prepare_tracking(f"sqlite:///{made}")  # under another name: MLflow checks a database once per URI and process
+    home.mkdir()
+    shutil.copy(made, home / "mlflow.db")
+    with closing(sqlite3.connect(home / "mlflow.db")) as db, db:
+        db.execute("UPDATE alembic_version SET version_num = '0584bdc529eb'")
+    uri = f"sqlite:///{home}/mlflow.db"
+    base = ["data=folder", f"data.root={roots[0]}", f"mlflow.tracking_uri={uri}"]
+    served = Server(home, roots)
+    try:
+        [job] = served.store.submit(make_jobs(base, name="old-schema"))
+        [point, _] = served.store.submit(make_jobs([*base, "optim.lr=0.1,0.05"]))
+        for path, shown in [
+            ("/models", 'id="versions"'),
+            (f"/jobs/{job.id}/metrics", "No MLflow run yet"),
+            (f"/sweeps/{point.sweep_id}", point.id),
+        ]:
+            reply = served.get(path)
+            assert reply.status_code == 200 and shown in reply.text, (path, reply.status_code)
+            assert f"mlflow db upgrade {uri}" in unescape(reply.text), path
+    finally:
+        served.stop()
 
 
 def test_models_page_lists_the_exports_of_each_version(server: Server, tiny_train_root: Path) -> None:

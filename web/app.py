@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faceforge.data_pipeline.autolabel import status as autolabel_status
 from faceforge.data_pipeline.autolabel_state import StateError
 from faceforge.export.tracking import LoggedExport, export_file, list_exports
-from faceforge.jobs import STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
+from faceforge.jobs import CANCELLED, STATES, Job, JobStore, JobStoreBusyError, expand_sweep, make_jobs, store_path
 from faceforge.jobs.logs import read_log
 from faceforge.jobs.store import EXECUTORS, LARGEST_NUMBER
 from faceforge.registry import (
@@ -49,7 +49,7 @@ from faceforge.registry import (
 from faceforge.registry.selection import LATENCY
 from faceforge.train.app import CONFIG_DIR
 from faceforge.web import runs
-from faceforge.web.datasets import DEMO, Dataset, data_roots, describe_or_error, list_datasets
+from faceforge.web.datasets import DEMO, UNDECODABLE, Dataset, data_roots, describe_or_error, list_datasets
 from faceforge.web.forms import JobForm, trained_datasets
 from faceforge.web.plots import line_chart, pareto_chart
 from faceforge.web.security import (
@@ -90,6 +90,15 @@ def _duration(start: float | None, end: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def printable(value: Any) -> Any:
+    """What `{{ ... }}` prints: a file name's bytes that are not UTF-8 as U+FFFD, which a page can carry."""
+    if not isinstance(value, str) and not hasattr(value, "__html__"):
+        value = str(value)  # as Jinja prints it (a Path, an error)
+    if isinstance(value, str) and UNDECODABLE.search(value):
+        return type(value)(UNDECODABLE.sub("\ufffd", value))  # Markup stays Markup
+    return value
+
+
 def sse_event(text: str, offset: int) -> str:
     """One server-sent event; its id is the byte offset a reconnecting client resumes from (Last-Event-ID)."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
@@ -123,6 +132,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     app.state.token = token or resolve_token(home)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.finalize = printable
     templates.env.filters |= {"when": _when}
     templates.env.globals |= {"duration": _duration, "states": STATES}
     backbones, heads = (sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")) for group in ("model", "head"))
@@ -170,7 +180,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         return render(request, name, **context, digest=current)
 
     def _logged_in(request: Request) -> bool:
-        return same(request.cookies.get(SESSION_COOKIE, ""), session_value(app.state.token))
+        token = app.state.token
+        return bool(token.strip()) and same(request.cookies.get(SESSION_COOKIE, ""), session_value(token))
 
     def get_job(job_id: str) -> Job:
         try:
@@ -262,6 +273,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
         return refresh(request, "_queue_table.html", v, queue_context(state, page))
 
     def form_page(request: Request, form: JobForm, error: str | None, clone_of: str | None = None) -> HTMLResponse:
+        # By form value: the built-in set (listed first) is `demo`, a folder its path, even a folder named demo.
+        demo, *folders = list_datasets(roots)
         return render(
             request,
             "job_form.html",
@@ -269,7 +282,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             form=form,
             error=error,
             clone_of=clone_of,
-            datasets={DEMO if d.name == DEMO else str(d.path): d for d in list_datasets(roots)},  # by form value
+            datasets={DEMO: demo} | {str(d.path): d for d in folders},
             backbones=backbones,
             heads=heads,
             executors=EXECUTORS,
@@ -342,15 +355,18 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
     def job_metrics(request: Request, job_id: str, shown_run: str | None = Query(None, alias="run")) -> HTMLResponse:
         """The metrics section; polled (`run`: the run line shown), its charts and the run line if it changed."""
         job = get_job(job_id)
-        run = runs.job_run(job)
-        charts, values, link = [], {}, None
-        if run is not None:
-            for key, points in runs.curves(runs.tracking_uri(job), run).items():
-                if len({step for step, _ in points}) > 1:
-                    charts.append(line_chart(key, points))
-                else:
-                    values[key] = points[-1][1]
-            link = f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        charts, values, link, error = [], {}, None, None
+        try:
+            run = runs.job_run(job)
+            if run is not None:
+                for key, points in runs.curves(runs.tracking_uri(job), run).items():
+                    if len({step for step, _ in points}) > 1:
+                        charts.append(line_chart(key, points))
+                    else:
+                        values[key] = points[-1][1]
+                link = f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        except MlflowException as err:
+            run, error = None, runs.unreadable(runs.tracking_uri(job), err)
         run_key = f"{run.info.run_id} {run.info.status}" if run else ""
         return render(
             request,
@@ -362,6 +378,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             charts=charts,
             values=values,
             link=link,
+            error=error,
         )
 
     @app.get("/jobs/{job_id}/logs")
@@ -395,27 +412,32 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_token)])
     def cancel(job_id: str) -> RedirectResponse:
-        get_job(job_id)
-        store.cancel(job_id)
-        return RedirectResponse(f"/jobs/{job_id}", 303)
+        """A job that had ended (a page left open, or it ended just before the cancel) is left so, and the page
+        says so rather than seem to have cancelled it."""
+        job = get_job(job_id)
+        if not job.terminal:
+            job = store.cancel(job_id)
+            if job.state == CANCELLED or not job.terminal:  # cancelled at once, or its scheduler stops it
+                return RedirectResponse(f"/jobs/{job_id}", 303)
+        raise HTTPException(409, f"{job_id} had already ended ({job.state}): there was nothing to cancel")
 
     def sweep_context(sweep_id: str, metric: str | None) -> dict[str, Any]:
         jobs = list(reversed(store.list(sweep_id=sweep_id, limit=100_000)))
         if not jobs:
             raise HTTPException(404, f"no sweep {sweep_id}")
         uri = runs.tracking_uri(jobs[0])
-        ready = runs.database_ready(uri)
-        candidates = sweep_candidates(uri, sweep_id) if ready else []
-        by_job = {c.job_id: c for c in candidates}  # oldest first: a job's latest attempt wins
         # The sweep's own metric, limits and model name: another metric chosen on the page keeps the limits.
-        policy, name = (
-            sweep_policy(uri, sweep_id, metric=metric or None)
-            if ready
-            else (Policy(metric=metric or Policy.metric), None)
-        )
+        candidates, (policy, name), registered, error = [], (Policy(metric=metric or Policy.metric), None), [], None
+        if runs.database_ready(uri):
+            try:
+                candidates = sweep_candidates(uri, sweep_id)
+                policy, name = sweep_policy(uri, sweep_id, metric=metric or None)
+                registered = [v for v in versions(uri, name or REGISTERED_MODEL) if v.sweep_id == sweep_id]
+            except MlflowException as err:  # the points are still listed, beside what to do about it
+                candidates, registered, error = [], [], runs.unreadable(uri, err)
+        by_job = {c.job_id: c for c in candidates}  # oldest first: a job's latest attempt wins
         name = name or REGISTERED_MODEL
         selection = select(candidates, policy, sweep_id) if candidates else None
-        registered = [v for v in versions(uri, name) if v.sweep_id == sweep_id] if ready else []
         settings = {job.id: dict(o.partition("=")[::2] for o in job.overrides) for job in jobs}
         points = list(settings.values())
         varying = sorted({key for point in points for key in point if len({p.get(key) for p in points}) > 1})
@@ -444,7 +466,7 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "registered_model": name,
             "metric": policy.metric,
             "lower_is_better": policy.lower_is_better,
-            "error": None,
+            "error": error,
         }
 
     def render_sweep(request: Request, context: dict[str, Any], status: int = 200) -> HTMLResponse:
@@ -473,10 +495,18 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
 
     @app.get("/models")
     def models_page(request: Request) -> HTMLResponse:
-        ready = runs.database_ready(home_uri)
-        found = versions(home_uri) if ready else []
+        found: list[Version] = []
+        exports: list[LoggedExport] = []
+        fronts: list[tuple[str, Markup]] = []
+        error = None
+        if runs.database_ready(home_uri):
+            try:
+                found, exports = versions(home_uri), list_exports(home_uri)
+                fronts = sweep_fronts(found)
+            except MlflowException as err:  # the page still renders, beside what to do about it
+                found, exports, error = [], [], runs.unreadable(home_uri, err)
         by_version: dict[tuple[str | None, str | None], list[LoggedExport]] = {}
-        for export in list_exports(home_uri) if ready else []:
+        for export in exports:
             by_version.setdefault((export.model_name, export.model_version), []).append(export)
         versioned = [(v, by_version.pop((v.name, v.version))) for v in found if (v.name, v.version) in by_version]
         return render(
@@ -484,7 +514,8 @@ def create_app(home: Path, token: str | None = None, roots: list[Path] | None = 
             "models.html",
             versions=found,
             uri=home_uri,
-            fronts=sweep_fronts(found),
+            error=error,
+            fronts=fronts,
             versioned_exports=versioned,
             other_exports=[export for exports in by_version.values() for export in exports],
             mlflow_ui=mlflow_ui,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +20,8 @@ from faceforge.data.sample_data import demo_data_paths, find_shared_data
 
 DATA_ROOTS_ENV = "FACEFORGE_DATA_ROOTS"
 DEMO = "demo"
+# How Python holds the bytes of a file name that are not UTF-8 (os.fsdecode): no page or job can carry them.
+UNDECODABLE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class Dataset:
     name: str
     path: Path
     source: str
+
+    @property
+    def submittable(self) -> bool:
+        """Whether the form can name it: a path that is not UTF-8 cannot be posted back, nor stored in a job."""
+        return not UNDECODABLE.search(str(self.path))
 
 
 def data_roots() -> list[Path]:
@@ -117,7 +125,8 @@ def _fingerprint(folder: Path) -> str:
         subdirs.sort()
         for name in sorted(files):
             path = Path(directory, name)
-            digest.update(f"{path.relative_to(folder)}\0{_stat(path).st_size}\n".encode())
+            # The name's own bytes: one that is not UTF-8 is an image the trainer reads, not a broken dataset.
+            digest.update(os.fsencode(path.relative_to(folder)) + f"\0{_stat(path).st_size}\n".encode())
     return digest.hexdigest()[:12]
 
 

@@ -1,14 +1,15 @@
 """The job form as Hydra overrides, and back (for clone-with-edits).
 
 Later overrides replace earlier ones with the same key (the free overrides, then the sweep grammar), but a
-hyperparameter field and an override of its key are refused: one of the two would be silently lost. Paths in
-overrides are confined to the data roots, and stored as the absolute paths checked, before anything is composed.
+hyperparameter field and an override of its key are refused: one of the two would be silently lost. So is an
+override that leaves out what the Backbone, Head or Dataset select chose (one that keeps it, a sweep, loses none).
+Paths in overrides are confined to the data roots, and stored as the absolute paths checked, before composing.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,18 @@ class JobForm:
         def put(override: str) -> None:
             chosen[override_key(override)] = override
 
+        # Config key -> (select, its choice). The demo's recipe may take another root (a clone keeps one), so only a
+        # folder's select holds data.root.
+        selected = {"model": ("model", self.model), "head": ("head", self.head), "data": ("dataset", DEMO)}
         if self.dataset == DEMO:
             put("data=demo")
         else:
             root = confine(self.dataset, roots)
-            if not root.is_dir():
+            if not looked_up(root, Path.is_dir, f"dataset {self.dataset}"):
                 raise ValueError(f"dataset {self.dataset}: not a directory")
             put("data=folder")
             put(f"data.root={quoted_path(root)}")
+            selected |= {"data": ("dataset", "folder"), "data.root": ("dataset", str(root))}
         put(f"model={self.model}")
         put(f"head={self.head}")
         fields = self.field_overrides()
@@ -102,8 +107,13 @@ class JobForm:
             put(override)
         typed = {override_key(override): name for override, name in zip(fields, self.filled(), strict=True)}
         for override in self.typed_overrides():
-            if (name := typed.get(override_key(override))) is not None:  # one of the two would silently lose
+            key = override_key(override)
+            if (name := typed.get(key)) is not None:  # one of the two would silently lose
                 raise ValueError(f"{name} is also set in the overrides ({override}): set it in one place")
+            # A select cannot be left blank: an override of its key is taken while it keeps the choice (a sweep).
+            if key in selected and selected[key][1] not in values(confined(override, roots)):
+                select = selected[key][0]
+                raise ValueError(f"{select} is also set in the overrides ({override}), leaving out the {select} chosen")
             put(override)
         return [confined(override, roots) for override in chosen.values()]
 
@@ -188,16 +198,32 @@ def confined(override: str, roots: list[Path]) -> str:
     for [point] in expand_sweep([override]):
         value = point.partition("=")[2]
         path = override_value(point)
+        if name == "data.root" and path == "":  # the trainer would read the working directory
+            raise ValueError(f"{point} names no dataset: choose one in the Dataset select")
         if path and path.startswith(MLFLOW_SCHEMES):  # a registered teacher is a name, not a file
             if not WEB_MODEL_URI.fullmatch(path):
                 raise ValueError(f"{point}: give models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model")
         elif path:
             resolved = confine(path, allowed)
-            if name != "distill.cache_dir" and not resolved.exists():  # the cache is made when missing
+            if name != "distill.cache_dir" and not looked_up(resolved, Path.exists, point):  # the cache is made
                 raise ValueError(f"{point}: no such file or directory")
             value = quoted_path(resolved)
         values.append(value)
     return f"{key}={','.join(values)}"
+
+
+def looked_up(path: Path, test: Callable[[Path], bool], what: str) -> bool:
+    """`test(path)`; ValueError naming `what` for a path the system refuses to look up (a name longer than it allows),
+    which pathlib raises rather than answering no."""
+    try:
+        return test(path)
+    except OSError as err:
+        raise ValueError(f"{what}: {err.strerror}") from None
+
+
+def values(override: str) -> list[str | None]:
+    """What an override sets, one value per sweep point."""
+    return [override_value(point) for [point] in expand_sweep([override])]
 
 
 def trained_datasets(overrides: list[str]) -> list[Dataset]:

@@ -38,6 +38,12 @@ def database_ready(uri: str) -> bool:
         return False
 
 
+def unreadable(uri: str, err: MlflowException) -> str:
+    """What a page shows for an MLflow database it cannot read (made by an older MLflow, or damaged): MLflow's own
+    first line, which says what to run, with the database named in it."""
+    return f"MLflow database {uri}: " + str(err).splitlines()[0].replace("<database_uri>", uri)
+
+
 @cache
 def client(uri: str) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)

@@ -7,10 +7,12 @@ double-submit CSRF cookie in a form field (or X-CSRF-Token header) and come from
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException, Request
@@ -21,17 +23,32 @@ SESSION_COOKIE, CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER = "ff_session", "ff_csrf", 
 
 
 def resolve_token(home: Path) -> str:
-    """$FACEFORGE_TOKEN, else home/web_token; the first start creates that file (0600) and prints it once."""
-    if value := os.environ.get(TOKEN_ENV):
+    """$FACEFORGE_TOKEN, else home/web_token; the first start creates that file (0600) and prints it once.
+
+    A blank token would key the session cookie's HMAC with nothing, so anyone could make one: a blank file (a first
+    start killed before writing it, or `touch web_token`) gets a new token too, which only this printout has shown.
+    The file is written under a temporary name and renamed, so it is never seen half written; servers starting
+    together take turns, so the second reads the first's token rather than printing one the file no longer holds.
+    """
+    if value := os.environ.get(TOKEN_ENV, "").strip():
         return value
     path = home / TOKEN_FILE
-    if path.is_file():
-        return path.read_text().strip()
     home.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
+    with open(home / f".{TOKEN_FILE}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.is_file() and (existing := path.read_text().strip()):
+            return existing
+        token = secrets.token_urlsafe(24)
+        fd, temporary = tempfile.mkstemp(prefix=f".{TOKEN_FILE}.", dir=home)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(token + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
     print(f"faceforge web: access token (shown once, kept in {path}): {token}", flush=True)
     return token
 
@@ -69,6 +86,8 @@ def check_csrf(request: Request, submitted: str | None) -> None:
 async def require_token(request: Request) -> None:
     """The dependency of every mutating endpoint."""
     token: str = request.app.state.token
+    if not token.strip():  # its session cookie is an HMAC keyed with nothing: anyone could make it
+        raise HTTPException(503, "the server has no access token: restart it to have one made")
     check_origin(request)
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and bearer:
