@@ -379,6 +379,8 @@ def test_registry_uris_resolve_to_versions_or_a_clear_error(sweep: tuple[str, di
             registered_version(client, missing)
     with pytest.raises(ValueError, match="no models:/nothing@champion"):
         champion(uri, "nothing")
+    with pytest.raises(ValueError, match="bad registered model name 'pin/1'"):
+        champion(uri, "pin/1")  # not the champion of `pin`
 
 
 def test_concurrent_registrations_of_a_sweep_add_one_version(sweep: tuple[str, dict[str, str]]) -> None:

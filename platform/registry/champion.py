@@ -197,6 +197,7 @@ def registered_version(client: MlflowClient, uri: str) -> ModelVersion | None:
 
 
 def champion(tracking_uri: str, name: str = REGISTERED_MODEL) -> Version:
+    check_id(name, "registered model name")  # a/b would be read as model a, version b
     client = open_database(tracking_uri)
     mv = registered_version(client, f"models:/{name}@{CHAMPION_ALIAS}")
     assert mv is not None  # an alias URI always names a version
