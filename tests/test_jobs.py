@@ -273,6 +273,17 @@ def test_a_sweep_is_up_for_its_champion_once_no_job_of_it_is_left_to_run(templat
     assert JobStore(old).claim_ended_sweeps(retry_seconds=0) == []
 
 
+def test_a_sweep_whose_tracking_database_is_gone_ends_without_a_champion(template: Job, tmp_path: Path) -> None:
+    """Not a failed tick, with its traceback, again every lease for good."""
+    config = yaml.safe_load(template.config_yaml)
+    config["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/gone/mlflow.db"
+    store = JobStore(tmp_path / "jobs.db")
+    (job,) = store.submit(copies(template, 1, sweep_id="sweep-gone", config_yaml=yaml.safe_dump(config)))
+    store.cancel(job.id)
+    Scheduler(store, {"local": LocalExecutor(slots=1)}, tmp_path).run_once()
+    assert store.claim_ended_sweeps(retry_seconds=0) == []
+
+
 def test_a_locked_database_reports_itself(template: Job, tmp_path: Path) -> None:
     """When BEGIN times out, the error names the database and says it was locked (not that there was nothing to
     roll back); it is an OSError, which the CLI, the sweep launcher and the web form report in one line."""

@@ -214,7 +214,7 @@ def select_champion(job: Job) -> bool:
     tracking_uri = yaml.safe_load(job.config_yaml)["mlflow"]["tracking_uri"]
     try:
         selection, version = select_and_register(tracking_uri, job.sweep_id or "")
-    except ValueError as err:  # no run qualified: failed runs, or none logged a model
+    except (ValueError, OSError) as err:  # no run qualified (failed runs, none logged a model), no database left
         log.warning("sweep %s ended without a champion: %s", job.sweep_id, err)
     except MlflowException as err:
         log.warning("sweep %s: could not register its champion yet: %s", job.sweep_id, err)
