@@ -40,6 +40,7 @@ from faceforge.data import (
     unpack_record,
     write_bin,
 )
+from faceforge.data.image import declared_size
 from faceforge.data.recordio import MAGIC, MAGIC_BYTES
 from faceforge.data.transforms import similarity_jitter
 from faceforge.data.verification import read_pairs
@@ -154,6 +155,11 @@ def test_a_jpeg_with_stray_bytes_before_a_marker_decodes_as_libjpeg_does(face_tr
     after_app0 = 4 + struct.unpack_from(">H", clean, 4)[0]
     padded = clean[:after_app0] + b"\x00\x00" + clean[after_app0:]
     np.testing.assert_array_equal(decode_image(padded, "padded.jpg"), decode_image(clean))
+    # A stuffed FF 00 is no marker: reading a length after it could land on a small fake frame header, so that a
+    # huge image passed the pixel limit. libjpeg scans on past it, and so does the size read.
+    stuffed = clean[:after_app0] + b"\xff\x00" + clean[after_app0:]
+    height, width = decode_image(clean).shape[:2]
+    assert declared_size(stuffed) == declared_size(clean) == (width, height)
 
 
 def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:

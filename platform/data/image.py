@@ -37,6 +37,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
                 return None
             continue
         marker = data[pos + 1]
+        if marker == 0x00:  # a stuffed FF is no marker: libjpeg scans on for one, never reading a length here
+            pos += 2
+            continue
         if marker in JPEG_SOF_MARKERS:
             height, width = struct.unpack_from(">HH", data, pos + 5)
             return width, height
