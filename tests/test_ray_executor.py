@@ -268,9 +268,11 @@ def test_a_bare_host_port_address_is_read_as_the_dashboard(ray_address: str) -> 
 
 
 @contextmanager
-def fake_head(answer: Callable[[str], tuple[int, dict] | None]) -> Iterator[str]:
-    """A real HTTP peer speaking as a Ray dashboard: /api/version as Ray 2.x, other requests as `answer` says
-    (status and JSON body; None: never answer, like a hung head)."""
+def fake_head(
+    answer: Callable[[str], tuple[int, dict] | None], version: tuple[int, dict] = (200, {"ray_version": "2.60.0"})
+) -> Iterator[str]:
+    """A real HTTP peer speaking as a Ray dashboard: /api/version as `version` (Ray 2.x), other requests as
+    `answer` says (status and JSON body; None: never answer, like a hung head)."""
     release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
@@ -279,7 +281,6 @@ def fake_head(answer: Callable[[str], tuple[int, dict] | None]) -> Iterator[str]
             self.do_GET()
 
         def do_GET(self) -> None:
-            version = (200, {"ray_version": "2.60.0", "version": "4"})
             reply = version if self.path == "/api/version" else answer(f"{self.command} {self.path}")
             if reply is None:
                 release.wait(60)
@@ -355,6 +356,22 @@ def test_a_server_error_is_transient_and_one_jobs_failure_does_not_stop_the_othe
         scheduler.run_once()
     states = [store.get(job.id).state for job in polled]
     assert states == [RUNNING, RUNNING, SUCCEEDED]  # 5xx: polled again later; 400 logged; the last still recorded
+
+
+@pytest.mark.parametrize("busy", ["version", "info"])
+def test_a_head_that_asks_to_come_back_later_is_transient(home: Path, tiny_train_root: Path, busy: str) -> None:
+    """429 to the client's version check raised requests.HTTPError outside the timed requests, and 429 to a
+    submission's lookup a RuntimeError: either failed the job for good over a head that was only busy."""
+    store = JobStore(store_path(home))
+    (job,) = store.submit([tiny_job(home, tiny_train_root, nproc=1, steps=1)])
+    later = (429, {"error": "too many requests"})
+    version = later if busy == "version" else (200, {"ray_version": "2.60.0"})
+    with fake_head(lambda request: later, version) as address:
+        scheduler = Scheduler(store, {"ray": RayExecutor(address)}, home, poll_seconds=0.2)
+        assert store.claim("ray", scheduler.owner, 1, 30) is not None  # the fake head reports no CPUs to claim by
+        scheduler.run_once()
+    waiting = store.get(job.id)
+    assert (waiting.state, waiting.handle, waiting.error) == (RUNNING, None, None)  # started on a later tick
 
 
 def test_a_submission_the_head_rejects_fails_the_job_rather_than_retrying_forever(

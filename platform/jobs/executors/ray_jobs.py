@@ -90,7 +90,8 @@ class TimedJobSubmissionClient(JobSubmissionClient):
         except requests.RequestException as err:  # refused, reset or timed out
             raise ExecutorUnreachableError(f"Ray at {self._address} did not answer {method} {endpoint}: {err}") from err
         submission = method == "POST" and endpoint.rstrip("/") == "/api/jobs"
-        if response.status_code >= 500 and not submission:
+        come_back_later = response.status_code in (408, 429)  # a timeout or too many requests, whatever was asked
+        if (response.status_code >= 500 and not submission) or come_back_later:
             last_line = (response.text.strip().splitlines() or [""])[-1]  # the body may be a whole traceback
             raise ExecutorUnreachableError(
                 f"Ray at {self._address} answered {method} {endpoint} with {response.status_code}: {last_line}"
@@ -146,6 +147,12 @@ class RayExecutor:
         override was validated by compose_config when the job was made, and shlex.join quotes each argument,
         so the shell sees exactly the argv the local executor runs.
         """
+        try:
+            return self._start(job, job_dir)
+        except requests.RequestException as err:  # raised outside _do_request: the SDK's own checks of answers
+            raise ExecutorUnreachableError(f"Ray at {self.address} answered unusably: {err}") from err
+
+    def _start(self, job: Job, job_dir: Path) -> str:
         if self._info(job) is not None:
             return submission_id(job)
         job_dir = job_dir.resolve()
