@@ -17,6 +17,7 @@ from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
     ErrorCode,
 )
 from mlflow.tracking import MlflowClient
@@ -157,7 +158,10 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
             client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
         return _version(client, client.get_model_version(name, mv.version))
     except MlflowException as err:
-        raise ValueError(f"sweep {selection.sweep_id}: could not register {winner.label}: {err.message}") from None
+        if err.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE):  # locked by another writer: try again later
+            raise
+        refused = err.message.splitlines()[0]  # SQLAlchemy adds the statement on lines of its own
+        raise ValueError(f"sweep {selection.sweep_id}: could not register {winner.label}: {refused}") from None
 
 
 def select_and_register(
