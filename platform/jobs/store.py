@@ -62,9 +62,15 @@ CREATE TABLE IF NOT EXISTS sweep_selections (
     done INTEGER NOT NULL DEFAULT 0
 );
 """
-# Sweeps with no job left to run: their champion can be chosen.
-ENDED_SWEEPS = f"SELECT sweep_id, MAX(seq) AS seq FROM jobs WHERE sweep_id IS NOT NULL GROUP BY sweep_id \
-HAVING SUM(state IN ('{QUEUED}', '{RUNNING}')) = 0"
+
+
+def _ended_sweeps(among: str = "") -> str:
+    """Sweeps with no job left to run, whose champion can be chosen, and each one's latest job; `among` narrows the
+    jobs looked at."""
+    return (
+        f"SELECT sweep_id, MAX(seq) AS seq FROM jobs WHERE sweep_id IS NOT NULL {among} GROUP BY sweep_id "
+        f"HAVING SUM(state IN ('{QUEUED}', '{RUNNING}')) = 0"
+    )
 
 
 @dataclass
@@ -135,12 +141,10 @@ class JobStore:
             try:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
                 selections = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sweep_selections'").fetchone()
-                db.executescript(SCHEMA)
-                if selections is None:  # a database from before the table: its ended sweeps had their turn
-                    db.execute(
-                        f"INSERT OR IGNORE INTO sweep_selections SELECT sweep_id, ?, 1 FROM ({ENDED_SWEEPS})",
-                        (time.time(),),
-                    )
+                # A database from before the table: its ended sweeps had their turn. One transaction with the
+                # table, so a process killed in between cannot leave the table without them.
+                ended = f"INSERT INTO sweep_selections SELECT sweep_id, {time.time()}, 1 FROM ({_ended_sweeps()});"
+                db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{'' if selections else ended}\nCOMMIT;")
             finally:
                 db.close()
 
@@ -380,12 +384,13 @@ class JobStore:
         job ended (finished, failed to start, cancelled while queued, lost). Each sweep is claimed for
         `retry_seconds`, so one scheduler chooses it, and any takes it up again if that one fails or dies."""
         now = time.time()
+        untaken = "AND sweep_id NOT IN (SELECT sweep_id FROM sweep_selections WHERE done OR tried_at > ?)"
+        query = f"SELECT jobs.* FROM ({_ended_sweeps(untaken)}) AS ended JOIN jobs ON jobs.seq = ended.seq"
+        with self._connect() as db:  # most ticks find none: a read takes no write lock
+            if db.execute(query, (now - retry_seconds,)).fetchone() is None:
+                return []
         with self._connect(immediate=True) as db:
-            rows = db.execute(
-                f"SELECT jobs.* FROM ({ENDED_SWEEPS}) AS ended JOIN jobs ON jobs.seq = ended.seq "
-                "WHERE ended.sweep_id NOT IN (SELECT sweep_id FROM sweep_selections WHERE done OR tried_at > ?)",
-                (now - retry_seconds,),
-            ).fetchall()
+            rows = db.execute(query, (now - retry_seconds,)).fetchall()
             db.executemany(
                 "INSERT INTO sweep_selections (sweep_id, tried_at) VALUES (?, ?) "
                 "ON CONFLICT (sweep_id) DO UPDATE SET tried_at = excluded.tried_at",
