@@ -182,8 +182,10 @@ def command_line(pid: int | str) -> str:
 
 
 def is_zombie(pid: int) -> bool:
-    """Ended, its exit code waiting for its parent: what `Popen.poll` sees."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    """Ended, its exit code waiting for its parent: what `Popen.poll` sees. Its main thread shows Z while other
+    threads still end, when waitpid does not report it yet, so those must have gone too."""
+    ended = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return ended and len(list(Path(f"/proc/{pid}/task").iterdir())) <= 1
 
 
 def processes_naming(text: str) -> list[str]:
