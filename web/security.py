@@ -7,7 +7,6 @@ double-submit CSRF cookie in a form field (or X-CSRF-Token header) and come from
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import os
@@ -16,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException, Request
+
+from faceforge.locks import held
 
 TOKEN_ENV = "FACEFORGE_TOKEN"
 TOKEN_FILE = "web_token"
@@ -34,8 +35,7 @@ def resolve_token(home: Path) -> str:
         return value
     path = home / TOKEN_FILE
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / f".{TOKEN_FILE}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with held(home / f".{TOKEN_FILE}.lock"):
         if path.is_file() and (existing := path.read_text().strip()):
             return existing
         token = secrets.token_urlsafe(24)

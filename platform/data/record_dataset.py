@@ -9,7 +9,6 @@ with one read per identity instead of one per image.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import math
 import os
@@ -25,6 +24,7 @@ from faceforge.data.folder import ImageFolderDataset
 from faceforge.data.image import ImageDecodeError, decode_image
 from faceforge.data.recordio import IndexedRecordReader, IRHeader, RecordWriter, pack_record, unpack_record
 from faceforge.data.transforms import item_rng
+from faceforge.locks import held
 
 # Identity spans and the header are float32 labels (the format's), exact only up to 2**24.
 FLOAT32_EXACT_INTS = 1 << 24
@@ -202,8 +202,7 @@ def pack_folder(
     end = len(folder) + 1 + folder.num_classes
     if end > FLOAT32_EXACT_INTS:
         raise ValueError(f"{end} records exceed the {FLOAT32_EXACT_INTS} keys float32 labels address exactly")
-    with (dst_root / PACK_LOCK).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # packs into one folder take turns, so staging files found here are dead
+    with held(dst_root / PACK_LOCK):  # packs into one folder take turns, so staging files found here are dead
         if (dst_root / "train.rec").exists() and not overwrite:
             raise FileExistsError(f"{dst_root / 'train.rec'} already exists (pack with --overwrite to replace it)")
         for stale in dst_root.glob(".train.*.tmp.*"):  # left by a pack killed with -9

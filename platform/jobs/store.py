@@ -8,7 +8,6 @@ least once: executors start a job idempotently, keyed by its id.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import sqlite3
 import time
@@ -17,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from faceforge.locks import held
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST = "queued", "running", "succeeded", "failed", "cancelled", "lost"
 LARGEST_NUMBER = 2**31 - 1  # for numbers from users: far inside SQLite's 64-bit integers, and their sums
@@ -135,8 +136,7 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Turning a new file to WAL can fail at once with "locked", never waiting, while another process does the
         # same (a scheduler and the web UI started together on a new home): opening takes turns.
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as opening, self._as_os_errors():
-            fcntl.flock(opening, fcntl.LOCK_EX)  # released when the file closes
+        with held(self.path.with_name(self.path.name + ".lock")), self._as_os_errors():
             db = sqlite3.connect(self.path, timeout=busy_seconds, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+
+from faceforge.locks import held
 
 
 def default_tracking_uri() -> str:
@@ -49,8 +50,7 @@ def prepare_tracking(tracking_uri: str, experiment: str = "faceforge") -> str:
     """
     path = database_path(tracking_uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".prepare.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with held(path.with_suffix(".prepare.lock")):
         return _prepare(tracking_uri, path, experiment)
 
 
