@@ -123,7 +123,8 @@ def register(tracking_uri: str, selection: Selection, name: str = REGISTERED_MOD
     """Register the winner's logged model (once per sweep), tag it with the selection and make it champion.
 
     ValueError when no run won, or when MLflow refuses (the model deleted since selection): the CLI, the
-    scheduler and the web app report it as one line.
+    scheduler and the web app report it as one line. A database locked by another writer stays an MlflowException,
+    which the scheduler tries again later.
     """
     winner = selection.winner
     if winner is None:
