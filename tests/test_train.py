@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_platform_folder_never_shadows_the_stdlib() -> None:
         (["trainer.nproc=7", "data.batch_size=70", "eval=none"], "cannot be sharded over trainer.nproc=7"),
         (["data.batch_size=32", "trainer.nproc=2", "eval=none"], "24 images cannot fill one global batch"),
         (["schedule.min_lr_ratio=-1"], "schedule.min_lr_ratio must be between 0 and 1"),
-        (["seed=-1"], "seed must be >= 0, got -1"),
+        (["seed=-1"], "seed must be between 0 and 18446744073709551615, got -1"),
         (["head=triplet", "head.p=8", "head.k=1"], "triplet loss needs head.p >= 2 and head.k >= 2"),
         (["model=shufflefacenet", "model.width=0.25"], "model: shufflefacenet width must be one of"),
         (["model.input_size=20"], "model.input_size must be between 32 and 1024, got 20"),
@@ -131,20 +132,24 @@ def test_schedule_values_that_would_negate_or_raise_the_lr_are_refused(
 
 
 @pytest.mark.parametrize(
-    ("section", "key", "value", "message"),
+    ("key", "value", "message"),
     [
-        ("eval", "batch_size", 0, "eval.batch_size must be between 1 and 65536, got 0"),
-        ("eval", "crop_fraction", 0.0, "eval.crop_fraction must be in (0, 1]"),
-        ("trainer", "eval_every", -1, "trainer.eval_every must be between 0 and inf, got -1"),
-        ("optim", "betas", [2.0, 0.999], "optim.betas must be two values in [0, 1), got [2.0, 0.999]"),
-        ("optim", "betas", [0.9], "optim.betas must be two values in [0, 1), got [0.9]"),
+        ("eval.batch_size", 0, "eval.batch_size must be between 1 and 65536, got 0"),
+        ("eval.crop_fraction", 0.0, "eval.crop_fraction must be in (0, 1]"),
+        ("trainer.eval_every", -1, "trainer.eval_every must be between 0 and inf, got -1"),
+        ("optim.betas", [2.0, 0.999], "optim.betas must be two values in [0, 1), got [2.0, 0.999]"),
+        ("optim.betas", [0.9], "optim.betas must be two values in [0, 1), got [0.9]"),
+        ("data.augment.jitter", 1.5, "data.augment.jitter must be between 0 and 0.99, got 1.5"),
+        ("data.augment.jitter", -0.2, "data.augment.jitter must be between 0 and 0.99, got -0.2"),
+        ("seed", 2**64, f"seed must be between 0 and {2**64 - 1}, got {2**64}"),  # torch's seeds are 64-bit
     ],
 )
 def test_values_that_would_fail_after_training_are_refused_up_front(
-    section: str, key: str, value: object, message: str, tmp_path: Path
+    key: str, value: object, message: str, tmp_path: Path
 ) -> None:
     values = tiny_config(tmp_path / "run", tmp_path, None).to_dict()
-    values[section][key] = value
+    *sections, name = key.split(".")
+    reduce(lambda section, part: section[part], sections, values)[name] = value
     assert message in config_error(lambda: from_dict(values))
 
 
@@ -464,17 +469,18 @@ def test_one_run_trains_in_a_folder_and_resumes_only_its_own_mlflow_run(tiny_tra
 
 @pytest.mark.parametrize(
     ("nproc", "stop", "whole_group"),
-    [(1, signal.SIGTERM, False), (2, signal.SIGTERM, True), (2, signal.SIGINT, True), (2, signal.SIGHUP, True)],
+    [(1, signal.SIGTERM, True), (2, signal.SIGTERM, False), (2, signal.SIGINT, True), (2, signal.SIGHUP, True)],
 )
 def test_sigterm_writes_a_resumable_checkpoint_and_ends_the_run(
     tiny_train_root: Path, tmp_path: Path, nproc: int, stop: signal.Signals, whole_group: bool
 ) -> None:
     """The queue signals a job's process group, `kill` the launcher alone, a terminal's Ctrl-C (pressed twice here)
     and hangup its foreground group. Every way the ranks checkpoint and the MLflow run is ended, not left RUNNING:
-    torchrun, which gets a group's signal and the launcher's SIGTERM, acts on the first and ignores the rest."""
+    torchrun, which gets a group's signal and the launcher's SIGTERM, acts on the first and ignores the rest.
+    A single rank runs in the group with its DataLoader workers, which must not die of the stop mid-checkpoint."""
     out = tmp_path / "run"
     args = tiny_cli_run(tiny_train_root, out, "trainer.steps=100000", "trainer.checkpoint_every=100000")
-    args = [f"trainer.nproc={nproc}", *args]
+    args = [f"trainer.nproc={nproc}", *args, f"data.num_workers={2 if nproc == 1 else 0}"]
     env = {**os.environ, "FACEFORGE_HOME": str(tmp_path)}
     proc = subprocess.Popen(
         [PYTHON, "-m", "faceforge.train", *args],

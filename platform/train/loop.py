@@ -6,6 +6,7 @@ Launched in-process for a single rank, or by torchrun as `python -m faceforge.tr
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from faceforge.parallel import (
 from faceforge.train.allocator import keep_freed_memory
 from faceforge.train.checkpoint import LATEST, load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import TrainConfig
+from faceforge.train.launch import die_with_parent
 from faceforge.train.schedule import lr_at
 from faceforge.train.torchrun import STOP_SIGNALS
 from faceforge.train.tracking import RunTracker
@@ -62,6 +64,13 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = signal.Signals(signum).name
+
+
+def _loader_worker_leaves_the_group(worker_id: int) -> None:
+    """A stop sent to the run's process group (a queue cancel, Ctrl-C) is the rank's to act on: a DataLoader worker
+    killed by it would fail the rank mid-checkpoint. The worker still dies with the rank."""
+    os.setpgid(0, 0)
+    die_with_parent(signal.SIGKILL, os.getppid())
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -240,7 +249,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
         )
     workers = cfg.data.num_workers
     items = dataset if distiller is None else WithIndex(dataset)
-    loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        items,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=_loader_worker_leaves_the_group,
+    )
     batches = iter(loader)
 
     vset = load_verification_set(cfg)
