@@ -295,7 +295,7 @@ def validate(cfg: TrainConfig) -> None:
         f"data.batch_size={batch} does not divide into trainer.nproc={trainer.nproc} x "
         f"trainer.accumulate={trainer.accumulate} equal micro-batches",
     )
-    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _require(0 <= cfg.seed < 2**64, f"seed must be between 0 and {2**64 - 1}, got {cfg.seed}")  # torch's seed range
     if cfg.head.type != "margin":
         _require(
             cfg.head.p >= 2 and cfg.head.k >= 2,
@@ -357,6 +357,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("data.augment.shift", augment.shift, 0.0, 0.49),
         ("data.augment.scale", augment.scale, 0.0, 0.99),
         ("data.augment.rotate", augment.rotate, 0.0, 180.0),
+        ("data.augment.jitter", augment.jitter, 0.0, 0.99),
     ]
     for key, value, low, high in ranges:
         _require(low <= value <= high, f"{key} must be between {low:g} and {high:g}, got {value}")
