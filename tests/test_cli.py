@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from faceforge.train.checkpoint import save_checkpoint
 from faceforge.train.launch import launch
 from faceforge.train.tracking import RunTracker
 
-from conftest import REPO, SHARED, tiny_config
+from conftest import CLI_MAIN, REPO, SHARED, run_stopped_inside, tiny_config
 
 PYTHON = sys.executable
 
@@ -112,6 +113,10 @@ def test_eval_checks_its_inputs_first_and_names_a_broken_image(
     )  # fmt: skip
     with pytest.raises(SystemExit, match=r"broken\.bin image \d+ \(pair \d+\): not a decodable image"):
         main(["eval", str(model), "--bin", str(tmp_path / "broken.bin")])
+    command = ["eval", str(model), "--pairs", str(tiny_pairs), "--root", str(SHARED / "lfw")]
+    stopped = run_stopped_inside("faceforge.eval.embed:_run", signal.SIGINT, CLI_MAIN, command)  # Ctrl-C mid-embed
+    assert stopped.returncode == 1 and stopped.stderr.endswith("\nfaceforge eval: interrupted\n"), stopped.stderr
+    assert "Traceback" not in stopped.stderr
     with pytest.raises(SystemExit) as both:
         main(["eval", str(model), "--bin", str(tmp_path / "broken.bin"), "--pairs", str(tiny_pairs)])
     assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -782,3 +782,5 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError) as err:  # user mistakes and unreadable or existing paths: one line
         sys.exit(f"faceforge {args.command}: error: {err}")
+    except KeyboardInterrupt:  # commands that leave something to resume say so themselves
+        sys.exit(f"faceforge {args.command}: interrupted")
