@@ -220,12 +220,15 @@ def test_a_failed_export_leaves_the_earlier_one_whole(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     corrupt = tmp_path / "faces" / "person"
     corrupt.mkdir(parents=True)
-    (corrupt / "face.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match=r"faceforge export: error: .*face\.jpg: not a decodable image"):
+    for i in range(40):
+        (corrupt / f"face{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"faceforge export: error: .*face\d+\.jpg: not a decodable image"):
         faceforge(["export", str(trained), "--format", "c-array", "--out", str(out), "--calibration",
-                   str(tmp_path / "faces"), "--crop-fraction", "1.0", "--no-log", "--overwrite"])  # fmt: skip
+                   str(tmp_path / "faces"), "--calibration-count", "2", "--crop-fraction", "1.0", "--no-log",
+                   "--overwrite"])  # fmt: skip
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the building folder is removed too"
-    assert "warning: the calibration set holds 1 image(s)" in capsys.readouterr().out  # too few to trust its ranges
+    # 40 faces in the set, but too few read to trust their ranges
+    assert "warning: calibration reads 2 image(s)" in capsys.readouterr().out
 
     with pytest.raises(
         SystemExit, match=r"export: .*already holds an export \(card\.json, .*\); pass --overwrite to replace it"
