@@ -29,6 +29,7 @@ from faceforge.heads import margin_spec
 from faceforge.locks import try_lock
 from faceforge.parallel import HeadOptimizer, ShardedMarginSoftmax, shard_range
 from faceforge.train import TrainConfig, from_dict
+from faceforge.train.app import resume_arguments
 from faceforge.train.checkpoint import load_backbone, load_checkpoint, resolve_checkpoint, save_checkpoint
 from faceforge.train.config import ConfigError, ScheduleConfig
 from faceforge.train.launch import TRAIN_LOCK, check_against_disk, launch
@@ -88,6 +89,7 @@ def test_platform_folder_never_shadows_the_stdlib() -> None:
         (["head=triplet", "head.p=8", "head.k=1"], "triplet loss needs head.p >= 2 and head.k >= 2"),
         (["model=shufflefacenet", "model.width=0.25"], "model: shufflefacenet width must be one of"),
         (["model.input_size=20"], "model.input_size must be between 32 and 1024, got 20"),
+        (["output_dir=/tmp/elsewhere"], "output_dir=/tmp/elsewhere is not the run's folder"),  # --resume reads it
     ],
 )
 def test_bad_config_is_one_clear_line(overrides: list[str], message: str, tiny_train_root: Path, tmp_path) -> None:
@@ -606,6 +608,20 @@ def test_a_resume_is_refused_in_one_line_when_it_cannot_continue_the_run(
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("faceforge train: error: ") and message in line
+
+
+def test_a_resume_before_the_runs_first_checkpoint_starts_from_where_the_run_did(tmp_path: Path) -> None:
+    """A run started from another run's checkpoint and stopped before its own first one: a resume from random
+    weights would silently lose what it was started from."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    started_from = f"trainer.resume={tmp_path}/other/checkpoints/step_00000002"
+    (run / ".hydra" / "overrides.yaml").write_text(f"- model.width=0.25\n- {started_from}\n")
+    assert started_from in resume_arguments(["--resume", str(run)])
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_00000040")
+    arguments = resume_arguments(["--resume", str(run)])
+    assert "trainer.resume=auto" in arguments and started_from not in arguments
 
 
 def test_a_resumed_distillation_keeps_its_recorded_preset() -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from faceforge.train.checkpoint import LATEST
 from faceforge.train.config import ConfigError, from_dict
 from faceforge.train.launch import launch
 
@@ -31,6 +33,12 @@ def _refuse(err: ConfigError) -> NoReturn:
 def hydra_main(config: DictConfig) -> float | None:
     try:
         cfg = from_dict(OmegaConf.to_container(config, resolve=True))
+        run_folder = Path(HydraConfig.get().runtime.output_dir)
+        if Path(cfg.output_dir).resolve() != run_folder.resolve():
+            raise ConfigError(
+                f"output_dir={cfg.output_dir} is not the run's folder ({run_folder}): set hydra.run.dir instead, so "
+                "that one folder holds the checkpoints and the record `faceforge train --resume` reads"
+            )
         metrics = launch(cfg)
     except ConfigError as err:
         _refuse(err)
@@ -44,7 +52,8 @@ RESUME_FLAG = "--resume"
 
 def resume_arguments(argv: list[str]) -> list[str]:
     """`--resume RUN [overrides]` as the trainer's arguments: the overrides Hydra recorded for RUN, with `overrides`
-    replacing the values of the keys they set, continued in RUN from its latest checkpoint. A resume then never
+    replacing the values of the keys they set, continued in RUN from its latest checkpoint (before its first, from
+    the one it started from). A resume then never
     depends on retyping the run's command line, and a forgotten override cannot silently change the run. Without
     the flag, `argv` as it is."""
     at = next((i for i, word in enumerate(argv) if word.partition("=")[0] == RESUME_FLAG), None)
@@ -68,9 +77,13 @@ def resume_arguments(argv: list[str]) -> list[str]:
     if clashing := [word for word in overrides if override_key(word) in owned]:
         raise ConfigError(f"{flag} sets {', '.join(owned)} itself; drop {' '.join(clashing)}")
     folder = quoted_path(Path(run).resolve())
-    saved = OmegaConf.to_container(OmegaConf.load(recorded))
-    identity = ["trainer.resume=auto", f"output_dir={folder}", f"hydra.run.dir={folder}"]
-    return [*hydra_flags, *merge_overrides([str(word) for word in saved], [*overrides, *identity])]
+    saved = [str(word) for word in OmegaConf.to_container(OmegaConf.load(recorded))]
+    # A run started from another run's checkpoint, stopped before a checkpoint of its own, starts from that again.
+    started_from = [word for word in saved if override_key(word) == "trainer.resume"]
+    own_checkpoint = (Path(run) / "checkpoints" / LATEST).is_file()
+    resume = started_from[-1] if started_from and not own_checkpoint else "trainer.resume=auto"
+    identity = [resume, f"output_dir={folder}", f"hydra.run.dir={folder}"]
+    return [*hydra_flags, *merge_overrides(saved, [*overrides, *identity])]
 
 
 def main(argv: list[str] | None = None) -> None:
