@@ -22,6 +22,31 @@ REPO = Path(__file__).resolve().parents[1]
 CLI_MAIN = "from faceforge.cli import main; main()"
 CLI = [sys.executable, "-c", CLI_MAIN]
 SHARED = REPO.parent / "shared" / "data"
+_CHECKOUT_BEFORE = pytest.StashKey[set[str]]()
+
+
+def _untracked_in_checkout() -> set[str]:
+    """What git lists as untracked or ignored in the checkout (bytecode caches aside): a test run must add nothing."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True)
+    return {line for line in listed.stdout.splitlines() if "__pycache__" not in line}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_CHECKOUT_BEFORE] = _untracked_in_checkout()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once all have finished
+        return
+    if added := _untracked_in_checkout() - session.config.stash[_CHECKOUT_BEFORE]:
+        print(f"\nthe tests wrote into the checkout: {', '.join(sorted(added))}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def faceforge_home_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The platform's home defaults to ./runs, in the checkout when tests run from it: tests get one of their own."""
+    os.environ["FACEFORGE_HOME"] = str(tmp_path_factory.mktemp("faceforge-home"))
 
 
 def shared_data() -> Path:
