@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import reduce
 from pathlib import Path
@@ -626,6 +626,34 @@ def test_a_resume_before_the_runs_first_checkpoint_starts_from_where_the_run_did
 
 def test_a_resumed_distillation_keeps_its_recorded_preset() -> None:
     assert distill_overrides(["--resume", "runs/train/x"]) == ["--resume", "runs/train/x"]
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: int) -> Iterator[Path]:
+    """A real filesystem of `size` bytes (tmpfs) at `where`: how a test fills a disk. Needs root, as CI runs."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tiny_train_root: Path, tmp_path: Path) -> None:
+    sized = run_cli(*tiny_cli_run(tiny_train_root, tmp_path / "sized", "trainer.steps=2"))
+    assert sized.returncode == 0, sized.stderr[-3000:]
+    one_checkpoint = sum(f.stat().st_size for f in (tmp_path / "sized" / "checkpoints").rglob("*") if f.is_file())
+    with small_disk(tmp_path / "disk", one_checkpoint * 3 // 2 + 256 * 1024) as disk:  # step 2 fits, step 4 not
+        out = disk / "run"
+        result = run_cli(*tiny_cli_run(tiny_train_root, out, "trainer.steps=4", "trainer.checkpoint_every=2"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("step 4's checkpoint was not written: ") and "is the disk full?" in last, last
+        assert last.endswith(f"resume with: faceforge train --resume {out}")
+        assert resolve_checkpoint(out / "checkpoints").name == "step_00000002"
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002"]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

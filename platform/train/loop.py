@@ -270,18 +270,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_id: str | None) -> dict[str, 
     step = start_step
 
     def save(step: int) -> None:
-        save_checkpoint(
-            checkpoints,
-            step,
-            model=model,
-            optimizer=optimizer,
-            head=head,
-            head_optimizer=head_optimizer,
-            train_config=cfg.to_dict(),
-            is_main=ctx.is_main,
-            identities=dataset.identity_digest,
-            extra=distiller.checkpoint_files() if distiller else None,
-        )
+        try:
+            save_checkpoint(
+                checkpoints,
+                step,
+                model=model,
+                optimizer=optimizer,
+                head=head,
+                head_optimizer=head_optimizer,
+                train_config=cfg.to_dict(),
+                is_main=ctx.is_main,
+                identities=dataset.identity_digest,
+                extra=distiller.checkpoint_files() if distiller else None,
+            )
+        except OSError as err:  # a full disk: the checkpoints before this one are whole, and `latest` names one
+            progress.close()
+            raise SystemExit(f"step {step}'s checkpoint was not written: {err}; {cfg.resume_hint}") from None
 
     def evaluate_and_log(roc: Path | None) -> dict[str, float]:
         scores = evaluate(model, vset, cfg, ctx, roc)
