@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +33,29 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
     return constant
 
 
+def _tensors_onnxruntime_computes(path: Path) -> set[str]:
+    """The tensors of onnxruntime's optimised CPU graph. It fuses DequantizeLinear, an op and QuantizeLinear into one
+    int8 kernel, whose float tensors then never exist; an op it has no int8 kernel for (PReLU's Neg and Sub) runs
+    in float between them, on float buffers."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="ort-", dir=path.parent) as tmp:  # in an export's building folder
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return {name for node in graph.node for name in (*node.input, *node.output)}
+
+
 def largest_activation(path: str | Path) -> Activation:
     """The biggest tensor a batch-1 inference holds, from ONNX shape inference; device RAM must fit it.
 
-    In a QDQ graph only the int8 tensors and the graph's own inputs and outputs count: the float ones
-    between DequantizeLinear and the next op are how the format describes an int8 kernel, not memory an
-    int8 runtime allocates, but the float input image is a buffer the application fills.
+    In a QDQ graph only the tensors an int8 runtime computes count, as onnxruntime runs the graph: the float ones
+    between DequantizeLinear and an op with an int8 kernel are how the format describes that kernel, not memory,
+    but an op without one (PReLU's decomposition) keeps float buffers, and the float input image is a buffer the
+    application fills.
     """
     model = onnx.load(str(path))
     for value in model.graph.input:
@@ -55,9 +73,10 @@ def largest_activation(path: str | Path) -> Activation:
         tensors.append((value.name, tuple(d.dim_value for d in dims), value.type.tensor_type.elem_type))
     if not tensors:
         raise ValueError(f"{path}: shape inference gave no activation shapes")
-    quantised = any(t[2] in _QUANTISED for t in tensors)  # a float graph holds all its tensors
-    held = [t for t in tensors if not quantised or t[2] in _QUANTISED or t[0] in boundary]
-    name, shape, elem_type = max(held, key=lambda t: math.prod(t[1]) * _itemsize(t[2]))
+    if any(t[2] in _QUANTISED for t in tensors):  # a float graph holds all its tensors
+        computed = _tensors_onnxruntime_computes(Path(path)) | boundary
+        tensors = [t for t in tensors if t[0] in computed]
+    name, shape, elem_type = max(tensors, key=lambda t: math.prod(t[1]) * _itemsize(t[2]))
     return Activation(name, shape, math.prod(shape) * _itemsize(elem_type))
 
 
