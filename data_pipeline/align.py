@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from faceforge.cores import usable_cores
 from faceforge.data.folder import IMAGE_EXTENSIONS
 from faceforge.data.image import declared_size, read_image
 from faceforge.data_pipeline.detect import DETECTORS, Detector, get_detector
@@ -336,7 +337,7 @@ def align_tree(
         raise ValueError(f"need 16 <= size <= {MAX_SIZE} and chunk_size >= 1, got {size} and {chunk_size}")
     if src.resolve() == dst.resolve() or dst.resolve() in src.resolve().parents:
         raise ValueError(f"{dst}: the crops' folder must not hold the photos ({src}); give another folder")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     sources = list_sources(src, exclude=dst)
     if not sources:
         raise ValueError(f"{src}: no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -365,7 +366,7 @@ def align_tree(
             for chunk in chunks:
                 log(align_sources(settings, chunk, detectors), len(chunk))
         elif chunks:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, usable_cores() // workers)
             spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
             with ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(settings, threads)) as pool:
                 try:

@@ -285,8 +285,11 @@ def test_the_local_executors_default_slots_are_the_cpus_this_process_may_use() -
     """A scheduler pinned to fewer cores (taskset, a container's cpuset) must not run a job per core of the machine."""
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed")
-    capacity = "from faceforge.jobs.executors.local import LocalExecutor; print(LocalExecutor().capacity())"
+    capacity = (
+        "from faceforge.cores import usable_cores; from faceforge.jobs.executors.local import LocalExecutor; "
+        "print(LocalExecutor().capacity(), usable_cores())"  # usable_cores: also `data align`'s default workers
+    )
     pinned = subprocess.run(
         ["taskset", "-c", "0", PYTHON, "-c", capacity], capture_output=True, text=True, cwd=REPO, timeout=120
     )
-    assert pinned.returncode == 0 and pinned.stdout == "1\n", pinned.stderr
+    assert pinned.returncode == 0 and pinned.stdout == "1 1\n", pinned.stderr

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from faceforge.cores import usable_cores
 from faceforge.jobs.executors.base import Status, threads_per_rank
 from faceforge.jobs.executors.local_runner import (
     EXIT_CODE_FILE,
@@ -44,9 +45,7 @@ class LocalExecutor:
     remote_log = False
 
     def __init__(self, slots: int | None = None, grace_seconds: float = 30.0) -> None:
-        if slots is None:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
-            slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.slots = slots
+        self.slots = usable_cores() if slots is None else slots
         if self.slots < 1:
             raise ValueError(f"the local executor needs at least 1 slot, got {self.slots}")
         self.grace_seconds = grace_seconds
