@@ -144,6 +144,7 @@ def test_schedule_values_that_would_negate_or_raise_the_lr_are_refused(
         ("data.augment.jitter", 1.5, "data.augment.jitter must be between 0 and 0.99, got 1.5"),
         ("data.augment.jitter", -0.2, "data.augment.jitter must be between 0 and 0.99, got -0.2"),
         ("seed", 2**64, f"seed must be between 0 and {2**64 - 1}, got {2**64}"),  # torch's seeds are 64-bit
+        ("mlflow.experiment", " ", "mlflow.experiment must name an MLflow experiment, got ' '"),
     ],
 )
 def test_values_that_would_fail_after_training_are_refused_up_front(
@@ -179,6 +180,13 @@ def test_a_dataset_too_small_for_one_step_is_refused_before_training(tiny_train_
     assert message in disk_error(cfg)
     cfg.head.p, cfg.trainer.nproc = 4, 2
     assert "head.p=4 identities x trainer.nproc=2 ranks" in disk_error(cfg)
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_run(tiny_train_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the run's folder would go")
+    with pytest.raises(ConfigError, match=r"^output_dir .*taken cannot be made a folder: File exists$"):
+        launch(tiny_config(tmp_path / "taken", tiny_train_root, None))
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run was opened"
 
 
 def save_untrained_checkpoint(

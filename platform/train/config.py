@@ -320,6 +320,10 @@ def validate(cfg: TrainConfig) -> None:
         f"optim.betas must be two values in [0, 1), got {list(betas)}",
     )
     _require(cfg.mlflow.tracking_uri.startswith("sqlite:///"), "mlflow.tracking_uri must be sqlite:///<path>")
+    _require(
+        cfg.mlflow.experiment.strip() != "",
+        f"mlflow.experiment must name an MLflow experiment, got {cfg.mlflow.experiment!r}",
+    )
     _check_ranges(cfg)
     try:
         with torch.device("meta"):  # shapes only, no memory: each backbone's own limits, refused at submission

@@ -208,7 +208,10 @@ def launch(cfg: TrainConfig) -> dict[str, float]:
     resolve_data(cfg)
     check_against_disk(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, or no permission
+        raise ConfigError(f"output_dir {out} cannot be made a folder: {err.strerror}") from None
     lock = _train_lock(out)
     try:
         metrics, run_id = _run(cfg, out, lock)
