@@ -208,7 +208,10 @@ def test_prelu_on_bfloat16_input_keeps_a_float32_slope_and_its_gradient() -> Non
     reference.double()(x_ref).backward(upstream.double())
     assert out.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
     torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(ours.weight.grad.double(), reference.weight.grad, rtol=1e-2, atol=1e-2)
+    # Each product grad*x is rounded to bfloat16 (relative error at most 2^-8) before the float32 sum: the bound is
+    # on the sum of their sizes, since random signs can cancel the sum far below it (rtol 1e-2 failed 1 run in ~10).
+    products = (upstream.double() * x.double() * (x < 0)).abs().sum(dim=(0, 2, 3))
+    assert ((ours.weight.grad.double() - reference.weight.grad).abs() <= 2**-8 * products + 1e-6).all()
 
 
 @pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18"])
