@@ -53,9 +53,8 @@ RESUME_FLAG = "--resume"
 def resume_arguments(argv: list[str]) -> list[str]:
     """`--resume RUN [overrides]` as the trainer's arguments: the overrides Hydra recorded for RUN, with `overrides`
     replacing the values of the keys they set, continued in RUN from its latest checkpoint (before its first, from
-    the one it started from). A resume then never
-    depends on retyping the run's command line, and a forgotten override cannot silently change the run. Without
-    the flag, `argv` as it is."""
+    the one it started from). A resume then never depends on retyping the run's command line, and a forgotten
+    override cannot silently change the run. Without the flag, `argv` as it is."""
     at = next((i for i, word in enumerate(argv) if word.partition("=")[0] == RESUME_FLAG), None)
     if at is None:
         return argv
