@@ -26,9 +26,10 @@ _CHECKOUT_BEFORE = pytest.StashKey[set[str]]()
 
 
 def _untracked_in_checkout() -> set[str]:
-    """What git lists as untracked or ignored in the checkout (bytecode caches aside): a test run must add nothing."""
+    """What git lists as untracked or ignored in the checkout (Python's and pytest's caches aside): a test run must
+    add nothing."""
     listed = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True)
-    return {line for line in listed.stdout.splitlines() if "__pycache__" not in line}
+    return {line for line in listed.stdout.splitlines() if not any(c in line for c in ("__pycache__", ".pytest_cache"))}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
