@@ -103,10 +103,10 @@ def export_artifact(
             )
             int8_path = quantize_int8(fp32_path, building / INT8_FILE, reader, calibration_method)
             fidelity = int8_fidelity(fp32_path, int8_path, reader)
-        if fmt == "c-array":
-            write_c_array(int8_path, building, C_SYMBOL)
         method = calibration_method if int8_path else None
         card = artifact_card(model, fmt, fp32_path, int8_path, latency_runs, accuracy, fidelity, method)
+        if fmt == "c-array":
+            write_c_array(int8_path, building, card.largest_activation, C_SYMBOL)
         (building / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
         (out_dir / CARD_FILE).unlink(missing_ok=True)
         for name in artifact_files(fmt):  # the card last

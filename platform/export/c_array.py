@@ -84,17 +84,18 @@ def _itemsize(elem_type: int) -> int:
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
 
 
-def write_c_array(onnx_path: str | Path, out_dir: str | Path, symbol: str = "faceforge_model") -> tuple[Path, Path]:
+def write_c_array(
+    onnx_path: str | Path, out_dir: str | Path, activation: Activation, symbol: str = "faceforge_model"
+) -> tuple[Path, Path]:
     """Write `<symbol>.c` (the bytes, 16-byte aligned, in flash as const) and `<symbol>.h`; returns both paths.
 
-    The header carries the length and the largest activation as constants, so firmware can size its
-    arena at compile time.
+    The header carries the length and `activation` (the file's `largest_activation`, which the artifact card has
+    already measured) as constants, so firmware can size its arena at compile time.
     """
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", symbol):
         raise ValueError(f"C symbol must be an identifier ([A-Za-z_][A-Za-z0-9_]*), got {symbol!r}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     data = onnx_path.read_bytes()
-    activation = largest_activation(onnx_path)
     macro = symbol.upper()
     out_dir.mkdir(parents=True, exist_ok=True)
     header, source = out_dir / f"{symbol}.h", out_dir / f"{symbol}.c"

@@ -96,8 +96,7 @@ def export_model(
                 except FileNotFoundError as err:  # moved since training
                     recorded = f"calibration set: the training data recorded, {err}"
                     raise FileNotFoundError(f"{recorded}; give --calibration") from None
-        read = min(len(images), calibration_count) if images is not None else None
-        if read is not None and read < FEW_CALIBRATION_FACES and say:
+        if images is not None and (read := min(len(images), calibration_count)) < FEW_CALIBRATION_FACES and say:
             say(f"warning: calibration reads {read} image(s); int8 ranges taken from fewer than "
                 f"{FEW_CALIBRATION_FACES} faces may clip other faces' activations, and the card's fidelity is "
                 "measured on faces calibration read")  # fmt: skip
