@@ -32,12 +32,18 @@ def _untracked_in_checkout() -> set[str]:
     return {line for line in listed.stdout.splitlines() if not any(c in line for c in ("__pycache__", ".pytest_cache"))}
 
 
+def _is_xdist_worker(session: pytest.Session) -> bool:
+    """The controller checks the checkout, before the workers start and once all have finished."""
+    return hasattr(session.config, "workerinput")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[_CHECKOUT_BEFORE] = _untracked_in_checkout()
+    if not _is_xdist_worker(session):
+        session.config.stash[_CHECKOUT_BEFORE] = _untracked_in_checkout()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once all have finished
+    if _is_xdist_worker(session):
         return
     if added := _untracked_in_checkout() - session.config.stash[_CHECKOUT_BEFORE]:
         print(f"\nthe tests wrote into the checkout: {', '.join(sorted(added))}", file=sys.stderr)
